@@ -1,0 +1,5 @@
+import sys
+
+from qllm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,73 @@
+"""Per-request KV cache: one preallocated, growable key and value buffer per layer."""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Keys and values of one request, ``[kv_heads, capacity, head_dim]`` per layer.
+
+    Capacity grows by doubling, so appending a token is amortised O(1). The tensor manager
+    moves a whole cache between devices with :meth:`to`.
+    """
+
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+        self.num_layers = num_layers
+        self.kv_heads = kv_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.lengths = [0] * num_layers
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``k``/``v`` ([kv_heads, n, head_dim]) to ``layer``; return all keys and values so far."""
+        n = k.shape[1]
+        start = self.lengths[layer]
+        end = start + n
+        buf_k = self.keys[layer]
+        if buf_k is None or buf_k.shape[1] < end:
+            capacity = max(16, end, 2 * (0 if buf_k is None else buf_k.shape[1]))
+            new_k = torch.empty(self.kv_heads, capacity, self.head_dim, dtype=self.dtype, device=self.device)
+            new_v = torch.empty_like(new_k)
+            if buf_k is not None:
+                new_k[:, :start] = buf_k[:, :start]
+                new_v[:, :start] = self.values[layer][:, :start]
+            self.keys[layer], self.values[layer] = new_k, new_v
+        self.keys[layer][:, start:end] = k
+        self.values[layer][:, start:end] = v
+        self.lengths[layer] = end
+        return self.keys[layer][:, :end], self.values[layer][:, :end]
+
+    def length(self, layer: int = 0) -> int:
+        return self.lengths[layer]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the buffers (capacity, not only the filled part)."""
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values) if t is not None)
+
+    def to(self, device: torch.device | str, *, non_blocking: bool = False, pin_memory: bool = False) -> None:
+        """Move every buffer to ``device`` in place (only the filled part is copied)."""
+        device = torch.device(device)
+        for i in range(self.num_layers):
+            for bufs in (self.keys, self.values):
+                t = bufs[i]
+                if t is None:
+                    continue
+                t = t[:, : max(self.lengths[i], 1)]
+                if device.type == "cpu" and pin_memory:
+                    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                    host.copy_(t, non_blocking=non_blocking)
+                    bufs[i] = host
+                else:
+                    bufs[i] = t.to(device, non_blocking=non_blocking)
+        self.device = device
+
+    def clear(self) -> None:
+        """Drop every buffer (the request is finished or cancelled)."""
+        self.keys = [None] * self.num_layers
+        self.values = [None] * self.num_layers
+        self.lengths = [0] * self.num_layers

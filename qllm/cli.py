@@ -1,0 +1,42 @@
+"""``qllm`` command line: one subcommand per module in :mod:`qllm.commands`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = ("generate", "models", "policies", "serve", "stats", "bench")
+"""Each names a module ``qllm.commands.<name>`` with ``add_parser(subparsers)`` and ``run(args) -> int``."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qllm",
+        description="Inference runtime for Mixture-of-Experts models with expert-level preemption.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"qllm.commands.{name.replace('-', '_')}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"qllm.commands.{name}":
+                continue  # command not part of this build
+            raise
+        module.add_parser(sub).set_defaults(handler=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, OSError) as exc:  # user errors: one clear line, no traceback
+        print(f"qllm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

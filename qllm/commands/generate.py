@@ -1,0 +1,54 @@
+"""``qllm generate``: generate text for one prompt, in process or through a running server."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+DEFAULT_MODEL = "tiny"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("generate", help="generate text for one prompt")
+    p.add_argument("prompt", metavar="PROMPT", help="prompt text")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"preset name or model directory (default: {DEFAULT_MODEL})")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype (default float32)")
+    p.add_argument("--max-tokens", type=int, default=64, help="most tokens to generate (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 or unset = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0 = off)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from qllm.generation import generate
+    from qllm.models import load_model
+    from qllm.sampling import SamplingParams
+
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=tuple(args.stop),
+    )
+    model = load_model(args.model, dtype=args.dtype, batch_invariant=False)
+    result = generate(model, args.prompt, params)
+    if args.json:
+        print(json.dumps({
+            "model": str(args.model),
+            "token_ids": result.token_ids,
+            "text": result.text,
+            "stop_reason": str(result.stop_reason),
+            "prompt_tokens": result.prompt_tokens,
+            "ttft_s": round(result.ttft_s, 6),
+            "tokens_per_s": round(result.tokens_per_s, 3),
+        }))
+    else:
+        sys.stdout.write(result.text + "\n")
+    return 0

@@ -1,0 +1,149 @@
+"""One request's generation as an op stream, and a driver that runs it alone.
+
+:func:`generation_steps` is prefill followed by decode steps for one request: it yields every op
+of every forward pass (see :mod:`qllm.ops`) and a :class:`~qllm.ops.Token` for each token it
+produces, and returns why it stopped. The kernel interleaves many of these; :func:`generate`
+runs one by itself, computing each op at once.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from qllm.cache import KVCache
+from qllm.models.base import MoEModel
+from qllm.ops import Op, Token
+from qllm.sampling import Sampler, SamplingParams
+
+
+class StopReason(enum.StrEnum):
+    STOP = "stop"  # EOS or a stop string
+    LENGTH = "length"  # max_tokens reached
+
+
+def eos_ids(model: MoEModel) -> frozenset[int]:
+    ids: set[int] = set()
+    for source in (getattr(model.hf, "generation_config", None), model.config):
+        eos = getattr(source, "eos_token_id", None)
+        if eos is None:
+            continue
+        ids.update([eos] if isinstance(eos, int) else eos)
+    tok = model.tokenizer
+    if tok is not None and getattr(tok, "eos_token_id", None) is not None:
+        ids.add(tok.eos_token_id)
+    return frozenset(ids)
+
+
+def encode(model: MoEModel, prompt: str | Sequence[int]) -> list[int]:
+    """Token ids of ``prompt`` (text through the model's tokenizer, or ids checked against the vocab)."""
+    if isinstance(prompt, str):
+        if model.tokenizer is None:
+            raise ValueError("this model has no tokenizer; pass token ids instead of text")
+        ids = model.tokenizer.encode(prompt, add_special_tokens=False)
+    else:
+        ids = [int(t) for t in prompt]
+        bad = [t for t in ids if not 0 <= t < model.vocab_size]
+        if bad:
+            raise ValueError(f"token ids out of range [0, {model.vocab_size}): {bad[:5]}")
+    if not ids:
+        raise ValueError("the prompt is empty")
+    return ids
+
+
+def decode(model: MoEModel, ids: Sequence[int]) -> str:
+    """Text of ``ids``; ids the tokenizer does not know (random presets) are left out."""
+    tok = model.tokenizer
+    if tok is None:
+        return ""
+    known = [t for t in ids if t < len(tok)]
+    return tok.decode(known, skip_special_tokens=True)
+
+
+def stop_index(text: str, stops: Sequence[str]) -> int | None:
+    """Where the earliest stop string starts in ``text``, or None."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+def generation_steps(
+    model: MoEModel, prompt_ids: Sequence[int], params: SamplingParams, cache: KVCache | None = None
+) -> Generator[Op | Token, Any, StopReason]:
+    """Prefill then decode one request, yielding ops and tokens; returns why it stopped."""
+    cache = cache if cache is not None else model.new_cache()
+    sampler = Sampler(params)
+    eos = frozenset() if params.ignore_eos else eos_ids(model)
+    generated: list[int] = []
+    logits = yield from model.forward(cache, torch.tensor(prompt_ids, dtype=torch.long))
+    while True:
+        token = sampler(logits)
+        generated.append(token)
+        yield Token(token)
+        if token in eos:
+            return StopReason.STOP
+        if params.stop and stop_index(decode(model, generated), params.stop) is not None:
+            return StopReason.STOP
+        if len(generated) >= params.max_tokens:
+            return StopReason.LENGTH
+        logits = yield from model.forward(cache, torch.tensor([token], dtype=torch.long))
+
+
+@dataclass
+class Generation:
+    """Result of :func:`generate`."""
+
+    token_ids: list[int]
+    text: str
+    stop_reason: StopReason
+    prompt_tokens: int
+    ttft_s: float
+    total_s: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode rate after the first token (0 when only one token was produced)."""
+        decode_s = self.total_s - self.ttft_s
+        return (len(self.token_ids) - 1) / decode_s if len(self.token_ids) > 1 and decode_s > 0 else 0.0
+
+
+def finish_text(model: MoEModel, ids: Sequence[int], stops: Sequence[str]) -> str:
+    text = decode(model, ids)
+    cut = stop_index(text, stops) if stops else None
+    return text if cut is None else text[:cut]
+
+
+def generate(model: MoEModel, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Generation:
+    """Generate for one request by itself: every op runs as soon as it is yielded."""
+    params = params or SamplingParams()
+    prompt_ids = encode(model, prompt)
+    steps = generation_steps(model, prompt_ids, params)
+    start = time.perf_counter()
+    first = None
+    tokens: list[int] = []
+    result: Any = None
+    while True:
+        try:
+            item = steps.send(result)
+        except StopIteration as stop:
+            reason = stop.value
+            break
+        if isinstance(item, Token):
+            tokens.append(item.token_id)
+            first = first or time.perf_counter()
+            result = None
+        else:
+            result = model.run([item])[0]
+    end = time.perf_counter()
+    return Generation(
+        token_ids=tokens,
+        text=finish_text(model, tokens, params.stop),
+        stop_reason=reason,
+        prompt_tokens=len(prompt_ids),
+        ttft_s=(first or end) - start,
+        total_s=end - start,
+    )

@@ -1,0 +1,123 @@
+"""Model families, presets and loading.
+
+``load_model(spec)`` accepts a preset name (``qllm models`` lists them), a local Hugging Face
+directory (``config.json``, ``*.safetensors``, tokenizer files) or an already-built
+``(PreTrainedModel, tokenizer)`` pair, and returns the family's :class:`MoEModel` executor.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qllm.models.base import MoEModel
+from qllm.models.mixtral import Mixtral
+from qllm.models.olmoe import Olmoe
+from qllm.models.qwen2_moe import Qwen2Moe
+from qllm.models.qwen3_moe import Qwen3Moe
+
+FAMILIES: tuple[type[MoEModel], ...] = (Mixtral, Qwen3Moe, Qwen2Moe, Olmoe)
+"""Adapters tried in order by :func:`adapter_for`."""
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(ValueError):
+    """A model spec that cannot be loaded: the message names what is wrong and what is supported."""
+
+
+def supported_model_types() -> list[str]:
+    return [t for fam in FAMILIES for t in fam.model_types]
+
+
+def adapter_for(config: Any) -> type[MoEModel]:
+    for fam in FAMILIES:
+        if fam.supports(config):
+            return fam
+    raise ModelLoadError(
+        f"unsupported architecture model_type={getattr(config, 'model_type', None)!r}; "
+        f"supported families: {', '.join(supported_model_types())}"
+    )
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}") from None
+
+
+def load_model(
+    spec: Any,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    batch_invariant: bool = True,
+) -> MoEModel:
+    """Load ``spec`` (preset name, directory, ``(model, tokenizer)`` pair or MoEModel) as an executor."""
+    if isinstance(spec, MoEModel):
+        return spec
+    if isinstance(spec, tuple) and len(spec) == 2:
+        model, tokenizer = spec
+        return adapter_for(model.config)(model, tokenizer, batch_invariant=batch_invariant)
+    if hasattr(spec, "config") and hasattr(spec, "model"):
+        return adapter_for(spec.config)(spec, None, batch_invariant=batch_invariant)
+    if not isinstance(spec, (str, Path)):
+        raise ModelLoadError(f"cannot load a model from {type(spec).__name__}; pass a preset name or a directory")
+    from qllm.models.presets import PRESETS
+
+    torch_dtype = resolve_dtype(dtype)
+    if str(spec) in PRESETS:
+        model, tokenizer = PRESETS[str(spec)].build(torch_dtype)
+    else:
+        model, tokenizer = load_directory(Path(spec), torch_dtype)
+    model.to(device)
+    return adapter_for(model.config)(model, tokenizer, batch_invariant=batch_invariant)
+
+
+def load_directory(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+    """Load a local Hugging Face model directory; no hub access."""
+    from qllm.models.presets import PRESETS
+
+    if not path.exists():
+        raise ModelLoadError(
+            f"model {str(path)!r} is neither a preset ({', '.join(PRESETS)}) nor an existing directory"
+        )
+    if not path.is_dir():
+        raise ModelLoadError(f"model path {str(path)!r} is not a directory")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"model directory {str(path)!r} has no config.json")
+    try:
+        raw = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{config_file} is not valid JSON: {exc}") from None
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if model_type not in supported_model_types():
+        raise ModelLoadError(
+            f"model directory {str(path)!r} has unsupported architecture model_type={model_type!r}; "
+            f"supported families: {', '.join(supported_model_types())}"
+        )
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise ModelLoadError(f"model directory {str(path)!r} has no weights (*.safetensors)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    except Exception as exc:  # transformers raises many types for a broken checkpoint
+        raise ModelLoadError(f"cannot load weights from {str(path)!r}: {exc}") from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as exc:
+        raise ModelLoadError(f"model directory {str(path)!r} has no usable tokenizer: {exc}") from exc
+    return model, tokenizer
+
+
+__all__ = ["DTYPES", "FAMILIES", "MoEModel", "ModelLoadError", "adapter_for", "load_model", "supported_model_types"]

@@ -1,0 +1,232 @@
+"""The model executor: a Hugging Face MoE model run as a stream of schedulable ops.
+
+:class:`MoEModel` wraps a transformers ``*ForCausalLM`` and reuses its embeddings, attention
+projections, rotary embedding, norms, routers and lm_head. Experts are computed here from the
+fused 3D weights (``experts.gate_up_proj [E, 2I, H]``, ``experts.down_proj [E, H, I]``), in place.
+
+:meth:`MoEModel.forward` is the forward pass of one request written as a generator that yields an
+:class:`~qllm.ops.Op` at attention, router and every expert; :meth:`MoEModel.run` computes a
+list of ops with the same key as one batched call. A family adapter overrides the few hooks
+where its architecture differs (see ``qllm/models/qwen2_moe.py`` for a shared expert).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Generator
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from qllm.cache import KVCache
+from qllm.ops import Op, OpKind
+
+ROW_MULTIPLE = 4
+"""Rows of every batched matmul are zero-padded to a multiple of this.
+
+CPU GEMM kernels pick a different code path for a ragged tail of rows, so a row's result can
+depend on how many other rows share the call. Padding to a multiple of 4 makes each row's result
+independent of its batch mates (tests/test_batch_invariance.py checks it on this machine), so a
+request gets bit-identical output whether it runs alone or batched with others."""
+
+
+def _pad(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    extra = (-x.shape[0]) % multiple
+    if extra == 0:
+        return x
+    return torch.cat([x, x.new_zeros((extra, *x.shape[1:]))])
+
+
+class MoEModel:
+    """Executor for one loaded model. Subclass per family; override hooks, not the loop."""
+
+    family: ClassVar[str] = ""
+    """Name shown by ``qllm models``."""
+    model_types: ClassVar[tuple[str, ...]] = ()
+    """``config.model_type`` values this adapter runs."""
+
+    def __init__(self, model: Any, tokenizer: Any = None, *, batch_invariant: bool = True):
+        self.hf = model.eval()
+        self.hf.requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.config = model.config
+        self.body = model.model
+        self.layers = list(self.body.layers)
+        self.num_layers = len(self.layers)
+        self.row_multiple = ROW_MULTIPLE if batch_invariant else 1
+        first = self.layers[0].self_attn
+        self.head_dim = first.head_dim
+        self.num_kv_heads = self.config.num_key_value_heads
+        self.dtype = self.body.embed_tokens.weight.dtype
+        self.device = self.body.embed_tokens.weight.device
+        self.vocab_size = self.hf.lm_head.out_features
+        self._rope = sys.modules[type(first).__module__].apply_rotary_pos_emb
+        self.moe_blocks = [self.moe_block(layer) for layer in self.layers]
+        self._runners: dict[OpKind, Callable[[list[Op]], list[Any]]] = {
+            OpKind.ATTENTION: self._run_attention,
+            OpKind.ROUTER: self._run_router,
+            OpKind.EXPERT: self._run_expert,
+            OpKind.SHARED: self._run_shared,
+            OpKind.MLP: self._run_mlp,
+            OpKind.HEAD: self._run_head,
+        }
+
+    # ------------------------------------------------------------------ family hooks
+    @classmethod
+    def supports(cls, config: Any) -> bool:
+        return getattr(config, "model_type", None) in cls.model_types
+
+    def moe_block(self, layer: torch.nn.Module) -> torch.nn.Module | None:
+        """The layer's sparse MoE block, or None for a dense layer."""
+        mlp = layer.mlp
+        return mlp if hasattr(mlp, "experts") and hasattr(mlp, "gate") else None
+
+    def qkv(self, attn: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Query, key, value of rows ``x`` before rotary: ``[N, heads, head_dim]`` each."""
+        n = x.shape[0]
+        q = attn.q_proj(x).view(n, -1, self.head_dim)
+        k = attn.k_proj(x).view(n, -1, self.head_dim)
+        v = attn.v_proj(x).view(n, -1, self.head_dim)
+        if hasattr(attn, "q_norm"):  # per-head norm (Qwen3-MoE)
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        return q, k, v
+
+    def sliding_window(self, attn: torch.nn.Module) -> int | None:
+        window = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(self.config, "sliding_window", None)
+        return window or None
+
+    def route(self, block: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Routing weights and expert indices, ``[N, top_k]`` each."""
+        _, weights, indices = block.gate(x)
+        return weights, indices
+
+    def expert(self, block: torch.nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert ``e`` on rows ``x``, computed from the fused weights (no copy)."""
+        experts = block.experts
+        gate, up = F.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
+        return F.linear(experts.act_fn(gate) * up, experts.down_proj[e])
+
+    def shared(self, block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """Output of the layer's always-on shared expert, or None if it has none."""
+        return None
+
+    def has_shared(self, block: torch.nn.Module) -> bool:
+        return False
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.hf.lm_head(self.body.norm(h))
+
+    # ------------------------------------------------------------------ request side
+    def new_cache(self) -> KVCache:
+        return KVCache(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, self.device)
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.body.embed_tokens(token_ids.to(self.device))
+
+    def forward(self, cache: KVCache, token_ids: torch.Tensor) -> Generator[Op, Any, torch.Tensor]:
+        """Forward pass of ``token_ids`` (1-D) appended to ``cache``; returns the last row's logits.
+
+        Yields an op at each schedulable step and expects that op's result back.
+        """
+        start = cache.length()
+        positions = torch.arange(start, start + token_ids.shape[0], device=self.device)
+        h = self.embed(token_ids)
+        for i, block in enumerate(self.moe_blocks):
+            h = h + (yield Op(OpKind.ATTENTION, i, h, cache=cache, positions=positions))
+            if block is None:
+                h = h + (yield Op(OpKind.MLP, i, h))
+                continue
+            x, weights, experts = yield Op(OpKind.ROUTER, i, h)
+            h = h + (yield from self._moe(i, block, x, weights, experts))
+        logits = yield Op(OpKind.HEAD, -1, h[-1:])
+        return logits[0]
+
+    def _moe(self, i, block, x, weights, experts) -> Generator[Op, Any, torch.Tensor]:
+        # Sum in ascending expert order, as transformers does, whatever order ops run in.
+        out = torch.zeros_like(x)
+        for e in torch.unique(experts).tolist():
+            rows, slots = (experts == e).nonzero(as_tuple=True)
+            y = yield Op(OpKind.EXPERT, i, x[rows], expert=e, weight=weights[rows, slots])
+            out.index_add_(0, rows, y)
+        if self.has_shared(block):
+            out = out + (yield Op(OpKind.SHARED, i, x))
+        return out
+
+    # ------------------------------------------------------------------ kernel side
+    def run(self, ops: list[Op]) -> list[Any]:
+        """Compute ops that share one key as a single batched call; one result per op."""
+        with torch.no_grad():
+            return self._runners[ops[0].kind](ops)
+
+    def _rows(self, ops: list[Op]) -> tuple[torch.Tensor, list[int]]:
+        sizes = [op.rows for op in ops]
+        x = ops[0].x if len(ops) == 1 else torch.cat([op.x for op in ops])
+        return _pad(x, self.row_multiple), sizes
+
+    def _split(self, y: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+        return list(torch.split(y[: sum(sizes)], sizes))
+
+    def _run_attention(self, ops: list[Op]) -> list[torch.Tensor]:
+        layer = self.layers[ops[0].layer]
+        attn = layer.self_attn
+        x, sizes = self._rows(ops)
+        n = sum(sizes)
+        q, k, v = (t[:n] for t in self.qkv(attn, layer.input_layernorm(x)))
+        positions = ops[0].positions if len(ops) == 1 else torch.cat([op.positions for op in ops])
+        cos, sin = self.body.rotary_emb(v, positions[None])
+        q, k = self._rope(q, k, cos[0], sin[0], unsqueeze_dim=1)
+        window = self.sliding_window(attn)
+        outs = []
+        for op, qi, ki, vi in zip(ops, q.split(sizes), k.split(sizes), v.split(sizes)):
+            keys, values = op.cache.append(ops[0].layer, ki.transpose(0, 1), vi.transpose(0, 1))
+            outs.append(_attend(qi.transpose(0, 1), keys, values, attn.scaling, window).transpose(0, 1))
+        o = torch.cat(outs).reshape(n, -1)
+        return self._split(attn.o_proj(_pad(o, self.row_multiple)), sizes)
+
+    def _run_router(self, ops: list[Op]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        layer = self.layers[ops[0].layer]
+        x, sizes = self._rows(ops)
+        x = layer.post_attention_layernorm(x)
+        weights, indices = self.route(self.moe_blocks[ops[0].layer], x)
+        return list(zip(self._split(x, sizes), self._split(weights, sizes), self._split(indices, sizes)))
+
+    def _run_expert(self, ops: list[Op]) -> list[torch.Tensor]:
+        x, sizes = self._rows(ops)
+        y = self.expert(self.moe_blocks[ops[0].layer], ops[0].expert, x)[: sum(sizes)]
+        w = ops[0].weight if len(ops) == 1 else torch.cat([op.weight for op in ops])
+        return self._split((y * w[:, None]).to(y.dtype), sizes)
+
+    def _run_shared(self, ops: list[Op]) -> list[torch.Tensor]:
+        x, sizes = self._rows(ops)
+        return self._split(self.shared(self.moe_blocks[ops[0].layer], x), sizes)
+
+    def _run_mlp(self, ops: list[Op]) -> list[torch.Tensor]:
+        layer = self.layers[ops[0].layer]
+        x, sizes = self._rows(ops)
+        return self._split(layer.mlp(layer.post_attention_layernorm(x)), sizes)
+
+    def _run_head(self, ops: list[Op]) -> list[torch.Tensor]:
+        x, sizes = self._rows(ops)
+        return self._split(self.logits(x), sizes)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int | None) -> torch.Tensor:
+    """Causal attention of one request: q ``[Hq, n, D]`` over its keys/values ``[Hkv, T, D]``."""
+    n, total = q.shape[1], k.shape[1]
+    past = total - n
+    mask = None
+    causal = False
+    if (n > 1 and past > 0) or (window is not None and total > window):
+        qpos = torch.arange(past, total, device=q.device)[:, None]
+        kpos = torch.arange(total, device=q.device)[None, :]
+        mask = kpos <= qpos
+        if window is not None:
+            mask &= kpos > qpos - window
+    elif n > 1:
+        causal = True
+    out = F.scaled_dot_product_attention(
+        q[None], k[None], v[None], attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=q.shape[0] != k.shape[0]
+    )
+    return out[0]

@@ -1,0 +1,68 @@
+"""The ops a request's forward pass yields: the unit of scheduling.
+
+A request's forward pass is a generator. At every step the kernel may schedule it yields an
+:class:`Op` and is resumed with the op's result. Ops with the same :attr:`Op.key` (same kind,
+layer and expert) from several requests can run as one batched call; every op is row-wise, so
+each request gets the same result as when its op runs alone.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from qllm.cache import KVCache
+
+
+class OpKind(enum.IntEnum):
+    """What an op computes. The order is the order inside one layer."""
+
+    ATTENTION = 0  # input norm + self-attention of one layer (updates the request's KV cache)
+    ROUTER = 1  # post-attention norm + router of one MoE layer
+    EXPERT = 2  # one routed expert of one layer, on the rows routed to it
+    SHARED = 3  # the always-on shared expert of a MoE layer (Qwen2-MoE), on the routed rows
+    MLP = 4  # post-attention norm + dense MLP of a layer without experts
+    HEAD = 5  # final norm + lm_head on the last row
+
+
+@dataclass(slots=True, eq=False)
+class Op:
+    """One schedulable step of one request.
+
+    ``x`` holds this request's rows ([n, hidden]). For ATTENTION, ``cache`` and ``positions``
+    carry the request's KV cache and the absolute positions of the rows; for EXPERT, ``weight``
+    holds the routing weight of each row.
+    """
+
+    kind: OpKind
+    layer: int
+    x: torch.Tensor
+    expert: int = -1
+    weight: torch.Tensor | None = None
+    cache: KVCache | None = None
+    positions: torch.Tensor | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> tuple[int, int, int]:
+        """Ops with equal keys may run together in one batched call."""
+        return (int(self.kind), self.layer, self.expert)
+
+    @property
+    def rows(self) -> int:
+        return int(self.x.shape[0])
+
+    def __repr__(self) -> str:
+        extra = f" expert={self.expert}" if self.kind == OpKind.EXPERT else ""
+        return f"Op({self.kind.name} layer={self.layer}{extra} rows={self.rows})"
+
+
+@dataclass(slots=True, frozen=True)
+class Token:
+    """Yielded by a request's generator when it has produced one output token (not compute)."""
+
+    token_id: int

@@ -1,0 +1,18 @@
+"""Shared fixtures: uvloop as the event loop, the tiny preset built once per session."""
+
+from __future__ import annotations
+
+import pytest
+import uvloop
+
+
+def pytest_asyncio_loop_factories(config, item):
+    return {"uvloop": uvloop.new_event_loop}
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """The tiny preset executor (batch-invariant), shared read-only across tests."""
+    from qllm.models import load_model
+
+    return load_model("tiny")

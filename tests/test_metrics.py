@@ -1,0 +1,94 @@
+"""Per-class metrics: what observe() counts, the snapshot's shape, and the Prometheus text."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import pytest
+
+from qllm.metrics import Histogram, Metrics, quantile, render_prometheus
+
+
+@dataclass
+class Result:
+    priority: str = "be"
+    status: str = "length"
+    prompt_tokens: int = 5
+    token_ids: list[int] = field(default_factory=lambda: [1, 2, 3])
+    arrival: float = 100.0
+    first_scheduled: float | None = 100.002
+    first_token: float | None = 100.01
+    finished: float = 100.5
+    preemptions: int = 0
+
+
+def test_observe_counts_per_class():
+    m = Metrics()
+    m.observe(Result(priority="ls", status="stopped", preemptions=0))
+    m.observe(Result(priority="be", preemptions=3, token_ids=[1] * 10))
+    m.observe(Result(priority="be", status="aborted", first_token=None, first_scheduled=None, token_ids=[]))
+    snap = m.snapshot()
+    assert snap["ls"]["requests"] == {"stopped": 1, "length": 0, "aborted": 0, "error": 0}
+    assert snap["be"]["requests"] == {"stopped": 0, "length": 1, "aborted": 1, "error": 0}
+    assert snap["be"]["generated_tokens"] == 10
+    assert snap["be"]["prompt_tokens"] == 10
+    assert snap["be"]["preemptions"] == 3
+    be = snap["be"]["histograms"]
+    assert be["turnaround_seconds"]["count"] == 2
+    # A request that never got a token or an op adds to neither TTFT nor queue time.
+    assert be["ttft_seconds"]["count"] == 1
+    assert be["queue_seconds"]["count"] == 1
+    assert be["queue_seconds"]["sum"] == pytest.approx(0.002)
+    assert snap["ls"]["histograms"]["ttft_seconds"]["sum"] == pytest.approx(0.01)
+    json.dumps(snap)  # JSON-able: it crosses the wire as is
+
+
+def test_observe_rejects_unknown_class():
+    with pytest.raises(ValueError, match="priority class"):
+        Metrics().observe(Result(priority="urgent"))
+
+
+def test_histogram_buckets_are_cumulative_and_inclusive():
+    h = Histogram([1, 2, 4])
+    for v in (0.5, 1, 1.5, 4, 9):
+        h.observe(v)
+    snap = h.snapshot()
+    assert snap["buckets"] == [[1, 2], [2, 3], [4, 4]]  # le=1 holds 0.5 and 1.0
+    assert snap["count"] == 5
+    assert snap["sum"] == pytest.approx(16.0)
+
+
+def test_quantile_interpolates_within_a_bucket():
+    h = Histogram([1.0, 2.0])
+    for v in (1.2, 1.4, 1.6, 1.8):
+        h.observe(v)
+    assert quantile(h.snapshot(), 0.5) == pytest.approx(1.5)
+    assert quantile(Histogram([1.0]).snapshot(), 0.5) is None
+
+
+def test_prometheus_text_format():
+    m = Metrics()
+    m.observe(Result(priority="ls", status="stopped", arrival=0.0, first_scheduled=0.001, first_token=0.004))
+    m.observe(Result(priority="be", preemptions=2))
+    stats = {"metrics": m.snapshot(), "memory": {"budget_bytes": 1024, "resident_bytes": 10}}
+    text = render_prometheus(stats)
+    lines = text.splitlines()
+    assert text.endswith("\n")
+    assert 'qllm_requests_total{class="ls",status="stopped"} 1' in lines
+    assert 'qllm_preemptions_total{class="be"} 2' in lines
+    assert "# TYPE qllm_ttft_seconds histogram" in lines
+    assert 'qllm_ttft_seconds_bucket{class="ls",le="+Inf"} 1' in lines
+    assert 'qllm_ttft_seconds_count{class="ls"} 1' in lines
+    assert 'qllm_ttft_seconds_bucket{class="ls",le="0.005"} 1' in lines
+    assert 'qllm_ttft_seconds_bucket{class="ls",le="0.0025"} 0' in lines
+    assert "qllm_memory_budget_bytes 1024" in lines
+    # Every sample line belongs to a family declared by a preceding TYPE line.
+    declared = set()
+    for line in lines:
+        if line.startswith("# TYPE "):
+            declared.add(line.split()[2])
+        elif not line.startswith("#"):
+            name = line.split("{")[0].split()[0]
+            base = name.removesuffix("_bucket").removesuffix("_sum").removesuffix("_count")
+            assert name in declared or base in declared, line

@@ -72,14 +72,27 @@ def stop_index(text: str, stops: Sequence[str]) -> int | None:
 
 
 def generation_steps(
-    model: MoEModel, prompt_ids: Sequence[int], params: SamplingParams, cache: KVCache | None = None
+    model: MoEModel,
+    prompt_ids: Sequence[int],
+    params: SamplingParams,
+    cache: KVCache | None = None,
+    *,
+    prefill_chunk: int | None = None,
 ) -> Generator[Op | Token, Any, StopReason]:
-    """Prefill then decode one request, yielding ops and tokens; returns why it stopped."""
+    """Prefill then decode one request, yielding ops and tokens; returns why it stopped.
+
+    With ``prefill_chunk`` the prompt is prefilled that many tokens per forward pass, which bounds
+    how long any single op runs (and so how long an arriving request can wait).
+    """
     cache = cache if cache is not None else model.new_cache()
     sampler = Sampler(params)
     eos = frozenset() if params.ignore_eos else eos_ids(model)
     generated: list[int] = []
-    logits = yield from model.forward(cache, torch.tensor(prompt_ids, dtype=torch.long))
+    prompt = torch.tensor(prompt_ids, dtype=torch.long)
+    chunk = prefill_chunk or len(prompt_ids)
+    for start in range(0, len(prompt_ids) - chunk, chunk):
+        yield from model.forward(cache, prompt[start : start + chunk], logits=False)
+    logits = yield from model.forward(cache, prompt[(len(prompt_ids) - 1) // chunk * chunk :])
     while True:
         token = sampler(logits)
         generated.append(token)

@@ -125,8 +125,11 @@ class MoEModel:
         with torch.no_grad():
             return self.body.embed_tokens(token_ids.to(self.device))
 
-    def forward(self, cache: KVCache, token_ids: torch.Tensor) -> Generator[Op, Any, torch.Tensor]:
-        """Forward pass of ``token_ids`` (1-D) appended to ``cache``; returns the last row's logits.
+    def forward(
+        self, cache: KVCache, token_ids: torch.Tensor, *, logits: bool = True
+    ) -> Generator[Op, Any, torch.Tensor | None]:
+        """Forward pass of ``token_ids`` (1-D) appended to ``cache``; returns the last row's logits
+        (None with ``logits=False``, for all but the last chunk of a chunked prefill).
 
         Yields an op at each schedulable step and expects that op's result back.
         """
@@ -140,8 +143,10 @@ class MoEModel:
                 continue
             x, weights, experts = yield Op(OpKind.ROUTER, i, h)
             h = h + (yield from self._moe(i, block, x, weights, experts))
-        logits = yield Op(OpKind.HEAD, -1, h[-1:])
-        return logits[0]
+        if not logits:
+            return None
+        out = yield Op(OpKind.HEAD, -1, h[-1:])
+        return out[0]
 
     def _moe(self, i, block, x, weights, experts) -> Generator[Op, Any, torch.Tensor]:
         # Sum in ascending expert order, as transformers does, whatever order ops run in.

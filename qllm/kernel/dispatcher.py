@@ -1,0 +1,325 @@
+"""The dispatcher actor: collects pending ops, asks the policy, runs one batch at a time.
+
+Its mailbox receives arrivals and cancellations. Between two batches it drains the mailbox, so a
+request that arrives while an op computes is considered at the very next decision: an LS request
+waits at most one op. Requests are generators (see :mod:`qllm.generation`): the dispatcher resumes
+each with its op's result until it yields its next op, a token, or finishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from qllm.generation import decode, finish_text, generation_steps, stop_index
+from qllm.kernel.compute import Compute
+from qllm.kernel.request import Request, RequestResult, RequestStatus
+from qllm.kernel.tensors import TensorManager
+from qllm.kernel.view import KernelView, MemoryView, RequestView
+from qllm.models.base import MoEModel
+from qllm.ops import Token
+from qllm.policies import Policy
+
+log = structlog.get_logger()
+
+
+@dataclass(frozen=True)
+class StreamChunk:
+    """One generated token: its id, the text it added, and its index in the output."""
+
+    token_id: int
+    text: str
+    index: int
+
+
+@dataclass(frozen=True)
+class _Cancel:
+    request_id: str
+    reason: str
+
+
+_STOP = object()
+
+
+class Dispatcher:
+    """Owns every live request; the only place that advances request generators."""
+
+    def __init__(
+        self,
+        model: MoEModel,
+        policy: Policy,
+        fallback: Policy,
+        tensors: TensorManager,
+        compute: Compute,
+        *,
+        max_batch: int,
+        prefill_chunk: int,
+        on_finish: Any = None,
+    ):
+        self.model = model
+        self.policy = policy
+        self.fallback = fallback
+        self.tensors = tensors
+        self.compute = compute
+        self.max_batch = max_batch
+        self.prefill_chunk = prefill_chunk
+        self.on_finish = on_finish
+        self.mailbox: asyncio.Queue = asyncio.Queue()
+        self.waiting: list[Request] = []
+        self.live: dict[str, Request] = {}
+        self.views: dict[str, RequestView] = {}
+        self.in_flight: set[str] = set()
+        self.progress = 0
+        self.batches = 0
+        self.ops = 0
+        self.rows = 0
+        self.policy_errors = 0
+
+    # ---------------------------------------------------------------- mailbox
+    def post(self, message: Any) -> None:
+        self.mailbox.put_nowait(message)
+
+    def stop(self) -> None:
+        self.post(_STOP)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.live)
+
+    async def run(self) -> None:
+        stopping = False
+        try:
+            while True:
+                if not self._has_work() or stopping:
+                    if stopping and not self.busy:
+                        return
+                    message = await self.mailbox.get()
+                    stopping |= self._handle(message)
+                while not self.mailbox.empty():
+                    stopping |= self._handle(self.mailbox.get_nowait())
+                await self._step()
+        finally:
+            for request in [*self.waiting, *self.live.values()]:
+                self._finish(request, RequestStatus.FINISHED_ABORTED, "engine stopped")
+
+    def _has_work(self) -> bool:
+        return bool(self.live) or bool(self.waiting)
+
+    def _handle(self, message: Any) -> bool:
+        if message is _STOP:
+            return True
+        if isinstance(message, _Cancel):
+            self._cancel(message.request_id, message.reason)
+        else:
+            self._arrive(message)
+        return False
+
+    # ---------------------------------------------------------------- lifecycle
+    def _arrive(self, request: Request) -> None:
+        self.views[request.id] = RequestView(request)
+        self.waiting.append(request)
+        self._call_policy("on_arrival", self.views[request.id], self._view())
+
+    def _admit(self, request: Request) -> None:
+        request.cache = self.model.new_cache()
+        request.steps = generation_steps(
+            self.model, request.prompt_ids, request.params, request.cache, prefill_chunk=self.prefill_chunk
+        )
+        self.tensors.register(request.id, request.cache)
+        self.live[request.id] = request
+        self._advance(request, None)
+
+    def _cancel(self, request_id: str, reason: str) -> None:
+        request = self.live.get(request_id) or next((r for r in self.waiting if r.id == request_id), None)
+        if request is None:
+            return
+        if request_id in self.in_flight:  # its op is computing: finish once it returns
+            request.error = reason
+            request.status = RequestStatus.FINISHED_ABORTED
+            return
+        self._finish(request, RequestStatus.FINISHED_ABORTED, reason)
+
+    def _finish(self, request: Request, status: RequestStatus, error: str | None = None) -> None:
+        if request.finish_time is not None:
+            return
+        request.status = status
+        request.error = error if status in (RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_ERROR) else None
+        request.finish_time = time.monotonic()
+        if request.steps is not None:
+            request.steps.close()
+        request.pending = None
+        self.live.pop(request.id, None)
+        if request in self.waiting:
+            self.waiting.remove(request)
+        self.tensors.release(request.id)
+        request.cache = None
+        view = self.views.pop(request.id, None)
+        if view is not None:
+            self._call_policy("on_finish", view, self._view())
+        result = self._result(request)
+        request.events.put_nowait(None)
+        if not request.done.done():
+            request.done.set_result(result)
+        if self.on_finish is not None:
+            self.on_finish(result)
+
+    def _result(self, request: Request) -> RequestResult:
+        return RequestResult(
+            id=request.id,
+            token_ids=list(request.token_ids),
+            text=finish_text(self.model, request.token_ids, request.params.stop),
+            status=request.status.label,
+            priority=str(request.priority_class),
+            prompt_tokens=len(request.prompt_ids),
+            arrival=request.arrival,
+            first_scheduled=request.first_scheduled,
+            first_token=request.first_token,
+            finished=request.finish_time,
+            token_times=list(request.token_times),
+            preemptions=request.preemptions,
+            error=request.error,
+        )
+
+    # ---------------------------------------------------------------- stepping
+    def _advance(self, request: Request, result: Any) -> None:
+        """Resume the request's generator until it yields its next op or finishes."""
+        steps = request.steps
+        boundary = request.pending is None
+        try:
+            while True:
+                item = steps.send(result)
+                if isinstance(item, Token):
+                    self._emit(request, item.token_id)
+                    result = None
+                    boundary = True
+                    continue
+                request.pending = item
+                request.at_boundary = boundary
+                return
+        except StopIteration as stop:
+            status = RequestStatus.FINISHED_LENGTH if stop.value == "length" else RequestStatus.FINISHED_STOPPED
+            self._finish(request, status)
+        except Exception as exc:
+            log.exception("request_failed", request_id=request.id)
+            self._finish(request, RequestStatus.FINISHED_ERROR, f"{type(exc).__name__}: {exc}")
+
+    def _emit(self, request: Request, token_id: int) -> None:
+        now = time.monotonic()
+        if request.first_token is None:
+            request.first_token = now
+        request.token_times.append(now)
+        request.token_ids.append(token_id)
+        text = decode(self.model, request.token_ids)
+        stops = request.params.stop
+        cut = stop_index(text, stops) if stops else None
+        if cut is not None:
+            text = text[:cut]
+        elif text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            text = text[: len(request.streamed_text)]
+        delta = text[len(request.streamed_text) :] if text.startswith(request.streamed_text) else ""
+        request.streamed_text += delta
+        request.events.put_nowait(StreamChunk(token_id, delta, len(request.token_ids) - 1))
+
+    def _view(self) -> KernelView:
+        ready = [self.views[r.id] for r in self.live.values() if r.pending is not None]
+        return KernelView(
+            now=time.monotonic(),
+            ready=ready,
+            waiting=[self.views[r.id] for r in self.waiting],
+            live=[self.views[rid] for rid in self.live],
+            max_batch=self.max_batch,
+            memory=MemoryView(self.tensors.budget_bytes, self.tensors.resident_bytes, self.tensors.offloaded_bytes),
+        )
+
+    def _call_policy(self, method: str, *args: Any) -> Any:
+        try:
+            return getattr(self.policy, method)(*args)
+        except Exception:
+            self.policy_errors += 1
+            log.exception("policy_error", policy=self.policy.name, method=method)
+            return getattr(self.fallback, method)(*args)
+
+    def _admit_waiting(self) -> None:
+        while self.waiting:
+            view = self._view()
+            request = self.waiting[0]
+            if not self._call_policy("admit", self.views[request.id], view) and self.live:
+                return
+            self.waiting.pop(0)
+            self._admit(request)
+
+    def _select(self) -> list[Request]:
+        view = self._view()
+        if not view.ready:
+            return []
+        chosen = self._call_policy("select", view)
+        batch = self._validate(chosen, view)
+        if batch is None:
+            self.policy_errors += 1
+            log.error("policy_bad_batch", policy=self.policy.name, batch=[getattr(r, "id", r) for r in chosen or ()])
+            batch = self._validate(self.fallback.select(view), view) or []
+        return batch
+
+    def _validate(self, chosen: Any, view: KernelView) -> list[Request] | None:
+        if not chosen:
+            return None
+        ids = [getattr(r, "id", None) for r in chosen]
+        requests = [self.live.get(rid) for rid in ids]
+        if any(r is None or r.pending is None for r in requests) or len(set(ids)) != len(ids):
+            return None
+        if len({r.pending.key for r in requests}) != 1 or len(requests) > self.max_batch:
+            return None
+        return requests
+
+    async def _step(self) -> None:
+        self._admit_waiting()
+        batch = self._select()
+        if not batch:
+            return
+        now = time.monotonic()
+        self._account_preemption(batch, now)
+        ids = [r.id for r in batch]
+        self.tensors.before_run(ids)
+        ops = [r.pending for r in batch]
+        self.in_flight = set(ids)
+        try:
+            results = await self.compute(self.model.run, ops)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("batch_failed", op=repr(ops[0]), requests=ids)
+            results = None
+            error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self.in_flight = set()
+        self.batches += 1
+        self.ops += len(ops)
+        self.rows += sum(op.rows for op in ops)
+        self.progress += 1
+        for i, request in enumerate(batch):
+            request.ops_done += 1
+            if request.status is RequestStatus.FINISHED_ABORTED:  # cancelled while computing
+                self._finish(request, RequestStatus.FINISHED_ABORTED, request.error)
+            elif results is None:
+                self._finish(request, RequestStatus.FINISHED_ERROR, error)
+            else:
+                self._advance(request, results[i])
+        self.tensors.enforce({r.id for r in self.live.values() if r.status is RequestStatus.RUNNING})
+
+    def _account_preemption(self, batch: list[Request], now: float) -> None:
+        """Batch members run; running requests outranked by the batch are suspended (preempted)."""
+        lead = min(r.sort_key()[:2] for r in batch)
+        members = set(map(id, batch))
+        for request in self.live.values():
+            if id(request) in members:
+                if request.first_scheduled is None:
+                    request.first_scheduled = now
+                request.status = RequestStatus.RUNNING
+            elif request.status is RequestStatus.RUNNING and request.sort_key()[:2] > lead:
+                request.status = RequestStatus.SUSPENDED
+                request.preemptions += 1
+                request.preempted_at = now

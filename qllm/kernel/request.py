@@ -1,0 +1,120 @@
+"""A request inside the kernel: status, class, priority, timestamps, and its op stream."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import time
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from typing import Any
+
+from qllm.cache import KVCache
+from qllm.ops import Op, Token
+from qllm.sampling import SamplingParams
+
+
+class RequestStatus(enum.IntEnum):
+    """Lifecycle of a request; finished states sort after the live ones."""
+
+    WAITING = 0  # accepted, not yet admitted
+    RUNNING = 1  # admitted, in the set the policy is currently computing
+    SUSPENDED = 2  # admitted, preempted in the middle of its work by higher-priority work
+    FINISHED_STOPPED = 3  # EOS or a stop string
+    FINISHED_LENGTH = 4  # max_tokens reached
+    FINISHED_ABORTED = 5  # cancelled
+    FINISHED_ERROR = 6  # failed while computing
+
+    @property
+    def finished(self) -> bool:
+        return self >= RequestStatus.FINISHED_STOPPED
+
+    @property
+    def label(self) -> str:
+        """Wire/API name: ``waiting``, ``running``, ``suspended``, ``stopped``, ``length``, ``aborted``, ``error``."""
+        return self.name.removeprefix("FINISHED_").lower()
+
+
+class PriorityClass(enum.StrEnum):
+    LS = "ls"  # latency-sensitive
+    BE = "be"  # best-effort
+
+
+class Phase(enum.StrEnum):
+    PREFILL = "prefill"  # before the first token
+    DECODE = "decode"
+
+
+_sequence = itertools.count()
+
+
+@dataclass
+class RequestResult:
+    """What a finished request returns. Times are ``time.monotonic()`` seconds."""
+
+    id: str
+    token_ids: list[int]
+    text: str
+    status: str  # RequestStatus.label
+    priority: str  # "ls" | "be"
+    prompt_tokens: int
+    arrival: float
+    first_scheduled: float | None
+    first_token: float | None
+    finished: float
+    token_times: list[float]
+    preemptions: int
+    error: str | None = None
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.arrival
+
+    @property
+    def turnaround(self) -> float:
+        return self.finished - self.arrival
+
+
+@dataclass(eq=False)
+class Request:
+    """Kernel-side state of one request. Policies see it through :class:`~qllm.kernel.view.RequestView`."""
+
+    id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    priority_class: PriorityClass = PriorityClass.BE
+    priority: int = 0  # lower runs first within a class
+    ttft_deadline: float | None = None  # seconds after arrival
+    arrival: float = field(default_factory=time.monotonic)
+    seq: int = field(default_factory=lambda: next(_sequence))
+    status: RequestStatus = RequestStatus.WAITING
+    first_scheduled: float | None = None
+    first_token: float | None = None
+    finish_time: float | None = None
+    token_times: list[float] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    preemptions: int = 0
+    preempted_at: float | None = None
+    error: str | None = None
+    streamed_text: str = ""
+    # Execution state, owned by the dispatcher.
+    steps: Generator[Op | Token, Any, Any] | None = None
+    cache: KVCache | None = None
+    pending: Op | None = None
+    at_boundary: bool = True  # pending op starts a new forward pass (an iteration boundary)
+    ops_done: int = 0
+    events: asyncio.Queue | None = None  # token ids, then None when finished
+    done: asyncio.Future | None = None
+
+    @property
+    def phase(self) -> Phase:
+        return Phase.PREFILL if not self.token_ids else Phase.DECODE
+
+    @property
+    def is_ls(self) -> bool:
+        return self.priority_class is PriorityClass.LS
+
+    def sort_key(self) -> tuple[int, int, float, int]:
+        """LS before BE, then integer priority, then arrival, then sequence number."""
+        return (0 if self.is_ls else 1, self.priority, self.arrival, self.seq)

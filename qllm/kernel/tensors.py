@@ -1,0 +1,185 @@
+"""Tensor manager: owns the KV caches of live requests and keeps them within a memory budget.
+
+On CUDA, when resident request state exceeds the budget, the caches of the coldest suspended
+requests are copied to pinned host memory on a dedicated side stream and their device buffers
+released; before such a request runs again its cache is copied back on the same stream, and the
+compute stream waits on an event (so copies overlap with compute and never race it). Requests the
+policy is likely to run soon are prefetched.
+
+On CPU the device *is* host memory, so offloading means compacting: the cache buffers, which grow
+by doubling, are trimmed to their filled length; this is the same interface and accounting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+import torch
+
+from qllm.cache import KVCache
+
+log = structlog.get_logger()
+
+
+@dataclass(eq=False)
+class _Entry:
+    cache: KVCache
+    last_used: int = 0
+    offloaded: bool = False
+    pinned_bytes: int = 0
+    ready_event: Any = None  # CUDA event: copy back to device finished
+    host_k: list = field(default_factory=list)
+    host_v: list = field(default_factory=list)
+
+
+class TensorManager:
+    """Resident-memory accounting, offload and prefetch of request KV caches."""
+
+    def __init__(self, device: torch.device | str = "cpu", budget_bytes: int | None = None):
+        self.device = torch.device(device)
+        self.budget_bytes = budget_bytes
+        self._entries: dict[str, _Entry] = {}
+        self._clock = 0
+        self.offloads = 0
+        self.restores = 0
+        self.over_budget_events = 0
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    # ---------------------------------------------------------------- registry
+    def register(self, request_id: str, cache: KVCache) -> None:
+        self._entries[request_id] = _Entry(cache, last_used=self._tick())
+
+    def release(self, request_id: str) -> None:
+        """Forget a finished or cancelled request and free its buffers."""
+        entry = self._entries.pop(request_id, None)
+        if entry is not None:
+            entry.cache.clear()
+            entry.host_k.clear()
+            entry.host_v.clear()
+
+    def _tick(self) -> int:
+        self._clock += 1
+        return self._clock
+
+    # ---------------------------------------------------------------- accounting
+    @property
+    def resident_bytes(self) -> int:
+        return sum(e.cache.nbytes for e in self._entries.values() if not e.offloaded)
+
+    @property
+    def offloaded_bytes(self) -> int:
+        return sum(e.pinned_bytes for e in self._entries.values() if e.offloaded)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "device": str(self.device),
+            "budget_bytes": self.budget_bytes,
+            "resident_bytes": self.resident_bytes,
+            "offloaded_bytes": self.offloaded_bytes,
+            "requests": len(self._entries),
+            "offloaded_requests": sum(e.offloaded for e in self._entries.values()),
+            "offloads": self.offloads,
+            "restores": self.restores,
+            "over_budget_events": self.over_budget_events,
+        }
+
+    def is_offloaded(self, request_id: str) -> bool:
+        entry = self._entries.get(request_id)
+        return bool(entry and entry.offloaded)
+
+    # ---------------------------------------------------------------- scheduling hooks
+    def before_run(self, batch_ids: list[str]) -> None:
+        """Make the batch's caches resident (restoring any offloaded) and ordered before compute."""
+        tick = self._tick()
+        for rid in batch_ids:
+            entry = self._entries.get(rid)
+            if entry is None:
+                continue
+            entry.last_used = tick
+            if entry.offloaded:
+                self._restore(entry)
+            if entry.ready_event is not None:
+                torch.cuda.current_stream(self.device).wait_event(entry.ready_event)
+                entry.ready_event = None
+
+    def prefetch(self, request_ids: list[str]) -> None:
+        """Start bringing back requests that are likely to run soon (CUDA: async on the side stream)."""
+        if self._stream is None:
+            return
+        for rid in request_ids:
+            entry = self._entries.get(rid)
+            if entry is not None and entry.offloaded:
+                self._restore(entry)
+
+    def enforce(self, running_ids: set[str]) -> None:
+        """Offload the coldest requests outside ``running_ids`` until resident memory fits the budget."""
+        if self.budget_bytes is None:
+            return
+        resident = self.resident_bytes
+        if resident <= self.budget_bytes:
+            return
+        for rid, entry in sorted(self._entries.items(), key=lambda kv: kv[1].last_used):
+            if resident <= self.budget_bytes:
+                break
+            if entry.offloaded or rid in running_ids or entry.cache.nbytes == 0:
+                continue
+            before = entry.cache.nbytes
+            self._offload(entry)
+            resident -= before - (0 if entry.offloaded else entry.cache.nbytes)
+        if resident > self.budget_bytes:
+            self.over_budget_events += 1
+            log.debug("memory_over_budget", resident_bytes=resident, budget_bytes=self.budget_bytes)
+
+    # ---------------------------------------------------------------- moves
+    def _offload(self, entry: _Entry) -> None:
+        cache = entry.cache
+        self.offloads += 1
+        if self._stream is None:  # CPU: compact in place, the state stays where it is
+            _compact(cache)
+            return
+        main = torch.cuda.current_stream(self.device)
+        self._stream.wait_stream(main)  # the cache's last writes must land before we read it
+        entry.host_k, entry.host_v = [], []
+        with torch.cuda.stream(self._stream):
+            for i in range(cache.num_layers):
+                for src, dst in ((cache.keys, entry.host_k), (cache.values, entry.host_v)):
+                    t = src[i]
+                    if t is None:
+                        dst.append(None)
+                        continue
+                    filled = t[:, : max(cache.lengths[i], 1)]
+                    host = torch.empty(filled.shape, dtype=filled.dtype, pin_memory=True)
+                    host.copy_(filled, non_blocking=True)
+                    t.record_stream(self._stream)  # keep the device memory alive until the copy ran
+                    dst.append(host)
+        entry.pinned_bytes = sum(h.numel() * h.element_size() for h in entry.host_k + entry.host_v if h is not None)
+        cache.keys = [None] * cache.num_layers
+        cache.values = [None] * cache.num_layers
+        entry.offloaded = True
+
+    def _restore(self, entry: _Entry) -> None:
+        self.restores += 1
+        entry.offloaded = False
+        if self._stream is None:
+            return
+        cache = entry.cache
+        with torch.cuda.stream(self._stream):
+            cache.keys = [None if h is None else h.to(self.device, non_blocking=True) for h in entry.host_k]
+            cache.values = [None if h is None else h.to(self.device, non_blocking=True) for h in entry.host_v]
+            entry.ready_event = torch.cuda.Event()
+            entry.ready_event.record(self._stream)
+        for t in (*cache.keys, *cache.values):
+            if t is not None:
+                t.record_stream(torch.cuda.current_stream(self.device))
+        entry.host_k, entry.host_v = [], []
+        entry.pinned_bytes = 0
+
+
+def _compact(cache: KVCache) -> None:
+    for i in range(cache.num_layers):
+        for bufs in (cache.keys, cache.values):
+            t = bufs[i]
+            if t is not None and t.shape[1] > cache.lengths[i]:
+                bufs[i] = t[:, : cache.lengths[i]].clone()

@@ -1,0 +1,91 @@
+"""Read-only views of the kernel for policies: what is queued, where each request is, memory."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from qllm.kernel.request import Phase, PriorityClass, Request, RequestStatus
+from qllm.ops import OpKind
+
+
+class RequestView:
+    """What a policy may read about one request. Live: values reflect the kernel's current state."""
+
+    __slots__ = ("_r",)
+
+    def __init__(self, request: Request):
+        self._r = request
+
+    id = property(lambda self: self._r.id)
+    priority_class: PriorityClass = property(lambda self: self._r.priority_class)  # type: ignore[assignment]
+    is_ls: bool = property(lambda self: self._r.is_ls)  # type: ignore[assignment]
+    rank: int = property(lambda self: self._r.priority)  # type: ignore[assignment]
+    arrival: float = property(lambda self: self._r.arrival)  # type: ignore[assignment]
+    seq: int = property(lambda self: self._r.seq)  # type: ignore[assignment]
+    ttft_deadline: float | None = property(lambda self: self._r.ttft_deadline)  # type: ignore[assignment]
+    status: RequestStatus = property(lambda self: self._r.status)  # type: ignore[assignment]
+    phase: Phase = property(lambda self: self._r.phase)  # type: ignore[assignment]
+    prompt_tokens: int = property(lambda self: len(self._r.prompt_ids))  # type: ignore[assignment]
+    tokens_generated: int = property(lambda self: len(self._r.token_ids))  # type: ignore[assignment]
+    max_tokens: int = property(lambda self: self._r.params.max_tokens)  # type: ignore[assignment]
+    first_scheduled: float | None = property(lambda self: self._r.first_scheduled)  # type: ignore[assignment]
+    first_token: float | None = property(lambda self: self._r.first_token)  # type: ignore[assignment]
+    preemptions: int = property(lambda self: self._r.preemptions)  # type: ignore[assignment]
+    at_boundary: bool = property(lambda self: self._r.at_boundary)  # type: ignore[assignment]
+    ops_done: int = property(lambda self: self._r.ops_done)  # type: ignore[assignment]
+
+    @property
+    def op_key(self) -> tuple[int, int, int] | None:
+        """Key of the pending op ``(kind, layer, expert)``; requests with equal keys batch together."""
+        op = self._r.pending
+        return None if op is None else op.key
+
+    @property
+    def op_kind(self) -> OpKind | None:
+        op = self._r.pending
+        return None if op is None else op.kind
+
+    @property
+    def progress_key(self) -> tuple[int, int, int]:
+        """Where the pending op sits in a forward pass: ``(layer, kind, expert)``, head last.
+
+        Running the smallest first lets requests that fell behind catch up and merge into one batch.
+        """
+        op = self._r.pending
+        if op is None:
+            return (1 << 30, 0, 0)
+        layer = op.layer if op.layer >= 0 else 1 << 20
+        return (layer, int(op.kind), op.expert)
+
+    @property
+    def rows(self) -> int:
+        op = self._r.pending
+        return 0 if op is None else op.rows
+
+    @property
+    def sort_key(self) -> tuple[int, int, float, int]:
+        """LS before BE, then rank, then arrival, then sequence number."""
+        return self._r.sort_key()
+
+    def __repr__(self) -> str:
+        return f"<RequestView {self.id} {self.priority_class} {self.phase} {self.status.label} op={self._r.pending}>"
+
+
+@dataclass(frozen=True)
+class MemoryView:
+    budget_bytes: int | None
+    resident_bytes: int
+    offloaded_bytes: int
+
+
+@dataclass(frozen=True)
+class KernelView:
+    """Snapshot handed to a policy at each decision (lists are fresh; request views are live)."""
+
+    now: float
+    ready: Sequence[RequestView]  # admitted, with a pending op
+    waiting: Sequence[RequestView]  # accepted, not admitted yet, in arrival order
+    live: Sequence[RequestView]  # admitted and not finished
+    max_batch: int
+    memory: MemoryView

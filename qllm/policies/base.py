@@ -1,0 +1,79 @@
+"""The policy plugin interface (API version 1).
+
+A policy is a pure decision-maker over a read-only :class:`~qllm.kernel.view.KernelView`. The
+kernel asks it, at every op boundary, which waiting requests to admit and which ready requests'
+pending ops to run next as one batch. It never computes anything itself.
+
+Write a plugin by subclassing :class:`Policy` and overriding any of the methods below, then
+register the class under the entry-point group ``qllm.policies``::
+
+    [project.entry-points."qllm.policies"]
+    my-policy = "my_package.module:MyPolicy"
+
+The built-in policies are registered the same way. See ``examples/edf_policy.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+from qllm.kernel.view import KernelView, RequestView
+
+API_VERSION = 1
+
+
+class Policy:
+    """Base policy: LS before BE, then rank, arrival; batches by op key; admits up to ``max_batch``."""
+
+    api_version: ClassVar[int] = API_VERSION
+    name: ClassVar[str] = "base"
+
+    def order(self, ready: Sequence[RequestView], kernel: KernelView) -> list[RequestView]:
+        """Ready requests, most urgent first."""
+        return sorted(ready, key=lambda r: r.sort_key)
+
+    def select(self, kernel: KernelView) -> Sequence[RequestView]:
+        """The requests whose pending ops run next as one batch; they must share one ``op_key``.
+
+        Default: the most urgent request's class leads; among that class the op furthest behind
+        runs first (so requests converge into one batch), with every ready request at that op.
+        """
+        ordered = self.order(kernel.ready, kernel)
+        if not ordered:
+            return []
+        lead = ordered[0].priority_class
+        same_class = [r for r in ordered if r.priority_class == lead]
+        key = min(same_class, key=lambda r: r.progress_key).op_key
+        return batch_for(key, same_class, ordered, kernel.max_batch)
+
+    def admit(self, request: RequestView, kernel: KernelView) -> bool:
+        """May this waiting request start now? Called in arrival order; stop at the first False."""
+        return request.is_ls or len(kernel.live) < kernel.max_batch
+
+    def on_arrival(self, request: RequestView, kernel: KernelView) -> None:
+        """A request was accepted."""
+
+    def on_finish(self, request: RequestView, kernel: KernelView) -> None:
+        """A request finished (any final status)."""
+
+
+def batch_for(
+    key: tuple[int, int, int] | None,
+    primary: Sequence[RequestView],
+    fill: Sequence[RequestView],
+    max_batch: int,
+) -> list[RequestView]:
+    """Requests at op ``key``: those of ``primary`` first, then of ``fill``, at most ``max_batch``."""
+    if key is None:
+        return []
+    batch: list[RequestView] = []
+    seen: set[str] = set()
+    for group in (primary, fill):
+        for r in group:
+            if r.op_key == key and r.id not in seen:
+                batch.append(r)
+                seen.add(r.id)
+                if len(batch) >= max_batch:
+                    return batch
+    return batch

@@ -67,7 +67,7 @@ class PriorityAgingPolicy(Policy):
         if fill:
             rows = sum(r.rows for r in batch)
             for r in batch_for(key, fill, (), kernel.max_batch - len(batch)):
-                if rows + r.rows > self.fill_rows and not (r.is_ls == batch[0].is_ls):
+                if rows + r.rows > self.fill_rows and r.is_ls != batch[0].is_ls:
                     break
                 batch.append(r)
                 rows += r.rows

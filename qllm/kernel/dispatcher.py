@@ -21,7 +21,7 @@ from qllm.kernel.request import Request, RequestResult, RequestStatus
 from qllm.kernel.tensors import TensorManager
 from qllm.kernel.view import KernelView, MemoryView, RequestView
 from qllm.models.base import MoEModel
-from qllm.ops import Token
+from qllm.ops import OpKind, Token
 from qllm.policies import Policy
 
 log = structlog.get_logger()
@@ -43,6 +43,27 @@ class _Cancel:
 
 
 _STOP = object()
+
+
+class OpTimes:
+    """Wall time of batched ops by kind (count, total, max), hand-off to the compute thread included."""
+
+    def __init__(self) -> None:
+        self.count: dict[str, int] = {}
+        self.total: dict[str, float] = {}
+        self.max: dict[str, float] = {}
+
+    def record(self, kind: OpKind, seconds: float) -> None:
+        name = kind.name.lower()
+        self.count[name] = self.count.get(name, 0) + 1
+        self.total[name] = self.total.get(name, 0.0) + seconds
+        self.max[name] = max(self.max.get(name, 0.0), seconds)
+
+    def snapshot(self) -> dict[str, dict[str, float]]:
+        return {
+            name: {"count": n, "mean_s": self.total[name] / n, "max_s": self.max[name]}
+            for name, n in self.count.items()
+        }
 
 
 class Dispatcher:
@@ -78,6 +99,7 @@ class Dispatcher:
         self.ops = 0
         self.rows = 0
         self.policy_errors = 0
+        self.op_times = OpTimes()
 
     # ---------------------------------------------------------------- mailbox
     def post(self, message: Any) -> None:
@@ -286,6 +308,7 @@ class Dispatcher:
         self.tensors.before_run(ids)
         ops = [r.pending for r in batch]
         self.in_flight = set(ids)
+        started = time.perf_counter()
         try:
             results = await self.compute(self.model.run, ops)
         except asyncio.CancelledError:
@@ -296,6 +319,7 @@ class Dispatcher:
             error = f"{type(exc).__name__}: {exc}"
         finally:
             self.in_flight = set()
+        self.op_times.record(ops[0].kind, time.perf_counter() - started)
         self.batches += 1
         self.ops += len(ops)
         self.rows += sum(op.rows for op in ops)

@@ -273,6 +273,7 @@ class Engine:
                 "compute": self._compute.mode,
                 "max_batch": d.max_batch,
                 "prefill_chunk": d.prefill_chunk,
+                "op_times": d.op_times.snapshot(),
             },
             "memory": self._tensors.stats(),
             "metrics": self.metrics.snapshot(),

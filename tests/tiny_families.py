@@ -1,0 +1,183 @@
+"""Tiny random models of every supported family, and drivers that run an executor's op streams.
+
+Shared by the exactness, batch-invariance and loading tests. Each case is a transformers config
+small enough to build in well under a second, with weights drawn from a fixed seed; the sizes
+exercise grouped-query attention, top-2 routing and the family's own features (shared experts,
+dense layers, sliding windows).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Callable, Generator, Sequence
+from typing import Any
+
+import torch
+
+from qllm.generation import generation_steps
+from qllm.models.base import MoEModel
+from qllm.ops import Op, OpKind, Token
+from qllm.sampling import SamplingParams
+
+SIZES = dict(
+    vocab_size=192,
+    hidden_size=48,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,  # grouped-query attention: 2 query heads per KV head
+    max_position_embeddings=512,
+    initializer_range=0.1,  # larger than the default so routing and logits are far from uniform
+    bos_token_id=None,
+    eos_token_id=None,  # generate() must not stop early: every step is compared
+    pad_token_id=None,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One tiny model: ``model_type``, config overrides, and op kinds its forward pass must yield."""
+
+    name: str
+    model_type: str
+    config: dict[str, Any]
+    kinds: frozenset[OpKind] = frozenset({OpKind.ATTENTION, OpKind.ROUTER, OpKind.EXPERT, OpKind.HEAD})
+
+    def build(self, seed: int = 0) -> Any:
+        """The transformers ``*ForCausalLM`` with weights drawn from ``seed``, in eval mode, fp32."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.for_model(self.model_type, **{**SIZES, **self.config})
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config)
+        return model.eval()
+
+
+ROUTED = frozenset({OpKind.ATTENTION, OpKind.ROUTER, OpKind.EXPERT, OpKind.HEAD})
+CASES = [
+    Case("mixtral", "mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
+    # A window shorter than prompt + decode: older keys must drop out of attention.
+    Case("mixtral-sliding", "mixtral", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=6)),
+    Case(
+        "qwen3_moe",
+        "qwen3_moe",
+        dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16, mlp_only_layers=[1]),
+        ROUTED | {OpKind.MLP},
+    ),
+    Case(
+        "qwen2_moe",
+        "qwen2_moe",
+        dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64),
+        ROUTED | {OpKind.SHARED},
+    ),
+    Case("olmoe", "olmoe", dict(num_experts=8, num_experts_per_tok=2, num_key_value_heads=4, clip_qkv=1.0)),
+]
+CASES_BY_NAME = {case.name: case for case in CASES}
+
+
+# ---------------------------------------------------------------------------- drivers
+def run_forward(model: MoEModel, cache: Any, token_ids: Sequence[int], seen: set[OpKind] | None = None) -> torch.Tensor:
+    """One forward pass with every op run at once, alone; returns the last row's logits."""
+    steps = model.forward(cache, torch.tensor(list(token_ids), dtype=torch.long))
+    result = None
+    while True:
+        try:
+            op = steps.send(result)
+        except StopIteration as stop:
+            return stop.value
+        if seen is not None:
+            seen.add(op.kind)
+        result = model.run([op])[0]
+
+
+def greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+
+
+@dataclasses.dataclass
+class Trace:
+    """What one request produced under a driver: its tokens and every op result, in order."""
+
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    results: list[tuple[tuple[int, int, int], Any]] = dataclasses.field(default_factory=list)
+
+
+def run_alone(model: MoEModel, prompt: Sequence[int], params: SamplingParams) -> Trace:
+    """One request's :func:`generation_steps`, each op run by itself as soon as it is yielded."""
+    return run_together(model, [prompt], params)[0]
+
+
+def run_together(
+    model: MoEModel,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams,
+    *,
+    starts: Sequence[int] | None = None,
+    choose: Callable[[list[tuple[int, int, int]]], tuple[int, int, int]] = min,
+    subset: Callable[[list[int]], list[int]] = lambda ids: ids,
+    batched: dict[OpKind, int] | None = None,
+) -> list[Trace]:
+    """Drive several requests' op streams at once, batching ops with equal keys.
+
+    Request ``i`` joins after ``starts[i]`` batched calls (so a prefill can meet others' decode
+    steps). At each call ``choose`` picks one key among the pending ops and ``subset`` picks which
+    of the requests waiting on it run now (all by default). ``batched`` counts, per op kind, the
+    calls that held more than one request.
+    """
+    starts = list(starts) if starts is not None else [0] * len(prompts)
+    traces = [Trace() for _ in prompts]
+    gens: dict[int, Generator[Op | Token, Any, Any]] = {}
+    pending: dict[int, Op] = {}
+    started: set[int] = set()
+    calls = 0
+
+    def advance(i: int, result: Any) -> None:
+        while True:
+            try:
+                item = gens[i].send(result)
+            except StopIteration:
+                del gens[i]
+                return
+            if isinstance(item, Token):
+                traces[i].tokens.append(item.token_id)
+                result = None
+                continue
+            pending[i] = item
+            return
+
+    while True:
+        for i, start in enumerate(starts):
+            if start <= calls and i not in started:
+                started.add(i)
+                gens[i] = generation_steps(model, prompts[i], params)
+                advance(i, None)
+        if not pending:
+            if len(started) == len(prompts):
+                return traces
+            calls += 1  # nothing to run until the next request joins
+            continue
+        key = choose(sorted({op.key for op in pending.values()}))
+        ids = subset(sorted(i for i, op in pending.items() if op.key == key))
+        ops = [pending.pop(i) for i in ids]
+        results = model.run(ops)
+        calls += 1
+        if batched is not None and len(ops) > 1:
+            batched[ops[0].kind] = batched.get(ops[0].kind, 0) + 1
+        for i, op, result in zip(ids, ops, results):
+            traces[i].results.append((op.key, result))
+            advance(i, result)
+
+
+def random_choice(rng: random.Random) -> tuple[Callable, Callable]:
+    """A ``choose``/``subset`` pair that picks keys and batch members at random."""
+
+    def choose(keys: list[tuple[int, int, int]]) -> tuple[int, int, int]:
+        return rng.choice(keys)
+
+    def subset(ids: list[int]) -> list[int]:
+        picked = [i for i in ids if rng.random() < 0.7]
+        return picked or [rng.choice(ids)]
+
+    return choose, subset

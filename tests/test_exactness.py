@@ -63,7 +63,10 @@ def compare(hf, executor, prompt: list[int]) -> Comparison:
 def hf_generate(hf, prompt: list[int], max_new_tokens: int) -> list[int]:
     with torch.no_grad():
         out = hf.generate(
-            torch.tensor([prompt]), max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False
+            torch.tensor([prompt]),
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            do_sample=False,
         )
     return out[0, len(prompt) :].tolist()
 

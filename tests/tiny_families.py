@@ -63,13 +63,17 @@ CASES = [
     Case(
         "qwen3_moe",
         "qwen3_moe",
-        dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16, mlp_only_layers=[1]),
+        dict(
+            num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16, mlp_only_layers=[1]
+        ),
         ROUTED | {OpKind.MLP},
     ),
     Case(
         "qwen2_moe",
         "qwen2_moe",
-        dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64),
+        dict(
+            num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64
+        ),
         ROUTED | {OpKind.SHARED},
     ),
     Case("olmoe", "olmoe", dict(num_experts=8, num_experts_per_tok=2, num_key_value_heads=4, clip_qkv=1.0)),
@@ -78,7 +82,9 @@ CASES_BY_NAME = {case.name: case for case in CASES}
 
 
 # ---------------------------------------------------------------------------- drivers
-def run_forward(model: MoEModel, cache: Any, token_ids: Sequence[int], seen: set[OpKind] | None = None) -> torch.Tensor:
+def run_forward(
+    model: MoEModel, cache: Any, token_ids: Sequence[int], seen: set[OpKind] | None = None
+) -> torch.Tensor:
     """One forward pass with every op run at once, alone; returns the last row's logits."""
     steps = model.forward(cache, torch.tensor(list(token_ids), dtype=torch.long))
     result = None

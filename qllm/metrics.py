@@ -178,22 +178,35 @@ class _Writer:
         self.lines.append(f"{name}{_labels(labels)} {_fmt(value)}")
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _gauges(stats: Mapping[str, Any]) -> Iterable[tuple[str, str, dict[str, str], float]]:
     """(name, help, labels, value) for the numeric engine-level fields of ``stats``."""
-    memory = stats.get("memory")
-    if isinstance(memory, Mapping):
-        for key, value in memory.items():
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                yield f"memory_{key}", f"Tensor manager: {key.replace('_', ' ')}.", {}, value
+    live = stats.get("live")
+    if isinstance(live, Mapping):
+        for cls, by_status in live.items():
+            if isinstance(by_status, Mapping):
+                for status, n in by_status.items():
+                    if _number(n):
+                        yield "live_requests", "Live requests by class and status.", {"class": cls, "status": status}, n
     queues = stats.get("queues")
     if isinstance(queues, Mapping):
-        for queue, value in queues.items():
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                yield "queue_length", "Requests waiting in each queue.", {"queue": str(queue)}, value
-    for key in ("live", "ops", "batches", "progress"):
-        value = stats.get(key)
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            yield key, f"Engine {key}.", {}, value
+        for queue, n in queues.items():
+            if _number(n):
+                yield "queue_length", "Requests in each kernel queue.", {"queue": str(queue)}, n
+    for section, what in (("memory", "Tensor manager"), ("kernel", "Kernel")):
+        values = stats.get(section)
+        if isinstance(values, Mapping):
+            for key, value in values.items():
+                if _number(value):
+                    yield f"{section}_{key}", f"{what}: {key.replace('_', ' ')}.", {}, value
+    server = stats.get("server")
+    if isinstance(server, Mapping):
+        for key, value in server.items():
+            if _number(value):
+                yield f"server_{key}", f"Server: {key.replace('_', ' ')}.", {}, value
 
 
 def render_prometheus(stats: Mapping[str, Any], prefix: str = "qllm") -> str:

@@ -1,0 +1,138 @@
+"""The server's listening socket (bound here or passed by systemd) and who may connect to it."""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import os
+import pwd
+import socket
+import stat
+import struct
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
+
+from qllm import systemd
+from qllm.config import ServerConfig, default_socket_path
+
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+@dataclass(frozen=True)
+class Credentials:
+    pid: int
+    uid: int
+    gid: int
+
+
+def peer_credentials(sock: socket.socket) -> Credentials:
+    """The connecting process's pid/uid/gid, as the kernel saw them at connect (SO_PEERCRED)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    return Credentials(*_UCRED.unpack(raw))
+
+
+def allowed(creds: Credentials, uids: Collection[int], gids: Collection[int]) -> bool:
+    """Whether a peer may talk to the server: anyone when both lists are empty, else a listed uid
+    or primary gid."""
+    if not uids and not gids:
+        return True
+    return creds.uid in uids or creds.gid in gids
+
+
+@dataclass
+class Listener:
+    sock: socket.socket
+    path: Path | None  # the socket file we created (and remove at exit); None when inherited
+    activated: bool  # passed by systemd socket activation
+    inode: int | None = None  # of the socket file we bound, to never remove another server's
+
+    @property
+    def address(self) -> str:
+        name = self.sock.getsockname()
+        return name if isinstance(name, str) and name else str(self.path or "?")
+
+    def close(self) -> None:
+        """Close the socket and remove its file if we created it and it is still ours."""
+        self.sock.close()
+        if self.path is not None:
+            with contextlib.suppress(OSError):
+                if self.path.lstat().st_ino == self.inode:
+                    self.path.unlink()
+
+
+def _uid(owner: str | int) -> int:
+    if isinstance(owner, int):
+        return owner
+    try:
+        return pwd.getpwnam(owner).pw_uid
+    except KeyError:
+        raise ValueError(f"server.socket_owner: no user named {owner!r}") from None
+
+
+def _gid(group: str | int) -> int:
+    if isinstance(group, int):
+        return group
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ValueError(f"server.socket_group: no group named {group!r}") from None
+
+
+def _remove_stale(path: Path) -> None:
+    """Remove a socket file left by a server that is gone; refuse if one still answers."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ValueError(f"{path} exists and is not a socket; remove it or choose another --socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink()  # nobody listening: a leftover of a crashed server
+    else:
+        raise ValueError(f"another server is already listening on {path}")
+    finally:
+        probe.close()
+
+
+def open_listener(config: ServerConfig, env: dict[str, str] | None = None) -> Listener:
+    """The socket to serve on: the first one systemd passed, else ``config.socket`` (or the
+    default path) bound with ``config.socket_mode`` and the configured owner and group."""
+    inherited = systemd.listen_fds(env)
+    if inherited:
+        sock = inherited[0]
+        for extra in inherited[1:]:
+            extra.close()
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            sock.close()
+            raise ValueError("the socket passed by systemd must be a Unix stream socket (ListenStream=PATH)")
+        sock.setblocking(False)
+        return Listener(sock, None, activated=True)
+
+    path = Path(config.socket) if config.socket else default_socket_path(env)
+    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    _remove_stale(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        # Bind under a tight umask so the socket is never reachable with looser permissions.
+        old_umask = os.umask(0o177)
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(old_umask)
+        if config.socket_owner is not None or config.socket_group is not None:
+            uid = -1 if config.socket_owner is None else _uid(config.socket_owner)
+            gid = -1 if config.socket_group is None else _gid(config.socket_group)
+            os.chown(path, uid, gid)
+        os.chmod(path, config.socket_mode)
+        sock.listen(128)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise
+    return Listener(sock, path, activated=False, inode=path.lstat().st_ino)

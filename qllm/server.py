@@ -1,0 +1,212 @@
+"""``qllm serve``: the engine behind a Unix socket, managed like a systemd service.
+
+Start-up: load the model, open the socket (or take the one systemd passed), then ``READY=1``.
+While serving, ``WATCHDOG=1`` is sent only while the kernel makes progress or has nothing to do,
+so a hung compute trips systemd's watchdog and an idle server does not. On the first SIGTERM or
+SIGINT: ``STOPPING=1``, stop accepting, let live requests finish for ``drain_timeout`` seconds,
+cancel the rest (each still gets its final frame), close every connection and exit 0. A second
+signal exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import structlog
+
+import qllm
+from qllm import protocol as p
+from qllm import systemd
+from qllm.config import Config
+from qllm.connection import Connection
+from qllm.listener import Credentials, Listener, open_listener, peer_credentials
+
+log = structlog.get_logger()
+
+FORCED_EXIT_CODE = 130
+
+
+class Server:
+    """Accepts connections on a listener and serves them from one engine."""
+
+    def __init__(
+        self,
+        engine: Any,
+        config: Config,
+        *,
+        notify: Callable[[str], bool] = systemd.notify,
+        credentials: Callable[[Any], Credentials] = peer_credentials,
+    ):
+        self.engine = engine
+        self.config = config.server
+        self.model_name = config.engine.model
+        self.notify = notify
+        self.credentials = credentials
+        self.draining = False
+        self.started = time.monotonic()
+        self.address = ""
+        self._connections: set[Connection] = set()
+        self._conn_ids = itertools.count(1)
+        self._accepted = 0
+        self._tasks: asyncio.TaskGroup | None = None
+
+    # ------------------------------------------------------------------ replies
+    def welcome(self) -> p.Welcome:
+        return p.Welcome(
+            server=f"qllm {qllm.__version__}",
+            model=self.model_name,
+            policy=self.engine.policy.name,
+            max_frame_bytes=self.config.max_frame_bytes,
+            max_prompt_tokens=self.config.max_prompt_tokens,
+            max_tokens=self.config.max_tokens,
+        )
+
+    def health(self, rid: int) -> p.HealthReply:
+        return p.HealthReply(
+            id=rid,
+            status="draining" if self.draining else "ok",
+            model=self.model_name,
+            policy=self.engine.policy.name,
+            live=sum(c.live for c in self._connections),
+            progress=self.engine.progress,
+            uptime=time.monotonic() - self.started,
+        )
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "address": self.address,
+            "connections": len(self._connections),
+            "connections_accepted": self._accepted,
+            "uptime_s": time.monotonic() - self.started,
+            "draining": self.draining,
+        }
+
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        """Token ids of a prompt (ValueError if it is empty, has no tokenizer or ids out of range)."""
+        from qllm.generation import encode
+
+        return encode(self.engine.model, prompt)
+
+    # ------------------------------------------------------------------ serving
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._tasks is None or self.draining:
+            writer.close()
+            return
+        self._accepted += 1
+        conn = Connection(self, reader, writer, f"c{next(self._conn_ids)}", self.credentials)
+        self._connections.add(conn)
+        task = self._tasks.create_task(conn.run(), name=conn.name)
+        task.add_done_callback(lambda _: self._connections.discard(conn))
+
+    async def serve(self, listener: Listener, stop: asyncio.Event) -> None:
+        """Serve until ``stop`` is set, then drain and close every connection."""
+        self.address = listener.address
+        async with asyncio.TaskGroup() as tg:
+            self._tasks = tg
+            server = await asyncio.start_unix_server(self._accept, sock=listener.sock, limit=1 << 16)
+            self._set_status(f"serving {self.model_name} ({self.engine.policy.name}) on {self.address}")
+            self.notify("READY=1")
+            log.info("server_ready", address=self.address, model=self.model_name, policy=self.engine.policy.name)
+            interval = systemd.watchdog_interval()
+            watchdog = tg.create_task(self.watchdog(interval)) if interval else None
+            await stop.wait()
+
+            self.notify("STOPPING=1")
+            self.draining = True
+            server.close()
+            live = sum(c.live for c in self._connections)
+            timeout = self.config.drain_timeout
+            self._set_status(f"draining {live} requests (up to {timeout:g} s)")
+            log.info("server_draining", live=live, timeout_s=timeout)
+            await self.engine.drain(timeout)
+            for conn in list(self._connections):
+                conn.shutdown()
+            if watchdog is not None:
+                watchdog.cancel()
+        log.info("server_stopped")
+
+    def _set_status(self, status: str) -> None:
+        self.notify(f"STATUS={status}")
+
+    async def watchdog(self, interval: float) -> None:
+        """Ping systemd's watchdog every ``interval`` s while the kernel progresses or is idle."""
+        last = self.engine.progress
+        stalled = False
+        while True:
+            await asyncio.sleep(interval)
+            progress = self.engine.progress
+            if progress != last or not self.engine.busy:
+                self.notify("WATCHDOG=1")
+                if stalled:
+                    log.info("watchdog_recovered", progress=progress)
+                stalled = False
+            elif not stalled:
+                stalled = True
+                log.warning("watchdog_stalled", progress=progress, interval_s=interval)
+            last = progress
+
+
+def _install_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            log.warning("forced_exit", signal=signal.Signals(signum).name)
+            sys.stderr.flush()
+            os._exit(FORCED_EXIT_CODE)
+        log.info("shutdown_requested", signal=signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+
+
+async def serve(config: Config, *, notify: Callable[[str], bool] = systemd.notify, engine: Any = None) -> int:
+    """Run the server until SIGTERM/SIGINT; returns the process exit code.
+
+    ``engine`` replaces the one built from ``config.engine`` (tests pass a prepared one).
+    """
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    _install_signals(loop, stop)
+    listener = open_listener(config.server)  # first, so a taken socket fails before the model loads
+    try:
+        if engine is None:
+            engine = _build_engine(config, notify)
+        async with engine:
+            await Server(engine, config, notify=notify).serve(listener, stop)
+    finally:
+        listener.close()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+    notify("STATUS=stopped")
+    return 0
+
+
+def _build_engine(config: Config, notify: Callable[[str], bool]) -> Any:
+    e = config.engine
+    notify(f"STATUS=loading model {e.model}")
+    log.info("model_loading", model=e.model, policy=e.policy, dtype=e.dtype, device=e.device)
+    return qllm.Engine(
+        model=e.model,
+        policy=e.policy,
+        dtype=e.dtype,
+        device=e.device,
+        memory_budget=e.memory_budget,
+        max_batch=e.max_batch,
+        prefill_chunk=e.prefill_chunk,
+    )
+
+
+def run(config: Config) -> int:
+    """Entry point of ``qllm serve``: uvloop when available, else the default asyncio loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(serve(config))
+    return uvloop.run(serve(config))

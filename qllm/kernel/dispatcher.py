@@ -334,16 +334,26 @@ class Dispatcher:
                 self._advance(request, results[i])
         self.tensors.enforce({r.id for r in self.live.values() if r.status is RequestStatus.RUNNING})
 
+    def _precedence(self, request: Request) -> tuple:
+        view = self.views[request.id]
+        try:
+            return tuple(self.policy.precedence(view))
+        except Exception:
+            self.policy_errors += 1
+            log.exception("policy_error", policy=self.policy.name, method="precedence")
+            return tuple(self.fallback.precedence(view))
+
     def _account_preemption(self, batch: list[Request], now: float) -> None:
         """Batch members run; running requests outranked by the batch are suspended (preempted)."""
-        lead = min(r.sort_key()[:2] for r in batch)
+        precedence = self._precedence
+        lead = min(precedence(r) for r in batch)
         members = set(map(id, batch))
         for request in self.live.values():
             if id(request) in members:
                 if request.first_scheduled is None:
                     request.first_scheduled = now
                 request.status = RequestStatus.RUNNING
-            elif request.status is RequestStatus.RUNNING and request.sort_key()[:2] > lead:
+            elif request.status is RequestStatus.RUNNING and precedence(request) > lead:
                 request.status = RequestStatus.SUSPENDED
                 request.preemptions += 1
                 request.preempted_at = now

@@ -154,7 +154,9 @@ class MoEModel:
         for e in torch.unique(experts).tolist():
             rows, slots = (experts == e).nonzero(as_tuple=True)
             y = yield Op(OpKind.EXPERT, i, x[rows], expert=e, weight=weights[rows, slots])
-            out.index_add_(0, rows, y)
+            # index_put_ adds like index_add_ (rows are unique per expert) without index_add_'s
+            # CPU parallel region, which costs milliseconds per call when cores are contended.
+            out.index_put_((rows,), y, accumulate=True)
         if self.has_shared(block):
             out = out + (yield Op(OpKind.SHARED, i, x))
         return out

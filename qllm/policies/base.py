@@ -47,6 +47,14 @@ class Policy:
         key = min(same_class, key=lambda r: r.progress_key).op_key
         return batch_for(key, same_class, ordered, kernel.max_batch)
 
+    def precedence(self, request: RequestView) -> tuple:
+        """How this policy ranks requests against each other (smaller runs first).
+
+        A running request that is passed over for a batch holding a request of strictly smaller
+        precedence counts as preempted (its ``preemptions`` grows). Default: class, then rank.
+        """
+        return (0 if request.is_ls else 1, request.rank)
+
     def admit(self, request: RequestView, kernel: KernelView) -> bool:
         """May this waiting request start now? Called in arrival order; stop at the first False."""
         return request.is_ls or len(kernel.live) < kernel.max_batch

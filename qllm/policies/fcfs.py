@@ -26,6 +26,9 @@ class FCFSPolicy(Policy):
         key = min(ordered, key=lambda r: r.progress_key).op_key
         return batch_for(key, ordered, (), kernel.max_batch)
 
+    def precedence(self, request: RequestView) -> tuple:
+        return ()  # all requests are equal: nothing is ever preempted
+
     def admit(self, request: RequestView, kernel: KernelView) -> bool:
         at_boundary = all(r.at_boundary for r in kernel.live)
         return at_boundary and len(kernel.live) < kernel.max_batch

@@ -12,7 +12,7 @@ import dataclasses
 
 import pytest
 import torch
-from tiny_families import CASES, CASES_BY_NAME, greedy, run_alone, run_forward
+from tiny_families import CASES, CASES_BY_NAME, greedy, run_alone, run_forward, torch_threads
 
 from qllm.models import FAMILIES, load_model
 from qllm.ops import OpKind
@@ -20,6 +20,12 @@ from qllm.ops import OpKind
 ATOL = 1e-5
 DECODE_STEPS = 32
 PROMPT_LEN = 7
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with torch_threads(1):
+        yield
 
 
 @dataclasses.dataclass

@@ -8,9 +8,10 @@ dense layers, sliding windows).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -19,6 +20,9 @@ from qllm.generation import generation_steps
 from qllm.models.base import MoEModel
 from qllm.ops import Op, OpKind, Token
 from qllm.sampling import SamplingParams
+
+Key = tuple[int, int, int]
+"""An op's :attr:`~qllm.ops.Op.key`."""
 
 SIZES = dict(
     vocab_size=192,
@@ -81,6 +85,18 @@ CASES = [
 CASES_BY_NAME = {case.name: case for case in CASES}
 
 
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run with ``n`` intra-op threads. Tiny models gain nothing from threads, and on a busy
+    2-core machine OpenMP's spinning threads make each small matmul many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 # ---------------------------------------------------------------------------- drivers
 def run_forward(
     model: MoEModel, cache: Any, token_ids: Sequence[int], seen: set[OpKind] | None = None
@@ -107,7 +123,7 @@ class Trace:
     """What one request produced under a driver: its tokens and every op result, in order."""
 
     tokens: list[int] = dataclasses.field(default_factory=list)
-    results: list[tuple[tuple[int, int, int], Any]] = dataclasses.field(default_factory=list)
+    results: list[tuple[Key, Any]] = dataclasses.field(default_factory=list)
 
 
 def run_alone(model: MoEModel, prompt: Sequence[int], params: SamplingParams) -> Trace:
@@ -120,31 +136,28 @@ def run_together(
     prompts: Sequence[Sequence[int]],
     params: SamplingParams,
     *,
-    starts: Sequence[int] | None = None,
-    choose: Callable[[list[tuple[int, int, int]]], tuple[int, int, int]] = min,
+    join_after: Sequence[int] | None = None,
+    choose: Callable[[list[Key]], Key] = min,
     subset: Callable[[list[int]], list[int]] = lambda ids: ids,
-    batched: dict[OpKind, int] | None = None,
+    calls: list[tuple[OpKind, list[int]]] | None = None,
 ) -> list[Trace]:
-    """Drive several requests' op streams at once, batching ops with equal keys.
+    """Drive several requests' op streams at once, running ops with equal keys as one batched call.
 
-    Request ``i`` joins after ``starts[i]`` batched calls (so a prefill can meet others' decode
-    steps). At each call ``choose`` picks one key among the pending ops and ``subset`` picks which
-    of the requests waiting on it run now (all by default). ``batched`` counts, per op kind, the
-    calls that held more than one request.
+    Request ``i`` joins once request 0 has produced ``join_after[i]`` tokens (all at once by
+    default), so a late prefill meets the others' decode steps. Each call runs one key: ``choose``
+    picks it among the pending ops' keys and ``subset`` picks which of the requests waiting on it
+    run now (all by default). ``calls`` receives each batched call's kind and row counts.
     """
-    starts = list(starts) if starts is not None else [0] * len(prompts)
+    join_after = list(join_after) if join_after is not None else [0] * len(prompts)
     traces = [Trace() for _ in prompts]
     gens: dict[int, Generator[Op | Token, Any, Any]] = {}
     pending: dict[int, Op] = {}
-    started: set[int] = set()
-    calls = 0
 
     def advance(i: int, result: Any) -> None:
         while True:
             try:
                 item = gens[i].send(result)
             except StopIteration:
-                del gens[i]
                 return
             if isinstance(item, Token):
                 traces[i].tokens.append(item.token_id)
@@ -154,32 +167,34 @@ def run_together(
             return
 
     while True:
-        for i, start in enumerate(starts):
-            if start <= calls and i not in started:
-                started.add(i)
+        for i, after in enumerate(join_after):
+            if i not in gens and (i == 0 or len(traces[0].tokens) >= after):
                 gens[i] = generation_steps(model, prompts[i], params)
                 advance(i, None)
         if not pending:
-            if len(started) == len(prompts):
-                return traces
-            calls += 1  # nothing to run until the next request joins
-            continue
+            if len(gens) < len(prompts):
+                raise ValueError(f"request 0 finished before requests could join after {join_after}")
+            return traces
         key = choose(sorted({op.key for op in pending.values()}))
         ids = subset(sorted(i for i, op in pending.items() if op.key == key))
         ops = [pending.pop(i) for i in ids]
         results = model.run(ops)
-        calls += 1
-        if batched is not None and len(ops) > 1:
-            batched[ops[0].kind] = batched.get(ops[0].kind, 0) + 1
+        if calls is not None:
+            calls.append((ops[0].kind, [op.rows for op in ops]))
         for i, op, result in zip(ids, ops, results):
             traces[i].results.append((op.key, result))
             advance(i, result)
 
 
-def random_choice(rng: random.Random) -> tuple[Callable, Callable]:
+def layer_major(keys: list[Key]) -> Key:
+    """The pending key earliest in the forward pass (lowest layer, then op kind): keeps requests in step."""
+    return min(keys, key=lambda k: (k[1], k[0], k[2]))
+
+
+def random_choice(rng: random.Random) -> tuple[Callable[[list[Key]], Key], Callable[[list[int]], list[int]]]:
     """A ``choose``/``subset`` pair that picks keys and batch members at random."""
 
-    def choose(keys: list[tuple[int, int, int]]) -> tuple[int, int, int]:
+    def choose(keys: list[Key]) -> Key:
         return rng.choice(keys)
 
     def subset(ids: list[int]) -> list[int]:

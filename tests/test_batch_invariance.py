@@ -1,0 +1,117 @@
+"""Batching never changes a request's numbers.
+
+Ops of several requests that run as one :meth:`MoEModel.run` call give each request bit-identical
+results to running alone, for every op kind, with prefill and decode requests mixed; so tokens do
+not depend on which requests share a batch or in which order a scheduler runs ops. This rests on
+the padded-GEMM invariance documented at :data:`qllm.models.base.ROW_MULTIPLE`, checked here too.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_families import (
+    CASES_BY_NAME,
+    greedy,
+    layer_major,
+    random_choice,
+    run_alone,
+    run_together,
+    torch_threads,
+)
+
+from qllm.models import load_model
+from qllm.models.base import ROW_MULTIPLE, _pad
+from qllm.ops import OpKind
+
+PROMPTS = [[5, 17, 99, 3, 42, 7, 11], [8, 1, 64], [120, 33, 2, 90, 14], [77]]
+JOIN_AFTER = [0, 0, 2, 5]  # requests 2 and 3 prefill while 0 and 1 decode
+MAX_TOKENS = 8
+DEFAULT_THREADS = torch.get_num_threads()  # what a server runs with (read before any fixture)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with torch_threads(1):
+        yield
+
+
+def identical(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    return type(a) is type(b) and len(a) == len(b) and all(identical(x, y) for x, y in zip(a, b))
+
+
+@pytest.fixture(scope="module", params=["tiny", "qwen2_moe", "qwen3_moe"])
+def executor(request, tiny):
+    """The tiny preset, plus families that add SHARED (qwen2_moe) and dense MLP (qwen3_moe) ops."""
+    if request.param == "tiny":
+        return tiny
+    return load_model((CASES_BY_NAME[request.param].build(), None))
+
+
+def test_batched_ops_give_each_request_its_solo_results(executor):
+    params = greedy(MAX_TOKENS)
+    alone = [run_alone(executor, prompt, params) for prompt in PROMPTS]
+    calls: list[tuple[OpKind, list[int]]] = []
+
+    together = run_together(executor, PROMPTS, params, join_after=JOIN_AFTER, choose=layer_major, calls=calls)
+
+    for solo, batched in zip(alone, together):
+        assert [key for key, _ in batched.results] == [key for key, _ in solo.results]
+        for (key, x), (_, y) in zip(solo.results, batched.results):
+            assert identical(x, y), f"op {key} differs when batched"
+        assert batched.tokens == solo.tokens
+    # The check covered every op kind the model has, each batched across requests ...
+    kinds = {OpKind(key[0]) for trace in alone for key, _ in trace.results}
+    assert kinds == {kind for kind, rows in calls if len(rows) > 1}
+    # ... and prefill rows (several per request) shared attention calls with decode rows (one each).
+    assert any(kind == OpKind.ATTENTION and 1 in rows and max(rows) > 1 for kind, rows in calls)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_interleavings_give_each_request_its_solo_tokens(tiny, seed):
+    """A scheduler may run any pending key next and batch any subset of its requests."""
+    params = greedy(MAX_TOKENS)
+    alone = [run_alone(tiny, prompt, params).tokens for prompt in PROMPTS]
+    choose, subset = random_choice(random.Random(seed))
+    calls: list[tuple[OpKind, list[int]]] = []
+
+    together = run_together(
+        tiny, PROMPTS, params, join_after=JOIN_AFTER, choose=choose, subset=subset, calls=calls
+    )
+
+    assert [trace.tokens for trace in together] == alone
+    assert sum(len(rows) > 1 for _, rows in calls) > 10  # the run did batch, in a random order
+
+
+GEMM_SHAPES = [(48, 96, False), (64, 256, True), (256, 64, False), (1024, 2048, False)]
+THREADS = sorted({1, DEFAULT_THREADS})
+
+
+@pytest.mark.parametrize("threads", THREADS, ids=lambda n: f"{n}threads")
+@pytest.mark.parametrize(("in_features", "out_features", "bias"), GEMM_SHAPES)
+def test_padded_linear_row_is_independent_of_batch_mates(in_features, out_features, bias, threads):
+    """A row's F.linear result alone equals its result at any offset in a larger padded batch."""
+    with torch_threads(threads):
+        check_padded_linear(in_features, out_features, bias)
+
+
+def check_padded_linear(in_features: int, out_features: int, bias: bool) -> None:
+    gen = torch.Generator().manual_seed(in_features * out_features)
+    weight = torch.randn(out_features, in_features, generator=gen) / in_features**0.5
+    b = torch.randn(out_features, generator=gen) if bias else None
+    rng = random.Random(0)
+    for _ in range(40):
+        row = torch.randn(1, in_features, generator=gen)
+        alone = F.linear(_pad(row, ROW_MULTIPLE), weight, b)[0]
+        size = rng.randint(2, 70)
+        offset = rng.randrange(size)
+        batch = torch.randn(size, in_features, generator=gen)
+        batch[offset] = row[0]
+        padded = _pad(batch, ROW_MULTIPLE)
+        assert padded.shape[0] % ROW_MULTIPLE == 0
+        assert torch.equal(F.linear(padded, weight, b)[offset], alone), f"batch of {size}, row at {offset}"

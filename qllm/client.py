@@ -259,7 +259,9 @@ class AsyncClient:
             raise p.ProtocolError(f"expected a welcome, got {type(message).__name__}")
         self.welcome = message
         self._max_frame = max(message.max_frame_bytes, p.MAX_FRAME_BYTES)
-        self._reader_task = asyncio.get_running_loop().create_task(self._read_loop(), name="qllm-client-reader")
+        self._reader_task = asyncio.get_running_loop().create_task(
+            self._read_loop(), name="qllm-client-reader"
+        )
         return message
 
     async def close(self) -> None:
@@ -430,7 +432,13 @@ class _StreamContext:
 class Client:
     """Blocking client: the :class:`AsyncClient` API on a private event loop thread."""
 
-    def __init__(self, path: str | os.PathLike | None = None, *, timeout: float | None = None, connect_timeout: float = 10.0):
+    def __init__(
+        self,
+        path: str | os.PathLike | None = None,
+        *,
+        timeout: float | None = None,
+        connect_timeout: float = 10.0,
+    ):
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="qllm-client-loop", daemon=True)
         self._thread.start()

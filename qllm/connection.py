@@ -123,9 +123,13 @@ class Connection:
             creds = None
         if creds is not None and allowed(creds, cfg.allow_uids, cfg.allow_gids):
             return True
-        self.log.warning("connection_refused", uid=getattr(creds, "uid", None), gid=getattr(creds, "gid", None))
+        self.log.warning(
+            "connection_refused", uid=getattr(creds, "uid", None), gid=getattr(creds, "gid", None)
+        )
         with contextlib.suppress(OSError):
-            self.writer.write(p.encode_frame(p.Error(code=p.FORBIDDEN, message="this user may not use the server")))
+            self.writer.write(
+                p.encode_frame(p.Error(code=p.FORBIDDEN, message="this user may not use the server"))
+            )
         return False
 
     # ------------------------------------------------------------------ writing
@@ -249,18 +253,24 @@ class Connection:
             return self._reject(rid, p.DUPLICATE_ID, f"request id {rid} is already live on this connection")
         if len(self._live) >= cfg.max_requests_per_connection:
             return self._reject(
-                rid, p.TOO_MANY_REQUESTS, f"at most {cfg.max_requests_per_connection} live requests per connection"
+                rid,
+                p.TOO_MANY_REQUESTS,
+                f"at most {cfg.max_requests_per_connection} live requests per connection",
             )
         if self._closing or self.server.draining:
             return self._reject(rid, "engine_closed", "the server is shutting down")
         if msg.max_tokens > cfg.max_tokens:
             return self._reject(
-                rid, p.MAX_TOKENS_TOO_LARGE, f"max_tokens={msg.max_tokens} exceeds the limit of {cfg.max_tokens}"
+                rid,
+                p.MAX_TOKENS_TOO_LARGE,
+                f"max_tokens={msg.max_tokens} exceeds the limit of {cfg.max_tokens}",
             )
         prompt = msg.prompt
         if isinstance(prompt, str) and len(prompt) > cfg.max_prompt_tokens * MAX_CHARS_PER_TOKEN:
             return self._reject(
-                rid, p.PROMPT_TOO_LONG, f"prompt of {len(prompt)} characters exceeds the limit of {cfg.max_prompt_tokens} tokens"
+                rid,
+                p.PROMPT_TOO_LONG,
+                f"prompt of {len(prompt)} characters exceeds the limit of {cfg.max_prompt_tokens} tokens",
             )
         try:
             ids = self.server.encode(prompt)
@@ -268,7 +278,9 @@ class Connection:
             return self._reject(rid, "invalid_request", str(exc))
         if len(ids) > cfg.max_prompt_tokens:
             return self._reject(
-                rid, p.PROMPT_TOO_LONG, f"prompt of {len(ids)} tokens exceeds the limit of {cfg.max_prompt_tokens}"
+                rid,
+                p.PROMPT_TOO_LONG,
+                f"prompt of {len(ids)} tokens exceeds the limit of {cfg.max_prompt_tokens}",
             )
         try:
             handle = self.engine.submit(

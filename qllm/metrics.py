@@ -190,7 +190,12 @@ def _gauges(stats: Mapping[str, Any]) -> Iterable[tuple[str, str, dict[str, str]
             if isinstance(by_status, Mapping):
                 for status, n in by_status.items():
                     if _number(n):
-                        yield "live_requests", "Live requests by class and status.", {"class": cls, "status": status}, n
+                        yield (
+                            "live_requests",
+                            "Live requests by class and status.",
+                            {"class": cls, "status": status},
+                            n,
+                        )
     queues = stats.get("queues")
     if isinstance(queues, Mapping):
         for queue, n in queues.items():

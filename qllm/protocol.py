@@ -214,14 +214,22 @@ def encode_frame(message: Message) -> bytes:
     return bytes(buf)
 
 
+class _IdProbe(msgspec.Struct):
+    id: RequestId | None = None
+
+
+_probe_decoder = msgspec.msgpack.Decoder(_IdProbe)
+# What decoding hostile bytes can raise besides msgspec's own errors: invalid UTF-8 in a string,
+# nesting deeper than the decoder's recursion limit.
+_UNDECODABLE = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
+
+
 def _request_id_of(payload: bytes) -> int | None:
-    """The ``id`` of a frame that failed typed decoding, if it is a map with an integer id."""
+    """The ``id`` of a frame that failed typed decoding, if it is a map with a valid id."""
     try:
-        loose = msgspec.msgpack.decode(payload)
-    except msgspec.DecodeError:
+        return _probe_decoder.decode(payload).id
+    except _UNDECODABLE:
         return None
-    rid = loose.get("id") if isinstance(loose, dict) else None
-    return rid if type(rid) is int and 0 <= rid < 2**63 else None
 
 
 def _decode(decoder: msgspec.msgpack.Decoder, payload: bytes) -> Any:
@@ -235,7 +243,7 @@ def _decode(decoder: msgspec.msgpack.Decoder, payload: bytes) -> Any:
         rid = _request_id_of(payload)
         code = "invalid_request" if rid is not None else BAD_FRAME
         raise ProtocolError(f"invalid message: {exc}", code=code, request_id=rid) from None
-    except msgspec.DecodeError as exc:
+    except _UNDECODABLE as exc:
         raise ProtocolError(f"frame is not valid MessagePack: {exc}") from None
 
 

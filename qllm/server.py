@@ -113,7 +113,9 @@ class Server:
             server = await asyncio.start_unix_server(self._accept, sock=listener.sock, limit=1 << 16)
             self._set_status(f"serving {self.model_name} ({self.engine.policy.name}) on {self.address}")
             self.notify("READY=1")
-            log.info("server_ready", address=self.address, model=self.model_name, policy=self.engine.policy.name)
+            log.info(
+                "server_ready", address=self.address, model=self.model_name, policy=self.engine.policy.name
+            )
             interval = systemd.watchdog_interval()
             watchdog = tg.create_task(self.watchdog(interval)) if interval else None
             await stop.wait()

@@ -21,10 +21,55 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
+    p.add_argument("--socket", metavar="PATH", help="generate through the `qllm serve` listening on PATH")
+    p.add_argument("--priority", choices=["ls", "be"], default="ls", help="request class with --socket (default ls)")
     return p
 
 
+def run_remote(args: argparse.Namespace) -> int:
+    """Generate through a running server, streaming the text as it comes (unless --json)."""
+    from qllm.client import Client
+
+    params = dict(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=args.stop,
+        priority=args.priority,
+    )
+    with Client(args.socket) as client:
+        if args.json:
+            result = client.generate(args.prompt, **params)
+            print(json.dumps({
+                "model": client.welcome.model,
+                "token_ids": result.token_ids,
+                "text": result.text,
+                "status": result.status,
+                "prompt_tokens": result.usage.prompt_tokens,
+                "ttft_s": result.timings.ttft,
+                "turnaround_s": result.timings.turnaround,
+                "preemptions": result.preemptions,
+            }))
+            return 0
+        with client.stream(args.prompt, **params) as stream:
+            for chunk in stream:
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+        sys.stdout.write("\n")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.socket:
+        from qllm.errors import QllmError
+
+        try:
+            return run_remote(args)
+        except QllmError as exc:
+            print(f"qllm generate: error ({exc.code}): {exc}", file=sys.stderr)
+            return 1
     from qllm.generation import generate
     from qllm.models import load_model
     from qllm.sampling import SamplingParams

@@ -12,25 +12,48 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description="Serve a model on a Unix socket. Settings come from --config FILE (else "
         "/etc/qllm/qllm.toml when present); options given here override the file.",
     )
-    p.add_argument("--config", metavar="FILE", help="TOML settings file (default /etc/qllm/qllm.toml if present)")
+    p.add_argument(
+        "--config", metavar="FILE", help="TOML settings file (default /etc/qllm/qllm.toml if present)"
+    )
     p.add_argument("--model", help="preset name or model directory (default tiny)")
     p.add_argument("--policy", help="scheduling policy name or module:Class (default priority-aging)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="weights dtype (default float32)")
     p.add_argument("--device", help="torch device (default cpu)")
-    p.add_argument("--memory-budget", type=int, metavar="BYTES", help="resident request state before offloading")
+    p.add_argument(
+        "--memory-budget", type=int, metavar="BYTES", help="resident request state before offloading"
+    )
     p.add_argument("--max-batch", type=int, metavar="N", help="most requests in one batched op (default 32)")
     p.add_argument(
-        "--socket", metavar="PATH", help="socket path (default $XDG_RUNTIME_DIR/qllm.sock, /run/qllm under systemd)"
+        "--socket",
+        metavar="PATH",
+        help="socket path (default $XDG_RUNTIME_DIR/qllm.sock, /run/qllm under systemd)",
     )
     p.add_argument("--socket-mode", metavar="OCTAL", help="socket file permissions (default 0660)")
     p.add_argument("--socket-group", metavar="GROUP", help="group owning the socket file")
-    p.add_argument("--allow-uid", type=int, action="append", metavar="UID", help="only these uids may connect (repeatable)")
-    p.add_argument("--allow-gid", type=int, action="append", metavar="GID", help="only these gids may connect (repeatable)")
     p.add_argument(
-        "--drain-timeout", type=float, metavar="SECONDS", help="on SIGTERM, wait this long for live requests (default 30)"
+        "--allow-uid",
+        type=int,
+        action="append",
+        metavar="UID",
+        help="only these uids may connect (repeatable)",
+    )
+    p.add_argument(
+        "--allow-gid",
+        type=int,
+        action="append",
+        metavar="GID",
+        help="only these gids may connect (repeatable)",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="on SIGTERM, wait this long for live requests (default 30)",
     )
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
-    p.add_argument("--log-format", choices=["auto", "json", "console"], help="default auto: JSON unless on a TTY")
+    p.add_argument(
+        "--log-format", choices=["auto", "json", "console"], help="default auto: JSON unless on a TTY"
+    )
     return p
 
 

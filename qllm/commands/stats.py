@@ -1,0 +1,71 @@
+"""``qllm stats``: a running server's statistics, as a summary, JSON or Prometheus text."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("stats", help="statistics of a running server")
+    p.add_argument(
+        "--socket",
+        metavar="PATH",
+        help="server socket (default $QLLM_SOCKET, $XDG_RUNTIME_DIR/qllm.sock, ...)",
+    )
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print the full statistics as one JSON object")
+    out.add_argument("--prometheus", action="store_true", help="print the Prometheus text exposition format")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the server (default 10)")
+    return p
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1e3:.1f}ms"
+
+
+def summary(stats: dict[str, Any]) -> str:
+    """A few readable lines: what runs, what is live, and per-class latency percentiles."""
+    from qllm.metrics import quantile
+
+    lines = [f"model {stats.get('model')}  policy {stats.get('policy')}  accepting {stats.get('accepting')}"]
+    live = stats.get("live", {})
+    lines.append("live    " + "  ".join(f"{c}: {sum(v.values())}" for c, v in live.items()))
+    memory = stats.get("memory", {})
+    if memory:
+        lines.append(
+            f"memory  resident {memory.get('resident_bytes')} B  offloaded {memory.get('offloaded_bytes')} B  "
+            f"budget {memory.get('budget_bytes')}"
+        )
+    for cls, m in stats.get("metrics", {}).items():
+        h = m["histograms"]
+        done = sum(m["requests"].values())
+        lines.append(
+            f"{cls}      done {done}  tokens {m['generated_tokens']}  preemptions {m['preemptions']}  "
+            f"ttft p50 {_ms(quantile(h['ttft_seconds'], 0.5))} p99 {_ms(quantile(h['ttft_seconds'], 0.99))}  "
+            f"queue p99 {_ms(quantile(h['queue_seconds'], 0.99))}  "
+            f"turnaround p50 {_ms(quantile(h['turnaround_seconds'], 0.5))}"
+        )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from qllm.client import Client
+    from qllm.errors import QllmError
+    from qllm.metrics import render_prometheus
+
+    try:
+        with Client(args.socket, timeout=args.timeout, connect_timeout=args.timeout) as client:
+            stats = client.stats()
+    except QllmError as exc:
+        print(f"qllm stats: error ({exc.code}): {exc}", file=sys.stderr)
+        return 1
+    if args.prometheus:
+        sys.stdout.write(render_prometheus(stats))
+    elif args.json:
+        print(json.dumps(stats))
+    else:
+        print(summary(stats))
+    return 0

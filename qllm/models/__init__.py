@@ -82,23 +82,28 @@ def load_model(
     return adapter_for(model.config)(model, tokenizer, batch_invariant=batch_invariant)
 
 
+def _bad_directory(problem: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"{problem}; expected a local Hugging Face model directory (config.json, *.safetensors, tokenizer) "
+        f"of a supported family: {', '.join(supported_model_types())}"
+    )
+
+
 def load_directory(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     """Load a local Hugging Face model directory; no hub access."""
     from qllm.models.presets import PRESETS
 
     if not path.exists():
-        raise ModelLoadError(
-            f"model {str(path)!r} is neither a preset ({', '.join(PRESETS)}) nor an existing directory"
-        )
+        raise _bad_directory(f"model {str(path)!r} is neither a preset ({', '.join(PRESETS)}) nor an existing directory")
     if not path.is_dir():
-        raise ModelLoadError(f"model path {str(path)!r} is not a directory")
+        raise _bad_directory(f"model path {str(path)!r} is not a directory")
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise ModelLoadError(f"model directory {str(path)!r} has no config.json")
+        raise _bad_directory(f"model directory {str(path)!r} has no config.json")
     try:
         raw = json.loads(config_file.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{config_file} is not valid JSON: {exc}") from None
+        raise _bad_directory(f"{config_file} is not valid JSON ({exc})") from None
     model_type = raw.get("model_type") if isinstance(raw, dict) else None
     if model_type not in supported_model_types():
         raise ModelLoadError(
@@ -106,17 +111,17 @@ def load_directory(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
             f"supported families: {', '.join(supported_model_types())}"
         )
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
-        raise ModelLoadError(f"model directory {str(path)!r} has no weights (*.safetensors)")
+        raise _bad_directory(f"model directory {str(path)!r} has no weights (*.safetensors)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     except Exception as exc:  # transformers raises many types for a broken checkpoint
-        raise ModelLoadError(f"cannot load weights from {str(path)!r}: {exc}") from exc
+        raise _bad_directory(f"cannot load weights from {str(path)!r} ({exc})") from exc
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as exc:
-        raise ModelLoadError(f"model directory {str(path)!r} has no usable tokenizer: {exc}") from exc
+        raise _bad_directory(f"model directory {str(path)!r} has no usable tokenizer ({exc})") from exc
     return model, tokenizer
 
 

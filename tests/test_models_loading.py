@@ -1,0 +1,204 @@
+"""Loading models from local directories, and the ``qllm generate`` / ``qllm models`` commands.
+
+A bad ``--model`` must give one :class:`ModelLoadError` that says what is wrong and lists the
+supported families; a directory written by ``save_pretrained`` must load and generate exactly what
+the in-memory model does.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_families import CASES_BY_NAME, torch_threads
+
+from qllm.cli import main
+from qllm.generation import generate
+from qllm.models import FAMILIES, ModelLoadError, load_model, supported_model_types
+from qllm.models.presets import PRESETS, tiny_tokenizer
+from qllm.sampling import SamplingParams
+
+PROMPT = "the quick brown fox"
+PARAMS = SamplingParams(max_tokens=6, ignore_eos=True)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """The tiny preset's model and tokenizer written with ``save_pretrained``, and the model itself."""
+    model, tokenizer = PRESETS["tiny"].build()
+    path = tmp_path_factory.mktemp("tiny-model")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path, model, tokenizer
+
+
+def copy_without(src: Path, dst: Path, *patterns: str) -> Path:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(*patterns))
+    return dst
+
+
+def assert_load_error(spec, *fragments: str) -> str:
+    with pytest.raises(ModelLoadError) as info:
+        load_model(spec)
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, message
+    for family in supported_model_types():
+        assert family in message, f"{family!r} not listed in: {message}"
+    return message
+
+
+def test_missing_directory(tmp_path):
+    assert_load_error(tmp_path / "nope", "nope", "neither a preset", "tiny")
+
+
+def test_file_instead_of_directory(tmp_path):
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(b"")
+    assert_load_error(file, "model.safetensors", "not a directory")
+
+
+def test_directory_without_config(saved, tmp_path):
+    assert_load_error(copy_without(saved[0], tmp_path / "m", "config.json"), "no config.json")
+
+
+def test_config_that_is_not_json(saved, tmp_path):
+    path = copy_without(saved[0], tmp_path / "m")
+    (path / "config.json").write_text("{not json")
+    assert_load_error(path, "config.json", "not valid JSON")
+
+
+@pytest.mark.parametrize("model_type", ["llama", "bert", None])
+def test_unsupported_architecture(saved, tmp_path, model_type):
+    path = copy_without(saved[0], tmp_path / "m")
+    config = json.loads((path / "config.json").read_text())
+    config.pop("model_type")
+    if model_type is not None:
+        config["model_type"] = model_type
+    (path / "config.json").write_text(json.dumps(config))
+    assert_load_error(path, "unsupported architecture", f"model_type={model_type!r}")
+
+
+def test_directory_without_weights(saved, tmp_path):
+    assert_load_error(copy_without(saved[0], tmp_path / "m", "*.safetensors"), "no weights")
+
+
+def test_directory_without_tokenizer(saved, tmp_path):
+    assert_load_error(copy_without(saved[0], tmp_path / "m", "tokenizer*"), "tokenizer")
+
+
+def test_unknown_dtype(saved):
+    with pytest.raises(ModelLoadError, match="float32"):
+        load_model(saved[0], dtype="int3")
+
+
+def test_saved_directory_generates_like_the_model_in_memory(saved):
+    path, model, tokenizer = saved
+    loaded = load_model(path)
+
+    assert type(loaded).family == "mixtral"
+    assert loaded.dtype == torch.float32
+    assert (
+        generate(loaded, PROMPT, PARAMS).token_ids
+        == generate(load_model((model, tokenizer)), PROMPT, PARAMS).token_ids
+    )
+
+
+def test_saved_directory_of_another_family_loads(tmp_path):
+    hf = CASES_BY_NAME["qwen2_moe"].build()
+    hf.save_pretrained(tmp_path)
+    tokenizer = tiny_tokenizer()
+    tokenizer.save_pretrained(tmp_path)
+    ids = [5, 9, 14]
+    expected = generate(load_model((hf, None)), ids, PARAMS).token_ids
+    assert type(load_model(tmp_path)).family == "qwen2_moe"
+    assert generate(load_model(tmp_path), ids, PARAMS).token_ids == expected
+
+
+def test_bfloat16_loads_and_generates(saved):
+    loaded = load_model(saved[0], dtype="bfloat16")
+
+    assert loaded.dtype == torch.bfloat16
+    assert all(p.dtype == torch.bfloat16 for p in loaded.hf.parameters())
+    result = generate(loaded, PROMPT, PARAMS)
+    assert len(result.token_ids) == PARAMS.max_tokens
+    assert all(0 <= t < loaded.vocab_size for t in result.token_ids)
+
+
+# ---------------------------------------------------------------------------- CLI
+def test_cli_generate_from_directory_prints_the_text(saved, capsys):
+    path, model, tokenizer = saved
+    expected = generate(load_model((model, tokenizer)), PROMPT, SamplingParams(max_tokens=6))
+
+    assert main(["generate", "--model", str(path), "--max-tokens", "6", PROMPT]) == 0
+
+    assert capsys.readouterr().out == expected.text + "\n"
+
+
+def test_cli_generate_json(saved, capsys):
+    path, model, tokenizer = saved
+    expected = generate(load_model((model, tokenizer)), PROMPT, SamplingParams(max_tokens=6))
+
+    assert main(["generate", "--model", str(path), "--max-tokens", "6", "--json", PROMPT]) == 0
+
+    out = json.loads(capsys.readouterr().out)
+    assert out["token_ids"] == expected.token_ids
+    assert out["text"] == expected.text
+    assert isinstance(out["ttft_s"], float) and out["ttft_s"] > 0
+    assert isinstance(out["tokens_per_s"], float) and out["tokens_per_s"] >= 0
+
+
+def test_cli_generate_json_on_the_tiny_preset(capsys):
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                "tiny",
+                "--max-tokens",
+                "4",
+                "--json",
+                "--temperature",
+                "0.8",
+                "--seed",
+                "3",
+                "hi",
+            ]
+        )
+        == 0
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert {"token_ids", "text", "ttft_s", "tokens_per_s"} <= out.keys()
+    assert 1 <= len(out["token_ids"]) <= 4
+
+
+def test_cli_generate_bad_model_is_one_line_error(tmp_path, capsys):
+    assert main(["generate", "--model", str(tmp_path / "missing"), "hi"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "neither a preset" in lines[0] and "mixtral" in lines[0]
+
+
+def test_cli_models_lists_presets_and_families(capsys):
+    assert main(["models"]) == 0
+    text = capsys.readouterr().out
+    for name in PRESETS:
+        assert name in text
+    for family in FAMILIES:
+        assert family.family in text
+        assert all(t in text for t in family.model_types)
+
+    assert main(["models", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert set(listed["presets"]) == set(PRESETS)
+    assert listed["families"] == {f.family: list(f.model_types) for f in FAMILIES}

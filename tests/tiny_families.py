@@ -56,9 +56,25 @@ class Case:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config)
+            with torch.no_grad():
+                for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+                    if name.endswith("e_score_correction_bias"):  # zeros at init: make it matter
+                        tensor.copy_(torch.rand_like(tensor) * 0.2)
         return model.eval()
 
 
+# Sigmoid router with a score-correction bias, group-limited top-k and scaled weights, plus one
+# shared expert (DeepSeek-V3 style; the bias is randomised by Case.build).
+DEEPSEEK_ROUTING = dict(
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    n_shared_experts=1,
+    n_group=2,
+    topk_group=1,
+    routed_scaling_factor=2.5,
+    norm_topk_prob=True,
+)
 ROUTED = frozenset({OpKind.ATTENTION, OpKind.ROUTER, OpKind.EXPERT, OpKind.HEAD})
 CASES = [
     Case("mixtral", "mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
@@ -81,6 +97,33 @@ CASES = [
         ROUTED | {OpKind.SHARED},
     ),
     Case("olmoe", "olmoe", dict(num_experts=8, num_experts_per_tok=2, num_key_value_heads=4, clip_qkv=1.0)),
+    Case(
+        "glm4_moe",
+        "glm4_moe",
+        dict(**DEEPSEEK_ROUTING, first_k_dense_replace=1, use_qk_norm=True, attention_bias=True),
+        ROUTED | {OpKind.SHARED, OpKind.MLP},
+    ),
+    Case(
+        "dots1",
+        "dots1",
+        dict(**DEEPSEEK_ROUTING, first_k_dense_replace=1, sliding_window=6, max_window_layers=1),
+        ROUTED | {OpKind.SHARED, OpKind.MLP},
+    ),
+    Case(
+        "ernie4_5_moe",
+        "ernie4_5_moe",
+        dict(
+            moe_num_experts=8,
+            moe_k=2,
+            moe_intermediate_size=32,
+            moe_num_shared_experts=1,
+            moe_layer_start_index=1,
+            use_bias=True,
+            tie_word_embeddings=True,
+        ),
+        ROUTED | {OpKind.SHARED, OpKind.MLP},
+    ),
+    Case("solar_open", "solar_open", dict(**DEEPSEEK_ROUTING, head_dim=16), ROUTED | {OpKind.SHARED}),
 ]
 CASES_BY_NAME = {case.name: case for case in CASES}
 

@@ -107,12 +107,18 @@ class MoEModel:
         gate, up = F.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
         return F.linear(experts.act_fn(gate) * up, experts.down_proj[e])
 
+    def rotary(
+        self, attn: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query and key ``[N, heads, head_dim]`` with rotary position embedding applied."""
+        return self._rope(q, k, cos, sin, unsqueeze_dim=1)
+
     def shared(self, block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        """Output of the layer's always-on shared expert, or None if it has none."""
-        return None
+        """Output of the layer's always-on shared expert(s), added unscaled to the routed experts'."""
+        return block.shared_experts(x)
 
     def has_shared(self, block: torch.nn.Module) -> bool:
-        return False
+        return getattr(block, "shared_experts", None) is not None
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.hf.lm_head(self.body.norm(h))
@@ -183,7 +189,7 @@ class MoEModel:
         q, k, v = (t[:n] for t in self.qkv(attn, layer.input_layernorm(x)))
         positions = ops[0].positions if len(ops) == 1 else torch.cat([op.positions for op in ops])
         cos, sin = self.body.rotary_emb(v, positions[None])
-        q, k = self._rope(q, k, cos[0], sin[0], unsqueeze_dim=1)
+        q, k = self.rotary(attn, q, k, cos[0], sin[0])
         window = self.sliding_window(attn)
         outs = []
         for op, qi, ki, vi in zip(ops, q.split(sizes), k.split(sizes), v.split(sizes)):

@@ -124,6 +124,25 @@ CASES = [
         ROUTED | {OpKind.SHARED, OpKind.MLP},
     ),
     Case("solar_open", "solar_open", dict(**DEEPSEEK_ROUTING, head_dim=16), ROUTED | {OpKind.SHARED}),
+    Case(
+        "exaone_moe",
+        "exaone_moe",
+        # Layers 0 and 2 slide with rotary, layer 1 attends globally without position embedding.
+        dict(
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            num_shared_experts=1,
+            n_group=2,
+            topk_group=1,
+            routed_scaling_factor=2.5,
+            first_k_dense_replace=1,
+            sliding_window=6,
+            sliding_window_pattern=2,
+        ),
+        ROUTED | {OpKind.SHARED, OpKind.MLP},
+    ),
+    Case("hunyuan_v1_moe", "hunyuan_v1_moe", dict(num_experts=8, moe_topk=2, head_dim=12), ROUTED | {OpKind.SHARED}),
 ]
 CASES_BY_NAME = {case.name: case for case in CASES}
 

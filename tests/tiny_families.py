@@ -142,6 +142,16 @@ CASES = [
         ),
         ROUTED | {OpKind.SHARED, OpKind.MLP},
     ),
+    Case(
+        "minimax_m2",
+        "minimax_m2",
+        dict(
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            head_dim=16,
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5),
+        ),
+    ),
     Case("hunyuan_v1_moe", "hunyuan_v1_moe", dict(num_experts=8, moe_topk=2, head_dim=12), ROUTED | {OpKind.SHARED}),
 ]
 CASES_BY_NAME = {case.name: case for case in CASES}

@@ -58,8 +58,11 @@ class Case:
             model = AutoModelForCausalLM.from_config(config)
             with torch.no_grad():
                 for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-                    if name.endswith("e_score_correction_bias"):  # zeros at init: make it matter
+                    # Biases start at zero: make them matter.
+                    if name.endswith("e_score_correction_bias"):
                         tensor.copy_(torch.rand_like(tensor) * 0.2)
+                    elif name.endswith(".bias"):
+                        tensor.copy_(torch.randn_like(tensor) * 0.1)
         return model.eval()
 
 
@@ -151,6 +154,11 @@ CASES = [
             head_dim=16,
             rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5),
         ),
+    ),
+    Case(
+        "phimoe",
+        "phimoe",
+        dict(num_local_experts=8, num_experts_per_tok=2, attention_bias=True, lm_head_bias=True, sliding_window=6),
     ),
     Case("hunyuan_v1_moe", "hunyuan_v1_moe", dict(num_experts=8, moe_topk=2, head_dim=12), ROUTED | {OpKind.SHARED}),
 ]

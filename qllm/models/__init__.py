@@ -22,11 +22,12 @@ from qllm.models.hunyuan_v1_moe import HunyuanV1Moe
 from qllm.models.minimax_m2 import MiniMaxM2
 from qllm.models.mixtral import Mixtral
 from qllm.models.olmoe import Olmoe
+from qllm.models.phimoe import Phimoe
 from qllm.models.qwen2_moe import Qwen2Moe
 from qllm.models.qwen3_moe import Qwen3Moe
 from qllm.models.solar_open import SolarOpen
 
-FAMILIES: tuple[type[MoEModel], ...] = (Mixtral, Qwen3Moe, Qwen2Moe, Olmoe, Glm4Moe, Dots1, Ernie45Moe, SolarOpen, ExaoneMoe, HunyuanV1Moe, MiniMaxM2)
+FAMILIES: tuple[type[MoEModel], ...] = (Mixtral, Qwen3Moe, Qwen2Moe, Olmoe, Glm4Moe, Dots1, Ernie45Moe, SolarOpen, ExaoneMoe, HunyuanV1Moe, MiniMaxM2, Phimoe)
 """Adapters tried in order by :func:`adapter_for`."""
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -160,6 +160,21 @@ CASES = [
         "phimoe",
         dict(num_local_experts=8, num_experts_per_tok=2, attention_bias=True, lm_head_bias=True, sliding_window=6),
     ),
+    Case(
+        "kolibri1",
+        "kolibri1",
+        dict(
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+            head_dim=16,
+            norm_topk_prob=True,
+            sliding_window=6,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        ),
+        ROUTED | {OpKind.SHARED},
+    ),
     Case("hunyuan_v1_moe", "hunyuan_v1_moe", dict(num_experts=8, moe_topk=2, head_dim=12), ROUTED | {OpKind.SHARED}),
 ]
 CASES_BY_NAME = {case.name: case for case in CASES}

@@ -19,6 +19,7 @@ from qllm.models.ernie4_5_moe import Ernie45Moe
 from qllm.models.exaone_moe import ExaoneMoe
 from qllm.models.glm4_moe import Glm4Moe
 from qllm.models.hunyuan_v1_moe import HunyuanV1Moe
+from qllm.models.kolibri1 import Kolibri1
 from qllm.models.minimax_m2 import MiniMaxM2
 from qllm.models.mixtral import Mixtral
 from qllm.models.olmoe import Olmoe
@@ -27,7 +28,7 @@ from qllm.models.qwen2_moe import Qwen2Moe
 from qllm.models.qwen3_moe import Qwen3Moe
 from qllm.models.solar_open import SolarOpen
 
-FAMILIES: tuple[type[MoEModel], ...] = (Mixtral, Qwen3Moe, Qwen2Moe, Olmoe, Glm4Moe, Dots1, Ernie45Moe, SolarOpen, ExaoneMoe, HunyuanV1Moe, MiniMaxM2, Phimoe)
+FAMILIES: tuple[type[MoEModel], ...] = (Mixtral, Qwen3Moe, Qwen2Moe, Olmoe, Glm4Moe, Dots1, Ernie45Moe, SolarOpen, ExaoneMoe, HunyuanV1Moe, MiniMaxM2, Phimoe, Kolibri1)
 """Adapters tried in order by :func:`adapter_for`."""
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -107,6 +107,28 @@ class MoEModel:
         gate, up = F.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
         return F.linear(experts.act_fn(gate) * up, experts.down_proj[e])
 
+    def attn_norm(self, layer: torch.nn.Module) -> torch.nn.Module:
+        """Norm applied to the residual stream before attention."""
+        return layer.input_layernorm
+
+    def mlp_norm(self, layer: torch.nn.Module) -> torch.nn.Module:
+        """Norm applied to the residual stream before the router and experts (or dense MLP)."""
+        return layer.post_attention_layernorm
+
+    def attn_out(self, layer: torch.nn.Module, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Attention's contribution to the residual from its heads' output ``o`` ``[N, heads * head_dim]``;
+        ``x`` is the normed input (for output gates)."""
+        return layer.self_attn.o_proj(o)
+
+    def mlp_out(self, layer: torch.nn.Module, y: torch.Tensor) -> torch.Tensor:
+        """The MoE block's (or dense MLP's) contribution to the residual from its output ``y`` (row-wise)."""
+        return y
+
+    def rotary_embedding(self, i: int, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary ``cos, sin`` ``[N, rotary_dim]`` for layer ``i`` at ``positions``."""
+        cos, sin = self.body.rotary_emb(x, positions[None])
+        return cos[0], sin[0]
+
     def rotary(
         self, attn: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,7 +170,8 @@ class MoEModel:
                 h = h + (yield Op(OpKind.MLP, i, h))
                 continue
             x, weights, experts = yield Op(OpKind.ROUTER, i, h)
-            h = h + (yield from self._moe(i, block, x, weights, experts))
+            out = yield from self._moe(i, block, x, weights, experts)
+            h = h + self.mlp_out(self.layers[i], out)
         if not logits:
             return None
         out = yield Op(OpKind.HEAD, -1, h[-1:])
@@ -186,22 +209,23 @@ class MoEModel:
         attn = layer.self_attn
         x, sizes = self._rows(ops)
         n = sum(sizes)
-        q, k, v = (t[:n] for t in self.qkv(attn, layer.input_layernorm(x)))
+        x = self.attn_norm(layer)(x)
+        q, k, v = (t[:n] for t in self.qkv(attn, x))
         positions = ops[0].positions if len(ops) == 1 else torch.cat([op.positions for op in ops])
-        cos, sin = self.body.rotary_emb(v, positions[None])
-        q, k = self.rotary(attn, q, k, cos[0], sin[0])
+        cos, sin = self.rotary_embedding(ops[0].layer, v, positions)
+        q, k = self.rotary(attn, q, k, cos, sin)
         window = self.sliding_window(attn)
         outs = []
         for op, qi, ki, vi in zip(ops, q.split(sizes), k.split(sizes), v.split(sizes)):
             keys, values = op.cache.append(ops[0].layer, ki.transpose(0, 1), vi.transpose(0, 1))
             outs.append(_attend(qi.transpose(0, 1), keys, values, attn.scaling, window).transpose(0, 1))
         o = torch.cat(outs).reshape(n, -1)
-        return self._split(attn.o_proj(_pad(o, self.row_multiple)), sizes)
+        return self._split(self.attn_out(layer, _pad(o, self.row_multiple), x), sizes)
 
     def _run_router(self, ops: list[Op]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         layer = self.layers[ops[0].layer]
         x, sizes = self._rows(ops)
-        x = layer.post_attention_layernorm(x)
+        x = self.mlp_norm(layer)(x)
         weights, indices = self.route(self.moe_blocks[ops[0].layer], x)
         return list(zip(self._split(x, sizes), self._split(weights, sizes), self._split(indices, sizes)))
 
@@ -218,7 +242,7 @@ class MoEModel:
     def _run_mlp(self, ops: list[Op]) -> list[torch.Tensor]:
         layer = self.layers[ops[0].layer]
         x, sizes = self._rows(ops)
-        return self._split(layer.mlp(layer.post_attention_layernorm(x)), sizes)
+        return self._split(self.mlp_out(layer, layer.mlp(self.mlp_norm(layer)(x))), sizes)
 
     def _run_head(self, ops: list[Op]) -> list[torch.Tensor]:
         x, sizes = self._rows(ops)

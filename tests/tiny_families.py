@@ -175,6 +175,7 @@ CASES = [
         ),
         ROUTED | {OpKind.SHARED},
     ),
+    Case("flex_olmo", "flex_olmo", dict(num_experts=8, num_experts_per_tok=2, attention_bias=True)),
     Case("hunyuan_v1_moe", "hunyuan_v1_moe", dict(num_experts=8, moe_topk=2, head_dim=12), ROUTED | {OpKind.SHARED}),
 ]
 CASES_BY_NAME = {case.name: case for case in CASES}

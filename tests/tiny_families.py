@@ -59,7 +59,7 @@ class Case:
             with torch.no_grad():
                 for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
                     # Biases start at zero: make them matter.
-                    if name.endswith("e_score_correction_bias"):
+                    if name.endswith(("e_score_correction_bias", "expert_bias")):
                         tensor.copy_(torch.rand_like(tensor) * 0.2)
                     elif name.endswith(".bias"):
                         tensor.copy_(torch.randn_like(tensor) * 0.1)
@@ -176,6 +176,24 @@ CASES = [
         ROUTED | {OpKind.SHARED},
     ),
     Case("flex_olmo", "flex_olmo", dict(num_experts=8, num_experts_per_tok=2, attention_bias=True)),
+    Case(
+        "afmoe",
+        "afmoe",
+        dict(
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            num_shared_experts=1,
+            num_dense_layers=1,
+            head_dim=16,
+            route_scale=2.5,
+            sliding_window=6,
+            global_attn_every_n_layers=2,
+            mup_enabled=True,
+            attention_bias=True,
+        ),
+        ROUTED | {OpKind.SHARED, OpKind.MLP},
+    ),
     Case("hunyuan_v1_moe", "hunyuan_v1_moe", dict(num_experts=8, moe_topk=2, head_dim=12), ROUTED | {OpKind.SHARED}),
 ]
 CASES_BY_NAME = {case.name: case for case in CASES}

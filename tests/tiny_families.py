@@ -194,6 +194,24 @@ CASES = [
         ),
         ROUTED | {OpKind.SHARED, OpKind.MLP},
     ),
+    Case(
+        "mellum",
+        "mellum",
+        dict(
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            head_dim=16,
+            sliding_window=6,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            mlp_layer_types=["dense", "sparse", "sparse"],
+            rope_parameters={
+                "full_attention": dict(rope_type="default", rope_theta=500000.0),
+                "sliding_attention": dict(rope_type="default", rope_theta=10000.0),
+            },
+        ),
+        ROUTED | {OpKind.MLP},
+    ),
     Case("hunyuan_v1_moe", "hunyuan_v1_moe", dict(num_experts=8, moe_topk=2, head_dim=12), ROUTED | {OpKind.SHARED}),
 ]
 CASES_BY_NAME = {case.name: case for case in CASES}

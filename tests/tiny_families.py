@@ -212,6 +212,29 @@ CASES = [
         ),
         ROUTED | {OpKind.MLP},
     ),
+    Case(
+        "laguna",
+        "laguna",
+        dict(
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+            head_dim=16,
+            num_attention_heads_per_layer=[4, 2, 4],
+            sliding_window=6,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            moe_routed_scaling_factor=2.5,
+            moe_router_logit_softcapping=3.0,
+        ),
+        ROUTED | {OpKind.SHARED, OpKind.MLP},
+    ),
+    Case(
+        "laguna-channel-gate",
+        "laguna",
+        dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16, gating="per-channel"),
+        ROUTED | {OpKind.SHARED, OpKind.MLP},
+    ),
     Case("hunyuan_v1_moe", "hunyuan_v1_moe", dict(num_experts=8, moe_topk=2, head_dim=12), ROUTED | {OpKind.SHARED}),
 ]
 CASES_BY_NAME = {case.name: case for case in CASES}

@@ -120,6 +120,10 @@ class MoEModel:
         ``x`` is the normed input (for output gates)."""
         return layer.self_attn.o_proj(o)
 
+    def routed_out(self, block: torch.nn.Module, y: torch.Tensor) -> torch.Tensor:
+        """The routed experts' summed output ``y`` as the MoE block uses it (before any shared expert)."""
+        return y
+
     def mlp_out(self, layer: torch.nn.Module, y: torch.Tensor) -> torch.Tensor:
         """The MoE block's (or dense MLP's) contribution to the residual from its output ``y`` (row-wise)."""
         return y
@@ -186,6 +190,7 @@ class MoEModel:
             # index_put_ adds like index_add_ (rows are unique per expert) without index_add_'s
             # CPU parallel region, which costs milliseconds per call when cores are contended.
             out.index_put_((rows,), y, accumulate=True)
+        out = self.routed_out(block, out)
         if self.has_shared(block):
             out = out + (yield Op(OpKind.SHARED, i, x))
         return out

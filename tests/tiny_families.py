@@ -235,6 +235,26 @@ CASES = [
         dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16, gating="per-channel"),
         ROUTED | {OpKind.SHARED, OpKind.MLP},
     ),
+    Case(
+        "cohere2_moe",
+        "cohere2_moe",
+        dict(
+            num_experts=8,
+            num_experts_per_tok=2,
+            num_shared_experts=1,
+            first_k_dense_replace=1,
+            prefix_dense_intermediate_size=64,
+            sliding_window=6,
+            sliding_window_pattern=2,
+            logit_scale=0.5,
+        ),
+        ROUTED | {OpKind.SHARED, OpKind.MLP},
+    ),
+    Case(
+        "cohere2_moe-sigmoid",
+        "cohere2_moe",
+        dict(num_experts=8, num_experts_per_tok=2, expert_selection_fn="sigmoid", rms_norm_eps=1e-6),
+    ),
     Case("hunyuan_v1_moe", "hunyuan_v1_moe", dict(num_experts=8, moe_topk=2, head_dim=12), ROUTED | {OpKind.SHARED}),
 ]
 CASES_BY_NAME = {case.name: case for case in CASES}

@@ -45,6 +45,8 @@ class MoEModel:
     """Name shown by ``qllm models``."""
     model_types: ClassVar[tuple[str, ...]] = ()
     """``config.model_type`` values this adapter runs."""
+    parallel_mlp: ClassVar[bool] = False
+    """The MoE block (or MLP) reads the layer's input, as attention does, not the attention output."""
 
     def __init__(self, model: Any, tokenizer: Any = None, *, batch_invariant: bool = True):
         self.hf = model.eval()
@@ -169,11 +171,13 @@ class MoEModel:
         positions = torch.arange(start, start + token_ids.shape[0], device=self.device)
         h = self.embed(token_ids)
         for i, block in enumerate(self.moe_blocks):
+            residual = h
             h = h + (yield Op(OpKind.ATTENTION, i, h, cache=cache, positions=positions))
+            mlp_in = residual if self.parallel_mlp else h
             if block is None:
-                h = h + (yield Op(OpKind.MLP, i, h))
+                h = h + (yield Op(OpKind.MLP, i, mlp_in))
                 continue
-            x, weights, experts = yield Op(OpKind.ROUTER, i, h)
+            x, weights, experts = yield Op(OpKind.ROUTER, i, mlp_in)
             out = yield from self._moe(i, block, x, weights, experts)
             h = h + self.mlp_out(self.layers[i], out)
         if not logits:

@@ -255,6 +255,19 @@ CASES = [
         "cohere2_moe",
         dict(num_experts=8, num_experts_per_tok=2, expert_selection_fn="sigmoid", rms_norm_eps=1e-6),
     ),
+    Case(
+        "hy_v3",
+        "hy_v3",
+        dict(
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            num_shared_experts=1,
+            head_dim=16,
+            mlp_layer_types=["dense", "sparse", "sparse"],
+        ),
+        ROUTED | {OpKind.SHARED, OpKind.MLP},
+    ),
     Case("hunyuan_v1_moe", "hunyuan_v1_moe", dict(num_experts=8, moe_topk=2, head_dim=12), ROUTED | {OpKind.SHARED}),
 ]
 CASES_BY_NAME = {case.name: case for case in CASES}

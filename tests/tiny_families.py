@@ -78,6 +78,9 @@ DEEPSEEK_ROUTING = dict(
     routed_scaling_factor=2.5,
     norm_topk_prob=True,
 )
+GRANITE_MULTIPLIERS = dict(
+    embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=2.0
+)
 ROUTED = frozenset({OpKind.ATTENTION, OpKind.ROUTER, OpKind.EXPERT, OpKind.HEAD})
 CASES = [
     Case("mixtral", "mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
@@ -267,6 +270,13 @@ CASES = [
             mlp_layer_types=["dense", "sparse", "sparse"],
         ),
         ROUTED | {OpKind.SHARED, OpKind.MLP},
+    ),
+    Case("granitemoe", "granitemoe", dict(num_local_experts=8, num_experts_per_tok=2, **GRANITE_MULTIPLIERS)),
+    Case(
+        "granitemoeshared",
+        "granitemoeshared",
+        dict(num_local_experts=8, num_experts_per_tok=2, shared_intermediate_size=64, **GRANITE_MULTIPLIERS),
+        ROUTED | {OpKind.SHARED},
     ),
     Case("hunyuan_v1_moe", "hunyuan_v1_moe", dict(num_experts=8, moe_topk=2, head_dim=12), ROUTED | {OpKind.SHARED}),
 ]

@@ -21,6 +21,7 @@ from qllm.models.ernie4_5_moe import Ernie45Moe
 from qllm.models.exaone_moe import ExaoneMoe
 from qllm.models.flex_olmo import FlexOlmo
 from qllm.models.glm4_moe import Glm4Moe
+from qllm.models.granitemoe import GraniteMoe
 from qllm.models.hunyuan_v1_moe import HunyuanV1Moe
 from qllm.models.hy_v3 import HYV3
 from qllm.models.kolibri1 import Kolibri1
@@ -34,7 +35,7 @@ from qllm.models.qwen2_moe import Qwen2Moe
 from qllm.models.qwen3_moe import Qwen3Moe
 from qllm.models.solar_open import SolarOpen
 
-FAMILIES: tuple[type[MoEModel], ...] = (Mixtral, Qwen3Moe, Qwen2Moe, Olmoe, Glm4Moe, Dots1, Ernie45Moe, SolarOpen, ExaoneMoe, HunyuanV1Moe, MiniMaxM2, Phimoe, Kolibri1, FlexOlmo, Afmoe, Mellum, Laguna, Cohere2Moe, HYV3)
+FAMILIES: tuple[type[MoEModel], ...] = (Mixtral, Qwen3Moe, Qwen2Moe, Olmoe, Glm4Moe, Dots1, Ernie45Moe, SolarOpen, ExaoneMoe, HunyuanV1Moe, MiniMaxM2, Phimoe, Kolibri1, FlexOlmo, Afmoe, Mellum, Laguna, Cohere2Moe, HYV3, GraniteMoe)
 """Adapters tried in order by :func:`adapter_for`."""
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

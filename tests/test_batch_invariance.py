@@ -45,9 +45,10 @@ def identical(a, b) -> bool:
     return type(a) is type(b) and len(a) == len(b) and all(identical(x, y) for x, y in zip(a, b))
 
 
-@pytest.fixture(scope="module", params=["tiny", "qwen2_moe", "qwen3_moe"])
+@pytest.fixture(scope="module", params=["tiny", "qwen2_moe", "qwen3_moe", "afmoe", "cohere2_moe"])
 def executor(request, tiny):
-    """The tiny preset, plus families that add SHARED (qwen2_moe) and dense MLP (qwen3_moe) ops."""
+    """The tiny preset, plus families that add SHARED (qwen2_moe) and dense MLP (qwen3_moe) ops,
+    gated attention output and post-MoE norms (afmoe), and parallel attention/MoE (cohere2_moe)."""
     if request.param == "tiny":
         return tiny
     return load_model((CASES_BY_NAME[request.param].build(), None))

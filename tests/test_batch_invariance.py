@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from tiny_families import (
     CASES_BY_NAME,
+    Case,
     greedy,
     layer_major,
     random_choice,
@@ -87,6 +88,33 @@ def test_random_interleavings_give_each_request_its_solo_tokens(tiny, seed):
 
     assert [trace.tokens for trace in together] == alone
     assert sum(len(rows) > 1 for _, rows in calls) > 10  # the run did batch, in a random order
+
+
+def test_length_dependent_rotary_stays_batch_invariant():
+    """Long-context rotary (Phi-3.5-MoE's longrope) switches factors on the longest position in a
+    call: a short request batched with one past the switch must still get its solo results."""
+    rope = dict(
+        rope_type="longrope",
+        rope_theta=10000.0,
+        original_max_position_embeddings=16,
+        short_factor=[1.0] * 6,
+        long_factor=[4.0] * 6,
+        short_mscale=1.0,
+        long_mscale=1.2,
+    )
+    case = Case(
+        "phimoe-longrope", "phimoe", dict(num_local_experts=8, num_experts_per_tok=2, rope_parameters=rope)
+    )
+    executor = load_model((case.build(), None))
+    prompts = [[1, 2, 3], list(range(5, 25))]  # 3 and 20 tokens: only the second passes 16
+    params = greedy(4)
+    alone = [run_alone(executor, prompt, params) for prompt in prompts]
+
+    together = run_together(executor, prompts, params, choose=layer_major)
+
+    for solo, batched in zip(alone, together):
+        assert all(identical(x, y) for (_, x), (_, y) in zip(solo.results, batched.results))
+        assert batched.tokens == solo.tokens
 
 
 GEMM_SHAPES = [(48, 96, False), (64, 256, True), (256, 64, False), (1024, 2048, False)]

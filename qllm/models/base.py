@@ -65,6 +65,10 @@ class MoEModel:
         self.vocab_size = self.hf.lm_head.out_features
         self._rope = sys.modules[type(first).__module__].apply_rotary_pos_emb
         self.moe_blocks = [self.moe_block(layer) for layer in self.layers]
+        # "dynamic" and "longrope" rotary depend on the longest position in a call (and switch
+        # state on it), so each request's rows get their own call to stay batch-invariant.
+        rope_type = str(getattr(self.body.rotary_emb, "rope_type", "default"))
+        self._rotary_per_request = "dynamic" in rope_type or "longrope" in rope_type
         self._runners: dict[OpKind, Callable[[list[Op]], list[Any]]] = {
             OpKind.ATTENTION: self._run_attention,
             OpKind.ROUTER: self._run_router,
@@ -220,8 +224,12 @@ class MoEModel:
         n = sum(sizes)
         x = self.attn_norm(layer)(x)
         q, k, v = (t[:n] for t in self.qkv(attn, x))
-        positions = ops[0].positions if len(ops) == 1 else torch.cat([op.positions for op in ops])
-        cos, sin = self.rotary_embedding(ops[0].layer, v, positions)
+        if len(ops) == 1 or not self._rotary_per_request:
+            positions = ops[0].positions if len(ops) == 1 else torch.cat([op.positions for op in ops])
+            cos, sin = self.rotary_embedding(ops[0].layer, v, positions)
+        else:
+            parts = [self.rotary_embedding(ops[0].layer, v, op.positions) for op in ops]
+            cos, sin = torch.cat([c for c, _ in parts]), torch.cat([s for _, s in parts])
         q, k = self.rotary(attn, q, k, cos, sin)
         window = self.sliding_window(attn)
         outs = []

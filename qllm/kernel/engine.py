@@ -81,7 +81,8 @@ class Engine:
         self.metrics = Metrics()
         self._compute = Compute(compute)
         self._tensors = TensorManager(self.model.device, memory_budget)
-        fallback = load_policy(DEFAULT_POLICY) if self.policy.name != DEFAULT_POLICY else type(self.policy)()
+        # Always the registered built-in: a subclass that kept the default's name may be what fails.
+        fallback = load_policy(DEFAULT_POLICY)
         self._dispatcher = Dispatcher(
             self.model,
             self.policy,

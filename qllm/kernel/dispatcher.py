@@ -279,10 +279,14 @@ class Dispatcher:
         if not view.ready:
             return []
         chosen = self._call_policy("select", view)
+        try:
+            chosen = list(chosen)
+        except Exception:  # not a collection of views at all (or a lazy one that raised)
+            chosen = [chosen]
         batch = self._validate(chosen, view)
         if batch is None:
             self.policy_errors += 1
-            log.error("policy_bad_batch", policy=self.policy.name, batch=[getattr(r, "id", r) for r in chosen or ()])
+            log.error("policy_bad_batch", policy=self.policy.name, batch=[getattr(r, "id", r) for r in chosen])
             batch = self._validate(self.fallback.select(view), view) or []
         return batch
 
@@ -290,7 +294,7 @@ class Dispatcher:
         if not chosen:
             return None
         ids = [getattr(r, "id", None) for r in chosen]
-        requests = [self.live.get(rid) for rid in ids]
+        requests = [self.live.get(rid) if isinstance(rid, str) else None for rid in ids]
         if any(r is None or r.pending is None for r in requests) or len(set(ids)) != len(ids):
             return None
         if len({r.pending.key for r in requests}) != 1 or len(requests) > self.max_batch:

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
 import uvloop
+
+# The test models are tiny: one intra-op thread avoids OpenMP spin-waits that make small ops
+# tens of times slower on a busy 2-core machine, and keeps the suite's run time predictable.
+torch.set_num_threads(1)
 
 
 def pytest_asyncio_loop_factories(config, item):

@@ -135,10 +135,11 @@ class TensorManager:
     # ---------------------------------------------------------------- moves
     def _offload(self, entry: _Entry) -> None:
         cache = entry.cache
-        self.offloads += 1
         if self._stream is None:  # CPU: compact in place, the state stays where it is
-            _compact(cache)
+            if _compact(cache):  # an already compact cache is no new offload
+                self.offloads += 1
             return
+        self.offloads += 1
         main = torch.cuda.current_stream(self.device)
         self._stream.wait_stream(main)  # the cache's last writes must land before we read it
         entry.host_k, entry.host_v = [], []
@@ -177,9 +178,13 @@ class TensorManager:
         entry.pinned_bytes = 0
 
 
-def _compact(cache: KVCache) -> None:
+def _compact(cache: KVCache) -> bool:
+    """Trim every buffer to its filled length; whether anything was trimmed."""
+    trimmed = False
     for i in range(cache.num_layers):
         for bufs in (cache.keys, cache.values):
             t = bufs[i]
             if t is not None and t.shape[1] > cache.lengths[i]:
                 bufs[i] = t[:, : cache.lengths[i]].clone()
+                trimmed = True
+    return trimmed

@@ -1,0 +1,432 @@
+"""Scheduling policies: their decisions on fake kernels, preemption and starvation on a live engine,
+isolation of a policy that raises or returns a bad batch, and loading errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+
+import pytest
+import structlog
+import torch
+from kernel_helpers import Recorder, greedy
+
+import qllm
+from qllm.errors import PolicyError
+from qllm.kernel.request import PriorityClass, Request
+from qllm.kernel.view import KernelView, MemoryView, RequestView
+from qllm.ops import Op, OpKind
+from qllm.policies import API_VERSION, DEFAULT_POLICY, Policy, available_policies, load_policy
+from qllm.policies.fcfs import FCFSPolicy
+from qllm.policies.priority_aging import PriorityAgingPolicy
+from qllm.policies.qllm import QLLMPolicy
+from qllm.sampling import SamplingParams
+
+ATTN0 = (OpKind.ATTENTION, 0, -1)
+ATTN1 = (OpKind.ATTENTION, 1, -1)
+
+
+# ---------------------------------------------------------------- decisions on fake kernels
+def make_request(
+    rid: str,
+    priority: str = "be",
+    *,
+    op: tuple[OpKind, int, int] = ATTN0,
+    decode: bool = False,
+    rank: int = 0,
+    arrival: float = 0.0,
+    rows: int = 1,
+    at_boundary: bool = True,
+) -> RequestView:
+    """A ready request (its pending op at ``op``), seen as a policy sees it."""
+    request = Request(
+        id=rid,
+        prompt_ids=[1, 2, 3],
+        params=SamplingParams(),
+        priority_class=PriorityClass(priority),
+        priority=rank,
+        arrival=arrival,
+    )
+    request.token_ids = [7] if decode else []
+    kind, layer, expert = op
+    request.pending = Op(kind, layer, torch.zeros(rows, 4), expert=expert)
+    request.at_boundary = at_boundary
+    return RequestView(request)
+
+
+def make_kernel(ready, *, now: float = 0.0, max_batch: int = 32, waiting=(), live=None) -> KernelView:
+    return KernelView(
+        now=now,
+        ready=list(ready),
+        waiting=list(waiting),
+        live=list(ready if live is None else live),
+        max_batch=max_batch,
+        memory=MemoryView(None, 0, 0),
+    )
+
+
+def ids(batch) -> list[str]:
+    return [r.id for r in batch]
+
+
+def test_qllm_algorithm1_runs_a_full_ls_decode_batch_first():
+    ls_d = [make_request(f"lsd{i}", "ls", decode=True, op=ATTN1) for i in range(2)]
+    ls_p = make_request("lsp", "ls", op=ATTN0)
+    assert ids(QLLMPolicy().select(make_kernel([ls_p, *ls_d], max_batch=2))) == ["lsd0", "lsd1"]
+
+
+def test_qllm_algorithm1_ls_prefill_filled_from_be_prefill_only():
+    ls_p = make_request("lsp", "ls", arrival=2.0)
+    be_p = make_request("bep", arrival=0.0)
+    be_d = make_request("bed", decode=True, arrival=1.0)
+    ls_d = make_request("lsd", "ls", decode=True, op=ATTN1)
+    assert ids(QLLMPolicy().select(make_kernel([be_d, be_p, ls_d, ls_p]))) == ["lsp", "bep"]
+
+
+def test_qllm_algorithm1_ls_decode_filled_from_be_decode_then_be_alone():
+    ls_d = make_request("lsd", "ls", decode=True)
+    be_d = make_request("bed", decode=True)
+    be_p = make_request("bep")
+    assert ids(QLLMPolicy().select(make_kernel([be_p, be_d, ls_d]))) == ["lsd", "bed"]
+    assert ids(QLLMPolicy().select(make_kernel([be_p, be_d]))) == ["bed", "bep"]
+    assert ids(QLLMPolicy().select(make_kernel([be_p]))) == ["bep"]
+
+
+def test_ls_runs_its_op_furthest_behind_while_be_waits():
+    ahead = make_request("ls-ahead", "ls", op=ATTN1, arrival=0.0)
+    behind = make_request("ls-behind", "ls", op=ATTN0, arrival=1.0)
+    be = make_request("be", op=(OpKind.EXPERT, 0, 3))
+    for policy in (QLLMPolicy(), PriorityAgingPolicy()):
+        assert ids(policy.select(make_kernel([be, ahead, behind]))) == ["ls-behind"]
+
+
+def test_fcfs_ignores_classes_and_admits_only_at_iteration_boundaries():
+    be = make_request("be", op=ATTN0, arrival=0.0)
+    ls = make_request("ls", "ls", op=ATTN1, arrival=1.0)
+    policy = FCFSPolicy()
+    assert ids(policy.select(make_kernel([ls, be]))) == ["be"]
+    assert policy.precedence(ls) == policy.precedence(be)  # nobody preempts anybody
+    newcomer = make_request("new", "ls")
+    mid_pass = make_request("mid", op=(OpKind.EXPERT, 2, 1), at_boundary=False)
+    assert not policy.admit(newcomer, make_kernel([mid_pass]))
+    assert policy.admit(newcomer, make_kernel([make_request("b", at_boundary=True)]))
+    assert not policy.admit(newcomer, make_kernel([make_request("b")], max_batch=1))
+
+
+def test_base_policy_ranks_class_then_rank_and_always_admits_ls():
+    policy = Policy()
+    ls, be, be_urgent = make_request("ls", "ls", rank=5), make_request("be"), make_request("u", rank=-1)
+    assert policy.precedence(ls) < policy.precedence(be_urgent) < policy.precedence(be)
+    full = make_kernel([make_request("x")], max_batch=1)
+    assert policy.admit(ls, full) and not policy.admit(be, full)
+
+
+def test_priority_aging_runs_be_after_it_waited_max_wait():
+    policy = PriorityAgingPolicy(be_share=0.0, max_wait_s=2.0)
+    ls = make_request("ls", "ls", op=ATTN0, arrival=0.0)
+    be = make_request("be", op=ATTN1, arrival=0.0)
+    assert ids(policy.select(make_kernel([ls, be], now=0.0))) == ["ls"]
+    assert ids(policy.select(make_kernel([ls, be], now=1.0))) == ["ls"]
+    assert ids(policy.select(make_kernel([ls, be], now=2.5))) == ["be"]
+
+
+def test_priority_aging_gives_be_its_share_of_compute_time():
+    policy = PriorityAgingPolicy(be_share=0.25, max_wait_s=1e9)
+    ls = make_request("ls", "ls", op=ATTN0)
+    be = make_request("be", op=ATTN1)
+    # Equal 10 ms ops with LS always ready: BE leads about a quarter of the batches.
+    led = [ids(policy.select(make_kernel([ls, be], now=i * 0.01)))[0] for i in range(400)]
+    assert abs(led.count("be") / len(led) - 0.25) < 0.03
+    assert QLLMPolicy().select(make_kernel([ls, be]))[0].id == "ls"  # qllm: never
+
+
+def test_priority_aging_caps_be_rows_riding_along_with_ls():
+    ls = make_request("ls", "ls", rows=1)
+    big_be = make_request("be", rows=8)
+    assert ids(QLLMPolicy().select(make_kernel([ls, big_be]))) == ["ls", "be"]
+    assert ids(PriorityAgingPolicy(fill_rows=4).select(make_kernel([ls, big_be]))) == ["ls"]
+    small_be = make_request("be-small", rows=2)
+    assert ids(PriorityAgingPolicy(fill_rows=4).select(make_kernel([ls, small_be]))) == ["ls", "be-small"]
+
+
+def test_recorder_wraps_the_whole_policy_api():
+    api = {n for n, v in vars(Policy).items() if inspect.isfunction(v) and not n.startswith("_")}
+    assert api <= set(vars(Recorder)), api - set(vars(Recorder))
+
+
+# ---------------------------------------------------------------- preemption on a live engine
+BE_PROMPT = list(range(100, 140))  # 40 tokens: 5 prefill chunks of 8
+LS_PROMPT = [7, 8, 9, 10, 11]
+
+
+async def be_then_ls(model, policy: str, ls_after: int):
+    """A long BE request; an LS request arrives right after batch ``ls_after`` ran."""
+    recorder = Recorder(load_policy(policy))
+    handles = {}
+    async with qllm.Engine(model=model, policy=recorder, prefill_chunk=8) as engine:
+
+        def submit_ls():
+            handles["ls"] = engine.submit(LS_PROMPT, max_tokens=4, priority="ls", ignore_eos=True)
+
+        recorder.at[ls_after] = [submit_ls]
+        handles["be"] = engine.submit(BE_PROMPT, max_tokens=12, priority="be", ignore_eos=True)
+        be = await handles["be"].result()
+        ls = await handles["ls"].result()
+    return ls, be, recorder
+
+
+@pytest.mark.parametrize("policy", ["qllm", "priority-aging"])
+@pytest.mark.parametrize("ls_after", [20, 200], ids=["mid-prefill", "mid-decode"])
+async def test_ls_preempts_running_be_within_one_op(tiny, policy, ls_after):
+    ls, be, recorder = await be_then_ls(tiny, policy, ls_after)
+
+    assert ls.finished < be.finished
+    assert be.preemptions >= 1 and ls.preemptions == 0
+    # The LS request arrived while batch `ls_after` was chosen; its first op is the very next batch.
+    assert recorder.first_batch(ls.id) == ls_after + 1
+    assert be.token_ids == greedy(tiny, BE_PROMPT, 12, 8)
+
+
+@pytest.mark.parametrize("ls_after", [20, 200], ids=["mid-prefill", "mid-decode"])
+async def test_fcfs_never_preempts(tiny, ls_after):
+    ls, be, recorder = await be_then_ls(tiny, "fcfs", ls_after)
+
+    assert be.preemptions == 0 and ls.preemptions == 0
+    # The LS request waits for the BE request's forward pass to end (iteration-level scheduling).
+    assert recorder.first_batch(ls.id) > ls_after + 1
+    assert be.token_ids == greedy(tiny, BE_PROMPT, 12, 8)
+
+
+# ---------------------------------------------------------------- starvation
+class Feeder(Recorder):
+    """Keeps ``ls_live`` LS requests live: each finished LS request is replaced at once, so LS work
+    is ready at every decision, until ``stop()`` says so or ``cap`` LS requests were submitted."""
+
+    def __init__(self, inner: Policy, engine_ref: list, *, ls_live: int = 2, cap: int):
+        super().__init__(inner)
+        self.engine_ref = engine_ref
+        self.cap = cap
+        self.ls: list = []
+        self.stopped = False
+        self.ls_live = ls_live
+
+    def feed(self) -> None:
+        if not self.stopped and len(self.ls) < self.cap:
+            engine = self.engine_ref[0]
+            self.ls.append(engine.submit(LS_PROMPT, max_tokens=4, priority="ls", ignore_eos=True))
+
+    def on_finish(self, request, kernel) -> None:
+        super().on_finish(request, kernel)
+        if request.is_ls:
+            self.feed()
+
+
+async def sustained_ls(model, policy: str, cap: int):
+    """A short BE request under a stream of LS requests (2 always live, at most ``cap``)."""
+    engine_ref: list = []
+    feeder = Feeder(load_policy(policy), engine_ref, cap=cap)
+    async with qllm.Engine(model=model, policy=feeder, prefill_chunk=8) as engine:
+        engine_ref.append(engine)
+        be = engine.submit([3, 4, 5, 6], max_tokens=4, priority="be", ignore_eos=True)
+        for _ in range(feeder.ls_live):
+            feeder.feed()
+        be_result = await be.result()
+        feeder.stopped = True
+        ls_results = [await h.result() for h in list(feeder.ls)]
+    return be_result, ls_results, feeder
+
+
+async def test_priority_aging_finishes_be_under_sustained_ls_load(tiny):
+    be, ls, feeder = await sustained_ls(tiny, "priority-aging", cap=400)
+
+    assert be.status == "length" and len(be.token_ids) == 4
+    # The LS stream was still going when BE finished: BE got its share, not the leftovers.
+    assert len(ls) < feeder.cap
+    assert sum(r.finished > be.finished for r in ls) >= feeder.ls_live
+    assert be.token_ids == greedy(tiny, [3, 4, 5, 6], 4, 8)
+
+
+async def test_qllm_starves_be_while_ls_is_always_ready(tiny):
+    """``qllm`` runs BE only when no LS work is ready (or riding along at the very same op), so with
+    LS always ready the BE request produces nothing until the LS stream ends: the starvation the
+    paper names, which ``priority-aging`` bounds."""
+    be, ls, feeder = await sustained_ls(tiny, "qllm", cap=8)
+
+    assert len(ls) == feeder.cap
+    last_ls = max(r.finished for r in ls)
+    assert be.first_token > last_ls
+    assert feeder.ops_of(be.id) > 0 and be.status == "length"
+
+
+# ---------------------------------------------------------------- faulty policies
+class Raising(Policy):
+    name = "raising"
+
+    def __init__(self, method: str):
+        self.method = method
+
+    def _maybe_raise(self, method: str) -> None:
+        if method == self.method:
+            raise RuntimeError(f"{method} exploded")
+
+    def select(self, kernel):
+        self._maybe_raise("select")
+        return super().select(kernel)
+
+    def admit(self, request, kernel):
+        self._maybe_raise("admit")
+        return super().admit(request, kernel)
+
+    def precedence(self, request):
+        self._maybe_raise("precedence")
+        return super().precedence(request)
+
+    def on_arrival(self, request, kernel):
+        self._maybe_raise("on_arrival")
+
+    def on_finish(self, request, kernel):
+        self._maybe_raise("on_finish")
+
+
+class RaisingDefault(PriorityAgingPolicy):
+    """A subclass of the default policy (same name) whose select raises."""
+
+    def select(self, kernel):
+        raise RuntimeError("select exploded")
+
+
+class BadBatch(Policy):
+    name = "bad-batch"
+
+    def __init__(self, kind: str):
+        self.kind = kind
+
+    def select(self, kernel):
+        ready = list(kernel.ready)
+        good = list(super().select(kernel))
+        if self.kind == "mixed-keys":
+            return ready if len({r.op_key for r in ready}) > 1 else good
+        if self.kind == "unknown-id":
+            return [type("Fake", (), {"id": "no-such-request"})()]
+        if self.kind == "duplicate":
+            return [good[0], good[0]]
+        if self.kind == "too-many":  # every ready request at the op, past max_batch
+            return [r for r in ready if r.op_key == good[0].op_key]
+        return {"empty": [], "none": None, "not-a-list": 42}[self.kind]
+
+
+async def serve_two(model, policy):
+    """A BE request and an LS request arriving a few ops into it; returns results and logs."""
+    async with qllm.Engine(model=model, policy=policy, prefill_chunk=4, max_batch=2) as engine:
+        with structlog.testing.capture_logs() as logs:
+            be = engine.submit([20, 21, 22, 23, 24, 25], max_tokens=3, priority="be", ignore_eos=True)
+            chunks = aiter(be)
+            await anext(chunks)  # BE has its first token: it is mid-decode
+            await chunks.aclose()
+            ls = engine.submit([30, 31, 32], max_tokens=3, priority="ls", ignore_eos=True)
+            async with asyncio.timeout(60):
+                results = [await be.result(), await ls.result()]
+            stats = engine.stats()
+    return results, logs, stats
+
+
+def assert_correct(model, results):
+    prompts = {"be": [20, 21, 22, 23, 24, 25], "ls": [30, 31, 32]}
+    for result in results:
+        assert (result.status, result.token_ids) == ("length", greedy(model, prompts[result.priority], 3, 4))
+
+
+@pytest.mark.parametrize("method", ["select", "admit", "precedence", "on_arrival", "on_finish"])
+async def test_policy_that_raises_is_logged_and_the_default_decides(tiny, method):
+    results, logs, stats = await serve_two(tiny, Raising(method))
+
+    assert_correct(tiny, results)
+    errors = [e for e in logs if e["event"] == "policy_error"]
+    assert errors and all(e["method"] == method and e["policy"] == "raising" for e in errors)
+    assert all(e["log_level"] == "error" and e.get("exc_info") for e in errors)
+    assert stats["kernel"]["policy_errors"] == len(errors)
+    assert stats["live"] == {"ls": {}, "be": {}} and stats["memory"]["resident_bytes"] == 0
+
+
+async def test_a_raising_subclass_of_the_default_policy_falls_back_to_the_builtin(tiny):
+    results, logs, stats = await serve_two(tiny, RaisingDefault())
+
+    assert_correct(tiny, results)
+    assert stats["kernel"]["policy_errors"] > 0
+    assert {e["method"] for e in logs if e["event"] == "policy_error"} == {"select"}
+
+
+@pytest.mark.parametrize("kind", ["mixed-keys", "unknown-id", "duplicate", "empty", "none", "not-a-list"])
+async def test_invalid_batch_is_logged_and_the_default_decides(tiny, kind):
+    results, logs, stats = await serve_two(tiny, BadBatch(kind))
+
+    assert_correct(tiny, results)
+    bad = [e for e in logs if e["event"] == "policy_bad_batch"]
+    assert bad and all(e["policy"] == "bad-batch" and e["log_level"] == "error" for e in bad)
+    assert stats["kernel"]["policy_errors"] == len(bad)
+
+
+async def test_batch_over_max_batch_is_logged_and_the_default_decides(tiny):
+    prompt = [40, 41, 42, 43]
+    async with qllm.Engine(model=tiny, policy=BadBatch("too-many"), max_batch=2) as engine:
+        with structlog.testing.capture_logs() as logs:
+            # Three LS requests (LS is always admitted) with one prompt: always at the same op.
+            handles = [engine.submit(prompt, max_tokens=3, priority="ls", ignore_eos=True) for _ in range(3)]
+            results = [await h.result() for h in handles]
+            stats = engine.stats()
+    assert all(r.token_ids == greedy(tiny, prompt, 3) for r in results)
+    bad = [e for e in logs if e["event"] == "policy_bad_batch"]
+    assert bad and stats["kernel"]["policy_errors"] == len(bad)
+    assert max(op["count"] for op in stats["kernel"]["op_times"].values()) > 0
+
+
+# ---------------------------------------------------------------- loading
+def test_builtin_policies_are_registered_entry_points():
+    registered = available_policies()
+    assert {"fcfs", "qllm", "priority-aging"} <= set(registered)
+    for name, cls in (("fcfs", FCFSPolicy), ("qllm", QLLMPolicy), ("priority-aging", PriorityAgingPolicy)):
+        policy = load_policy(name)
+        assert type(policy) is cls and policy.name == name
+    assert load_policy(None).name == DEFAULT_POLICY
+    assert isinstance(load_policy("qllm.policies.qllm:QLLMPolicy"), QLLMPolicy)
+
+
+def test_unknown_policy_lists_the_available_ones():
+    with pytest.raises(PolicyError, match="unknown policy 'nope'") as info:
+        load_policy("nope")
+    for name in ("fcfs", "qllm", "priority-aging", "module:Class"):
+        assert name in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("no_such_module_for_qllm:Policy", "cannot import policy 'no_such_module_for_qllm:Policy'"),
+        ("qllm.policies.fcfs:NoSuchClass", "cannot import policy 'qllm.policies.fcfs:NoSuchClass'"),
+        ("collections:OrderedDict", "not a qllm.policies.Policy subclass"),
+    ],
+)
+def test_bad_module_class_spec(spec, message):
+    with pytest.raises(PolicyError, match=message):
+        load_policy(spec)
+
+
+def test_wrong_api_version_and_failing_init_are_rejected():
+    class FromTheFuture(Policy):
+        api_version = API_VERSION + 1
+
+    class Broken(Policy):
+        def __init__(self):
+            raise RuntimeError("no config")
+
+    for spec in (FromTheFuture, FromTheFuture()):
+        with pytest.raises(PolicyError, match=f"targets policy API version {API_VERSION + 1}"):
+            load_policy(spec)
+    with pytest.raises(PolicyError, match="failed to initialise: no config"):
+        load_policy(Broken)
+
+
+def test_engine_rejects_a_bad_policy_before_loading_the_model():
+    with pytest.raises(PolicyError, match="unknown policy"):
+        qllm.Engine(model="no-such-model-either", policy="nope")

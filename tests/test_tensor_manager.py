@@ -1,0 +1,210 @@
+"""Tensor manager: resident-memory accounting, the budget, offload/restore (compaction on CPU).
+
+What the design promises (qllm/kernel/tensors.py): after each op, resident request state is within
+the budget, or every request outside the running set is already offloaded (CUDA) or compacted to
+its filled length (CPU), so what is left over is the running set's own state; and moving state
+never changes a request's output.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_helpers import Recorder, greedy
+
+import qllm
+from qllm.cache import KVCache
+from qllm.kernel.tensors import TensorManager
+from qllm.models import load_model
+from qllm.policies import load_policy
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+LAYERS, HEADS, DIM = 2, 2, 8
+TOKEN_BYTES = 2 * LAYERS * HEADS * DIM * 4  # keys and values of one token, fp32
+
+
+def filled_cache(tokens: int, device: str = "cpu", seed: int = 0) -> KVCache:
+    cache = KVCache(LAYERS, HEADS, DIM, torch.float32, torch.device(device))
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(tokens):  # one token at a time, as decoding grows it: capacity doubles
+        for layer in range(LAYERS):
+            k = torch.randn(HEADS, 1, DIM, generator=gen).to(device)
+            cache.append(layer, k, -k)
+    return cache
+
+
+def contents(cache: KVCache) -> list[torch.Tensor]:
+    layers = range(cache.num_layers)
+    return [t[:, : cache.lengths[i]].cpu().clone() for i in layers for t in (cache.keys[i], cache.values[i])]
+
+
+def filled_bytes(cache: KVCache) -> int:
+    """Bytes of the tokens a cache holds (its buffers' capacity may be larger)."""
+    itemsize = torch.empty((), dtype=cache.dtype).element_size()
+    return sum(cache.lengths) * 2 * cache.kv_heads * cache.head_dim * itemsize
+
+
+def test_accounting_follows_register_and_release():
+    tm = TensorManager("cpu", None)
+    a, b = filled_cache(10), filled_cache(20)
+    tm.register("a", a)
+    tm.register("b", b)
+    assert tm.resident_bytes == a.nbytes + b.nbytes > 0
+    stats = tm.stats()
+    assert (stats["requests"], stats["budget_bytes"], stats["offloaded_bytes"]) == (2, None, 0)
+    tm.enforce(set())  # no budget: nothing moves
+    assert tm.offloads == 0 and tm.resident_bytes == a.nbytes + b.nbytes
+    tm.release("a")
+    assert tm.resident_bytes == b.nbytes and tm.stats()["requests"] == 1
+    assert a.nbytes == 0  # released buffers are dropped
+    tm.release("a")  # releasing twice is harmless
+    tm.release("b")
+    assert tm.resident_bytes == 0 and tm.stats()["requests"] == 0
+
+
+def test_cpu_over_budget_compacts_the_coldest_suspended_caches_only():
+    a, b, c = filled_cache(17, seed=1), filled_cache(17, seed=2), filled_cache(17, seed=3)
+    # 17 tokens sit in buffers of capacity 32: compaction frees 15 tokens' worth of each.
+    assert a.nbytes == 32 * TOKEN_BYTES and filled_bytes(a) == 17 * TOKEN_BYTES
+    before = {name: contents(cache) for name, cache in (("a", a), ("b", b), ("c", c))}
+    budget = 2 * 32 * TOKEN_BYTES + 17 * TOKEN_BYTES  # fits once the coldest is compacted
+    tm = TensorManager("cpu", budget)
+    for name, cache in (("a", a), ("b", b), ("c", c)):
+        tm.register(name, cache)
+    tm.before_run(["b"])  # b and then c are used more recently than a
+    tm.before_run(["c"])
+
+    tm.enforce({"c"})
+
+    assert tm.resident_bytes <= budget
+    assert a.nbytes == filled_bytes(a) and b.nbytes == 32 * TOKEN_BYTES  # only the coldest moved
+    assert (tm.offloads, tm.restores, tm.over_budget_events) == (1, 0, 0)
+    for name, cache in (("a", a), ("b", b), ("c", c)):
+        assert all(torch.equal(x, y) for x, y in zip(contents(cache), before[name]))
+    # A compacted cache keeps growing correctly.
+    k = torch.ones(HEADS, 1, DIM)
+    keys, _ = a.append(0, k, k)
+    assert keys.shape[1] == 18 and torch.equal(keys[:, :17], before["a"][0]) and torch.equal(keys[:, 17:], k)
+
+
+def test_cpu_budget_too_small_compacts_all_but_the_running_set_and_counts_it():
+    a, b, c = filled_cache(17), filled_cache(17), filled_cache(17)
+    tm = TensorManager("cpu", 1)
+    for name, cache in (("a", a), ("b", b), ("c", c)):
+        tm.register(name, cache)
+
+    tm.enforce({"c"})
+
+    assert a.nbytes == filled_bytes(a) and b.nbytes == filled_bytes(b) and c.nbytes == 32 * TOKEN_BYTES
+    assert tm.resident_bytes == a.nbytes + b.nbytes + c.nbytes
+    assert (tm.offloads, tm.over_budget_events) == (2, 1)
+    tm.enforce({"c"})  # nothing left to compact: no new offloads, another over-budget event
+    assert (tm.offloads, tm.over_budget_events) == (2, 2)
+
+
+# ---------------------------------------------------------------- on a live engine
+BE_PROMPTS = [list(range(100, 130)), list(range(200, 226))]
+LS_PROMPT = [7, 8, 9, 10, 11]
+
+
+def check_enforce(tm: TensorManager, log: list) -> None:
+    """Wrap ``tm.enforce`` to check the budget promise after every op."""
+    enforce = tm.enforce
+
+    def checked(running_ids: set[str]) -> None:
+        enforce(running_ids)
+        others = [e for rid, e in tm._entries.items() if rid not in running_ids]
+        compact = all(e.offloaded or e.cache.nbytes <= filled_bytes(e.cache) for e in others)
+        log.append((tm.resident_bytes, compact, tm.offloaded_bytes))
+        assert tm.resident_bytes <= tm.budget_bytes or compact
+
+    tm.enforce = checked
+
+
+async def mixed_load(model, budget: int | None):
+    """Two long BE requests, LS requests arriving at fixed ops (so both runs schedule alike)."""
+    recorder = Recorder(load_policy("qllm"))
+    log: list = []
+    handles = []
+    async with qllm.Engine(model=model, policy=recorder, memory_budget=budget, prefill_chunk=8) as engine:
+        if budget is not None:
+            check_enforce(engine._tensors, log)
+
+        def submit_ls():
+            handles.append(engine.submit(LS_PROMPT, max_tokens=4, priority="ls", ignore_eos=True))
+
+        for at in (40, 160, 300):
+            recorder.at[at] = [submit_ls]
+        handles += [engine.submit(p, max_tokens=10, priority="be", ignore_eos=True) for p in BE_PROMPTS]
+        results = [await h.result() for h in handles]
+        while recorder.at:  # an LS request scheduled past the end still runs
+            recorder.fire_all()
+            results += [await h.result() for h in handles[len(results) :]]
+        stats = engine.stats()
+    return results, stats, log
+
+
+async def test_cpu_budget_keeps_outputs_and_moves_counters(tiny):
+    unlimited, free_stats, _ = await mixed_load(tiny, None)
+    budget = 40 * 1024  # about two requests' buffers of the tiny model
+    limited, stats, log = await mixed_load(tiny, budget)
+
+    assert [r.token_ids for r in limited] == [r.token_ids for r in unlimited]
+    assert all(r.status == "length" for r in limited)
+    for r, prompt in zip(limited[:2], BE_PROMPTS):
+        assert r.token_ids == greedy(tiny, prompt, 10, 8)
+    assert sum(r.preemptions for r in limited) > 0  # BE was suspended: there was something to move
+    memory = stats["memory"]
+    assert memory["budget_bytes"] == budget and memory["offloads"] > 0
+    assert memory["restores"] == 0  # on CPU compaction has nothing to bring back
+    assert free_stats["memory"]["offloads"] == 0 and free_stats["memory"]["budget_bytes"] is None
+    # Both sides of the promise occurred: within budget, and over it with only the running set loose.
+    assert any(resident <= budget for resident, _, _ in log)
+    assert any(resident > budget for resident, _, _ in log)
+    assert (memory["resident_bytes"], memory["requests"]) == (0, 0)
+
+
+@cuda
+def test_cuda_offload_and_restore_roundtrip():
+    a, b = filled_cache(40, "cuda", seed=1), filled_cache(25, "cuda", seed=2)
+    before = contents(a)
+    tm = TensorManager("cuda", 0)
+    tm.register("a", a)
+    tm.register("b", b)
+    allocated = torch.cuda.memory_allocated()
+
+    tm.enforce({"b"})  # a is not running: it goes to pinned host memory
+
+    assert tm.is_offloaded("a") and not tm.is_offloaded("b")
+    assert tm.resident_bytes == b.nbytes and tm.offloaded_bytes == 40 * TOKEN_BYTES
+    assert all(t is None for t in a.keys)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() < allocated
+    assert tm.stats()["offloaded_requests"] == 1 and tm.offloads == 1 and tm.over_budget_events == 1
+
+    tm.before_run(["a"])  # back on the device; compute on the current stream must see the data
+    sums = [t[:, : a.lengths[i]].sum() for i in range(LAYERS) for t in (a.keys[i], a.values[i])]
+    assert not tm.is_offloaded("a") and tm.restores == 1 and tm.offloaded_bytes == 0
+    assert a.keys[0].device.type == "cuda"
+    assert [float(s) for s in sums] == [float(t.sum()) for t in before]
+    assert all(torch.equal(x, y) for x, y in zip(contents(a), before))
+    tm.release("a")
+    tm.release("b")
+    assert tm.resident_bytes == 0 and tm.offloaded_bytes == 0
+
+
+@cuda
+async def test_cuda_engine_offloads_and_restores_with_unchanged_outputs():
+    model = load_model("tiny", device="cuda")  # one copy on the device for both runs
+    unlimited, free_stats, _ = await mixed_load(model, None)
+    limited, stats, log = await mixed_load(model, 0)
+
+    assert [r.token_ids for r in limited] == [r.token_ids for r in unlimited]
+    assert all(r.status == "length" for r in limited)
+    memory = stats["memory"]
+    assert memory["device"].startswith("cuda")
+    assert memory["offloads"] > 0 and memory["restores"] > 0
+    assert max(offloaded for _, _, offloaded in log) > 0
+    assert (memory["resident_bytes"], memory["offloaded_bytes"], memory["requests"]) == (0, 0, 0)
+    assert free_stats["memory"]["offloads"] == 0

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger()
 
 _CLOSE = object()  # the writer's sentinel: flush and close
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 1 << 20
 # A token is rarely longer than this many characters; longer prompts are refused before tokenizing.
 MAX_CHARS_PER_TOKEN = 32
 
@@ -74,8 +76,10 @@ class Connection:
         self._reader_task: asyncio.Task | None = None
         self._reading = True
         self._closing = False
-        self._broken = False
+        self._gone = False  # the client stopped sending (EOF, reset, bad framing) or cannot be written
+        self._broken = False  # writing failed: drop what is queued
         self._closed = False
+        self._refused = False  # closed on a protocol violation: linger so the client reads why
         self.log = log.bind(conn=name)
 
     @property
@@ -87,16 +91,30 @@ class Connection:
         """Serve the connection until the client leaves or the server has shut it down."""
         try:
             if not self._peer_allowed():
+                await self._linger()
                 return
             async with asyncio.TaskGroup() as tg:
                 self._tasks = tg
                 tg.create_task(self._write_loop(), name=f"{self.name}-writer")
                 self._reader_task = tg.create_task(self._read_loop(), name=f"{self.name}-reader")
+            if self._refused:
+                await self._linger()
         finally:
             self.writer.close()
             with contextlib.suppress(Exception):
                 await self.writer.wait_closed()
             self.log.debug("connection_closed")
+
+    async def _linger(self) -> None:
+        """Close our side after the last frame and discard what the client still sends, for a
+        while, so that the client reads our error frame rather than a connection reset."""
+        with contextlib.suppress(OSError, RuntimeError):
+            self.writer.write_eof()
+        with contextlib.suppress(TimeoutError, ConnectionError, OSError):
+            async with asyncio.timeout(LINGER_SECONDS):
+                discarded = 0
+                while discarded < LINGER_BYTES and (data := await self.reader.read(65536)):
+                    discarded += len(data)
 
     def shutdown(self) -> None:
         """Server shutdown: close once every live request has sent its final frame."""
@@ -146,6 +164,7 @@ class Connection:
                 if self._outbox.empty():
                     await self.writer.drain()
             except (ConnectionError, OSError):
+                self._broken = True  # frames still queued are dropped
                 self._client_gone("write_failed")
         with contextlib.suppress(ConnectionError, OSError):
             if not self._broken:
@@ -162,6 +181,7 @@ class Connection:
                 return
             if not isinstance(hello, p.Hello):
                 self.send(p.Error(code=p.PROTOCOL_ERROR, message="the first frame must be a hello"))
+                self._refused = True
                 return
             if hello.protocol != p.PROTOCOL_VERSION:
                 self.send(
@@ -170,6 +190,7 @@ class Connection:
                         message=f"protocol {hello.protocol} is not supported; this server speaks {p.PROTOCOL_VERSION}",
                     )
                 )
+                self._refused = True
                 return
             self.send(self.server.welcome())
             while (message := await self._read_message()) is not None:
@@ -179,15 +200,16 @@ class Connection:
             reason = "hello_timeout"
         except p.FrameTooLarge as exc:
             self.send(p.Error(code=exc.code, message=str(exc)))
+            self._refused = True
             reason = "frame_too_large"
         except asyncio.IncompleteReadError:
             reason = "truncated_frame"
         except (ConnectionError, OSError):
             reason = "reset"
         except asyncio.CancelledError:
-            if not self._closing and not self._broken:
+            if not self._closing and not self._gone:
                 raise
-            reason = "shutdown" if self._closing else "gone"
+            reason = "shutdown" if self._closing else "write_failed"
         finally:
             self._reading = False
             if not self._closing:
@@ -210,10 +232,14 @@ class Connection:
                 self.send(p.Error(id=rid, code=code, message=str(exc)))
 
     def _client_gone(self, reason: str) -> None:
-        """The client left: cancel its live requests (their memory is freed by the engine)."""
-        if self._broken:
+        """The client left: cancel its live requests (their memory is freed by the engine).
+
+        Frames already queued are still written while the socket takes them, so a client that
+        only shut down its sending side still reads the replies to what it sent.
+        """
+        if self._gone:
             return
-        self._broken = True
+        self._gone = True
         if self._live:
             self.log.info("client_gone", reason=reason, cancelling=len(self._live))
         for handle in self._live.values():

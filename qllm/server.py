@@ -52,6 +52,7 @@ class Server:
         self.draining = False
         self.started = time.monotonic()
         self.address = ""
+        self.activated = False
         self._connections: set[Connection] = set()
         self._conn_ids = itertools.count(1)
         self._accepted = 0
@@ -86,6 +87,7 @@ class Server:
             "connections_accepted": self._accepted,
             "uptime_s": time.monotonic() - self.started,
             "draining": self.draining,
+            "socket_activated": self.activated,
         }
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
@@ -108,30 +110,38 @@ class Server:
     async def serve(self, listener: Listener, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set, then drain and close every connection."""
         self.address = listener.address
+        self.activated = listener.activated
         async with asyncio.TaskGroup() as tg:
             self._tasks = tg
             server = await asyncio.start_unix_server(self._accept, sock=listener.sock, limit=1 << 16)
-            self._set_status(f"serving {self.model_name} ({self.engine.policy.name}) on {self.address}")
-            self.notify("READY=1")
-            log.info(
-                "server_ready", address=self.address, model=self.model_name, policy=self.engine.policy.name
-            )
-            interval = systemd.watchdog_interval()
-            watchdog = tg.create_task(self.watchdog(interval)) if interval else None
-            await stop.wait()
+            try:
+                self._set_status(f"serving {self.model_name} ({self.engine.policy.name}) on {self.address}")
+                self.notify("READY=1")
+                log.info(
+                    "server_ready",
+                    address=self.address,
+                    model=self.model_name,
+                    policy=self.engine.policy.name,
+                )
+                interval = systemd.watchdog_interval()
+                watchdog = tg.create_task(self.watchdog(interval)) if interval else None
+                await stop.wait()
 
-            self.notify("STOPPING=1")
-            self.draining = True
-            server.close()
-            live = sum(c.live for c in self._connections)
-            timeout = self.config.drain_timeout
-            self._set_status(f"draining {live} requests (up to {timeout:g} s)")
-            log.info("server_draining", live=live, timeout_s=timeout)
-            await self.engine.drain(timeout)
-            for conn in list(self._connections):
-                conn.shutdown()
-            if watchdog is not None:
-                watchdog.cancel()
+                self.notify("STOPPING=1")
+                self.draining = True
+                server.close()
+                live = sum(c.live for c in self._connections)
+                timeout = self.config.drain_timeout
+                self._set_status(f"draining {live} requests (up to {timeout:g} s)")
+                log.info("server_draining", live=live, timeout_s=timeout)
+                await self.engine.drain(timeout)
+                for conn in list(self._connections):
+                    conn.shutdown()
+                if watchdog is not None:
+                    watchdog.cancel()
+            finally:
+                self.draining = True
+                server.close()
         log.info("server_stopped")
 
     def _set_status(self, status: str) -> None:
@@ -139,20 +149,32 @@ class Server:
 
     async def watchdog(self, interval: float) -> None:
         """Ping systemd's watchdog every ``interval`` s while the kernel progresses or is idle."""
-        last = self.engine.progress
+        heartbeat = Heartbeat(self.engine)
         stalled = False
         while True:
             await asyncio.sleep(interval)
-            progress = self.engine.progress
-            if progress != last or not self.engine.busy:
+            if heartbeat.alive():
                 self.notify("WATCHDOG=1")
                 if stalled:
-                    log.info("watchdog_recovered", progress=progress)
+                    log.info("watchdog_recovered", progress=heartbeat.last)
                 stalled = False
             elif not stalled:
                 stalled = True
-                log.warning("watchdog_stalled", progress=progress, interval_s=interval)
-            last = progress
+                log.warning("watchdog_stalled", progress=heartbeat.last, interval_s=interval)
+
+
+class Heartbeat:
+    """Whether the kernel is healthy at each watchdog tick: it completed an op since the previous
+    tick, or it has nothing to do. A compute that hangs with requests live is neither."""
+
+    def __init__(self, engine: Any):
+        self.engine = engine
+        self.last = engine.progress
+
+    def alive(self) -> bool:
+        progress = self.engine.progress
+        advanced, self.last = progress != self.last, progress
+        return advanced or not self.engine.busy
 
 
 def _install_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:

@@ -1,0 +1,119 @@
+"""Helpers for the server tests: a server on a temporary socket, in this loop or in a thread."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qllm import protocol as p
+from qllm.config import Config, ServerConfig
+from qllm.listener import open_listener
+from qllm.server import Server
+
+
+@dataclass
+class Running:
+    server: Server
+    engine: Any
+    path: Path
+    notes: list[str] = field(default_factory=list)  # what the server told sd_notify, in order
+
+
+@asynccontextmanager
+async def running_server(
+    tmp_path: Path,
+    model: Any,
+    *,
+    policy: str = "priority-aging",
+    engine: Any = None,
+    credentials=None,
+    **settings,
+) -> AsyncIterator[Running]:
+    """Serve ``model`` on ``tmp_path/qllm.sock`` from this event loop until the block ends."""
+    from qllm import Engine
+
+    config = Config(server=ServerConfig(socket=str(tmp_path / "qllm.sock"), **settings))
+    listener = open_listener(config.server, env={})
+    engine = engine if engine is not None else Engine(model=model, policy=policy)
+    ready = asyncio.Event()
+    notes: list[str] = []
+
+    def notify(state: str) -> bool:
+        notes.append(state)
+        if state == "READY=1":
+            ready.set()
+        return True
+
+    stop = asyncio.Event()
+    extra = {} if credentials is None else {"credentials": credentials}
+    try:
+        async with engine:
+            server = Server(engine, config, notify=notify, **extra)
+            serving = asyncio.create_task(server.serve(listener, stop))
+            waiting = asyncio.create_task(ready.wait())
+            await asyncio.wait([serving, waiting], return_when=asyncio.FIRST_COMPLETED)
+            waiting.cancel()
+            if serving.done():
+                serving.result()  # it failed to start: raise why
+            try:
+                yield Running(server, engine, Path(config.server.socket), notes)
+            finally:
+                stop.set()
+                await serving
+    finally:
+        listener.close()
+
+
+@contextmanager
+def server_thread(tmp_path: Path, model: Any, **kw: Any):
+    """The same server on an event loop in a thread, for blocking clients and sockets."""
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    box: dict[str, Any] = {}
+
+    async def main() -> None:
+        try:
+            async with running_server(tmp_path, model, **kw) as running:
+                box["running"] = running
+                box["stop"] = asyncio.Event()
+                started.set()
+                await box["stop"].wait()
+        except BaseException as exc:
+            box["error"] = exc
+            started.set()
+            raise
+
+    thread = threading.Thread(target=lambda: loop.run_until_complete(main()), daemon=True)
+    thread.start()
+    started.wait()
+    if "error" in box:
+        thread.join()
+        raise box["error"]
+    try:
+        yield box["running"]
+    finally:
+        loop.call_soon_threadsafe(box["stop"].set)
+        thread.join()
+        loop.close()
+
+
+def recv_frames(sock: socket.socket, max_bytes: int = 1 << 24) -> list[p.Message]:
+    """Every frame until the server closes the connection, decoded (raises on a malformed one)."""
+    data = bytearray()
+    while chunk := sock.recv(65536):
+        data += chunk
+        if len(data) > max_bytes:
+            raise AssertionError("the server sent more than expected")
+    frames, at = [], 0
+    while at < len(data):
+        size = int.from_bytes(data[at : at + 4], "big")
+        assert at + 4 + size <= len(data), "the server sent a truncated frame"
+        frames.append(p.decode_server(bytes(data[at + 4 : at + 4 + size])))
+        at += 4 + size
+    return frames

@@ -159,10 +159,7 @@ class Dispatcher:
         request = self.live.get(request_id) or next((r for r in self.waiting if r.id == request_id), None)
         if request is None:
             return
-        if request_id in self.in_flight:  # its op is computing: finish once it returns
-            request.error = reason
-            request.status = RequestStatus.FINISHED_ABORTED
-            return
+        # The mailbox is read between batches only, so a cancelled request never has an op computing.
         self._finish(request, RequestStatus.FINISHED_ABORTED, reason)
 
     def _finish(self, request: Request, status: RequestStatus, error: str | None = None) -> None:
@@ -210,17 +207,16 @@ class Dispatcher:
     def _advance(self, request: Request, result: Any) -> None:
         """Resume the request's generator until it yields its next op or finishes."""
         steps = request.steps
-        boundary = request.pending is None
         try:
             while True:
                 item = steps.send(result)
                 if isinstance(item, Token):
                     self._emit(request, item.token_id)
                     result = None
-                    boundary = True
                     continue
                 request.pending = item
-                request.at_boundary = boundary
+                # Every forward pass (a decode step or a prefill chunk) starts with layer 0's attention.
+                request.at_boundary = item.kind is OpKind.ATTENTION and item.layer == 0
                 return
         except StopIteration as stop:
             status = RequestStatus.FINISHED_LENGTH if stop.value == "length" else RequestStatus.FINISHED_STOPPED
@@ -330,13 +326,15 @@ class Dispatcher:
         self.progress += 1
         for i, request in enumerate(batch):
             request.ops_done += 1
-            if request.status is RequestStatus.FINISHED_ABORTED:  # cancelled while computing
-                self._finish(request, RequestStatus.FINISHED_ABORTED, request.error)
-            elif results is None:
+            if results is None:
                 self._finish(request, RequestStatus.FINISHED_ERROR, error)
             else:
                 self._advance(request, results[i])
         self.tensors.enforce({r.id for r in self.live.values() if r.status is RequestStatus.RUNNING})
+        if self.tensors.has_offloaded:  # bring back what the policy will likely run next
+            view = self._view()
+            upcoming = self._call_policy("order", view.ready, view)[: self.max_batch]
+            self.tensors.prefetch([r.id for r in upcoming])
 
     def _precedence(self, request: Request) -> tuple:
         view = self.views[request.id]

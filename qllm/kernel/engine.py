@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import structlog
+import torch
 
 from qllm.errors import EngineClosed, InvalidRequest
 from qllm.generation import encode
@@ -63,7 +64,7 @@ class Engine:
         policy: str | type[Policy] | Policy | None = DEFAULT_POLICY,
         *,
         dtype: str | None = None,
-        device: str = "cpu",
+        device: str | None = None,
         memory_budget: int | None = None,
         max_batch: int = 32,
         prefill_chunk: int = 128,
@@ -77,7 +78,11 @@ class Engine:
         if memory_budget is not None and memory_budget < 0:
             raise ValueError("memory_budget must be >= 0 bytes")
         self.policy = load_policy(policy)
-        self.model: MoEModel = load_model(model, dtype=dtype, device=device, batch_invariant=batch_invariant)
+        if isinstance(model, MoEModel) and device is not None and torch.device(device) != model.device:
+            raise ValueError(f"the model is loaded on {model.device}, not on {device}; load it there or omit device")
+        self.model: MoEModel = load_model(
+            model, dtype=dtype, device=device or "cpu", batch_invariant=batch_invariant
+        )
         self.metrics = Metrics()
         self._compute = Compute(compute)
         self._tensors = TensorManager(self.model.device, memory_budget)

@@ -45,6 +45,8 @@ class TensorManager:
         self.offloads = 0
         self.restores = 0
         self.over_budget_events = 0
+        self.prefetches = 0
+        self._over = False
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     # ---------------------------------------------------------------- registry
@@ -82,6 +84,7 @@ class TensorManager:
             "offloaded_requests": sum(e.offloaded for e in self._entries.values()),
             "offloads": self.offloads,
             "restores": self.restores,
+            "prefetches": self.prefetches,
             "over_budget_events": self.over_budget_events,
         }
 
@@ -104,14 +107,26 @@ class TensorManager:
                 torch.cuda.current_stream(self.device).wait_event(entry.ready_event)
                 entry.ready_event = None
 
+    @property
+    def has_offloaded(self) -> bool:
+        return any(e.offloaded for e in self._entries.values())
+
     def prefetch(self, request_ids: list[str]) -> None:
-        """Start bringing back requests that are likely to run soon (CUDA: async on the side stream)."""
+        """Start bringing back offloaded requests likely to run soon, as far as the budget allows
+        (CUDA: asynchronously on the side stream; the compute stream waits on its event later)."""
         if self._stream is None:
             return
+        headroom = None if self.budget_bytes is None else self.budget_bytes - self.resident_bytes
         for rid in request_ids:
             entry = self._entries.get(rid)
-            if entry is not None and entry.offloaded:
-                self._restore(entry)
+            if entry is None or not entry.offloaded:
+                continue
+            if headroom is not None:
+                if entry.pinned_bytes > headroom:
+                    break
+                headroom -= entry.pinned_bytes
+            self.prefetches += 1
+            self._restore(entry)
 
     def enforce(self, running_ids: set[str]) -> None:
         """Offload the coldest requests outside ``running_ids`` until resident memory fits the budget."""
@@ -119,6 +134,7 @@ class TensorManager:
             return
         resident = self.resident_bytes
         if resident <= self.budget_bytes:
+            self._over = False
             return
         for rid, entry in sorted(self._entries.items(), key=lambda kv: kv[1].last_used):
             if resident <= self.budget_bytes:
@@ -128,9 +144,11 @@ class TensorManager:
             before = entry.cache.nbytes
             self._offload(entry)
             resident -= before - (0 if entry.offloaded else entry.cache.nbytes)
-        if resident > self.budget_bytes:
+        over = resident > self.budget_bytes
+        if over and not self._over:  # log the transition, not every op spent over budget
             self.over_budget_events += 1
-            log.debug("memory_over_budget", resident_bytes=resident, budget_bytes=self.budget_bytes)
+            log.info("memory_over_budget", resident_bytes=resident, budget_bytes=self.budget_bytes)
+        self._over = over
 
     # ---------------------------------------------------------------- moves
     def _offload(self, entry: _Entry) -> None:

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# CUDA checks on a GPU machine (its python3 holds a CUDA torch; msgspec, structlog and
+# pytest-asyncio travel as wheels in .whl/). Prints versions, runs the CUDA tests and
+# scripts/cuda_check.py. Usage: scripts/gpu-check.sh [--bench]
+set -uo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
+python3 -m pytest -q -p no:cacheprovider -o filterwarnings=default tests/test_tensor_manager.py tests/test_smoke.py 2>&1 | tail -15
+python3 scripts/cuda_check.py "$@"

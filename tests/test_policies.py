@@ -131,6 +131,18 @@ def test_priority_aging_runs_be_after_it_waited_max_wait():
     assert ids(policy.select(make_kernel([ls, be], now=2.5))) == ["be"]
 
 
+def test_priority_aging_grants_starved_be_one_op_then_ls_again():
+    policy = PriorityAgingPolicy(be_share=0.0, max_wait_s=2.0)
+    ls = make_request("ls", "ls", op=ATTN0, arrival=0.0)
+    be_a = make_request("be-a", op=ATTN1, arrival=0.0)
+    be_b = make_request("be-b", op=(OpKind.EXPERT, 1, 3), arrival=0.0)  # another op: not batchable with be-a
+    kernel = [ls, be_a, be_b]
+    assert ids(policy.select(make_kernel(kernel, now=2.5)))[0].startswith("be")  # waited > max_wait
+    assert ids(policy.select(make_kernel(kernel, now=2.6))) == ["ls"]  # one BE op, then LS again
+    assert ids(policy.select(make_kernel(kernel, now=4.0))) == ["ls"]
+    assert ids(policy.select(make_kernel(kernel, now=4.7)))[0].startswith("be")
+
+
 def test_priority_aging_gives_be_its_share_of_compute_time():
     policy = PriorityAgingPolicy(be_share=0.25, max_wait_s=1e9)
     ls = make_request("ls", "ls", op=ATTN0)

@@ -2,8 +2,9 @@
 
 LS work still goes first at expert granularity, but best-effort work is guaranteed a share of
 compute: when BE work is ready and BE batches got less than ``be_share`` of the compute time of
-the recent past (an exponentially weighted window of ``window_s`` seconds), or a ready BE request
-has waited longer than ``max_wait_s`` since it last ran, a BE batch runs next. LS batches take BE
+the recent past (an exponentially weighted window of ``window_s`` seconds), or no BE batch has run
+for ``max_wait_s`` while BE work waited, one BE batch runs next. Each guard grants BE one op at a
+time, so an LS request never waits behind more than one BE op because of them. LS batches take BE
 requests at the same op along only up to ``fill_rows`` rows, so that riding along is almost free
 for the LS request (batched matmuls are padded to 4 rows anyway).
 """
@@ -31,7 +32,7 @@ class PriorityAgingPolicy(Policy):
         self._be_time = 0.0  # decayed seconds spent on BE-led batches
         self._all_time = 0.0
         self._last: tuple[float, bool] | None = None  # (decision time, last batch was BE-led)
-        self._last_run: dict[str, float] = {}
+        self._be_last_run = -math.inf  # when the last BE-led batch ran
 
     order = QLLMPolicy.order
 
@@ -48,8 +49,8 @@ class PriorityAgingPolicy(Policy):
             return False
         if self._all_time > 0 and self._be_time / self._all_time < self.be_share:
             return True
-        oldest = min(self._last_run.get(r.id, r.arrival) for r in be)
-        return now - oldest > self.max_wait_s
+        waiting_since = max(self._be_last_run, min(r.arrival for r in be))
+        return now - waiting_since > self.max_wait_s
 
     def select(self, kernel: KernelView) -> Sequence[RequestView]:
         now = kernel.now
@@ -73,9 +74,6 @@ class PriorityAgingPolicy(Policy):
                 rows += r.rows
         be_led = not batch[0].is_ls
         self._last = (now, be_led)
-        for r in batch:
-            self._last_run[r.id] = now
+        if be_led:
+            self._be_last_run = now
         return batch
-
-    def on_finish(self, request: RequestView, kernel: KernelView) -> None:
-        self._last_run.pop(request.id, None)

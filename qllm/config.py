@@ -124,8 +124,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config {source} is not valid TOML: {exc}") from None
     pruned = {
-        section: {k: v for k, v in values.items() if v is not None}
+        section: given
         for section, values in (overrides or {}).items()
+        if (given := {k: v for k, v in values.items() if v is not None})
     }
     data = _merge(data, pruned)
     try:

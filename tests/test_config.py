@@ -1,0 +1,130 @@
+"""Settings: TOML file, command-line overrides, one clear error per bad key or value."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qllm.cli import build_parser
+from qllm.commands.serve import overrides
+from qllm.config import ConfigError, client_socket_path, default_socket_path, load_config
+from qllm.listener import open_listener
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "qllm.toml"
+    path.write_text(text)
+    return path
+
+
+def test_file_values_and_defaults(tmp_path):
+    config = load_config(
+        write(
+            tmp_path,
+            '[engine]\nmodel = "small-random"\npolicy = "fcfs"\nmax_batch = 8\n'
+            '[server]\nsocket = "/tmp/x.sock"\nsocket_mode = 0o600\nallow_uids = [1000, 1001]\n'
+            'drain_timeout = 5\n[log]\nlevel = "debug"\n',
+        )
+    )
+    assert (config.engine.model, config.engine.policy, config.engine.max_batch) == ("small-random", "fcfs", 8)
+    assert config.engine.prefill_chunk == 128  # untouched: default
+    assert (config.server.socket, config.server.socket_mode) == ("/tmp/x.sock", 0o600)
+    assert config.server.allow_uids == [1000, 1001]
+    assert config.server.drain_timeout == 5.0
+    assert config.log.level == "debug"
+
+
+def test_socket_mode_as_an_octal_string(tmp_path):
+    assert load_config(write(tmp_path, '[server]\nsocket_mode = "0640"\n')).server.socket_mode == 0o640
+
+
+def test_command_line_overrides_the_file(tmp_path):
+    path = write(tmp_path, '[engine]\nmodel = "small-random"\n[server]\ndrain_timeout = 5\n')
+    args = build_parser().parse_args(["serve", "--config", str(path), "--model", "tiny", "--allow-uid", "7"])
+    config = load_config(args.config, overrides(args))
+    assert config.engine.model == "tiny"
+    assert config.server.drain_timeout == 5.0  # not given on the command line: the file's
+    assert config.server.allow_uids == [7]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[server]\nsockt = "/x"\n', r"unknown field `sockt` - at `\$.server`"),
+        ("[engine]\nmax_batch = 0\n", r"Expected `int` >= 1 - at `\$.engine.max_batch`"),
+        ('[log]\nlevel = "loud"\n', r"level"),
+        ('[server]\nsocket_mode = "rw-rw----"\n', r"server.socket_mode must be octal"),
+        ("[server]\nsocket_mode = 0o7777\n", r"server.socket_mode must be within"),
+        ('[server]\ndrain_timeout = "soon"\n', r"Expected `float`.*drain_timeout"),
+        ("[telemetry]\n", r"unknown field `telemetry`"),
+        ("[server\n", r"not valid TOML"),
+    ],
+)
+def test_bad_settings_are_one_clear_error_naming_the_file(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "absent.toml")
+
+
+def test_bad_override_is_reported_as_such():
+    with pytest.raises(ConfigError, match="command-line overrides"):
+        load_config(None, {"server": {"socket_mode": "xyz"}})
+
+
+def test_serve_reports_a_bad_config_in_one_line_before_loading_anything(tmp_path):
+    path = write(tmp_path, "[server]\nbogus = 1\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "qllm", "serve", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        f"qllm serve: error: invalid setting in {path}: Object contains unknown field `bogus` - at `$.server`"
+    ]
+
+
+def test_default_socket_paths():
+    assert default_socket_path({"RUNTIME_DIRECTORY": "/run/qllm/tiny"}) == Path("/run/qllm/tiny/qllm.sock")
+    assert default_socket_path({"INVOCATION_ID": "abc"}) == Path("/run/qllm/qllm.sock")
+    assert default_socket_path({"XDG_RUNTIME_DIR": "/run/user/1000"}, uid=1000) == Path(
+        "/run/user/1000/qllm.sock"
+    )
+    assert default_socket_path({}, uid=0) == Path("/run/qllm/qllm.sock")
+    assert default_socket_path({}, uid=1000) == Path("/tmp/qllm-1000/qllm.sock")
+    assert client_socket_path({"QLLM_SOCKET": "/a/b.sock"}) == Path("/a/b.sock")
+
+
+def test_socket_file_mode_and_stale_socket(tmp_path):
+    config = load_config(None, {"server": {"socket": str(tmp_path / "q.sock"), "socket_mode": "0640"}})
+    first = open_listener(config.server, env={})
+    try:
+        assert stat.S_IMODE(os.stat(tmp_path / "q.sock").st_mode) == 0o640
+        with pytest.raises(ValueError, match="already listening"):
+            open_listener(config.server, env={})
+    finally:
+        first.sock.close()  # dies without cleaning up: a stale socket file stays
+    assert (tmp_path / "q.sock").exists()
+    second = open_listener(config.server, env={})  # replaces the stale file
+    second.close()
+    assert not (tmp_path / "q.sock").exists()
+
+
+def test_socket_path_that_is_not_a_socket(tmp_path):
+    (tmp_path / "q.sock").write_text("important")
+    config = load_config(None, {"server": {"socket": str(tmp_path / "q.sock")}})
+    with pytest.raises(ValueError, match="not a socket"):
+        open_listener(config.server, env={})
+    assert (tmp_path / "q.sock").read_text() == "important"

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from qllm.cache import KVCache
+from qllm.models.gemm import linear
 from qllm.ops import Op, OpKind
 
 ROW_MULTIPLE = 4
@@ -91,9 +92,9 @@ class MoEModel:
     def qkv(self, attn: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Query, key, value of rows ``x`` before rotary: ``[N, heads, head_dim]`` each."""
         n = x.shape[0]
-        q = attn.q_proj(x).view(n, -1, self.head_dim)
-        k = attn.k_proj(x).view(n, -1, self.head_dim)
-        v = attn.v_proj(x).view(n, -1, self.head_dim)
+        q = linear(x, attn.q_proj.weight, attn.q_proj.bias).view(n, -1, self.head_dim)
+        k = linear(x, attn.k_proj.weight, attn.k_proj.bias).view(n, -1, self.head_dim)
+        v = linear(x, attn.v_proj.weight, attn.v_proj.bias).view(n, -1, self.head_dim)
         if hasattr(attn, "q_norm"):  # per-head norm (Qwen3-MoE)
             q, k = attn.q_norm(q), attn.k_norm(k)
         return q, k, v
@@ -110,8 +111,8 @@ class MoEModel:
     def expert(self, block: torch.nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert ``e`` on rows ``x``, computed from the fused weights (no copy)."""
         experts = block.experts
-        gate, up = F.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
-        return F.linear(experts.act_fn(gate) * up, experts.down_proj[e])
+        gate, up = linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
+        return linear(experts.act_fn(gate) * up, experts.down_proj[e])
 
     def attn_norm(self, layer: torch.nn.Module) -> torch.nn.Module:
         """Norm applied to the residual stream before attention."""
@@ -124,7 +125,8 @@ class MoEModel:
     def attn_out(self, layer: torch.nn.Module, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Attention's contribution to the residual from its heads' output ``o`` ``[N, heads * head_dim]``;
         ``x`` is the normed input (for output gates)."""
-        return layer.self_attn.o_proj(o)
+        o_proj = layer.self_attn.o_proj
+        return linear(o, o_proj.weight, o_proj.bias)
 
     def routed_out(self, block: torch.nn.Module, y: torch.Tensor) -> torch.Tensor:
         """The routed experts' summed output ``y`` as the MoE block uses it (before any shared expert)."""
@@ -153,7 +155,8 @@ class MoEModel:
         return getattr(block, "shared_experts", None) is not None
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.hf.lm_head(self.body.norm(h))
+        head = self.hf.lm_head
+        return linear(self.body.norm(h), head.weight, head.bias)
 
     # ------------------------------------------------------------------ request side
     def new_cache(self) -> KVCache:

@@ -1,0 +1,69 @@
+"""The executor's matmul kernel choice keeps results batch-invariant and close to ``F.linear``.
+
+:func:`qllm.models.gemm.linear` runs large float32 weights through oneDNN; the executor relies on
+a row's result not depending on how many (padded) rows share the call, exactly as for the BLAS.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_families import torch_threads
+
+from qllm.models import gemm
+from qllm.models.base import ROW_MULTIPLE, _pad
+
+# (in_features, out_features): a big-enough weight for oneDNN, and one with a ragged out size.
+SHAPES = [(512, 512), (1024, 1000)]
+THREADS = sorted({1, torch.get_num_threads()})
+
+
+def make_weight(in_features: int, out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(in_features + out_features)
+    weight = torch.randn(out_features, in_features, generator=gen) / in_features**0.5
+    return weight, torch.randn(out_features, generator=gen)
+
+
+@pytest.mark.skipif(not gemm.ONEDNN, reason="this torch build has no oneDNN linear")
+def test_large_float32_weights_use_onednn_and_small_ones_do_not():
+    big, _ = make_weight(*SHAPES[0])
+    with torch.no_grad():
+        assert gemm.uses_onednn(big)
+        assert not gemm.uses_onednn(torch.zeros(64, 64))
+        assert not gemm.uses_onednn(big.to(torch.bfloat16))
+    with torch.enable_grad():
+        assert not gemm.uses_onednn(big)  # autograd needs F.linear
+
+
+@pytest.mark.parametrize("threads", THREADS, ids=lambda n: f"{n}threads")
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize(("in_features", "out_features"), SHAPES)
+def test_padded_row_is_independent_of_batch_mates(in_features, out_features, bias, threads):
+    weight, b = make_weight(in_features, out_features)
+    b = b if bias else None
+    gen = torch.Generator().manual_seed(1)
+    rng = random.Random(0)
+    with torch_threads(threads), torch.no_grad():
+        for _ in range(12):
+            row = torch.randn(1, in_features, generator=gen)
+            alone = gemm.linear(_pad(row, ROW_MULTIPLE), weight, b)[0]
+            size = rng.randint(2, 70)
+            offset = rng.randrange(size)
+            batch = torch.randn(size, in_features, generator=gen)
+            batch[offset] = row[0]
+            together = gemm.linear(_pad(batch, ROW_MULTIPLE), weight, b)
+            assert torch.equal(together[offset], alone), f"batch of {size}, row at {offset}"
+
+
+@pytest.mark.parametrize("rows", [1, 4, 33])
+def test_matches_f_linear(rows):
+    weight, b = make_weight(*SHAPES[1])
+    x = torch.randn(rows, SHAPES[1][0], generator=torch.Generator().manual_seed(rows))
+    with torch.no_grad():
+        ours, reference = gemm.linear(x, weight, b), F.linear(x, weight, b)
+    assert ours.shape == reference.shape and ours.dtype == reference.dtype
+    assert torch.allclose(ours, reference, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(ours, reference + 1e-3)  # the tolerance can fail

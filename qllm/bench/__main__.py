@@ -1,0 +1,5 @@
+import sys
+
+from qllm.bench import main
+
+sys.exit(main())

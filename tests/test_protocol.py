@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
+import re
 import struct
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -30,11 +33,34 @@ def test_frame_is_big_endian_length_then_msgpack_map():
     }
 
 
-def test_documented_hello_bytes():
-    # The example exchange in docs/protocol.md shows exactly these bytes.
-    assert p.encode_frame(p.Hello(client="")).hex() == (
-        "0000001e83a474797065a568656c6c6fa870726f746f636f6c01a6636c69656e74a0"
-    )
+def documented_frames() -> list[tuple[str, bytes, object]]:
+    """(direction, frame bytes, JSON) of each complete frame in docs/protocol.md's example."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "protocol.md").read_text()
+    example = text.split("## Example exchange", 1)[1].split("```", 2)[1]
+    frames = []
+    for block in re.split(r"\n\s*\n", example):
+        match = re.match(r"\s*([CS]): ([0-9a-f ]+)\|(.*?)\n\s*(\{.*)", block, re.S)
+        if not match or "..." in match.group(3):
+            continue
+        direction, header, body, json_text = match.groups()
+        data = bytes.fromhex(header + "".join(body.split()))
+        shown, _ = json.JSONDecoder().raw_decode(
+            re.sub(r"\s*\n\s*", "", json_text)
+        )  # text after it: a comment
+        frames.append((direction, data, shown))
+    return frames
+
+
+def test_the_documented_example_frames_decode_as_shown():
+    frames = documented_frames()
+    assert len(frames) >= 6
+    for direction, data, shown in frames:
+        assert data[:4] == len(data[4:]).to_bytes(4, "big")
+        assert msgspec.msgpack.decode(data[4:]) == shown
+        decode = p.decode_client if direction == "C" else p.decode_server
+        message = decode(data[4:])
+        if direction == "S":  # the server sends every field: the doc shows what we encode
+            assert p.encode_frame(message) == data
 
 
 CLIENT_MESSAGES = [

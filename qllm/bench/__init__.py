@@ -61,7 +61,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = configure(argparse.ArgumentParser(prog="python -m qllm.bench", description=__doc__.splitlines()[0]))
+    parser = configure(
+        argparse.ArgumentParser(prog="python -m qllm.bench", description=__doc__.splitlines()[0])
+    )
     return run(parser.parse_args(argv))
 
 

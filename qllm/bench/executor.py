@@ -27,7 +27,9 @@ QLLM_UNPADDED = "qllm_unpadded"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="small-random", help="preset name or model directory (default small-random)")
+    parser.add_argument(
+        "--model", default="small-random", help="preset name or model directory (default small-random)"
+    )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype")
     parser.add_argument("--prompt-tokens", type=int, default=64, help="prompt length in tokens (default 64)")
     parser.add_argument("--decode-tokens", type=int, default=32, help="tokens generated per run (default 32)")

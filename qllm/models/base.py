@@ -70,6 +70,12 @@ class MoEModel:
         # state on it), so each request's rows get their own call to stay batch-invariant.
         rope_type = str(getattr(self.body.rotary_emb, "rope_type", "default"))
         self._rotary_per_request = "dynamic" in rope_type or "longrope" in rope_type
+        # One request's layers share their positions: its attention ops reuse the rotary tables
+        # computed for the first layer (only where every layer's rotary is the same).
+        self._rotary_shared = not self._rotary_per_request and (
+            type(self).rotary_embedding is MoEModel.rotary_embedding
+        )
+        self._rotary_memo: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._runners: dict[OpKind, Callable[[list[Op]], list[Any]]] = {
             OpKind.ATTENTION: self._run_attention,
             OpKind.ROUTER: self._run_router,
@@ -195,6 +201,14 @@ class MoEModel:
     def _moe(self, i, block, x, weights, experts) -> Generator[Op, Any, torch.Tensor]:
         # Sum in ascending expert order, as transformers does, whatever order ops run in.
         out = torch.zeros_like(x)
+        if x.shape[0] == 1:  # a decode step: the same sums without the row bookkeeping
+            chosen = experts[0].tolist()
+            for slot in sorted(range(len(chosen)), key=chosen.__getitem__):
+                out += yield Op(OpKind.EXPERT, i, x, expert=chosen[slot], weight=weights[0, slot : slot + 1])
+            out = self.routed_out(block, out)
+            if self.has_shared(block):
+                out = out + (yield Op(OpKind.SHARED, i, x))
+            return out
         for e in torch.unique(experts).tolist():
             rows, slots = (experts == e).nonzero(as_tuple=True)
             y = yield Op(OpKind.EXPERT, i, x[rows], expert=e, weight=weights[rows, slots])
@@ -213,11 +227,14 @@ class MoEModel:
             return self._runners[ops[0].kind](ops)
 
     def _rows(self, ops: list[Op]) -> tuple[torch.Tensor, list[int]]:
-        sizes = [op.rows for op in ops]
-        x = ops[0].x if len(ops) == 1 else torch.cat([op.x for op in ops])
-        return _pad(x, self.row_multiple), sizes
+        if len(ops) == 1:
+            x = ops[0].x
+            return _pad(x, self.row_multiple), [x.shape[0]]
+        return _pad(torch.cat([op.x for op in ops]), self.row_multiple), [op.rows for op in ops]
 
     def _split(self, y: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+        if len(sizes) == 1:
+            return [y if y.shape[0] == sizes[0] else y[: sizes[0]]]
         return list(torch.split(y[: sum(sizes)], sizes))
 
     def _run_attention(self, ops: list[Op]) -> list[torch.Tensor]:
@@ -227,7 +244,9 @@ class MoEModel:
         n = sum(sizes)
         x = self.attn_norm(layer)(x)
         q, k, v = (t[:n] for t in self.qkv(attn, x))
-        if len(ops) == 1 or not self._rotary_per_request:
+        if len(ops) == 1 and self._rotary_shared:
+            cos, sin = self._shared_rotary(v, ops[0].positions)
+        elif len(ops) == 1 or not self._rotary_per_request:
             positions = ops[0].positions if len(ops) == 1 else torch.cat([op.positions for op in ops])
             cos, sin = self.rotary_embedding(ops[0].layer, v, positions)
         else:
@@ -236,11 +255,22 @@ class MoEModel:
         q, k = self.rotary(attn, q, k, cos, sin)
         window = self.sliding_window(attn)
         outs = []
-        for op, qi, ki, vi in zip(ops, q.split(sizes), k.split(sizes), v.split(sizes)):
+        per_request = [(ops[0], q, k, v)] if len(ops) == 1 else zip(ops, q.split(sizes), k.split(sizes), v.split(sizes))
+        for op, qi, ki, vi in per_request:
             keys, values = op.cache.append(ops[0].layer, ki.transpose(0, 1), vi.transpose(0, 1))
             outs.append(_attend(qi.transpose(0, 1), keys, values, attn.scaling, window).transpose(0, 1))
-        o = torch.cat(outs).reshape(n, -1)
+        o = (outs[0] if len(outs) == 1 else torch.cat(outs)).reshape(n, -1)
         return self._split(self.attn_out(layer, _pad(o, self.row_multiple), x), sizes)
+
+    def _shared_rotary(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Keyed on the positions tensor itself, which one forward pass hands to all its layers
+        # (the memo keeps it alive, so its identity cannot be reused by another tensor).
+        memo = self._rotary_memo
+        if memo is not None and memo[0] is positions and memo[1].dtype == x.dtype:
+            return memo[1], memo[2]
+        cos, sin = self.rotary_embedding(0, x, positions)
+        self._rotary_memo = (positions, cos, sin)
+        return cos, sin
 
     def _run_router(self, ops: list[Op]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         layer = self.layers[ops[0].layer]

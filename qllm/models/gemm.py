@@ -38,10 +38,10 @@ def uses_onednn(weight: torch.Tensor) -> bool:
     """Whether :func:`linear` computes with ``weight`` through oneDNN."""
     return (
         ONEDNN
-        and weight.device.type == "cpu"
-        and weight.dtype == torch.float32
-        and weight.dim() == 2
         and weight.numel() >= ONEDNN_MIN_WEIGHT
+        and weight.dtype == torch.float32
+        and weight.device.type == "cpu"
+        and weight.dim() == 2
         and weight.is_contiguous()
         and not torch.is_grad_enabled()
     )

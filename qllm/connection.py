@@ -99,10 +99,15 @@ class Connection:
                 self._reader_task = tg.create_task(self._read_loop(), name=f"{self.name}-reader")
             if self._refused:
                 await self._linger()
+        except asyncio.CancelledError:
+            # Cut off (a client that does not read, at shutdown): drop what is unsent.
+            self.writer.transport.abort()
+            raise
         finally:
             self.writer.close()
             with contextlib.suppress(Exception):
-                await self.writer.wait_closed()
+                async with asyncio.timeout(LINGER_SECONDS):
+                    await self.writer.wait_closed()
             self.log.debug("connection_closed")
 
     async def _linger(self) -> None:
@@ -158,6 +163,10 @@ class Connection:
     async def _write_loop(self) -> None:
         while (frame := await self._outbox.get()) is not _CLOSE:
             if self._broken:
+                continue
+            if self.writer.is_closing():  # the transport saw the peer go: writing would only fail
+                self._broken = True
+                self._client_gone("write_failed")
                 continue
             try:
                 self.writer.write(frame)

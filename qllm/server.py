@@ -31,6 +31,7 @@ from qllm.listener import Credentials, Listener, open_listener, peer_credentials
 log = structlog.get_logger()
 
 FORCED_EXIT_CODE = 130
+CLOSE_TIMEOUT = 10.0  # seconds, after the drain, for clients to read their last frames
 
 
 class Server:
@@ -53,7 +54,7 @@ class Server:
         self.started = time.monotonic()
         self.address = ""
         self.activated = False
-        self._connections: set[Connection] = set()
+        self._connections: dict[Connection, asyncio.Task] = {}
         self._conn_ids = itertools.count(1)
         self._accepted = 0
         self._tasks: asyncio.TaskGroup | None = None
@@ -103,9 +104,9 @@ class Server:
             return
         self._accepted += 1
         conn = Connection(self, reader, writer, f"c{next(self._conn_ids)}", self.credentials)
-        self._connections.add(conn)
         task = self._tasks.create_task(conn.run(), name=conn.name)
-        task.add_done_callback(lambda _: self._connections.discard(conn))
+        self._connections[conn] = task
+        task.add_done_callback(lambda _: self._connections.pop(conn, None))
 
     async def serve(self, listener: Listener, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set, then drain and close every connection."""
@@ -135,14 +136,26 @@ class Server:
                 self._set_status(f"draining {live} requests (up to {timeout:g} s)")
                 log.info("server_draining", live=live, timeout_s=timeout)
                 await self.engine.drain(timeout)
-                for conn in list(self._connections):
-                    conn.shutdown()
+                await self._close_connections()
                 if watchdog is not None:
                     watchdog.cancel()
             finally:
                 self.draining = True
                 server.close()
         log.info("server_stopped")
+
+    async def _close_connections(self) -> None:
+        """Close every connection once its last final frame is written; a client that does not
+        read them within ``CLOSE_TIMEOUT`` s is cut off."""
+        for conn in list(self._connections):
+            conn.shutdown()
+        tasks = list(self._connections.values())
+        if not tasks:
+            return
+        _, stuck = await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT)
+        for task in stuck:
+            log.warning("connection_cut_off", conn=task.get_name(), timeout_s=CLOSE_TIMEOUT)
+            task.cancel()
 
     def _set_status(self, status: str) -> None:
         self.notify(f"STATUS={status}")

@@ -13,12 +13,14 @@ from pathlib import Path
 
 import msgspec
 import pytest
+import structlog
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from serving import recv_frames, running_server, server_thread
 
 import qllm
 from qllm import protocol as p
+from qllm import server as server_module
 from qllm.client import AsyncClient, Client, Forbidden, MaxTokensTooLarge, PromptTooLong
 from qllm.errors import InvalidRequest
 from qllm.listener import Credentials
@@ -165,6 +167,48 @@ async def test_limits_are_typed_errors_and_the_connection_goes_on(tmp_path, tiny
         health = await client.health()
     assert ok.status == "length"
     assert health.status == "ok" and health.live == 0
+
+
+async def test_duplicate_ids_and_too_many_requests_are_refused_without_harm(tmp_path, tiny):
+    async with running_server(tmp_path, tiny, max_requests_per_connection=2) as running:
+        reader, writer = await asyncio.open_unix_connection(str(running.path))
+        long = {"prompt": "x y z", "max_tokens": 50, "ignore_eos": True}
+        for frame in (
+            p.Hello(),
+            p.Generate(id=1, **long),
+            p.Generate(id=1, **long),  # duplicate of a live id
+            p.Generate(id=2, **long),
+            p.Generate(id=3, **long),  # a third live request: over the limit
+        ):
+            writer.write(p.encode_frame(frame))
+        replies = []
+        while len([m for m in replies if isinstance(m, p.Final)]) < 2:
+            replies.append(p.decode_server(await p.read_frame(reader)))
+        writer.close()
+        await writer.wait_closed()
+    errors = {(m.id, m.code) for m in replies if isinstance(m, p.Error)}
+    assert errors == {(1, "duplicate_id"), (3, "too_many_requests")}
+    finals = {m.id: m for m in replies if isinstance(m, p.Final)}
+    assert sorted(finals) == [1, 2]
+    assert all(f.status == "length" and len(f.token_ids) == 50 for f in finals.values())
+
+
+async def test_shutdown_cuts_off_a_client_that_does_not_read(tmp_path, tiny, monkeypatch):
+    monkeypatch.setattr(server_module, "CLOSE_TIMEOUT", 0.2)
+    stuck = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with structlog.testing.capture_logs() as logs, stuck:
+        async with asyncio.timeout(120):  # a server waiting for this client forever fails here
+            async with running_server(tmp_path, tiny, drain_timeout=0) as running:
+                stuck.connect(str(running.path))
+                stuck.setblocking(False)
+                # Stats replies pile up in the socket buffers: nobody reads them.
+                frames = [p.Hello()] + [p.Stats(id=i) for i in range(2000)]
+                await asyncio.get_running_loop().sock_sendall(stuck, b"".join(map(p.encode_frame, frames)))
+                async with AsyncClient(running.path) as observer:
+                    while (await observer.stats())["server"]["connections"] < 2:
+                        await asyncio.sleep(0.01)
+            # Leaving the block stopped the server.
+    assert "connection_cut_off" in [entry["event"] for entry in logs]
 
 
 def test_sync_client(tmp_path, tiny):

@@ -1,0 +1,50 @@
+"""Log output: JSON lines off a terminal (journald), readable text on one."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import structlog
+
+from qllm.logging import configure
+
+
+class FakeTTY(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture(autouse=True)
+def restore_structlog():
+    yield
+    structlog.reset_defaults()
+
+
+def test_json_when_not_a_tty():
+    out = io.StringIO()
+    configure("info", "auto", stream=out)
+    structlog.get_logger().info("request_finished", request_id="c1.1", tokens=3)
+    structlog.get_logger().debug("too_chatty")
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1  # debug is below the level
+    record = json.loads(lines[0])
+    assert record["event"] == "request_finished"
+    assert (record["request_id"], record["tokens"], record["level"]) == ("c1.1", 3, "info")
+    assert "timestamp" in record
+
+
+def test_readable_on_a_tty():
+    out = FakeTTY()
+    configure("debug", "auto", stream=out)
+    structlog.get_logger().debug("server_ready", address="/run/qllm/qllm.sock")
+    text = out.getvalue()
+    assert "server_ready" in text and "address" in text
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(text)
+
+
+def test_unknown_level():
+    with pytest.raises(ValueError, match="log level"):
+        configure("chatty")

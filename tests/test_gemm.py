@@ -1,7 +1,9 @@
 """The executor's matmul kernel choice keeps results batch-invariant and close to ``F.linear``.
 
 :func:`qllm.models.gemm.linear` runs large float32 weights through oneDNN; the executor relies on
-a row's result not depending on how many (padded) rows share the call, exactly as for the BLAS.
+a row's result not depending on how many rows share the call: from two rows up for oneDNN, at
+multiples of four for the BLAS. A model whose matmuls all run through oneDNN pads a lone row to
+two, and batching still gives each request its solo results.
 """
 
 from __future__ import annotations
@@ -11,10 +13,14 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_families import torch_threads
+from tiny_families import greedy, layer_major, run_alone, run_together, torch_threads
 
-from qllm.models import gemm
+from qllm.models import gemm, load_model
 from qllm.models.base import ROW_MULTIPLE, _pad
+from qllm.ops import OpKind
+
+needs_onednn = pytest.mark.skipif(not gemm.ONEDNN, reason="this torch build has no oneDNN linear")
+PADDINGS = {"multiple4": (ROW_MULTIPLE, 0), "atleast2": (1, gemm.ONEDNN_MIN_ROWS)}
 
 # (in_features, out_features): a big-enough weight for oneDNN, and one with a ragged out size.
 SHAPES = [(512, 512), (1024, 1000)]
@@ -27,7 +33,7 @@ def make_weight(in_features: int, out_features: int) -> tuple[torch.Tensor, torc
     return weight, torch.randn(out_features, generator=gen)
 
 
-@pytest.mark.skipif(not gemm.ONEDNN, reason="this torch build has no oneDNN linear")
+@needs_onednn
 def test_large_float32_weights_use_onednn_and_small_ones_do_not():
     big, _ = make_weight(*SHAPES[0])
     with torch.no_grad():
@@ -38,10 +44,13 @@ def test_large_float32_weights_use_onednn_and_small_ones_do_not():
         assert not gemm.uses_onednn(big)  # autograd needs F.linear
 
 
+@needs_onednn
+@pytest.mark.parametrize("padding", PADDINGS)
 @pytest.mark.parametrize("threads", THREADS, ids=lambda n: f"{n}threads")
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize(("in_features", "out_features"), SHAPES)
-def test_padded_row_is_independent_of_batch_mates(in_features, out_features, bias, threads):
+def test_padded_row_is_independent_of_batch_mates(in_features, out_features, bias, threads, padding):
+    multiple, minimum = PADDINGS[padding]
     weight, b = make_weight(in_features, out_features)
     b = b if bias else None
     gen = torch.Generator().manual_seed(1)
@@ -49,12 +58,12 @@ def test_padded_row_is_independent_of_batch_mates(in_features, out_features, bia
     with torch_threads(threads), torch.no_grad():
         for _ in range(12):
             row = torch.randn(1, in_features, generator=gen)
-            alone = gemm.linear(_pad(row, ROW_MULTIPLE), weight, b)[0]
+            alone = gemm.linear(_pad(row, multiple, minimum), weight, b)[0]
             size = rng.randint(2, 70)
             offset = rng.randrange(size)
             batch = torch.randn(size, in_features, generator=gen)
             batch[offset] = row[0]
-            together = gemm.linear(_pad(batch, ROW_MULTIPLE), weight, b)
+            together = gemm.linear(_pad(batch, multiple, minimum), weight, b)
             assert torch.equal(together[offset], alone), f"batch of {size}, row at {offset}"
 
 
@@ -67,3 +76,29 @@ def test_matches_f_linear(rows):
     assert ours.shape == reference.shape and ours.dtype == reference.dtype
     assert torch.allclose(ours, reference, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(ours, reference + 1e-3)  # the tolerance can fail
+
+
+@needs_onednn
+def test_all_onednn_model_pads_a_lone_row_to_two_and_stays_batch_invariant(tiny, monkeypatch):
+    monkeypatch.setattr(gemm, "ONEDNN_MIN_WEIGHT", 0)  # every weight of the tiny model through oneDNN
+    executor = load_model((tiny.hf, tiny.tokenizer))  # same weights, new executor
+    assert executor._padding[OpKind.EXPERT] == (1, gemm.ONEDNN_MIN_ROWS)
+    assert executor._padding[OpKind.HEAD] == (1, gemm.ONEDNN_MIN_ROWS)
+    assert executor._padding[OpKind.ROUTER] == (ROW_MULTIPLE, 0)  # transformers' router: the BLAS
+    prompts = [[5, 17, 99, 3, 42, 7, 11], [8, 1, 64], [120, 33, 2, 90, 14], [77]]
+    params = greedy(6)
+    with torch_threads(1):
+        alone = [run_alone(executor, prompt, params) for prompt in prompts]
+        calls: list[tuple[OpKind, list[int]]] = []
+        together = run_together(
+            executor, prompts, params, join_after=[0, 0, 2, 4], choose=layer_major, calls=calls
+        )
+    for solo, batched in zip(alone, together):
+        assert batched.tokens == solo.tokens
+        for (key, x), (_, y) in zip(solo.results, batched.results):
+            assert all(torch.equal(a, b) for a, b in zip(_tensors(x), _tensors(y))), f"op {key} differs"
+    assert any(kind == OpKind.EXPERT and len(rows) > 1 for kind, rows in calls)
+
+
+def _tensors(result) -> list[torch.Tensor]:
+    return [result] if isinstance(result, torch.Tensor) else list(result)

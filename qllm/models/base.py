@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from qllm.cache import KVCache
-from qllm.models.gemm import linear
+from qllm.models.gemm import ONEDNN_MIN_ROWS, linear, uses_onednn
 from qllm.ops import Op, OpKind
 
 ROW_MULTIPLE = 4
@@ -32,9 +32,10 @@ independent of its batch mates (tests/test_batch_invariance.py checks it on this
 request gets bit-identical output whether it runs alone or batched with others."""
 
 
-def _pad(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    extra = (-x.shape[0]) % multiple
-    if extra == 0:
+def _pad(x: torch.Tensor, multiple: int, minimum: int = 0) -> torch.Tensor:
+    """``x`` with zero rows appended up to a multiple of ``multiple`` and at least ``minimum`` rows."""
+    extra = max((-x.shape[0]) % multiple, minimum - x.shape[0])
+    if extra <= 0:
         return x
     return torch.cat([x, x.new_zeros((extra, *x.shape[1:]))])
 
@@ -76,6 +77,12 @@ class MoEModel:
             type(self).rotary_embedding is MoEModel.rotary_embedding
         )
         self._rotary_memo: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # Rows of each op kind's calls are padded to (multiple, at least); kinds whose matmuls all
+        # run through oneDNN are batch-invariant from two rows up (see qllm/models/gemm.py).
+        self._padding = {kind: (self.row_multiple, 0) for kind in OpKind}
+        if batch_invariant:
+            for kind in self._onednn_only_kinds():
+                self._padding[kind] = (1, ONEDNN_MIN_ROWS)
         self._runners: dict[OpKind, Callable[[list[Op]], list[Any]]] = {
             OpKind.ATTENTION: self._run_attention,
             OpKind.ROUTER: self._run_router,
@@ -226,11 +233,39 @@ class MoEModel:
         with torch.no_grad():
             return self._runners[ops[0].kind](ops)
 
+    def _onednn_only_kinds(self) -> list[OpKind]:
+        """Op kinds whose every matmul goes through oneDNN: the default hooks on large weights."""
+        cls = type(self)
+
+        def default(*hooks: str) -> bool:
+            return all(getattr(cls, hook) is getattr(MoEModel, hook) for hook in hooks)
+
+        kinds = []
+        with torch.no_grad():
+            attention = [layer.self_attn for layer in self.layers]
+            if default("qkv", "attn_out") and all(
+                uses_onednn(getattr(attn, proj).weight)
+                for attn in attention
+                for proj in ("q_proj", "k_proj", "v_proj", "o_proj")
+            ):
+                kinds.append(OpKind.ATTENTION)
+            experts = [block.experts for block in self.moe_blocks if block is not None]
+            if (
+                default("expert")
+                and experts
+                and all(uses_onednn(e.gate_up_proj[0]) and uses_onednn(e.down_proj[0]) for e in experts)
+            ):
+                kinds.append(OpKind.EXPERT)
+            if default("logits") and uses_onednn(self.hf.lm_head.weight):
+                kinds.append(OpKind.HEAD)
+        return kinds
+
     def _rows(self, ops: list[Op]) -> tuple[torch.Tensor, list[int]]:
+        padding = self._padding[ops[0].kind]
         if len(ops) == 1:
             x = ops[0].x
-            return _pad(x, self.row_multiple), [x.shape[0]]
-        return _pad(torch.cat([op.x for op in ops]), self.row_multiple), [op.rows for op in ops]
+            return _pad(x, *padding), [x.shape[0]]
+        return _pad(torch.cat([op.x for op in ops]), *padding), [op.rows for op in ops]
 
     def _split(self, y: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
         if len(sizes) == 1:
@@ -260,7 +295,7 @@ class MoEModel:
             keys, values = op.cache.append(ops[0].layer, ki.transpose(0, 1), vi.transpose(0, 1))
             outs.append(_attend(qi.transpose(0, 1), keys, values, attn.scaling, window).transpose(0, 1))
         o = (outs[0] if len(outs) == 1 else torch.cat(outs)).reshape(n, -1)
-        return self._split(self.attn_out(layer, _pad(o, self.row_multiple), x), sizes)
+        return self._split(self.attn_out(layer, _pad(o, *self._padding[OpKind.ATTENTION]), x), sizes)
 
     def _shared_rotary(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Keyed on the positions tensor itself, which one forward pass hands to all its layers

@@ -344,6 +344,7 @@ class AsyncClient:
         rank: int = 0,
         ttft_deadline: float | None = None,
         stream: bool = False,
+        chat: bool = False,
         timeout: float | None = None,
     ) -> Stream:
         """Send a generate request; returns its :class:`Stream` at once.
@@ -365,6 +366,7 @@ class AsyncClient:
             rank=rank,
             ttft_deadline=ttft_deadline,
             stream=stream,
+            chat=chat,
         )
 
     async def generate(self, prompt: str | Sequence[int], **kw: Any) -> p.Final:

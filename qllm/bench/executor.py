@@ -3,7 +3,8 @@
 Both systems run the same weights on the same random prompt, greedy, with a fixed output length
 (EOS ignored), so they do the same work; the tokens they produce are compared. Runs alternate
 between the systems (the order reversed every round) so drift of the machine hits all alike, and
-each figure is the median over rounds. Ratios are qllm / transformers: above 1 means qllm is faster.
+each figure is the median over rounds. Ratios are qllm / transformers, taken within each round (so
+drift cancels) and reported as the median over rounds: above 1 means qllm is faster.
 
 Measured per run: ``prefill_s``, from the call to the first token (prompt forward pass plus
 sampling), and ``decode_tokens_per_s``, tokens after the first divided by the time between the
@@ -103,14 +104,19 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "decode_tokens_per_s_runs": rate,
             "tokens_equal": all(r[0] == reference for r in results),
         }
-    base = report[TRANSFORMERS]
-    ratios = {
-        name: {
-            "decode_tokens_per_s": report[name]["decode_tokens_per_s"] / base["decode_tokens_per_s"],
-            "prefill_speed": base["prefill_s"] / report[name]["prefill_s"],
+    # Each round's runs are adjacent in time, so a ratio within a round cancels the machine's
+    # drift; the figure is the median of the per-round ratios.
+    base = runs[TRANSFORMERS]
+    ratios = {}
+    for name in executors:
+        decode = [_ratio(ours[2], theirs[2]) for ours, theirs in zip(runs[name], base)]
+        prefill = [_ratio(theirs[1], ours[1]) for ours, theirs in zip(runs[name], base)]
+        ratios[name] = {
+            "decode_tokens_per_s": statistics.median(decode),
+            "prefill_speed": statistics.median(prefill),
+            "decode_tokens_per_s_rounds": decode,
+            "prefill_speed_rounds": prefill,
         }
-        for name in executors
-    }
     return {
         "bench": "executor",
         "model": str(args.model),
@@ -171,6 +177,10 @@ class _Stamps:
 
     def end(self) -> None:
         pass
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else 0.0
 
 
 def _rate(tokens: int, seconds: float) -> float:

@@ -29,7 +29,8 @@ ROW_MULTIPLE = 4
 CPU GEMM kernels pick a different code path for a ragged tail of rows, so a row's result can
 depend on how many other rows share the call. Padding to a multiple of 4 makes each row's result
 independent of its batch mates (tests/test_batch_invariance.py checks it on this machine), so a
-request gets bit-identical output whether it runs alone or batched with others."""
+request gets bit-identical output whether it runs alone or batched with others. Op kinds whose
+matmuls all run through oneDNN only need two rows (:data:`qllm.models.gemm.ONEDNN_MIN_ROWS`)."""
 
 
 def _pad(x: torch.Tensor, multiple: int, minimum: int = 0) -> torch.Tensor:

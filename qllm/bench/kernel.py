@@ -24,6 +24,9 @@ import sys
 import time
 from typing import Any
 
+from qllm.bench.stats import percentile as _pct
+from qllm.bench.stats import rounded as _round
+
 POLICIES = ("fcfs", "qllm", "priority-aging")
 
 
@@ -57,25 +60,6 @@ def run(args: argparse.Namespace) -> int:
 
     print(json.dumps(uvloop.run(_main(args))))
     return 0
-
-
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    values = sorted(values)
-    k = (len(values) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
-
-
-def _round(x: Any) -> Any:
-    if isinstance(x, float):
-        return round(x, 6)
-    if isinstance(x, dict):
-        return {k: _round(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_round(v) for v in x]
-    return x
 
 
 async def _main(args: argparse.Namespace) -> dict[str, Any]:

@@ -1,0 +1,91 @@
+"""Terminal rendering of a workload benchmark result: the per-rate table, headline and targets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+COLUMNS = (
+    # header, class, metric, format
+    ("LS ttft mean", "ls", "ttft_mean_s", "{:.3g}s"),
+    ("p50", "ls", "ttft_p50_s", "{:.3g}s"),
+    ("p99", "ls", "ttft_p99_s", "{:.3g}s"),
+    ("SLO", "ls", "slo_attainment", "{:.0%}"),
+    ("LS turn", "ls", "turnaround_mean_s", "{:.3g}s"),
+    ("LS queue p99", "ls", "queue_p99_s", "{:.3g}s"),
+    ("BE ttft", "be", "ttft_mean_s", "{:.3g}s"),
+    ("BE turn", "be", "turnaround_mean_s", "{:.3g}s"),
+    ("BE tok/s", "be", "tokens_per_s", "{:.3g}"),
+    ("req/s", "all", "requests_per_s", "{:.3g}"),
+    ("preempt", "all", "preemptions", "{}"),
+    ("done", "all", "completed", "{}"),
+)
+
+
+def _fmt(value: Any, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def _grid(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        for row in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def table(result: dict[str, Any]) -> str:
+    """The whole report as text."""
+    rows = [["rate", "system", *(c[0] for c in COLUMNS)]]
+    for cell in sorted(result["cells"], key=lambda c: (c["rate"], _order(result, c["system"]))):
+        m = cell["metrics"]
+        rows.append(
+            [f"{cell['rate']:g}", cell["system"], *(_fmt(m[cls][key], f) for _, cls, key, f in COLUMNS)]
+        )
+    slo, iso, cfg = result["slo"], result["isolated"], result["config"]
+    parts = [
+        f"model {result['model'].get('name')}  mode {result['mode']}  max_batch {cfg['max_batch']}  "
+        f"LS share {cfg['ls_share']:.0%}  seed {cfg['seed']}",
+        f"LS TTFT SLO {slo['ttft_s']:.3g}s (single-request decode step {slo['decode_step_s']:.3g}s"
+        + (f" x {slo['k']:g})" if slo.get("k") else ")")
+        + f"  isolated LS TTFT mean {_fmt(iso['ttft_mean_s'], '{:.3g}s')} p99 {_fmt(iso['ttft_p99_s'], '{:.3g}s')}",
+        "",
+        _grid(rows),
+        "",
+        _headline(result["headline"]),
+        "",
+        _targets(result["targets"]),
+    ]
+    return "\n".join(parts)
+
+
+def _order(result: dict[str, Any], name: str) -> int:
+    names = [s["name"] for s in result["systems"]]
+    return names.index(name) if name in names else len(names)
+
+
+def _headline(h: dict[str, Any]) -> str:
+    x = "{:.3g}x"
+    lines = [
+        f"headline (baseline {h['baseline']}, best policy {h['best_policy']}, peer {h['peer']})",
+        f"  LS TTFT fcfs / {h['best_policy']}: mean {_fmt(h['ls_ttft_ratio_mean'], x)}, max {_fmt(h['ls_ttft_ratio_max'], x)}",
+        f"  LS turnaround ratio max {_fmt(h['ls_turnaround_ratio_max'], x)};  "
+        f"LS TTFT p99 / isolated (worst rate) {_fmt(h['ls_ttft_p99_over_isolated'], x)}",
+        f"  BE throughput vs fcfs (min over rates) {_fmt(h['be_throughput_ratio'], x)};  "
+        f"BE turnaround vs fcfs (mean) {_fmt(h['be_turnaround_ratio_mean'], x)}",
+        f"  fcfs TTFT / transformers-cb TTFT (mean over rates) {_fmt(h['fcfs_vs_transformers_cb'], x)}; "
+        f"each in units of its own idle TTFT {_fmt(h.get('fcfs_vs_transformers_cb_normalized'), x)}",
+        "  SLO held up to: "
+        + ", ".join(f"{k} {_fmt(v, '{:g} req/s')}" for k, v in h["slo_max_rate"].items())
+        + f"  (LS alone saturates at ~{_fmt(h['ls_saturation_rate'], '{:.3g} req/s')})",
+    ]
+    return "\n".join(lines)
+
+
+def _targets(targets: list[dict[str, Any]]) -> str:
+    rows = [["target", "wanted", "measured", "met", "paper"]]
+    for t in targets:
+        met = t.get("note") or {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
+        rows.append([t["name"], t["target"], _fmt(t["value"], "{:.3g}"), met, t["paper"]])
+    return _grid(rows)

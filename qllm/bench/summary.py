@@ -1,0 +1,175 @@
+"""The workload benchmark's headline: side-by-side ratios over rates, and the issue's targets.
+
+Roles: the **baseline** is the system running the ``fcfs`` policy; the **candidates** are the other
+qllm systems (``qllm``, ``priority-aging``, plugins); the **peer** is transformers' continuous
+batching. Each candidate gets its ratios against the baseline at every rate; the headline reports
+the candidate with the best mean LS TTFT ratio (named in ``best_policy``) and every candidate
+under ``by_policy``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from qllm.bench.stats import mean, ratio
+
+SLO_ATTAINMENT = 0.9
+"""A rate "holds the SLO" when at least this share of its LS requests got their first token in time."""
+
+
+def _value(cells: Sequence[dict], system: str, rate: float, cls: str, key: str) -> float | None:
+    for c in cells:
+        if c["system"] == system and c["rate"] == rate:
+            return c["metrics"][cls][key]
+    return None
+
+
+def _over_rates(rates, f: Callable[[float], float | None]) -> list[float | None]:
+    return [f(r) for r in rates]
+
+
+def _agg(values: list[float | None], how: Callable) -> float | None:
+    present = [v for v in values if v is not None]
+    return how(present) if present else None
+
+
+def slo_max_rate(cells: Sequence[dict], system: str, rates: Sequence[float]) -> float | None:
+    """Highest rate up to which every tested rate met the LS SLO (None: not even the lowest)."""
+    best = None
+    for r in sorted(rates):
+        attained = _value(cells, system, r, "ls", "slo_attainment")
+        if attained is None or attained < SLO_ATTAINMENT:
+            break
+        best = r
+    return best
+
+
+def _policy_figures(cells, base: str, system: str, rates, isolated_p99: float | None) -> dict[str, Any]:
+    def per_rate(cls: str, key: str, inverse: bool = False) -> list[float | None]:
+        def f(r: float) -> float | None:
+            b, s = _value(cells, base, r, cls, key), _value(cells, system, r, cls, key)
+            return ratio(s, b) if inverse else ratio(b, s)
+
+        return _over_rates(rates, f)
+
+    ttft = per_rate("ls", "ttft_mean_s")
+    turnaround = per_rate("ls", "turnaround_mean_s")
+    be_tokens = per_rate("be", "tokens_per_s", inverse=True)
+    be_jobs = per_rate("be", "requests_per_s", inverse=True)
+    be_turnaround = per_rate("be", "turnaround_mean_s", inverse=True)
+    p99_over_isolated = _over_rates(
+        rates, lambda r: ratio(_value(cells, system, r, "ls", "ttft_p99_s"), isolated_p99)
+    )
+    return {
+        "ls_ttft_ratio_by_rate": ttft,
+        "ls_ttft_ratio_mean": _agg(ttft, mean),
+        "ls_ttft_ratio_max": _agg(ttft, max),
+        "ls_turnaround_ratio_max": _agg(turnaround, max),
+        "be_throughput_ratio": _agg(be_tokens, min),
+        "be_jobs_ratio": _agg(be_jobs, min),
+        "be_turnaround_ratio_mean": _agg(be_turnaround, mean),
+        "be_turnaround_ratio_max": _agg(be_turnaround, max),
+        "ls_ttft_p99_over_isolated": _agg(p99_over_isolated, max),
+        "ls_queue_p99_s": _agg(
+            _over_rates(rates, lambda r: _value(cells, system, r, "ls", "queue_p99_s")), max
+        ),
+    }
+
+
+def headline(
+    systems: Sequence[dict],
+    cells: Sequence[dict],
+    *,
+    isolated_p99: float | None,
+    ls_share: float,
+    idle_ttft: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """Ratios over rates (see the module doc); a missing role leaves its figures None.
+
+    ``idle_ttft``: each system's mean LS TTFT alone on the idle machine, by name (for qllm systems
+    the same executor's). With it, ``fcfs_vs_transformers_cb_normalized`` compares the two FCFS
+    schedulers with each one's TTFT in units of its own idle TTFT, so that a difference in raw
+    compute speed (kernels) cancels out and queueing is what remains.
+    """
+    rates = sorted({c["rate"] for c in cells})
+    names = [s["name"] for s in systems]
+    base = next((s["name"] for s in systems if s["policy"] == "fcfs"), None)
+    candidates = [s["name"] for s in systems if s["kind"] != "peer" and s["policy"] != "fcfs"]
+    peer = next((s["name"] for s in systems if s["kind"] == "peer"), None)
+
+    by_policy = {c: _policy_figures(cells, base, c, rates, isolated_p99) for c in candidates} if base else {}
+    best = max(by_policy, key=lambda c: by_policy[c]["ls_ttft_ratio_mean"] or 0.0, default=None)
+    figures = by_policy.get(best, {})
+
+    peer_ratio = normalized = None
+    if base and peer:
+        idle = idle_ttft or {}
+
+        def ttft(system: str, r: float) -> float | None:
+            return _value(cells, system, r, "all", "ttft_mean_s")
+
+        peer_ratio = _over_rates(rates, lambda r: ratio(ttft(base, r), ttft(peer, r)))
+        normalized = _over_rates(
+            rates, lambda r: ratio(ratio(ttft(base, r), idle.get(base)), ratio(ttft(peer, r), idle.get(peer)))
+        )
+    # The machine's capacity is at least the best completion rate seen; LS alone saturates it at
+    # ``capacity / ls_share`` total requests/s (a lower bound when no run was saturated).
+    capacity = max((c["metrics"]["all"]["requests_per_s"] or 0.0 for c in cells), default=0.0)
+    ls_saturation = capacity / ls_share if ls_share > 0 and capacity > 0 else None
+    slo_rates = {n: slo_max_rate(cells, n, rates) for n in names}
+    return {
+        "rates": rates,
+        "baseline": base,
+        "best_policy": best,
+        "peer": peer,
+        "ls_ttft_ratio_mean": figures.get("ls_ttft_ratio_mean"),
+        "ls_ttft_ratio_max": figures.get("ls_ttft_ratio_max"),
+        "slo_max_rate": slo_rates,
+        "ls_turnaround_ratio_max": figures.get("ls_turnaround_ratio_max"),
+        "be_throughput_ratio": figures.get("be_throughput_ratio"),
+        "be_jobs_ratio": figures.get("be_jobs_ratio"),
+        "be_turnaround_ratio_mean": figures.get("be_turnaround_ratio_mean"),
+        "ls_ttft_p99_over_isolated": figures.get("ls_ttft_p99_over_isolated"),
+        "fcfs_vs_transformers_cb": _agg(peer_ratio, mean) if peer_ratio else None,
+        "fcfs_vs_transformers_cb_by_rate": peer_ratio,
+        "fcfs_vs_transformers_cb_normalized": _agg(normalized, mean) if normalized else None,
+        "capacity_requests_per_s": capacity or None,
+        "ls_saturation_rate": ls_saturation,
+        "slo_rate_over_ls_saturation": ratio(slo_rates.get(best), ls_saturation) if best else None,
+        "slo_held_at_every_rate": {n: bool(rates) and slo_rates[n] == rates[-1] for n in names},
+        "by_policy": by_policy,
+    }
+
+
+TARGETS = (
+    # (headline key, comparison, bound, what the paper reports)
+    ("ls_ttft_ratio_mean", ">=", 100.0, "65.2x mean, 101.6x max"),
+    ("ls_ttft_p99_over_isolated", "<=", 1.5, "not reported"),
+    ("slo_rate_over_ls_saturation", ">=", 0.9, "SLO held up to 7 req/s; baseline never"),
+    ("be_throughput_ratio", ">=", 1.0, "comparable or slightly higher"),
+    ("be_turnaround_ratio_mean", "<=", 1.2, "1.38x mean, 2.04x peak"),
+    ("fcfs_vs_transformers_cb", "within", (0.9, 1.1), "baseline is TGI"),
+)
+
+
+def targets(head: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target with its measured value and whether it was met (None: not measured)."""
+    out = []
+    for key, op, bound, paper in TARGETS:
+        value, note = head.get(key), None
+        if value is None:
+            met = None
+        elif op == ">=":
+            met = value >= bound
+        elif op == "<=":
+            met = value <= bound
+        else:
+            met = bound[0] <= value <= bound[1]
+        held = head.get("slo_held_at_every_rate", {}).get(head.get("best_policy"))
+        if key == "slo_rate_over_ls_saturation" and met is False and held:
+            met, note = None, "SLO held at every tested rate: test higher rates"
+        out.append(
+            {"name": key, "target": f"{op} {bound}", "value": value, "met": met, "paper": paper, "note": note}
+        )
+    return out

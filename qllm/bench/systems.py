@@ -1,0 +1,205 @@
+"""Systems under test: a qllm engine in this process, or a ``qllm serve`` reached over its socket.
+
+A system replays a workload (items submitted at their arrival times by a feeder) and returns one
+:class:`~qllm.bench.stats.Record` per item, times relative to the start of the replay. The peer,
+transformers' continuous batching, lives in :mod:`qllm.bench.peer` with the same interface.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol
+
+from qllm.bench.stats import Record
+from qllm.bench.trace import Item
+
+OnDone = Callable[[], None] | None
+
+
+class System(Protocol):
+    name: str
+    kind: str  # "engine" | "serve" | "peer"
+    policy: str | None
+
+    async def run(
+        self, items: Sequence[Item], *, slo_s: float | None, timeout: float | None, on_done: OnDone = None
+    ) -> list[Record]:
+        """Replay ``items``; requests still running ``timeout`` s after the last arrival are cancelled."""
+        ...
+
+    async def close(self) -> None: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+async def replay(
+    items: Sequence[Item],
+    clock: Callable[[], float],
+    submit: Callable[[Item, float], Awaitable[Any]],
+    cancel: Callable[[Any], Any],  # may return an awaitable
+    timeout: float | None,
+    on_done: OnDone,
+) -> tuple[float, list[Any]]:
+    """Submit each item at ``t0 + arrival_s`` (``submit(item, t0)`` returns an awaitable of its
+    outcome); cancel what is still running ``timeout`` s after the last arrival. Returns t0 and
+    the outcomes in item order."""
+    t0 = clock()
+    tasks: list[asyncio.Task] = []
+    handles: list[Any] = []
+    async with asyncio.TaskGroup() as tg:
+        for item in items:
+            delay = t0 + item.arrival_s - clock()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            handle, outcome = await submit(item, t0)
+            handles.append(handle)
+            task = tg.create_task(outcome)
+            if on_done is not None:
+                task.add_done_callback(lambda _: on_done())
+            tasks.append(task)
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=timeout)
+            for task in pending:
+                cancelled = cancel(handles[tasks.index(task)])
+                if inspect.isawaitable(cancelled):
+                    await cancelled
+    return t0, [t.result() for t in tasks]
+
+
+class EngineSystem:
+    """A fresh :class:`qllm.Engine` with one policy per replay, on a model loaded once."""
+
+    kind = "engine"
+
+    def __init__(self, model: Any, policy: str, *, max_batch: int, prefill_chunk: int):
+        self.model = model
+        self.policy = policy
+        self.name = policy
+        self.max_batch = max_batch
+        self.prefill_chunk = prefill_chunk
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "policy": self.policy}
+
+    async def run(self, items, *, slo_s=None, timeout=None, on_done=None) -> list[Record]:
+        from qllm.kernel.engine import Engine
+
+        engine = Engine(
+            model=self.model, policy=self.policy, max_batch=self.max_batch, prefill_chunk=self.prefill_chunk
+        )
+
+        async def submit(item: Item, t0: float):
+            handle = engine.submit(
+                list(item.prompt),
+                max_tokens=item.output_len,
+                ignore_eos=True,
+                priority=item.cls,
+                ttft_deadline=slo_s if item.cls == "ls" else None,
+            )
+            return handle, handle.result()
+
+        async with engine:
+            t0, results = await replay(items, time.monotonic, submit, lambda h: h.cancel(), timeout, on_done)
+        return [_engine_record(r, t0) for r in results]
+
+    async def close(self) -> None:
+        pass
+
+
+def _engine_record(r: Any, t0: float) -> Record:
+    def rel(t: float | None) -> float | None:
+        return None if t is None else t - t0
+
+    times = r.token_times
+    return Record(
+        cls=r.priority,
+        arrival=r.arrival - t0,
+        first_scheduled=rel(r.first_scheduled),
+        first_token=rel(r.first_token),
+        finished=rel(r.finished) if r.status == "length" else None,
+        prompt_tokens=r.prompt_tokens,
+        output_tokens=len(r.token_ids),
+        preemptions=r.preemptions,
+        inter_token_s=(times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None,
+    )
+
+
+class ServeSystem:
+    """A running ``qllm serve``: requests go through :class:`qllm.client.AsyncClient`, so every time
+    is taken on this side of the socket and includes the wire."""
+
+    kind = "serve"
+
+    def __init__(self, path: str, client: Any, policy: str, model: str):
+        self.path = path
+        self.client = client
+        self.policy = policy
+        self.model = model
+        self.name = f"serve:{policy}"
+
+    @classmethod
+    async def connect(cls, path: str) -> ServeSystem:
+        from qllm.client import AsyncClient
+
+        client = AsyncClient(path)
+        welcome = await client.connect()
+        return cls(path, client, welcome.policy, welcome.model)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "policy": self.policy,
+            "socket": self.path,
+            "model": self.model,
+        }
+
+    async def run(self, items, *, slo_s=None, timeout=None, on_done=None) -> list[Record]:
+        async def submit(item: Item, t0: float):
+            arrival = time.monotonic()
+            stream = await self.client.submit(
+                item.prompt if isinstance(item.prompt, str) else list(item.prompt),
+                max_tokens=item.output_len,
+                ignore_eos=True,
+                priority=item.cls,
+                ttft_deadline=slo_s if item.cls == "ls" else None,
+                stream=True,
+            )
+            return stream, _collect(stream, item, arrival, t0)
+
+        _, records = await replay(items, time.monotonic, submit, lambda s: s.cancel(), timeout, on_done)
+        return records
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+async def _collect(stream: Any, item: Item, arrival: float, t0: float) -> Record:
+    from qllm.errors import QllmError
+
+    chunk_times: list[float] = []
+    final = None
+    try:
+        async for _chunk in stream:
+            chunk_times.append(time.monotonic())
+        final = stream.result
+    except QllmError as exc:
+        final = getattr(exc, "result", None)
+    end = time.monotonic()
+    ok = final is not None and final.status == "length"
+    queue = final.timings.queue if final is not None else None
+    tokens = len(final.token_ids) if final is not None else 0
+    return Record(
+        cls=item.cls,
+        arrival=arrival - t0,
+        first_scheduled=None if queue is None else arrival - t0 + queue,
+        first_token=chunk_times[0] - t0 if chunk_times else None,
+        finished=end - t0 if ok else None,
+        prompt_tokens=final.usage.prompt_tokens if final is not None else item.prompt_len,
+        output_tokens=tokens,
+        preemptions=final.preemptions if final is not None else 0,
+        inter_token_s=(chunk_times[-1] - chunk_times[0]) / (tokens - 1) if ok and tokens > 1 else None,
+    )

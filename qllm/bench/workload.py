@@ -1,0 +1,399 @@
+"""LS/BE workload benchmark (the paper's experiment): Poisson arrivals, systems side by side.
+
+Every system replays the same requests at each rate: qllm engines with ``fcfs`` (the baseline),
+``qllm``, ``priority-aging`` and any installed policy plugin, and transformers' own continuous
+batching (the external peer). Systems alternate within each rate, in an order rotated from rate to
+rate, so that drift of the machine hits all alike. Reported per system, rate and class: TTFT
+mean/p50/p99, turnaround mean/p99, LS SLO attainment, requests/s and tokens/s, preemptions and
+queueing (arrival to first compute: for LS under a preemptive policy, the preemption latency);
+then a ``headline`` of ratios over rates and the targets of the benchmark, met or missed.
+
+The LS SLO is on TTFT: ``--slo-k`` times the single-request decode step measured first on the
+idle machine (10, as the paper), or ``--slo`` seconds. ``--socket PATH`` (repeatable) measures
+running ``qllm serve`` instances instead, end to end through the client library.
+See docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import replace
+from typing import Any
+
+PEER = "transformers-cb"
+DECODE_PROBE_TOKENS = 9
+DEFAULT_REQUESTS = 32
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("workload")
+    g.add_argument(
+        "--model", default="small-random", help="preset name or model directory (default small-random)"
+    )
+    g.add_argument(
+        "--rates",
+        default="auto",
+        help="comma-separated request rates (req/s), or 'auto': "
+        "--auto-factors times the capacity that fcfs reaches on a closed batch (default auto)",
+    )
+    g.add_argument("--auto-factors", default="0.5,1,2,4", help="rates for --rates auto, in units of capacity")
+    n = g.add_mutually_exclusive_group()
+    n.add_argument("--requests", type=int, help="requests per rate (default 32 unless --duration)")
+    n.add_argument("--duration", type=float, help="seconds of arrivals per rate")
+    g.add_argument(
+        "--ls-share", type=float, default=0.2, help="share of latency-sensitive requests (default 0.2)"
+    )
+    g.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
+    g.add_argument(
+        "--trace", metavar="PATH", help="replay a JSON Lines trace instead (rescaled to --rates if given)"
+    )
+    g.add_argument(
+        "--length-scale", type=float, default=0.05, help="multiplies the ShareGPT mean lengths (default 0.05)"
+    )
+    g.add_argument("--max-prompt", type=int, default=64, help="cap on prompt tokens (default 64)")
+    g.add_argument("--max-output", type=int, default=48, help="cap on output tokens (default 48)")
+    s = parser.add_argument_group("systems and SLO")
+    s.add_argument("--systems", help=f"comma-separated: qllm policies and/or {PEER} (default: all)")
+    s.add_argument(
+        "--max-batch", type=int, default=32, help="most requests per batch, every system (default 32)"
+    )
+    s.add_argument("--prefill-chunk", type=int, default=128, help="prefill chunk tokens (default 128)")
+    s.add_argument(
+        "--slo-k", type=float, default=10.0, help="LS TTFT SLO in single-request decode steps (default 10)"
+    )
+    s.add_argument("--slo", type=float, help="LS TTFT SLO in seconds (overrides --slo-k)")
+    s.add_argument(
+        "--isolated", type=int, default=8, help="LS requests timed alone on the idle engine (default 8)"
+    )
+    s.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        help="cancel requests still running this long after the last arrival",
+    )
+    s.add_argument(
+        "--socket", action="append", metavar="PATH", help="measure a running `qllm serve` (repeatable)"
+    )
+    o = parser.add_argument_group("output")
+    o.add_argument("--json", metavar="PATH", help="write the results as JSON ('-': stdout); quiet otherwise")
+    o.add_argument(
+        "--plots", metavar="DIR", help="write PNG plots here (needs matplotlib: pip install qllm[bench])"
+    )
+    o.add_argument("--cdf-rate", type=float, help="rate of the TTFT CDF plot (default: the highest)")
+    o.add_argument(
+        "--report", metavar="JSON", help="print the table (and --plots) of a saved result; runs nothing"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from qllm.bench import report
+
+    if args.report:
+        with open(args.report, encoding="utf-8") as f:
+            result = summarize(json.load(f))
+    else:
+        _quiet_logs()
+        import uvloop
+
+        result = uvloop.run(_main(args))
+    if args.json and not args.report:
+        text = json.dumps(result)
+        if args.json == "-":
+            print(text)
+        else:
+            with open(args.json, "w", encoding="utf-8") as f:
+                f.write(text + "\n")
+    if not args.json or args.report:
+        print(report.table(result))
+    if args.plots:
+        from qllm.bench import plots
+
+        written = plots.write(result, args.plots, cdf_rate=args.cdf_rate)
+        print(f"plots: {', '.join(written)}" if written else plots.MISSING, file=sys.stderr)
+    return 0
+
+
+def _quiet_logs() -> None:
+    import structlog
+
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+
+
+async def _main(args: argparse.Namespace) -> dict[str, Any]:
+    from qllm.bench import trace
+    from qllm.bench.stats import ROW_FIELDS, rounded
+
+    started = time.time()
+    load_start = os.getloadavg()
+    systems, model_info, model = await _systems(args)
+    try:
+        lengths = trace.Lengths.for_context(
+            model_info.get("context") or 4096, args.length_scale, args.max_prompt, args.max_output
+        )
+        workload = _workload(args, lengths, model)
+        warmup = _warmup_items(workload(1.0))
+        for system in systems:  # first use of each code path and shape, not measured
+            await system.run(warmup, timeout=args.timeout)
+        probe = _probe_system(systems)
+        decode_step = await _decode_step(probe)
+        slo = args.slo if args.slo is not None else args.slo_k * decode_step
+        isolated = await _isolated(probe, workload(1.0), args.isolated, slo, args.timeout)
+        peer_idle = {}
+        for peer in (s for s in systems if s.kind == "peer"):  # its own yardsticks, same requests
+            peer_idle[peer.name] = await _isolated(peer, workload(1.0), args.isolated, slo, args.timeout)
+            peer_idle[peer.name]["decode_step_s"] = await _decode_step(peer)
+        rates, capacity = await _rates(args, systems, workload)
+        cells = await _measure(systems, {r: workload(r) for r in rates}, slo, args)
+    finally:
+        for system in systems:
+            await system.close()
+    return summarize(rounded({
+        "bench": "workload",
+        "mode": "socket" if args.socket else "in-process",
+        "model": model_info,
+        "machine": _machine(load_start),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "wall_s": time.time() - started,
+        "config": {
+            "rates": rates, "capacity_probe_requests_per_s": capacity,
+            "requests_per_rate": _requests(args), "duration_s": args.duration, "trace": args.trace,
+            "ls_share": args.ls_share, "seed": args.seed, "lengths": lengths.__dict__,
+            "max_batch": args.max_batch, "prefill_chunk": args.prefill_chunk, "timeout_s": args.timeout,
+        },
+        "slo": {"decode_step_s": decode_step, "k": None if args.slo is not None else args.slo_k, "ttft_s": slo,
+                "measured_on": probe.name},
+        "isolated": isolated,
+        "peer_isolated": peer_idle,
+        "systems": [s.describe() for s in systems],
+        "cells": cells,
+        "percentile_method": "linear interpolation between order statistics",
+        "record_fields": list(ROW_FIELDS),
+    }))  # fmt: skip
+
+
+def summarize(result: dict[str, Any]) -> dict[str, Any]:
+    """``result`` with its ``headline`` and ``targets`` computed from its cells and yardsticks
+    (also how ``--report`` brings a saved result up to the current definitions)."""
+    from qllm.bench.stats import rounded
+    from qllm.bench.summary import headline, targets
+
+    isolated = result["isolated"]
+    idle = {s["name"]: isolated["ttft_mean_s"] for s in result["systems"] if s["kind"] != "peer"}
+    idle.update({name: peer["ttft_mean_s"] for name, peer in result.get("peer_isolated", {}).items()})
+    head = headline(
+        result["systems"],
+        result["cells"],
+        isolated_p99=isolated["ttft_p99_s"],
+        ls_share=result["config"]["ls_share"],
+        idle_ttft=idle,
+    )
+    return {**result, "headline": rounded(head), "targets": rounded(targets(head))}
+
+
+async def _measure(
+    systems: list[Any], plan: dict[float, list[Any]], slo: float, args
+) -> list[dict[str, Any]]:
+    """Every system on every rate's workload; the systems' order rotates from one rate to the next."""
+    from qllm.bench.stats import cell_metrics
+
+    cells = []
+    with _progress(sum(map(len, plan.values())) * len(systems), quiet=bool(args.json)) as bar:
+        for i, (rate, items) in enumerate(plan.items()):
+            for system in systems[i % len(systems) :] + systems[: i % len(systems)]:
+                started = time.perf_counter()
+                records = await system.run(items, slo_s=slo, timeout=args.timeout, on_done=bar)
+                cells.append({
+                    "system": system.name, "rate": rate, "wall_s": time.perf_counter() - started,
+                    "metrics": cell_metrics(records, slo), "records": [r.row() for r in records],
+                })  # fmt: skip
+    return cells
+
+
+async def _systems(args: argparse.Namespace) -> tuple[list[Any], dict[str, Any], Any]:
+    """The systems to measure, a description of the model, and the model when loaded here."""
+    from qllm.bench.systems import EngineSystem, ServeSystem
+
+    if args.socket:
+        systems = [await ServeSystem.connect(path) for path in args.socket]
+        return systems, {"name": systems[0].model, "context": None}, None
+    from qllm.models import load_model
+    from qllm.policies import available_policies
+
+    names = _system_names(args.systems, available_policies())
+    model = load_model(args.model)
+    context = getattr(model.config, "max_position_embeddings", None) or 4096
+    systems: list[Any] = []
+    for name in names:
+        if name == PEER:
+            from qllm.bench.peer import TransformersCB
+
+            systems.append(TransformersCB(model, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
+                                          max_len=args.max_prompt + args.max_output))  # fmt: skip
+        else:
+            systems.append(
+                EngineSystem(model, name, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk)
+            )
+    return systems, {"name": str(args.model), "family": model.family, "context": context}, model
+
+
+def _system_names(spec: str | None, registered: dict) -> list[str]:
+    """fcfs first, the other registered policies, then the peer; or the names asked for."""
+    if spec is None:
+        return ["fcfs", *sorted(n for n in registered if n != "fcfs"), PEER]
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n != PEER and n not in registered and ":" not in n]
+    if unknown or not names:
+        raise ValueError(f"unknown systems {unknown}; choose from {', '.join([*sorted(registered), PEER])}")
+    return names
+
+
+def _workload(args: argparse.Namespace, lengths: Any, model: Any):
+    """rate -> items: the seeded Poisson workload or the trace, rescaled to the rate."""
+    from qllm.bench import trace
+
+    requests = _requests(args)
+    if not args.trace:
+        return lambda rate: trace.poisson(
+            rate,
+            requests=requests,
+            duration=args.duration,
+            ls_share=args.ls_share,
+            lengths=lengths,
+            seed=args.seed,
+        )
+    items = _tokenized(trace.read_trace(args.trace), model)
+
+    def at(rate: float | None) -> list[Any]:
+        scaled = trace.at_rate(items, rate) if rate is not None else items
+        return trace.limit(scaled, requests=args.requests, duration=args.duration)
+
+    return at
+
+
+def _requests(args: argparse.Namespace) -> int | None:
+    """Requests per rate: --requests, else 32 unless --duration bounds the workload instead."""
+    if args.requests is not None or args.duration is not None:
+        return args.requests
+    return None if args.trace else DEFAULT_REQUESTS
+
+
+def _tokenized(items: list[Any], model: Any) -> list[Any]:
+    """Text prompts as token ids when the model is here, so every system gets the same ids."""
+    if model is None:
+        return items
+    from qllm.generation import encode
+
+    return [replace(i, prompt=tuple(ids), prompt_len=len(ids)) if isinstance(i.prompt, str) and (ids := encode(model, i.prompt)) else i
+            for i in items]  # fmt: skip
+
+
+def _warmup_items(items: list[Any]) -> list[Any]:
+    """The workload's first requests, all at once, at most 4 tokens each."""
+    return [replace(i, arrival_s=0.0, output_len=min(4, i.output_len)) for i in items[:4]]
+
+
+def _probe_system(systems: list[Any]) -> Any:
+    """Where the idle-machine yardsticks are measured: a qllm system, preferably not fcfs."""
+    ours = [s for s in systems if s.kind != "peer"] or systems
+    return next((s for s in ours if s.policy != "fcfs"), ours[0])
+
+
+async def _decode_step(system: Any) -> float:
+    """Median single-request decode step (mean token gap of a lone request, 3 tries)."""
+    from qllm.bench.trace import FIRST_ID, Item
+
+    item = Item(0.0, "ls", 16, DECODE_PROBE_TOKENS, tuple(range(FIRST_ID, FIRST_ID + 16)))
+    steps = []
+    for _ in range(3):
+        (record,) = await system.run([item], timeout=None)
+        steps.append(record.inter_token_s)
+    return statistics.median(s for s in steps if s is not None)
+
+
+async def _isolated(system: Any, items: list[Any], n: int, slo: float, timeout: float) -> dict[str, Any]:
+    """TTFT of the workload's first ``n`` LS requests, each alone on the idle system."""
+    from qllm.bench.stats import mean, percentile
+
+    ttfts = []
+    for item in [i for i in items if i.cls == "ls"][:n]:
+        (record,) = await system.run([replace(item, arrival_s=0.0)], slo_s=slo, timeout=timeout)
+        if record.ttft is not None:
+            ttfts.append(record.ttft)
+    return {
+        "measured_on": system.name, "requests": len(ttfts), "ttft_s": ttfts,
+        "ttft_mean_s": mean(ttfts), "ttft_p50_s": percentile(ttfts, 0.5), "ttft_p99_s": percentile(ttfts, 0.99),
+    }  # fmt: skip
+
+
+async def _rates(args: argparse.Namespace, systems: list[Any], workload) -> tuple[list[float], float | None]:
+    """The rates asked for, or for 'auto' the capacity of fcfs on a closed batch times the factors."""
+    if args.rates != "auto":
+        rates = sorted({float(r) for r in args.rates.split(",") if r.strip()})
+        if not rates or min(rates) <= 0:
+            raise ValueError("--rates needs positive numbers (requests/s) or 'auto'")
+        return rates, None
+    if args.trace:  # replayed at its own pace
+        from qllm.bench.trace import trace_rate
+
+        return [round(trace_rate(workload(None)), 4)], None
+    base = next((s for s in systems if s.policy == "fcfs"), systems[0])
+    batch = [replace(i, arrival_s=0.0) for i in workload(1.0)[: args.max_batch]]
+    records = await base.run(batch, timeout=args.timeout)
+    end = max((r.finished for r in records if r.finished is not None), default=0.0)
+    if end <= 0:
+        raise RuntimeError("the capacity probe completed no request; give --rates")
+    capacity = len(batch) / end
+    factors = [float(f) for f in args.auto_factors.split(",") if f.strip()]
+    return sorted({round(capacity * f, 4) for f in factors}), capacity
+
+
+class _progress:
+    """A progress bar of finished requests on a TTY (tqdm), nothing otherwise; calling it ticks."""
+
+    def __init__(self, total: int, quiet: bool):
+        self.bar = None
+        if not quiet and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="req", file=sys.stderr, dynamic_ncols=True)
+
+    def __enter__(self) -> _progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def __call__(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+
+def _machine(load_start: tuple[float, ...]) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "loadavg_start": list(load_start),
+        "loadavg_end": list(os.getloadavg()),
+    }

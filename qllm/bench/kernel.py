@@ -10,7 +10,8 @@ Prints one JSON object with three parts, all measured side by side in one run:
 - ``batch32``: decode tokens/s of 32 requests batched by the engine versus transformers
   ``model.generate`` with a static batch of 32 (same prompts, greedy, fixed length), alternating.
 - ``placement``: compute in a worker thread versus inline on the event loop: BE throughput and
-  the event loop's lag (how late a 1 ms timer fires) while computing.
+  the event loop's lag (how late a 1 ms timer fires) while computing; medians over ``--rounds``
+  alternating runs.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ls-start", type=float, default=0.5, help="first LS arrival after the BE load starts (s)")
     parser.add_argument("--batch", type=int, default=32, help="static batch size for the decode comparison (default 32)")
     parser.add_argument("--batch-tokens", type=int, default=16, help="tokens per request in the batch comparison")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of the batch comparison (default 2)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of the batch and placement comparisons (default 2)")
     parser.add_argument("--prefill-chunk", type=int, default=128, help="engine prefill chunk (default 128)")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: policies,batch32,placement")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompts (default 0)")
@@ -97,7 +98,14 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
     if "batch32" not in skip:
         out["batch32"] = await _batch_decode(model, [prompt(args.be_prompt) for _ in range(args.batch)], args)
     if "placement" not in skip:
-        out["placement"] = {m: await _placement(model, be_prompts, args, m) for m in ("thread", "loop")}
+        rounds: dict[str, list[dict[str, Any]]] = {"thread": [], "loop": []}
+        for i in range(args.rounds):  # alternate, the order reversed each round, so drift hits both
+            for mode in ("thread", "loop")[:: 1 if i % 2 == 0 else -1]:
+                rounds[mode].append(await _placement(model, be_prompts, args, mode))
+        out["placement"] = {
+            mode: {key: statistics.median(r[key] for r in runs) for key in runs[0]} | {"rounds": len(runs)}
+            for mode, runs in rounds.items()
+        }
     return _round(out)
 
 

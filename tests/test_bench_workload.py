@@ -299,6 +299,11 @@ def test_bench_on_tiny_writes_the_json_shape(tmp_path):
     assert h["fcfs_vs_transformers_cb_normalized"] is not None
     assert {t["name"] for t in result["targets"]} >= {"ls_ttft_ratio_mean", "fcfs_vs_transformers_cb"}
 
+    for c in result["cells"]:  # the qllm engines report the kernel's batched ops
+        assert (c["kernel"] is None) == (c["system"] == "transformers-cb")
+    # --report recomputes the headline and targets from the saved cells
+    saved = {k: v for k, v in result.items() if k not in ("headline", "targets")}
+    out.write_text(json.dumps(saved))
     report = subprocess.run(
         [sys.executable, "-m", "qllm.bench", "--report", str(out)], capture_output=True, text=True
     )

@@ -37,12 +37,12 @@ def _grid(rows: list[list[str]]) -> str:
 
 def table(result: dict[str, Any]) -> str:
     """The whole report as text."""
-    rows = [["rate", "system", *(c[0] for c in COLUMNS)]]
+    rows = [["rate", "system", *(c[0] for c in COLUMNS), "batches"]]
     for cell in sorted(result["cells"], key=lambda c: (c["rate"], _order(result, c["system"]))):
         m = cell["metrics"]
-        rows.append(
-            [f"{cell['rate']:g}", cell["system"], *(_fmt(m[cls][key], f) for _, cls, key, f in COLUMNS)]
-        )
+        batches = (cell.get("kernel") or {}).get("batches")  # batched ops the qllm kernel ran
+        metrics = [_fmt(m[cls][key], f) for _, cls, key, f in COLUMNS]
+        rows.append([f"{cell['rate']:g}", cell["system"], *metrics, _fmt(batches, "{}")])
     slo, iso, cfg = result["slo"], result["isolated"], result["config"]
     parts = [
         f"model {result['model'].get('name')}  mode {result['mode']}  max_batch {cfg['max_batch']}  "

@@ -80,6 +80,7 @@ class EngineSystem:
         self.name = policy
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
+        self.last_stats: dict[str, Any] | None = None  # the kernel's counters of the last replay
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "policy": self.policy}
@@ -103,6 +104,13 @@ class EngineSystem:
 
         async with engine:
             t0, results = await replay(items, time.monotonic, submit, lambda h: h.cancel(), timeout, on_done)
+            kernel = engine.stats()["kernel"]
+        self.last_stats = {
+            "batches": kernel["batches"],
+            "rows": kernel["rows"],
+            "rows_per_batch": kernel["rows"] / kernel["batches"] if kernel["batches"] else None,
+            "op_times": kernel["op_times"],
+        }
         return [_engine_record(r, t0) for r in results]
 
     async def close(self) -> None:

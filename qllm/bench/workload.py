@@ -21,14 +21,12 @@ import json
 import logging
 import os
 import platform
-import statistics
 import sys
 import time
 from dataclasses import replace
 from typing import Any
 
 PEER = "transformers-cb"
-DECODE_PROBE_TOKENS = 9
 DEFAULT_REQUESTS = 32
 
 
@@ -133,7 +131,7 @@ def _quiet_logs() -> None:
 
 
 async def _main(args: argparse.Namespace) -> dict[str, Any]:
-    from qllm.bench import trace
+    from qllm.bench import probes, trace
     from qllm.bench.stats import ROW_FIELDS, rounded
 
     started = time.time()
@@ -144,17 +142,19 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
             model_info.get("context") or 4096, args.length_scale, args.max_prompt, args.max_output
         )
         workload = _workload(args, lengths, model)
-        warmup = _warmup_items(workload(1.0))
+        warmup = probes.warmup_items(workload(1.0))
         for system in systems:  # first use of each code path and shape, not measured
             await system.run(warmup, timeout=args.timeout)
-        probe = _probe_system(systems)
-        decode_step = await _decode_step(probe)
+        probe = probes.yardstick_system(systems)
+        decode_step = await probes.decode_step(probe)
         slo = args.slo if args.slo is not None else args.slo_k * decode_step
-        isolated = await _isolated(probe, workload(1.0), args.isolated, slo, args.timeout)
+        isolated = await probes.isolated(probe, workload(1.0), args.isolated, slo, args.timeout)
         peer_idle = {}
         for peer in (s for s in systems if s.kind == "peer"):  # its own yardsticks, same requests
-            peer_idle[peer.name] = await _isolated(peer, workload(1.0), args.isolated, slo, args.timeout)
-            peer_idle[peer.name]["decode_step_s"] = await _decode_step(peer)
+            peer_idle[peer.name] = await probes.isolated(
+                peer, workload(1.0), args.isolated, slo, args.timeout
+            )
+            peer_idle[peer.name]["decode_step_s"] = await probes.decode_step(peer)
         rates, capacity = await _rates(args, systems, workload)
         cells = await _measure(systems, {r: workload(r) for r in rates}, slo, args)
     finally:
@@ -218,6 +218,7 @@ async def _measure(
                 cells.append({
                     "system": system.name, "rate": rate, "wall_s": time.perf_counter() - started,
                     "metrics": cell_metrics(records, slo), "records": [r.row() for r in records],
+                    "kernel": getattr(system, "last_stats", None),
                 })  # fmt: skip
     return cells
 
@@ -300,46 +301,10 @@ def _tokenized(items: list[Any], model: Any) -> list[Any]:
             for i in items]  # fmt: skip
 
 
-def _warmup_items(items: list[Any]) -> list[Any]:
-    """The workload's first requests, all at once, at most 4 tokens each."""
-    return [replace(i, arrival_s=0.0, output_len=min(4, i.output_len)) for i in items[:4]]
-
-
-def _probe_system(systems: list[Any]) -> Any:
-    """Where the idle-machine yardsticks are measured: a qllm system, preferably not fcfs."""
-    ours = [s for s in systems if s.kind != "peer"] or systems
-    return next((s for s in ours if s.policy != "fcfs"), ours[0])
-
-
-async def _decode_step(system: Any) -> float:
-    """Median single-request decode step (mean token gap of a lone request, 3 tries)."""
-    from qllm.bench.trace import FIRST_ID, Item
-
-    item = Item(0.0, "ls", 16, DECODE_PROBE_TOKENS, tuple(range(FIRST_ID, FIRST_ID + 16)))
-    steps = []
-    for _ in range(3):
-        (record,) = await system.run([item], timeout=None)
-        steps.append(record.inter_token_s)
-    return statistics.median(s for s in steps if s is not None)
-
-
-async def _isolated(system: Any, items: list[Any], n: int, slo: float, timeout: float) -> dict[str, Any]:
-    """TTFT of the workload's first ``n`` LS requests, each alone on the idle system."""
-    from qllm.bench.stats import mean, percentile
-
-    ttfts = []
-    for item in [i for i in items if i.cls == "ls"][:n]:
-        (record,) = await system.run([replace(item, arrival_s=0.0)], slo_s=slo, timeout=timeout)
-        if record.ttft is not None:
-            ttfts.append(record.ttft)
-    return {
-        "measured_on": system.name, "requests": len(ttfts), "ttft_s": ttfts,
-        "ttft_mean_s": mean(ttfts), "ttft_p50_s": percentile(ttfts, 0.5), "ttft_p99_s": percentile(ttfts, 0.99),
-    }  # fmt: skip
-
-
 async def _rates(args: argparse.Namespace, systems: list[Any], workload) -> tuple[list[float], float | None]:
     """The rates asked for, or for 'auto' the capacity of fcfs on a closed batch times the factors."""
+    from qllm.bench import probes
+
     if args.rates != "auto":
         rates = sorted({float(r) for r in args.rates.split(",") if r.strip()})
         if not rates or min(rates) <= 0:
@@ -350,12 +315,7 @@ async def _rates(args: argparse.Namespace, systems: list[Any], workload) -> tupl
 
         return [round(trace_rate(workload(None)), 4)], None
     base = next((s for s in systems if s.policy == "fcfs"), systems[0])
-    batch = [replace(i, arrival_s=0.0) for i in workload(1.0)[: args.max_batch]]
-    records = await base.run(batch, timeout=args.timeout)
-    end = max((r.finished for r in records if r.finished is not None), default=0.0)
-    if end <= 0:
-        raise RuntimeError("the capacity probe completed no request; give --rates")
-    capacity = len(batch) / end
+    capacity = await probes.capacity(base, workload(1.0)[: args.max_batch], args.timeout)
     factors = [float(f) for f in args.auto_factors.split(",") if f.strip()]
     return sorted({round(capacity * f, 4) for f in factors}), capacity
 

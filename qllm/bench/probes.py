@@ -1,0 +1,61 @@
+"""Yardsticks measured on the idle machine before the workload: warm-up, the single-request
+decode step (it sets the LS SLO), the isolated LS TTFT, and the capacity behind ``--rates auto``."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import replace
+from typing import Any
+
+from qllm.bench.stats import mean, percentile
+from qllm.bench.trace import FIRST_ID, Item
+
+DECODE_PROBE_TOKENS = 9
+"""Tokens of the lone request whose token gaps give the decode step (8 gaps)."""
+
+
+def warmup_items(items: list[Item]) -> list[Item]:
+    """The workload's first requests, all at once, at most 4 tokens each (not measured)."""
+    return [replace(i, arrival_s=0.0, output_len=min(4, i.output_len)) for i in items[:4]]
+
+
+def yardstick_system(systems: list[Any]) -> Any:
+    """Where the idle-machine yardsticks are measured: a qllm system, preferably not fcfs."""
+    ours = [s for s in systems if s.kind != "peer"] or systems
+    return next((s for s in ours if s.policy != "fcfs"), ours[0])
+
+
+async def decode_step(system: Any) -> float:
+    """Median single-request decode step: the mean token gap of a lone request, 3 tries."""
+    item = Item(0.0, "ls", 16, DECODE_PROBE_TOKENS, tuple(range(FIRST_ID, FIRST_ID + 16)))
+    steps = []
+    for _ in range(3):
+        (record,) = await system.run([item], timeout=None)
+        steps.append(record.inter_token_s)
+    return statistics.median(s for s in steps if s is not None)
+
+
+async def isolated(system: Any, items: list[Item], n: int, slo: float, timeout: float) -> dict[str, Any]:
+    """TTFT of the workload's first ``n`` LS requests, each alone on the idle system."""
+    ttfts = []
+    for item in [i for i in items if i.cls == "ls"][:n]:
+        (record,) = await system.run([replace(item, arrival_s=0.0)], slo_s=slo, timeout=timeout)
+        if record.ttft is not None:
+            ttfts.append(record.ttft)
+    return {
+        "measured_on": system.name,
+        "requests": len(ttfts),
+        "ttft_s": ttfts,
+        "ttft_mean_s": mean(ttfts),
+        "ttft_p50_s": percentile(ttfts, 0.5),
+        "ttft_p99_s": percentile(ttfts, 0.99),
+    }
+
+
+async def capacity(system: Any, items: list[Item], timeout: float) -> float:
+    """Requests/s of ``items`` submitted all at once (a closed batch): completed / makespan."""
+    records = await system.run([replace(i, arrival_s=0.0) for i in items], timeout=timeout)
+    end = max((r.finished for r in records if r.finished is not None), default=0.0)
+    if end <= 0:
+        raise RuntimeError("the capacity probe completed no request; give --rates")
+    return len(items) / end

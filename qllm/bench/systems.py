@@ -17,6 +17,8 @@ from qllm.bench.stats import Record
 from qllm.bench.trace import Item
 
 OnDone = Callable[[], None] | None
+CONNECT_TIMEOUT_S = 300.0
+"""How long to wait for a server's welcome: `qllm serve` opens its socket before its model is loaded."""
 
 
 class System(Protocol):
@@ -152,7 +154,7 @@ class ServeSystem:
     async def connect(cls, path: str) -> ServeSystem:
         from qllm.client import AsyncClient
 
-        client = AsyncClient(path)
+        client = AsyncClient(path, connect_timeout=CONNECT_TIMEOUT_S)
         welcome = await client.connect()
         return cls(path, client, welcome.policy, welcome.model)
 

@@ -210,6 +210,26 @@ async def test_fcfs_never_preempts(tiny, ls_after):
     assert be.token_ids == greedy(tiny, BE_PROMPT, 12, 8)
 
 
+@pytest.mark.parametrize("policy", ["qllm", "priority-aging", "fcfs"])
+async def test_waiting_ls_is_admitted_before_waiting_be(tiny, policy):
+    """With the batch full, an LS request that arrives behind queued BE requests starts first
+    under the LS-first policies; fcfs keeps arrival order."""
+    recorder = Recorder(load_policy(policy))
+    async with qllm.Engine(model=tiny, policy=recorder, max_batch=2, prefill_chunk=8) as engine:
+        running = [engine.submit(BE_PROMPT, max_tokens=6, ignore_eos=True) for _ in range(2)]
+        queued = [engine.submit(BE_PROMPT[:10], max_tokens=2, ignore_eos=True) for _ in range(3)]
+        ls = engine.submit(LS_PROMPT, max_tokens=2, priority="ls", ignore_eos=True)
+        results = [await h.result() for h in (*running, *queued, ls)]
+    ls_result, queued_results = results[-1], results[2:5]
+    first_queued = min(r.first_scheduled for r in queued_results)
+    if policy == "fcfs":
+        assert ls_result.first_scheduled > first_queued
+    else:
+        assert ls_result.first_scheduled < first_queued
+    assert ls_result.token_ids == greedy(tiny, LS_PROMPT, 2, 8)
+    assert all(r.status == "length" for r in results)
+
+
 # ---------------------------------------------------------------- starvation
 class Feeder(Recorder):
     """Keeps ``ls_live`` LS requests live: each finished LS request is replaced at once, so LS work

@@ -262,12 +262,14 @@ class Dispatcher:
             return getattr(self.fallback, method)(*args)
 
     def _admit_waiting(self) -> None:
-        while self.waiting:
-            view = self._view()
-            request = self.waiting[0]
-            if not self._call_policy("admit", self.views[request.id], view) and self.live:
+        """Offer waiting requests to the policy by its precedence, then arrival; stop at the first
+        refusal (so an LS request never queues behind BE requests that cannot start yet)."""
+        if not self.waiting:
+            return
+        for request in sorted(self.waiting, key=lambda r: (self._precedence(r), r.arrival, r.seq)):
+            if not self._call_policy("admit", self.views[request.id], self._view()) and self.live:
                 return
-            self.waiting.pop(0)
+            self.waiting.remove(request)
             self._admit(request)
 
     def _select(self) -> list[Request]:

@@ -56,7 +56,8 @@ class Policy:
         return (0 if request.is_ls else 1, request.rank)
 
     def admit(self, request: RequestView, kernel: KernelView) -> bool:
-        """May this waiting request start now? Called in arrival order; stop at the first False."""
+        """May this waiting request start now? Waiting requests are offered by precedence, then
+        arrival; the first refusal ends admission for this step."""
         return request.is_ls or len(kernel.live) < kernel.max_batch
 
     def on_arrival(self, request: RequestView, kernel: KernelView) -> None:

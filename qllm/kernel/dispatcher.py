@@ -116,7 +116,7 @@ class Dispatcher:
         stopping = False
         try:
             while True:
-                if not self._has_work() or stopping:
+                if not self.busy or stopping:
                     if stopping and not self.busy:
                         return
                     message = await self.mailbox.get()
@@ -127,9 +127,6 @@ class Dispatcher:
         finally:
             for request in [*self.waiting, *self.live.values()]:
                 self._finish(request, RequestStatus.FINISHED_ABORTED, "engine stopped")
-
-    def _has_work(self) -> bool:
-        return bool(self.live) or bool(self.waiting)
 
     def _handle(self, message: Any) -> bool:
         if message is _STOP:

@@ -49,6 +49,7 @@ class EngineConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     memory_budget: Annotated[int, Meta(ge=0)] | None = None
     max_batch: Annotated[int, Meta(ge=1)] = 32
     prefill_chunk: Annotated[int, Meta(ge=1)] = 128
+    threads: Annotated[int, Meta(ge=1)] | None = None  # torch intra-op threads; None: torch's default
 
 
 class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

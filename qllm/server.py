@@ -237,6 +237,7 @@ def _build_engine(config: Config, notify: Callable[[str], bool]) -> Any:
         memory_budget=e.memory_budget,
         max_batch=e.max_batch,
         prefill_chunk=e.prefill_chunk,
+        threads=e.threads,
     )
 
 

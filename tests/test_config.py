@@ -48,7 +48,10 @@ def test_command_line_overrides_the_file(tmp_path):
     args = build_parser().parse_args(["serve", "--config", str(path), "--model", "tiny", "--allow-uid", "7"])
     config = load_config(args.config, overrides(args))
     assert config.engine.model == "tiny"
+    assert config.engine.threads is None  # torch's default unless asked
     assert config.server.drain_timeout == 5.0  # not given on the command line: the file's
+    args = build_parser().parse_args(["serve", "--config", str(path), "--threads", "1"])
+    assert load_config(args.config, overrides(args)).engine.threads == 1
     assert config.server.allow_uids == [7]
 
 
@@ -57,6 +60,7 @@ def test_command_line_overrides_the_file(tmp_path):
     [
         ('[server]\nsockt = "/x"\n', r"unknown field `sockt` - at `\$.server`"),
         ("[engine]\nmax_batch = 0\n", r"Expected `int` >= 1 - at `\$.engine.max_batch`"),
+        ("[engine]\nthreads = 0\n", r"Expected `int` >= 1 - at `\$.engine.threads`"),
         ('[log]\nlevel = "loud"\n', r"level"),
         ('[server]\nsocket_mode = "rw-rw----"\n', r"server.socket_mode must be octal"),
         ("[server]\nsocket_mode = 0o7777\n", r"server.socket_mode must be within"),

@@ -235,3 +235,17 @@ async def test_a_failing_batch_errors_its_requests_and_the_kernel_goes_on(tiny, 
     assert failed.status == "error" and failed.error == "RuntimeError: device fell over"
     assert [e["event"] for e in logs if e["log_level"] == "error"] == ["batch_failed"]
     assert_idle(stats)
+
+
+async def test_threads_sets_torchs_intra_op_pool_and_rejects_nonsense(tiny):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        async with qllm.Engine(model=tiny, threads=2) as engine:
+            assert torch.get_num_threads() == 2
+            assert (await engine.generate([5, 6, 7], max_tokens=2)).status in ("length", "stopped")
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="threads"):
+        qllm.Engine(model=tiny, threads=0)

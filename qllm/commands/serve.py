@@ -24,6 +24,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("--max-batch", type=int, metavar="N", help="most requests in one batched op (default 32)")
     p.add_argument(
+        "--threads", type=int, metavar="N", help="torch intra-op threads (default: torch's, one per core); "
+        "1 avoids OpenMP contention on a busy small machine"
+    )
+    p.add_argument(
         "--socket",
         metavar="PATH",
         help="socket path (default $XDG_RUNTIME_DIR/qllm.sock, /run/qllm under systemd)",
@@ -67,6 +71,7 @@ def overrides(args: argparse.Namespace) -> dict:
             "device": args.device,
             "memory_budget": args.memory_budget,
             "max_batch": args.max_batch,
+            "threads": args.threads,
         },
         "server": {
             "socket": args.socket,

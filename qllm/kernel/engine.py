@@ -70,6 +70,7 @@ class Engine:
         prefill_chunk: int = 128,
         batch_invariant: bool = True,
         compute: str = "thread",
+        threads: int | None = None,
     ):
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
@@ -77,6 +78,10 @@ class Engine:
             raise ValueError("prefill_chunk must be >= 1")
         if memory_budget is not None and memory_budget < 0:
             raise ValueError("memory_budget must be >= 0 bytes")
+        if threads is not None:
+            if threads < 1:
+                raise ValueError("threads must be >= 1")
+            torch.set_num_threads(threads)  # process-wide: torch's intra-op thread pool
         self.policy = load_policy(policy)
         if isinstance(model, MoEModel) and device is not None and torch.device(device) != model.device:
             raise ValueError(f"the model is loaded on {model.device}, not on {device}; load it there or omit device")

@@ -200,6 +200,28 @@ def test_cuda_offload_and_restore_roundtrip():
 
 
 @cuda
+def test_cuda_prefetch_restores_within_the_budget_and_orders_with_compute():
+    a, b = filled_cache(40, "cuda", seed=3), filled_cache(40, "cuda", seed=4)
+    want_a, want_b = contents(a), contents(b)
+    tm = TensorManager("cuda", 0)
+    tm.register("a", a)
+    tm.register("b", b)
+    tm.enforce(set())  # budget 0: both go to pinned host memory
+    assert tm.is_offloaded("a") and tm.is_offloaded("b")
+
+    tm.budget_bytes = 40 * TOKEN_BYTES  # room for one of them
+    tm.prefetch(["b", "a"])  # the policy's order: b first; a does not fit any more
+    assert not tm.is_offloaded("b") and tm.is_offloaded("a") and tm.prefetches == 1
+    tm.before_run(["b"])  # waits on b's copy event before compute reads it
+    assert all(torch.equal(x, y) for x, y in zip(contents(b), want_b))
+
+    tm.budget_bytes = None
+    tm.prefetch(["a"])
+    tm.before_run(["a"])
+    assert tm.prefetches == 2 and all(torch.equal(x, y) for x, y in zip(contents(a), want_a))
+
+
+@cuda
 async def test_cuda_engine_offloads_and_restores_with_unchanged_outputs():
     model = load_model("tiny", device="cuda")  # one copy on the device for both runs
     unlimited, free_stats, _ = await mixed_load(model, None)

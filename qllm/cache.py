@@ -9,7 +9,7 @@ class KVCache:
     """Keys and values of one request, ``[kv_heads, capacity, head_dim]`` per layer.
 
     Capacity grows by doubling, so appending a token is amortised O(1). The tensor manager
-    moves a whole cache between devices with :meth:`to`.
+    (qllm/kernel/tensors.py) offloads and restores the buffers.
     """
 
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
@@ -48,23 +48,6 @@ class KVCache:
     def nbytes(self) -> int:
         """Bytes held by the buffers (capacity, not only the filled part)."""
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values) if t is not None)
-
-    def to(self, device: torch.device | str, *, non_blocking: bool = False, pin_memory: bool = False) -> None:
-        """Move every buffer to ``device`` in place (only the filled part is copied)."""
-        device = torch.device(device)
-        for i in range(self.num_layers):
-            for bufs in (self.keys, self.values):
-                t = bufs[i]
-                if t is None:
-                    continue
-                t = t[:, : max(self.lengths[i], 1)]
-                if device.type == "cpu" and pin_memory:
-                    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-                    host.copy_(t, non_blocking=non_blocking)
-                    bufs[i] = host
-                else:
-                    bufs[i] = t.to(device, non_blocking=non_blocking)
-        self.device = device
 
     def clear(self) -> None:
         """Drop every buffer (the request is finished or cancelled)."""

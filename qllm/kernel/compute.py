@@ -26,18 +26,13 @@ class Compute:
             if mode == "thread"
             else None
         )
-        self.in_flight = False
 
     async def __call__(self, fn: Callable[..., Any], *args: Any) -> Any:
-        self.in_flight = True
-        try:
-            if self._pool is None:
-                result = fn(*args)
-                await asyncio.sleep(0)  # let the loop serve I/O between ops
-                return result
-            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
-        finally:
-            self.in_flight = False
+        if self._pool is None:
+            result = fn(*args)
+            await asyncio.sleep(0)  # let the loop serve I/O between ops
+            return result
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def close(self) -> None:
         if self._pool is not None:

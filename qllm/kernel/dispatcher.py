@@ -357,4 +357,3 @@ class Dispatcher:
             elif request.status is RequestStatus.RUNNING and precedence(request) > lead:
                 request.status = RequestStatus.SUSPENDED
                 request.preemptions += 1
-                request.preempted_at = now

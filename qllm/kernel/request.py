@@ -95,7 +95,6 @@ class Request:
     token_times: list[float] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     preemptions: int = 0
-    preempted_at: float | None = None
     error: str | None = None
     streamed_text: str = ""
     # Execution state, owned by the dispatcher.

@@ -27,20 +27,23 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
-def run_remote(args: argparse.Namespace) -> int:
-    """Generate through a running server, streaming the text as it comes (unless --json)."""
-    from qllm.client import Client
-
-    params = dict(
+def sampling(args: argparse.Namespace) -> dict:
+    """The sampling options given on the command line (SamplingParams / client keywords)."""
+    return dict(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
         seed=args.seed,
-        stop=args.stop,
-        priority=args.priority,
-        chat=args.chat,
+        stop=tuple(args.stop),
     )
+
+
+def run_remote(args: argparse.Namespace) -> int:
+    """Generate through a running server, streaming the text as it comes (unless --json)."""
+    from qllm.client import Client
+
+    params = dict(sampling(args), priority=args.priority, chat=args.chat)
     with Client(args.socket) as client:
         if args.json:
             result = client.generate(args.prompt, **params)
@@ -84,14 +87,7 @@ def run(args: argparse.Namespace) -> int:
     from qllm.models import load_model
     from qllm.sampling import SamplingParams
 
-    params = SamplingParams(
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        stop=tuple(args.stop),
-    )
+    params = SamplingParams(**sampling(args))
     model = load_model(args.model, dtype=args.dtype, batch_invariant=False)
     result = generate(model, args.prompt, params, chat=args.chat)
     if args.json:

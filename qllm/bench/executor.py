@@ -22,7 +22,7 @@ from typing import Any
 
 TRANSFORMERS = "transformers"
 QLLM = "qllm"
-"""The batch-invariant executor (rows padded to a multiple of 4): what the engine serves with."""
+"""The batch-invariant executor (rows padded as probed on this machine): what the engine serves with."""
 QLLM_UNPADDED = "qllm_unpadded"
 """The executor without row padding (``load_model(..., batch_invariant=False)``)."""
 
@@ -117,6 +117,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "decode_tokens_per_s_rounds": decode,
             "prefill_speed_rounds": prefill,
         }
+    if QLLM in runs and QLLM_UNPADDED in runs:  # what batch invariance costs: padded over unpadded
+        cost = [_ratio(p[2], u[2]) for p, u in zip(runs[QLLM], runs[QLLM_UNPADDED])]
+        ratios["padded_vs_unpadded"] = {
+            "decode_tokens_per_s": statistics.median(cost),
+            "decode_tokens_per_s_rounds": cost,
+        }
     return {
         "bench": "executor",
         "model": str(args.model),
@@ -128,6 +134,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "decode_tokens": args.decode_tokens,
         "rounds": args.rounds,
         "build_s": build_s,
+        "batch_invariance": first.invariance.summary() if first.invariance else {"enabled": False},
         "tokens_equal": all(r["tokens_equal"] for r in report.values()),
         "ratios": ratios,
         "systems": report,

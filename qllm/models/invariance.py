@@ -246,11 +246,14 @@ class ProbeCache:
     """What probes found on this machine: per GEMM signature, the padding (None where none is
     invariant); per model, the padding of each op kind (so a restart skips the trace as well)."""
 
-    def __init__(self, path: Path | None = None):
+    def __init__(self, path: Path | None = None, *, persist: bool = True):
         self.path = path or cache_path()
+        self.persist = persist
         self.gemms: dict[str, Padding | None] = {}
         self.models: dict[str, dict[str, Any]] = {}
         self.dirty = False
+        if not persist:
+            return  # probe afresh, keep nothing
         try:
             raw = json.loads(self.path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -268,7 +271,7 @@ class ProbeCache:
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
     def save(self) -> None:
-        if not self.dirty:
+        if not self.dirty or not self.persist:
             return
         raw = {
             "gemms": {k: list(v) if v else None for k, v in list(self.gemms.items())[-MAX_CACHE_ENTRIES:]},

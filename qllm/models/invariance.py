@@ -47,7 +47,7 @@ kind's GEMMs need is a multiple of every other: padding to it keeps each of them
 PROBE_FLOPS = 3e8
 """Work allowed per GEMM and candidate (about); bounds the rows probed for large weights."""
 
-PROBE_VERSION = 1
+PROBE_VERSION = 2
 """Part of the cache key: a change to how probes decide invalidates what older ones found."""
 
 MAX_PROBE_ROWS = 192
@@ -144,12 +144,12 @@ def is_invariant(
     A block of random rows (``max_rows``, or two of the padding's multiples if more) is computed at
     once; then windows of it, each a row count the padding allows, placed at random offsets, must
     reproduce the block's rows bit for bit. Blocks and windows are drawn until ``budget_rows`` rows
-    (default: four blocks' worth) have been computed.
+    (default: three blocks' worth) have been computed.
     """
     multiple, minimum = padding
     top = max(max_rows, 2 * multiple, minimum)
     top -= top % multiple
-    budget = budget_rows if budget_rows is not None else 4 * top
+    budget = budget_rows if budget_rows is not None else 3 * top
     rng = random.Random(seed)
     spent = 0
     while spent < budget:

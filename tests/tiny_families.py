@@ -61,7 +61,7 @@ class Case:
                     # Biases start at zero: make them matter.
                     if name.endswith(("e_score_correction_bias", "expert_bias")):
                         tensor.copy_(torch.rand_like(tensor) * 0.2)
-                    elif name.endswith(".bias"):
+                    elif name.endswith((".bias", "proj_bias")):
                         tensor.copy_(torch.randn_like(tensor) * 0.1)
         return model.eval()
 
@@ -161,7 +161,13 @@ CASES = [
     Case(
         "phimoe",
         "phimoe",
-        dict(num_local_experts=8, num_experts_per_tok=2, attention_bias=True, lm_head_bias=True, sliding_window=6),
+        dict(
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            attention_bias=True,
+            lm_head_bias=True,
+            sliding_window=6,
+        ),
     ),
     Case(
         "kolibri1",
@@ -235,7 +241,9 @@ CASES = [
     Case(
         "laguna-channel-gate",
         "laguna",
-        dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16, gating="per-channel"),
+        dict(
+            num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16, gating="per-channel"
+        ),
         ROUTED | {OpKind.SHARED, OpKind.MLP},
     ),
     Case(
@@ -278,7 +286,29 @@ CASES = [
         dict(num_local_experts=8, num_experts_per_tok=2, shared_intermediate_size=64, **GRANITE_MULTIPLIERS),
         ROUTED | {OpKind.SHARED},
     ),
-    Case("hunyuan_v1_moe", "hunyuan_v1_moe", dict(num_experts=8, moe_topk=2, head_dim=12), ROUTED | {OpKind.SHARED}),
+    Case(
+        "gpt_oss",
+        "gpt_oss",
+        # Layers alternate sliding (window 6) and full attention, both with sinks.
+        # A low swiglu_limit makes the clamps bite.
+        dict(
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            intermediate_size=32,
+            head_dim=16,
+            sliding_window=6,
+            swiglu_limit=0.5,
+            rope_parameters=dict(
+                rope_type="yarn", rope_theta=150000.0, factor=32.0, original_max_position_embeddings=16
+            ),
+        ),
+    ),
+    Case(
+        "hunyuan_v1_moe",
+        "hunyuan_v1_moe",
+        dict(num_experts=8, moe_topk=2, head_dim=12),
+        ROUTED | {OpKind.SHARED},
+    ),
 ]
 CASES_BY_NAME = {case.name: case for case in CASES}
 

@@ -21,6 +21,7 @@ from qllm.models.ernie4_5_moe import Ernie45Moe
 from qllm.models.exaone_moe import ExaoneMoe
 from qllm.models.flex_olmo import FlexOlmo
 from qllm.models.glm4_moe import Glm4Moe
+from qllm.models.gpt_oss import GptOss
 from qllm.models.granitemoe import GraniteMoe
 from qllm.models.hunyuan_v1_moe import HunyuanV1Moe
 from qllm.models.hy_v3 import HYV3
@@ -35,7 +36,29 @@ from qllm.models.qwen2_moe import Qwen2Moe
 from qllm.models.qwen3_moe import Qwen3Moe
 from qllm.models.solar_open import SolarOpen
 
-FAMILIES: tuple[type[MoEModel], ...] = (Mixtral, Qwen3Moe, Qwen2Moe, Olmoe, Glm4Moe, Dots1, Ernie45Moe, SolarOpen, ExaoneMoe, HunyuanV1Moe, MiniMaxM2, Phimoe, Kolibri1, FlexOlmo, Afmoe, Mellum, Laguna, Cohere2Moe, HYV3, GraniteMoe)
+FAMILIES: tuple[type[MoEModel], ...] = (
+    Mixtral,
+    Qwen3Moe,
+    Qwen2Moe,
+    Olmoe,
+    Glm4Moe,
+    Dots1,
+    Ernie45Moe,
+    SolarOpen,
+    ExaoneMoe,
+    HunyuanV1Moe,
+    MiniMaxM2,
+    Phimoe,
+    Kolibri1,
+    FlexOlmo,
+    Afmoe,
+    Mellum,
+    Laguna,
+    Cohere2Moe,
+    HYV3,
+    GraniteMoe,
+    GptOss,
+)
 """Adapters tried in order by :func:`adapter_for`."""
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -86,7 +109,9 @@ def load_model(
     if hasattr(spec, "config") and hasattr(spec, "model"):
         return adapter_for(spec.config)(spec, None, batch_invariant=batch_invariant)
     if not isinstance(spec, (str, Path)):
-        raise ModelLoadError(f"cannot load a model from {type(spec).__name__}; pass a preset name or a directory")
+        raise ModelLoadError(
+            f"cannot load a model from {type(spec).__name__}; pass a preset name or a directory"
+        )
     from qllm.models.presets import PRESETS
 
     torch_dtype = resolve_dtype(dtype)
@@ -110,7 +135,9 @@ def load_directory(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     from qllm.models.presets import PRESETS
 
     if not path.exists():
-        raise _bad_directory(f"model {str(path)!r} is neither a preset ({', '.join(PRESETS)}) nor an existing directory")
+        raise _bad_directory(
+            f"model {str(path)!r} is neither a preset ({', '.join(PRESETS)}) nor an existing directory"
+        )
     if not path.is_dir():
         raise _bad_directory(f"model path {str(path)!r} is not a directory")
     config_file = path / "config.json"
@@ -141,4 +168,12 @@ def load_directory(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-__all__ = ["DTYPES", "FAMILIES", "MoEModel", "ModelLoadError", "adapter_for", "load_model", "supported_model_types"]
+__all__ = [
+    "DTYPES",
+    "FAMILIES",
+    "MoEModel",
+    "ModelLoadError",
+    "adapter_for",
+    "load_model",
+    "supported_model_types",
+]

@@ -114,8 +114,20 @@ class MoEModel:
         return q, k, v
 
     def sliding_window(self, attn: torch.nn.Module) -> int | None:
-        window = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(self.config, "sliding_window", None)
+        window = (
+            attn.sliding_window
+            if hasattr(attn, "sliding_window")
+            else getattr(self.config, "sliding_window", None)
+        )
         return window or None
+
+    def attention_chunk(self, attn: torch.nn.Module) -> int | None:
+        """Chunk length of chunked attention (a query sees only the keys of its own chunk), or None."""
+        return None
+
+    def attention_sinks(self, attn: torch.nn.Module) -> torch.Tensor | None:
+        """Per-head learned sink logits ``[heads]`` that join each query's softmax and carry no value, or None."""
+        return None
 
     def route(self, block: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Routing weights and expert indices, ``[N, top_k]`` each."""
@@ -127,6 +139,10 @@ class MoEModel:
         experts = block.experts
         gate, up = linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
         return linear(experts.act_fn(gate) * up, experts.down_proj[e])
+
+    def dense_mlp(self, layer: torch.nn.Module) -> torch.nn.Module:
+        """The MLP of a dense layer (one whose :meth:`moe_block` is None)."""
+        return layer.mlp
 
     def attn_norm(self, layer: torch.nn.Module) -> torch.nn.Module:
         """Norm applied to the residual stream before attention."""
@@ -150,7 +166,9 @@ class MoEModel:
         """The MoE block's (or dense MLP's) contribution to the residual from its output ``y`` (row-wise)."""
         return y
 
-    def rotary_embedding(self, i: int, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def rotary_embedding(
+        self, i: int, x: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotary ``cos, sin`` ``[N, rotary_dim]`` for layer ``i`` at ``positions``."""
         cos, sin = self.body.rotary_emb(x, positions[None])
         return cos[0], sin[0]
@@ -289,12 +307,19 @@ class MoEModel:
             parts = [self.rotary_embedding(ops[0].layer, v, op.positions) for op in ops]
             cos, sin = torch.cat([c for c, _ in parts]), torch.cat([s for _, s in parts])
         q, k = self.rotary(attn, q, k, cos, sin)
-        window = self.sliding_window(attn)
+        window, chunk, sinks = (
+            self.sliding_window(attn),
+            self.attention_chunk(attn),
+            self.attention_sinks(attn),
+        )
         outs = []
-        per_request = [(ops[0], q, k, v)] if len(ops) == 1 else zip(ops, q.split(sizes), k.split(sizes), v.split(sizes))
+        per_request = (
+            [(ops[0], q, k, v)] if len(ops) == 1 else zip(ops, q.split(sizes), k.split(sizes), v.split(sizes))
+        )
         for op, qi, ki, vi in per_request:
             keys, values = op.cache.append(ops[0].layer, ki.transpose(0, 1), vi.transpose(0, 1))
-            outs.append(_attend(qi.transpose(0, 1), keys, values, attn.scaling, window).transpose(0, 1))
+            out = _attend(qi.transpose(0, 1), keys, values, attn.scaling, window, chunk=chunk, sinks=sinks)
+            outs.append(out.transpose(0, 1))
         o = (outs[0] if len(outs) == 1 else torch.cat(outs)).reshape(n, -1)
         return self._split(self.attn_out(layer, _pad(o, *self._padding[OpKind.ATTENTION]), x), sizes)
 
@@ -328,28 +353,73 @@ class MoEModel:
     def _run_mlp(self, ops: list[Op]) -> list[torch.Tensor]:
         layer = self.layers[ops[0].layer]
         x, sizes = self._rows(ops)
-        return self._split(self.mlp_out(layer, layer.mlp(self.mlp_norm(layer)(x))), sizes)
+        return self._split(self.mlp_out(layer, self.dense_mlp(layer)(self.mlp_norm(layer)(x))), sizes)
 
     def _run_head(self, ops: list[Op]) -> list[torch.Tensor]:
         x, sizes = self._rows(ops)
         return self._split(self.logits(x), sizes)
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int | None) -> torch.Tensor:
-    """Causal attention of one request: q ``[Hq, n, D]`` over its keys/values ``[Hkv, T, D]``."""
+def _attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    window: int | None,
+    *,
+    chunk: int | None = None,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention of one request: q ``[Hq, n, D]`` over its keys/values ``[Hkv, T, D]``.
+
+    ``window``: a query sees only its last ``window`` keys; ``chunk``: only keys of its own
+    ``chunk``-long block of positions; ``sinks`` ``[Hq]``: one extra logit per head in the softmax,
+    whose probability mass is dropped (attends to nothing)."""
     n, total = q.shape[1], k.shape[1]
     past = total - n
     mask = None
     causal = False
-    if (n > 1 and past > 0) or (window is not None and total > window):
+    limited = (window is not None and total > window) or (chunk is not None and total > chunk)
+    if (n > 1 and past > 0) or limited or (sinks is not None and n > 1):
         qpos = torch.arange(past, total, device=q.device)[:, None]
         kpos = torch.arange(total, device=q.device)[None, :]
         mask = kpos <= qpos
         if window is not None:
             mask &= kpos > qpos - window
+        if chunk is not None:
+            mask &= kpos // chunk == qpos // chunk
     elif n > 1:
         causal = True
+    if sinks is not None:
+        return _attend_with_sinks(q, k, v, scale, mask, sinks)
     out = F.scaled_dot_product_attention(
-        q[None], k[None], v[None], attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=q.shape[0] != k.shape[0]
+        q[None],
+        k[None],
+        v[None],
+        attn_mask=mask,
+        is_causal=causal,
+        scale=scale,
+        enable_gqa=q.shape[0] != k.shape[0],
     )
     return out[0]
+
+
+def _attend_with_sinks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    mask: torch.Tensor | None,
+    sinks: torch.Tensor,
+) -> torch.Tensor:
+    group = q.shape[0] // k.shape[0]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)
+    logits = torch.matmul(q, k.transpose(1, 2)) * scale
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    sink = sinks.to(logits.dtype)[:, None, None].expand(-1, q.shape[1], 1)
+    combined = torch.cat([logits, sink], dim=-1)
+    combined = combined - combined.amax(dim=-1, keepdim=True)
+    probs = torch.softmax(combined, dim=-1)[..., :-1]
+    return torch.matmul(probs.to(v.dtype), v)

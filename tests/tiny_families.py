@@ -161,13 +161,7 @@ CASES = [
     Case(
         "phimoe",
         "phimoe",
-        dict(
-            num_local_experts=8,
-            num_experts_per_tok=2,
-            attention_bias=True,
-            lm_head_bias=True,
-            sliding_window=6,
-        ),
+        dict(num_local_experts=8, num_experts_per_tok=2, attention_bias=True, lm_head_bias=True, sliding_window=6),
     ),
     Case(
         "kolibri1",
@@ -241,9 +235,7 @@ CASES = [
     Case(
         "laguna-channel-gate",
         "laguna",
-        dict(
-            num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16, gating="per-channel"
-        ),
+        dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16, gating="per-channel"),
         ROUTED | {OpKind.SHARED, OpKind.MLP},
     ),
     Case(

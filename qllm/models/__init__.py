@@ -36,29 +36,7 @@ from qllm.models.qwen2_moe import Qwen2Moe
 from qllm.models.qwen3_moe import Qwen3Moe
 from qllm.models.solar_open import SolarOpen
 
-FAMILIES: tuple[type[MoEModel], ...] = (
-    Mixtral,
-    Qwen3Moe,
-    Qwen2Moe,
-    Olmoe,
-    Glm4Moe,
-    Dots1,
-    Ernie45Moe,
-    SolarOpen,
-    ExaoneMoe,
-    HunyuanV1Moe,
-    MiniMaxM2,
-    Phimoe,
-    Kolibri1,
-    FlexOlmo,
-    Afmoe,
-    Mellum,
-    Laguna,
-    Cohere2Moe,
-    HYV3,
-    GraniteMoe,
-    GptOss,
-)
+FAMILIES: tuple[type[MoEModel], ...] = (Mixtral, Qwen3Moe, Qwen2Moe, Olmoe, Glm4Moe, Dots1, Ernie45Moe, SolarOpen, ExaoneMoe, HunyuanV1Moe, MiniMaxM2, Phimoe, Kolibri1, FlexOlmo, Afmoe, Mellum, Laguna, Cohere2Moe, HYV3, GraniteMoe, GptOss)
 """Adapters tried in order by :func:`adapter_for`."""
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -109,9 +87,7 @@ def load_model(
     if hasattr(spec, "config") and hasattr(spec, "model"):
         return adapter_for(spec.config)(spec, None, batch_invariant=batch_invariant)
     if not isinstance(spec, (str, Path)):
-        raise ModelLoadError(
-            f"cannot load a model from {type(spec).__name__}; pass a preset name or a directory"
-        )
+        raise ModelLoadError(f"cannot load a model from {type(spec).__name__}; pass a preset name or a directory")
     from qllm.models.presets import PRESETS
 
     torch_dtype = resolve_dtype(dtype)
@@ -135,9 +111,7 @@ def load_directory(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     from qllm.models.presets import PRESETS
 
     if not path.exists():
-        raise _bad_directory(
-            f"model {str(path)!r} is neither a preset ({', '.join(PRESETS)}) nor an existing directory"
-        )
+        raise _bad_directory(f"model {str(path)!r} is neither a preset ({', '.join(PRESETS)}) nor an existing directory")
     if not path.is_dir():
         raise _bad_directory(f"model path {str(path)!r} is not a directory")
     config_file = path / "config.json"
@@ -168,12 +142,4 @@ def load_directory(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-__all__ = [
-    "DTYPES",
-    "FAMILIES",
-    "MoEModel",
-    "ModelLoadError",
-    "adapter_for",
-    "load_model",
-    "supported_model_types",
-]
+__all__ = ["DTYPES", "FAMILIES", "MoEModel", "ModelLoadError", "adapter_for", "load_model", "supported_model_types"]

@@ -114,11 +114,7 @@ class MoEModel:
         return q, k, v
 
     def sliding_window(self, attn: torch.nn.Module) -> int | None:
-        window = (
-            attn.sliding_window
-            if hasattr(attn, "sliding_window")
-            else getattr(self.config, "sliding_window", None)
-        )
+        window = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(self.config, "sliding_window", None)
         return window or None
 
     def attention_chunk(self, attn: torch.nn.Module) -> int | None:
@@ -166,9 +162,7 @@ class MoEModel:
         """The MoE block's (or dense MLP's) contribution to the residual from its output ``y`` (row-wise)."""
         return y
 
-    def rotary_embedding(
-        self, i: int, x: torch.Tensor, positions: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def rotary_embedding(self, i: int, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotary ``cos, sin`` ``[N, rotary_dim]`` for layer ``i`` at ``positions``."""
         cos, sin = self.body.rotary_emb(x, positions[None])
         return cos[0], sin[0]
@@ -307,15 +301,9 @@ class MoEModel:
             parts = [self.rotary_embedding(ops[0].layer, v, op.positions) for op in ops]
             cos, sin = torch.cat([c for c, _ in parts]), torch.cat([s for _, s in parts])
         q, k = self.rotary(attn, q, k, cos, sin)
-        window, chunk, sinks = (
-            self.sliding_window(attn),
-            self.attention_chunk(attn),
-            self.attention_sinks(attn),
-        )
+        window, chunk, sinks = self.sliding_window(attn), self.attention_chunk(attn), self.attention_sinks(attn)
         outs = []
-        per_request = (
-            [(ops[0], q, k, v)] if len(ops) == 1 else zip(ops, q.split(sizes), k.split(sizes), v.split(sizes))
-        )
+        per_request = [(ops[0], q, k, v)] if len(ops) == 1 else zip(ops, q.split(sizes), k.split(sizes), v.split(sizes))
         for op, qi, ki, vi in per_request:
             keys, values = op.cache.append(ops[0].layer, ki.transpose(0, 1), vi.transpose(0, 1))
             out = _attend(qi.transpose(0, 1), keys, values, attn.scaling, window, chunk=chunk, sinks=sinks)
@@ -393,13 +381,7 @@ def _attend(
     if sinks is not None:
         return _attend_with_sinks(q, k, v, scale, mask, sinks)
     out = F.scaled_dot_product_attention(
-        q[None],
-        k[None],
-        v[None],
-        attn_mask=mask,
-        is_causal=causal,
-        scale=scale,
-        enable_gqa=q.shape[0] != k.shape[0],
+        q[None], k[None], v[None], attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=q.shape[0] != k.shape[0]
     )
     return out[0]
 

@@ -295,11 +295,25 @@ CASES = [
             ),
         ),
     ),
+    Case("hunyuan_v1_moe", "hunyuan_v1_moe", dict(num_experts=8, moe_topk=2, head_dim=12), ROUTED | {OpKind.SHARED}),
     Case(
-        "hunyuan_v1_moe",
-        "hunyuan_v1_moe",
-        dict(num_experts=8, moe_topk=2, head_dim=12),
-        ROUTED | {OpKind.SHARED},
+        "llama4_text",
+        "llama4_text",
+        # Layers 0 and 2: chunked attention (chunks of 5) with rotary and L2 q/k norm; layer 1:
+        # global NoPE attention with the query temperature. Layers 0 and 2 are MoE, 1 dense.
+        dict(
+            num_local_experts=8,
+            num_experts_per_tok=1,
+            intermediate_size=32,
+            intermediate_size_mlp=64,
+            head_dim=16,
+            no_rope_layers=[1, 0, 1],
+            attention_chunk_size=5,
+            moe_layers=[0, 2],
+            floor_scale=4,
+            attn_scale=0.5,
+        ),
+        ROUTED | {OpKind.SHARED, OpKind.MLP},
     ),
 ]
 CASES_BY_NAME = {case.name: case for case in CASES}

@@ -27,6 +27,7 @@ from qllm.models.hunyuan_v1_moe import HunyuanV1Moe
 from qllm.models.hy_v3 import HYV3
 from qllm.models.kolibri1 import Kolibri1
 from qllm.models.laguna import Laguna
+from qllm.models.llama4 import Llama4
 from qllm.models.mellum import Mellum
 from qllm.models.minimax_m2 import MiniMaxM2
 from qllm.models.mixtral import Mixtral
@@ -36,7 +37,7 @@ from qllm.models.qwen2_moe import Qwen2Moe
 from qllm.models.qwen3_moe import Qwen3Moe
 from qllm.models.solar_open import SolarOpen
 
-FAMILIES: tuple[type[MoEModel], ...] = (Mixtral, Qwen3Moe, Qwen2Moe, Olmoe, Glm4Moe, Dots1, Ernie45Moe, SolarOpen, ExaoneMoe, HunyuanV1Moe, MiniMaxM2, Phimoe, Kolibri1, FlexOlmo, Afmoe, Mellum, Laguna, Cohere2Moe, HYV3, GraniteMoe, GptOss)
+FAMILIES: tuple[type[MoEModel], ...] = (Mixtral, Qwen3Moe, Qwen2Moe, Olmoe, Glm4Moe, Dots1, Ernie45Moe, SolarOpen, ExaoneMoe, HunyuanV1Moe, MiniMaxM2, Phimoe, Kolibri1, FlexOlmo, Afmoe, Mellum, Laguna, Cohere2Moe, HYV3, GraniteMoe, GptOss, Llama4)
 """Adapters tried in order by :func:`adapter_for`."""
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

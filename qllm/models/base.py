@@ -50,6 +50,8 @@ class MoEModel:
     """``config.model_type`` values this adapter runs."""
     parallel_mlp: ClassVar[bool] = False
     """The MoE block (or MLP) reads the layer's input, as attention does, not the attention output."""
+    weighted_expert_input: ClassVar[bool] = False
+    """The routing weight scales each expert's input rather than its output (Llama 4)."""
 
     def __init__(self, model: Any, tokenizer: Any = None, *, batch_invariant: bool = True):
         self.hf = model.eval()
@@ -66,7 +68,7 @@ class MoEModel:
         self.dtype = self.body.embed_tokens.weight.dtype
         self.device = self.body.embed_tokens.weight.device
         self.vocab_size = self.hf.lm_head.out_features
-        self._rope = sys.modules[type(first).__module__].apply_rotary_pos_emb
+        self._rope = getattr(sys.modules[type(first).__module__], "apply_rotary_pos_emb", None)
         self.moe_blocks = [self.moe_block(layer) for layer in self.layers]
         # "dynamic" and "longrope" rotary depend on the longest position in a call (and switch
         # state on it), so each request's rows get their own call to stay batch-invariant.
@@ -330,6 +332,10 @@ class MoEModel:
 
     def _run_expert(self, ops: list[Op]) -> list[torch.Tensor]:
         x, sizes = self._rows(ops)
+        if self.weighted_expert_input:
+            w = ops[0].weight if len(ops) == 1 else torch.cat([op.weight for op in ops])
+            w = torch.cat([w.to(x.dtype), w.new_zeros(x.shape[0] - w.shape[0], dtype=x.dtype)])
+            return self._split(self.expert(self.moe_blocks[ops[0].layer], ops[0].expert, x * w[:, None]), sizes)
         y = self.expert(self.moe_blocks[ops[0].layer], ops[0].expert, x)[: sum(sizes)]
         w = ops[0].weight if len(ops) == 1 else torch.cat([op.weight for op in ops])
         return self._split((y * w[:, None]).to(y.dtype), sizes)

@@ -295,6 +295,17 @@ CASES = [
             ),
         ),
     ),
+    Case(
+        "dbrx",
+        "dbrx",
+        dict(
+            d_model=48,
+            n_heads=4,
+            n_layers=3,
+            attn_config=dict(kv_n_heads=2, clip_qkv=1.0, rope_theta=10000.0),
+            ffn_config=dict(ffn_hidden_size=32, moe_num_experts=8, moe_top_k=2, moe_normalize_expert_weights=1.0),
+        ),
+    ),
     Case("hunyuan_v1_moe", "hunyuan_v1_moe", dict(num_experts=8, moe_topk=2, head_dim=12), ROUTED | {OpKind.SHARED}),
     Case(
         "llama4_text",

@@ -58,11 +58,11 @@ class MoEModel:
         self.hf.requires_grad_(False)
         self.tokenizer = tokenizer
         self.config = model.config
-        self.body = model.model
+        self.body = self.decoder(model)
         self.layers = list(self.body.layers)
         self.num_layers = len(self.layers)
         self.row_multiple = ROW_MULTIPLE if batch_invariant else 1
-        first = self.layers[0].self_attn
+        first = self.attention(self.layers[0])
         self.head_dim = first.head_dim
         self.num_kv_heads = self.config.num_key_value_heads
         self.dtype = self.body.embed_tokens.weight.dtype
@@ -99,6 +99,14 @@ class MoEModel:
     @classmethod
     def supports(cls, config: Any) -> bool:
         return getattr(config, "model_type", None) in cls.model_types
+
+    def decoder(self, model: Any) -> Any:
+        """The decoder inside the ``*ForCausalLM``: ``embed_tokens``, ``layers``, ``norm``, ``rotary_emb``."""
+        return model.model
+
+    def attention(self, layer: torch.nn.Module) -> torch.nn.Module:
+        """The layer's attention module (projections, ``head_dim``, ``scaling``)."""
+        return layer.self_attn
 
     def moe_block(self, layer: torch.nn.Module) -> torch.nn.Module | None:
         """The layer's sparse MoE block, or None for a dense layer."""
@@ -153,7 +161,7 @@ class MoEModel:
     def attn_out(self, layer: torch.nn.Module, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Attention's contribution to the residual from its heads' output ``o`` ``[N, heads * head_dim]``;
         ``x`` is the normed input (for output gates)."""
-        o_proj = layer.self_attn.o_proj
+        o_proj = self.attention(layer).o_proj
         return linear(o, o_proj.weight, o_proj.bias)
 
     def routed_out(self, block: torch.nn.Module, y: torch.Tensor) -> torch.Tensor:
@@ -257,7 +265,7 @@ class MoEModel:
 
         kinds = []
         with torch.no_grad():
-            attention = [layer.self_attn for layer in self.layers]
+            attention = [self.attention(layer) for layer in self.layers]
             if default("qkv", "attn_out") and all(
                 uses_onednn(getattr(attn, proj).weight)
                 for attn in attention
@@ -289,7 +297,7 @@ class MoEModel:
 
     def _run_attention(self, ops: list[Op]) -> list[torch.Tensor]:
         layer = self.layers[ops[0].layer]
-        attn = layer.self_attn
+        attn = self.attention(layer)
         x, sizes = self._rows(ops)
         n = sum(sizes)
         x = self.attn_norm(layer)(x)

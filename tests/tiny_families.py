@@ -78,6 +78,9 @@ DEEPSEEK_ROUTING = dict(
     routed_scaling_factor=2.5,
     norm_topk_prob=True,
 )
+# Multi-head latent attention: low-rank queries, a 24-wide latent and an 8-wide shared rotary key
+# (every query head has its own expanded key and value: no grouping).
+LATENT_ATTENTION = dict(num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12)
 GRANITE_MULTIPLIERS = dict(
     embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=2.0
 )
@@ -305,6 +308,12 @@ CASES = [
             attn_config=dict(kv_n_heads=2, clip_qkv=1.0, rope_theta=10000.0),
             ffn_config=dict(ffn_hidden_size=32, moe_num_experts=8, moe_top_k=2, moe_normalize_expert_weights=1.0),
         ),
+    ),
+    Case(
+        "deepseek_v3",
+        "deepseek_v3",
+        dict(**DEEPSEEK_ROUTING, **LATENT_ATTENTION, first_k_dense_replace=1),
+        ROUTED | {OpKind.SHARED, OpKind.MLP},
     ),
     Case("hunyuan_v1_moe", "hunyuan_v1_moe", dict(num_experts=8, moe_topk=2, head_dim=12), ROUTED | {OpKind.SHARED}),
     Case(

@@ -17,6 +17,7 @@ from qllm.models.afmoe import Afmoe
 from qllm.models.base import MoEModel
 from qllm.models.cohere2_moe import Cohere2Moe
 from qllm.models.dbrx import Dbrx
+from qllm.models.deepseek_v3 import DeepseekV3
 from qllm.models.dots1 import Dots1
 from qllm.models.ernie4_5_moe import Ernie45Moe
 from qllm.models.exaone_moe import ExaoneMoe
@@ -38,7 +39,7 @@ from qllm.models.qwen2_moe import Qwen2Moe
 from qllm.models.qwen3_moe import Qwen3Moe
 from qllm.models.solar_open import SolarOpen
 
-FAMILIES: tuple[type[MoEModel], ...] = (Mixtral, Qwen3Moe, Qwen2Moe, Olmoe, Glm4Moe, Dots1, Ernie45Moe, SolarOpen, ExaoneMoe, HunyuanV1Moe, MiniMaxM2, Phimoe, Kolibri1, FlexOlmo, Afmoe, Mellum, Laguna, Cohere2Moe, HYV3, GraniteMoe, GptOss, Llama4, Dbrx)
+FAMILIES: tuple[type[MoEModel], ...] = (Mixtral, Qwen3Moe, Qwen2Moe, Olmoe, Glm4Moe, Dots1, Ernie45Moe, SolarOpen, ExaoneMoe, HunyuanV1Moe, MiniMaxM2, Phimoe, Kolibri1, FlexOlmo, Afmoe, Mellum, Laguna, Cohere2Moe, HYV3, GraniteMoe, GptOss, Llama4, Dbrx, DeepseekV3)
 """Adapters tried in order by :func:`adapter_for`."""
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -63,7 +63,7 @@ class MoEModel:
         self.num_layers = len(self.layers)
         self.row_multiple = ROW_MULTIPLE if batch_invariant else 1
         first = self.attention(self.layers[0])
-        self.head_dim = first.head_dim
+        self.head_dim = getattr(first, "head_dim", None)  # latent attention has none (qllm/models/mla.py)
         self.num_kv_heads = self.config.num_key_value_heads
         self.dtype = self.body.embed_tokens.weight.dtype
         self.device = self.body.embed_tokens.weight.device
@@ -134,6 +134,12 @@ class MoEModel:
     def attention_sinks(self, attn: torch.nn.Module) -> torch.Tensor | None:
         """Per-head learned sink logits ``[heads]`` that join each query's softmax and carry no value, or None."""
         return None
+
+    def expand_kv(
+        self, attn: torch.nn.Module, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[kv_heads, T, dim]`` that attention reads, from what the cache holds."""
+        return keys, values
 
     def route(self, block: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Routing weights and expert indices, ``[N, top_k]`` each."""
@@ -316,6 +322,7 @@ class MoEModel:
         per_request = [(ops[0], q, k, v)] if len(ops) == 1 else zip(ops, q.split(sizes), k.split(sizes), v.split(sizes))
         for op, qi, ki, vi in per_request:
             keys, values = op.cache.append(ops[0].layer, ki.transpose(0, 1), vi.transpose(0, 1))
+            keys, values = self.expand_kv(attn, keys, values)
             out = _attend(qi.transpose(0, 1), keys, values, attn.scaling, window, chunk=chunk, sinks=sinks)
             outs.append(out.transpose(0, 1))
         o = (outs[0] if len(outs) == 1 else torch.cat(outs)).reshape(n, -1)

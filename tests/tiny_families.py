@@ -47,15 +47,21 @@ class Case:
     model_type: str
     config: dict[str, Any]
     kinds: frozenset[OpKind] = frozenset({OpKind.ATTENTION, OpKind.ROUTER, OpKind.EXPERT, OpKind.HEAD})
+    model_class: str | None = None
+    """transformers class to build, where ``AutoModelForCausalLM`` does not map the model type."""
 
     def build(self, seed: int = 0) -> Any:
         """The transformers ``*ForCausalLM`` with weights drawn from ``seed``, in eval mode, fp32."""
+        import transformers
         from transformers import AutoConfig, AutoModelForCausalLM
 
         config = AutoConfig.for_model(self.model_type, **{**SIZES, **self.config})
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_config(config)
+            if self.model_class is None:
+                model = AutoModelForCausalLM.from_config(config)
+            else:
+                model = getattr(transformers, self.model_class)(config)
             with torch.no_grad():
                 for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
                     # Biases start at zero: make them matter.
@@ -314,6 +320,46 @@ CASES = [
         "deepseek_v3",
         dict(**DEEPSEEK_ROUTING, **LATENT_ATTENTION, first_k_dense_replace=1),
         ROUTED | {OpKind.SHARED, OpKind.MLP},
+    ),
+    Case(
+        "deepseek_v2",
+        "deepseek_v2",
+        # Full-rank queries (V2-Lite), softmax routing limited to the best group.
+        dict(
+            **{**DEEPSEEK_ROUTING, "n_shared_experts": 2},
+            **{**LATENT_ATTENTION, "q_lora_rank": None},
+            topk_method="group_limited_greedy",
+            first_k_dense_replace=1,
+        ),
+        ROUTED | {OpKind.SHARED, OpKind.MLP},
+    ),
+    Case(
+        "glm4_moe_lite",
+        "glm4_moe_lite",
+        dict(**DEEPSEEK_ROUTING, **LATENT_ATTENTION, mlp_layer_types=["sparse", "dense", "sparse"]),
+        ROUTED | {OpKind.SHARED, OpKind.MLP},
+    ),
+    Case(
+        "mistral4",
+        "mistral4",
+        # Non-interleaved rotary; queries scaled from position 4 on (llama_4_scaling_beta).
+        dict(
+            **DEEPSEEK_ROUTING,
+            **LATENT_ATTENTION,
+            first_k_dense_replace=1,
+            rope_interleave=False,
+            rope_parameters=dict(
+                rope_type="yarn",
+                rope_theta=10000.0,
+                factor=128.0,
+                original_max_position_embeddings=4,
+                mscale_all_dim=1.0,
+                mscale=1.0,
+                llama_4_scaling_beta=0.5,
+            ),
+        ),
+        ROUTED | {OpKind.SHARED, OpKind.MLP},
+        model_class="Mistral4ForCausalLM",
     ),
     Case("hunyuan_v1_moe", "hunyuan_v1_moe", dict(num_experts=8, moe_topk=2, head_dim=12), ROUTED | {OpKind.SHARED}),
     Case(

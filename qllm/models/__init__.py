@@ -17,12 +17,14 @@ from qllm.models.afmoe import Afmoe
 from qllm.models.base import MoEModel
 from qllm.models.cohere2_moe import Cohere2Moe
 from qllm.models.dbrx import Dbrx
+from qllm.models.deepseek_v2 import DeepseekV2
 from qllm.models.deepseek_v3 import DeepseekV3
 from qllm.models.dots1 import Dots1
 from qllm.models.ernie4_5_moe import Ernie45Moe
 from qllm.models.exaone_moe import ExaoneMoe
 from qllm.models.flex_olmo import FlexOlmo
 from qllm.models.glm4_moe import Glm4Moe
+from qllm.models.glm4_moe_lite import Glm4MoeLite
 from qllm.models.gpt_oss import GptOss
 from qllm.models.granitemoe import GraniteMoe
 from qllm.models.hunyuan_v1_moe import HunyuanV1Moe
@@ -32,6 +34,7 @@ from qllm.models.laguna import Laguna
 from qllm.models.llama4 import Llama4
 from qllm.models.mellum import Mellum
 from qllm.models.minimax_m2 import MiniMaxM2
+from qllm.models.mistral4 import Mistral4
 from qllm.models.mixtral import Mixtral
 from qllm.models.olmoe import Olmoe
 from qllm.models.phimoe import Phimoe
@@ -39,7 +42,7 @@ from qllm.models.qwen2_moe import Qwen2Moe
 from qllm.models.qwen3_moe import Qwen3Moe
 from qllm.models.solar_open import SolarOpen
 
-FAMILIES: tuple[type[MoEModel], ...] = (Mixtral, Qwen3Moe, Qwen2Moe, Olmoe, Glm4Moe, Dots1, Ernie45Moe, SolarOpen, ExaoneMoe, HunyuanV1Moe, MiniMaxM2, Phimoe, Kolibri1, FlexOlmo, Afmoe, Mellum, Laguna, Cohere2Moe, HYV3, GraniteMoe, GptOss, Llama4, Dbrx, DeepseekV3)
+FAMILIES: tuple[type[MoEModel], ...] = (Mixtral, Qwen3Moe, Qwen2Moe, Olmoe, Glm4Moe, Dots1, Ernie45Moe, SolarOpen, ExaoneMoe, HunyuanV1Moe, MiniMaxM2, Phimoe, Kolibri1, FlexOlmo, Afmoe, Mellum, Laguna, Cohere2Moe, HYV3, GraniteMoe, GptOss, Llama4, Dbrx, DeepseekV3, DeepseekV2, Glm4MoeLite, Mistral4)
 """Adapters tried in order by :func:`adapter_for`."""
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -109,6 +112,19 @@ def _bad_directory(problem: str) -> ModelLoadError:
     )
 
 
+def _causal_lm_class(raw: dict) -> Any:
+    """``AutoModelForCausalLM``, or the checkpoint's own ``*ForCausalLM`` class where the auto
+    mapping lacks its model type (transformers 5.24 does not map ``mistral4``)."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if raw.get("model_type") not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        for name in raw.get("architectures") or ():
+            if str(name).endswith("ForCausalLM") and hasattr(transformers, name):
+                return getattr(transformers, name)
+    return transformers.AutoModelForCausalLM
+
+
 def load_directory(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     """Load a local Hugging Face model directory; no hub access."""
     from qllm.models.presets import PRESETS
@@ -132,10 +148,10 @@ def load_directory(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
         )
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise _bad_directory(f"model directory {str(path)!r} has no weights (*.safetensors)")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        model = _causal_lm_class(raw).from_pretrained(path, dtype=dtype, local_files_only=True)
     except Exception as exc:  # transformers raises many types for a broken checkpoint
         raise _bad_directory(f"cannot load weights from {str(path)!r} ({exc})") from exc
     try:

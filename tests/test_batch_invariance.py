@@ -46,10 +46,15 @@ def identical(a, b) -> bool:
     return type(a) is type(b) and len(a) == len(b) and all(identical(x, y) for x, y in zip(a, b))
 
 
-@pytest.fixture(scope="module", params=["tiny", "qwen2_moe", "qwen3_moe", "afmoe", "cohere2_moe"])
+@pytest.fixture(
+    scope="module",
+    params=["tiny", "qwen2_moe", "qwen3_moe", "afmoe", "cohere2_moe", "gpt_oss", "llama4_text", "deepseek_v3"],
+)
 def executor(request, tiny):
     """The tiny preset, plus families that add SHARED (qwen2_moe) and dense MLP (qwen3_moe) ops,
-    gated attention output and post-MoE norms (afmoe), and parallel attention/MoE (cohere2_moe)."""
+    gated attention output and post-MoE norms (afmoe), parallel attention/MoE (cohere2_moe),
+    attention sinks and biased experts (gpt_oss), chunked attention and expert inputs scaled by
+    the routing weight (llama4_text), and latent attention (deepseek_v3)."""
     if request.param == "tiny":
         return tiny
     return load_model((CASES_BY_NAME[request.param].build(), None))

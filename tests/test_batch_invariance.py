@@ -46,10 +46,10 @@ def identical(a, b) -> bool:
     return type(a) is type(b) and len(a) == len(b) and all(identical(x, y) for x, y in zip(a, b))
 
 
-@pytest.fixture(
-    scope="module",
-    params=["tiny", "qwen2_moe", "qwen3_moe", "afmoe", "cohere2_moe", "gpt_oss", "llama4_text", "deepseek_v3"],
-)
+CHECKED = ["tiny", "qwen2_moe", "qwen3_moe", "afmoe", "cohere2_moe", "gpt_oss", "llama4_text", "deepseek_v3"]
+
+
+@pytest.fixture(scope="module", params=CHECKED)
 def executor(request, tiny):
     """The tiny preset, plus families that add SHARED (qwen2_moe) and dense MLP (qwen3_moe) ops,
     gated attention output and post-MoE norms (afmoe), parallel attention/MoE (cohere2_moe),

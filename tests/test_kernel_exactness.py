@@ -10,6 +10,7 @@ streams exactly its tokens, and its timestamps are consistent. Nothing stays res
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 
@@ -18,8 +19,11 @@ import structlog
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kernel_helpers import Recorder, isolated, run
+from tiny_families import CASES_BY_NAME
 
 import qllm
+from qllm.models import load_model
+from qllm.models.presets import tiny_tokenizer
 from qllm.policies import load_policy
 from qllm.sampling import SamplingParams
 
@@ -71,12 +75,16 @@ specs = st.builds(
 schedules = st.lists(specs, min_size=1, max_size=4)
 
 
-async def serve(model, policy: str, schedule: list[Spec], *, chunk: int, max_batch: int):
+async def serve(
+    model, policy: str, schedule: list[Spec], *, chunk: int, max_batch: int, budget: int | None = None
+):
     """Run ``schedule`` on an engine; results, streamed chunks and specs by id, the recorder, stats, logs."""
     recorder = Recorder(load_policy(policy))
     handles: dict[str, object] = {}
     by_id: dict[str, Spec] = {}
-    async with qllm.Engine(model=model, policy=recorder, prefill_chunk=chunk, max_batch=max_batch) as engine:
+    async with qllm.Engine(
+        model=model, policy=recorder, prefill_chunk=chunk, max_batch=max_batch, memory_budget=budget
+    ) as engine:
 
         def submit(spec: Spec) -> None:
             handle = engine.submit(list(spec.prompt), **spec.submit_kwargs())
@@ -171,3 +179,34 @@ def test_reference_is_the_single_request_driver(tiny):
 
     params = SamplingParams(max_tokens=6, ignore_eos=True)
     assert run(one(2)).token_ids == isolated(tiny, prompt, params, 2).token_ids
+
+
+@pytest.fixture(scope="module")
+def latent():
+    """A multi-head latent attention model (DeepSeek-V3 layout): its caches hold latents and rotary
+    keys of different widths, not per-head keys and values."""
+    case = CASES_BY_NAME["deepseek_v3"]
+    tokenizer = tiny_tokenizer()
+    hf = dataclasses.replace(case, config={**case.config, "vocab_size": len(tokenizer)}).build()
+    return load_model((hf, tokenizer))
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@settings(deadline=None, max_examples=4, suppress_health_check=[HealthCheck.too_slow])
+@given(schedule=schedules, chunk=st.sampled_from([2, 5, 128]), max_batch=st.sampled_from([2, 32]))
+def test_latent_attention_request_equals_its_isolated_run(latent, policy, schedule, chunk, max_batch):
+    """The same property for latent-attention caches, under a memory budget small enough that
+    suspended requests' caches are offloaded (compacted on CPU) and restored."""
+    results, streamed, by_id, recorder, stats, _ = run(
+        serve(latent, policy, schedule, chunk=chunk, max_batch=max_batch, budget=4096)
+    )
+
+    assert len(results) == len(schedule)
+    for rid, result in results.items():
+        spec = by_id[rid]
+        ref = isolated(latent, spec.prompt, spec.params, chunk)
+        assert result.token_ids == ref.token_ids, f"{rid} {spec}"
+        assert result.status == ref.status
+        assert recorder.ops_of(rid) == ref.ops
+        assert [c.token_id for c in streamed[rid]] == ref.token_ids
+    assert stats["memory"]["resident_bytes"] == 0

@@ -1,4 +1,5 @@
-"""Per-request KV cache: one preallocated, growable key and value buffer per layer."""
+"""Per-request cache: one preallocated, growable key and value buffer per attention layer, and
+the fixed-size recurrent state of each linear-attention layer."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ class KVCache:
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.lengths = [0] * num_layers
+        self.states: list[list[torch.Tensor] | None] = [None] * num_layers
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append ``k``/``v`` ([kv_heads, n, head_dim]) to ``layer``; return all keys and values so far."""
@@ -51,16 +53,27 @@ class KVCache:
         self.lengths[layer] = end
         return self.keys[layer][:, :end], self.values[layer][:, :end]
 
+    def state(self, layer: int) -> list[torch.Tensor] | None:
+        """The recurrent state tensors of linear-attention ``layer`` (None before its first token)."""
+        return self.states[layer]
+
+    def update_state(self, layer: int, tensors: list[torch.Tensor], n: int) -> None:
+        """Replace linear-attention ``layer``'s state after it has read ``n`` more tokens."""
+        self.states[layer] = tensors
+        self.lengths[layer] += n
+
     def length(self, layer: int = 0) -> int:
         return self.lengths[layer]
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the buffers (capacity, not only the filled part)."""
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values) if t is not None)
+        """Bytes held by the buffers (capacity, not only the filled part) and recurrent states."""
+        states = [t for tensors in self.states if tensors is not None for t in tensors]
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values, *states) if t is not None)
 
     def clear(self) -> None:
         """Drop every buffer (the request is finished or cancelled)."""
         self.keys = [None] * self.num_layers
         self.values = [None] * self.num_layers
         self.lengths = [0] * self.num_layers
+        self.states = [None] * self.num_layers

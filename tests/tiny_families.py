@@ -87,6 +87,21 @@ DEEPSEEK_ROUTING = dict(
 # Multi-head latent attention: low-rank queries, a 24-wide latent and an 8-wide shared rotary key
 # (every query head has its own expanded key and value: no grouping).
 LATENT_ATTENTION = dict(num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12)
+# Hybrid linear attention: 2 key heads, 4 value heads (grouped), a 4-wide causal convolution;
+# Qwen-style routing with a gated shared expert and one dense layer.
+GATED_DELTANET = dict(
+    head_dim=16,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=8,
+    linear_value_head_dim=12,
+    linear_conv_kernel_dim=4,
+    num_experts=8,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=48,
+    mlp_only_layers=[2],
+)
 GRANITE_MULTIPLIERS = dict(
     embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=2.0
 )
@@ -360,6 +375,13 @@ CASES = [
         ),
         ROUTED | {OpKind.SHARED, OpKind.MLP},
         model_class="Mistral4ForCausalLM",
+    ),
+    Case(
+        "qwen3_next",
+        "qwen3_next",
+        # Gated DeltaNet, full attention, gated DeltaNet (dense MLP in the last layer).
+        dict(**GATED_DELTANET, layer_types=["linear_attention", "full_attention", "linear_attention"]),
+        ROUTED | {OpKind.SHARED, OpKind.MLP},
     ),
     Case("hunyuan_v1_moe", "hunyuan_v1_moe", dict(num_experts=8, moe_topk=2, head_dim=12), ROUTED | {OpKind.SHARED}),
     Case(

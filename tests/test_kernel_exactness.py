@@ -181,11 +181,12 @@ def test_reference_is_the_single_request_driver(tiny):
     assert run(one(2)).token_ids == isolated(tiny, prompt, params, 2).token_ids
 
 
-@pytest.fixture(scope="module")
-def latent():
-    """A multi-head latent attention model (DeepSeek-V3 layout): its caches hold latents and rotary
-    keys of different widths, not per-head keys and values."""
-    case = CASES_BY_NAME["deepseek_v3"]
+@pytest.fixture(scope="module", params=["deepseek_v3", "qwen3_next"])
+def stateful(request):
+    """A model whose per-request state is not per-head keys and values: latent attention
+    (deepseek_v3: latents and rotary keys of different widths) or gated DeltaNet layers
+    (qwen3_next: a convolution window and a recurrent state beside the KV of full attention)."""
+    case = CASES_BY_NAME[request.param]
     tokenizer = tiny_tokenizer()
     hf = dataclasses.replace(case, config={**case.config, "vocab_size": len(tokenizer)}).build()
     return load_model((hf, tokenizer))
@@ -194,17 +195,19 @@ def latent():
 @pytest.mark.parametrize("policy", POLICIES)
 @settings(deadline=None, max_examples=4, suppress_health_check=[HealthCheck.too_slow])
 @given(schedule=schedules, chunk=st.sampled_from([2, 5, 128]), max_batch=st.sampled_from([2, 32]))
-def test_latent_attention_request_equals_its_isolated_run(latent, policy, schedule, chunk, max_batch):
-    """The same property for latent-attention caches, under a memory budget small enough that
-    suspended requests' caches are offloaded (compacted on CPU) and restored."""
+def test_latent_and_linear_attention_requests_equal_their_isolated_runs(
+    stateful, policy, schedule, chunk, max_batch
+):
+    """The same property for latent-attention and linear-attention state, under a memory budget
+    small enough that suspended requests' caches are offloaded (compacted on CPU) and restored."""
     results, streamed, by_id, recorder, stats, _ = run(
-        serve(latent, policy, schedule, chunk=chunk, max_batch=max_batch, budget=4096)
+        serve(stateful, policy, schedule, chunk=chunk, max_batch=max_batch, budget=4096)
     )
 
     assert len(results) == len(schedule)
     for rid, result in results.items():
         spec = by_id[rid]
-        ref = isolated(latent, spec.prompt, spec.params, chunk)
+        ref = isolated(stateful, spec.prompt, spec.params, chunk)
         assert result.token_ids == ref.token_ids, f"{rid} {spec}"
         assert result.status == ref.status
         assert recorder.ops_of(rid) == ref.ops

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from qllm.models.base import MoEModel, _pad
+from qllm.models.base import MoEModel
 from qllm.models.gemm import linear
-from qllm.ops import Op, OpKind
+from qllm.ops import Op
 
 LINEAR_KINDS = ("linear_attention",)
 """``config.layer_types`` entries run by :class:`HybridLinearAttention` (gated DeltaNet)."""
@@ -63,9 +63,10 @@ class HybridLinearAttention(MoEModel):
         layer = self.layers[ops[0].layer]
         mixer = layer.linear_attn
         x, sizes = self._rows(ops)
-        n = sum(sizes)
         x = self.attn_norm(layer)(x)
-        mixed, z, b, a = (t[:n] for t in self.mixer_inputs(mixer, x))
+        # Element-wise maps run over the padded rows too: their vectorised loops would otherwise
+        # treat a ragged tail differently depending on the batch (see ROW_MULTIPLE).
+        mixed, z, b, a = self.mixer_inputs(mixer, x)
         beta = b.sigmoid()
         decay = -mixer.A_log.float().exp() * F.softplus(a.float() + mixer.dt_bias)
         outs = []
@@ -74,12 +75,12 @@ class HybridLinearAttention(MoEModel):
             part = slice(start, start + rows)
             start += rows
             outs.append(self._delta_net(mixer, op, mixed[part], decay[part], beta[part]))
-        core = outs[0] if len(outs) == 1 else torch.cat(outs)
-        core = mixer.norm(core.reshape(-1, core.shape[-1]), z.reshape(-1, z.shape[-1])).view(n, -1)
-        return self._split(linear(self._pad_rows(core), mixer.out_proj.weight), sizes)
+        core = self._pad_rows(outs[0] if len(outs) == 1 else torch.cat(outs), x.shape[0])
+        core = mixer.norm(core.reshape(-1, core.shape[-1]), z.reshape(-1, z.shape[-1])).view(x.shape[0], -1)
+        return self._split(linear(core, mixer.out_proj.weight), sizes)
 
-    def _pad_rows(self, x: torch.Tensor) -> torch.Tensor:
-        return _pad(x, *self._padding[OpKind.ATTENTION])
+    def _pad_rows(self, x: torch.Tensor, rows: int) -> torch.Tensor:
+        return x if x.shape[0] == rows else torch.cat([x, x.new_zeros((rows - x.shape[0], *x.shape[1:]))])
 
     def _delta_net(
         self, mixer, op: Op, mixed: torch.Tensor, decay: torch.Tensor, beta: torch.Tensor

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_families import CASES_BY_NAME, torch_threads
+from tiny_families import CASES_BY_NAME, SIZES, torch_threads
 
 from qllm.cli import main
 from qllm.generation import generate
@@ -223,6 +223,50 @@ def test_cli_generate_json_on_a_saved_checkpoint_returns_transformers_greedy_ids
         out = hf.generate(ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
     expected = out[0, ids.shape[1] :].tolist()
     if tokenizer.eos_token_id in expected:  # qllm stops at the tokenizer's EOS, keeping it
+        expected = expected[: expected.index(tokenizer.eos_token_id) + 1]
+
+    assert main(["generate", "--model", str(tmp_path), "--max-tokens", str(steps), "--json", PROMPT]) == 0
+
+    assert json.loads(capsys.readouterr().out)["token_ids"] == expected
+
+
+# Multimodal checkpoints: AutoModelForCausalLM loads their text model, which qllm runs.
+TINY_VISION = {
+    "qwen3_5_moe": dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=48),
+    "llama4": dict(
+        num_hidden_layers=1,
+        hidden_size=32,
+        intermediate_size=32,
+        num_attention_heads=2,
+        vision_output_dim=48,
+        projector_input_dim=48,
+        projector_output_dim=48,
+        image_size=28,
+        patch_size=14,
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("model_type", "text"), [("qwen3_5_moe", "qwen3_5_moe_text"), ("llama4", "llama4_text")]
+)
+def test_cli_generate_json_on_a_multimodal_checkpoint_runs_its_text_model(model_type, text, tmp_path, capsys):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    tokenizer = tiny_tokenizer()
+    text_config = {**SIZES, **CASES_BY_NAME[text].config, "vocab_size": len(tokenizer)}
+    config = AutoConfig.for_model(model_type, text_config=text_config, vision_config=TINY_VISION[model_type])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        AutoModelForImageTextToText.from_config(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    steps = 8
+    with torch.no_grad():
+        ids = torch.tensor([tokenizer(PROMPT)["input_ids"]])
+        out = hf.generate(ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, eos_token_id=None)
+    expected = out[0, ids.shape[1] :].tolist()
+    if tokenizer.eos_token_id in expected:
         expected = expected[: expected.index(tokenizer.eos_token_id) + 1]
 
     assert main(["generate", "--model", str(tmp_path), "--max-tokens", str(steps), "--json", PROMPT]) == 0

@@ -383,6 +383,13 @@ CASES = [
         dict(**GATED_DELTANET, layer_types=["linear_attention", "full_attention", "linear_attention"]),
         ROUTED | {OpKind.SHARED, OpKind.MLP},
     ),
+    Case(
+        "qwen3_5_moe_text",
+        "qwen3_5_moe_text",
+        # Every layer is MoE (Qwen3.5 has no mlp_only_layers).
+        dict(**GATED_DELTANET, layer_types=["linear_attention", "full_attention", "linear_attention"]),
+        ROUTED | {OpKind.SHARED},
+    ),
     Case("hunyuan_v1_moe", "hunyuan_v1_moe", dict(num_experts=8, moe_topk=2, head_dim=12), ROUTED | {OpKind.SHARED}),
     Case(
         "llama4_text",

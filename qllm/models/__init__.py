@@ -39,11 +39,12 @@ from qllm.models.mixtral import Mixtral
 from qllm.models.olmoe import Olmoe
 from qllm.models.phimoe import Phimoe
 from qllm.models.qwen2_moe import Qwen2Moe
+from qllm.models.qwen3_5_moe import Qwen35Moe
 from qllm.models.qwen3_moe import Qwen3Moe
 from qllm.models.qwen3_next import Qwen3Next
 from qllm.models.solar_open import SolarOpen
 
-FAMILIES: tuple[type[MoEModel], ...] = (Mixtral, Qwen3Moe, Qwen2Moe, Olmoe, Glm4Moe, Dots1, Ernie45Moe, SolarOpen, ExaoneMoe, HunyuanV1Moe, MiniMaxM2, Phimoe, Kolibri1, FlexOlmo, Afmoe, Mellum, Laguna, Cohere2Moe, HYV3, GraniteMoe, GptOss, Llama4, Dbrx, DeepseekV3, DeepseekV2, Glm4MoeLite, Mistral4, Qwen3Next)
+FAMILIES: tuple[type[MoEModel], ...] = (Mixtral, Qwen3Moe, Qwen2Moe, Olmoe, Glm4Moe, Dots1, Ernie45Moe, SolarOpen, ExaoneMoe, HunyuanV1Moe, MiniMaxM2, Phimoe, Kolibri1, FlexOlmo, Afmoe, Mellum, Laguna, Cohere2Moe, HYV3, GraniteMoe, GptOss, Llama4, Dbrx, DeepseekV3, DeepseekV2, Glm4MoeLite, Mistral4, Qwen3Next, Qwen35Moe)
 """Adapters tried in order by :func:`adapter_for`."""
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

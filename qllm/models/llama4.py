@@ -13,7 +13,7 @@ from qllm.models.base import MoEModel
 
 class Llama4(MoEModel):
     family = "llama4"
-    model_types = ("llama4_text",)
+    model_types = ("llama4_text", "llama4")  # llama4: a multimodal checkpoint, loaded as its text model
     weighted_expert_input = True
 
     def __init__(self, model, tokenizer=None, **kwargs):

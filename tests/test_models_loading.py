@@ -272,3 +272,15 @@ def test_cli_generate_json_on_a_multimodal_checkpoint_runs_its_text_model(model_
     assert main(["generate", "--model", str(tmp_path), "--max-tokens", str(steps), "--json", PROMPT]) == 0
 
     assert json.loads(capsys.readouterr().out)["token_ids"] == expected
+
+
+@pytest.mark.parametrize("name", [*SAVED_FAMILIES, "qwen3_next", "qwen3_5_moe_text"])
+def test_bfloat16_smoke_of_the_new_families(name):
+    """Sinks, chunked attention, latent attention and gated DeltaNet state all run in bfloat16."""
+    executor = load_model((CASES_BY_NAME[name].build().to(torch.bfloat16), None))
+
+    result = generate(executor, [5, 9, 14, 3, 77], PARAMS)
+
+    assert executor.dtype == torch.bfloat16
+    assert len(result.token_ids) == PARAMS.max_tokens
+    assert all(0 <= t < executor.vocab_size for t in result.token_ids)

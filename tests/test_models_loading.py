@@ -284,3 +284,15 @@ def test_bfloat16_smoke_of_the_new_families(name):
     assert executor.dtype == torch.bfloat16
     assert len(result.token_ids) == PARAMS.max_tokens
     assert all(0 <= t < executor.vocab_size for t in result.token_ids)
+
+
+def test_a_checkpoint_quantized_by_another_method_is_refused_by_name(saved, tmp_path):
+    path = copy_without(saved[0], tmp_path / "quantized")
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (path / "config.json").write_text(json.dumps(config))
+
+    with pytest.raises(
+        ModelLoadError, match=r"quant_method='bitsandbytes'.*mxfp4, fp8 are dequantized on load"
+    ):
+        load_model(path)

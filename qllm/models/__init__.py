@@ -114,6 +114,28 @@ def _bad_directory(problem: str) -> ModelLoadError:
     )
 
 
+DEQUANTIZED_ON_LOAD = {"mxfp4": "Mxfp4Config", "fp8": "FineGrainedFP8Config"}
+"""Checkpoint quantization methods that transformers dequantizes on load (gpt-oss MXFP4 experts,
+DeepSeek FP8 blocks), by ``quant_method``; qllm computes experts from the unquantized weights."""
+
+
+def _dequantize_on_load(raw: dict, path: Path) -> dict[str, Any]:
+    """``from_pretrained`` arguments that dequantize a quantized checkpoint, or a ModelLoadError."""
+    quantization = raw.get("quantization_config")
+    if not quantization:
+        return {}
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+    if method not in DEQUANTIZED_ON_LOAD:
+        raise ModelLoadError(
+            f"model directory {str(path)!r} is quantized (quant_method={method!r}), which qllm cannot run: it "
+            f"computes experts from unquantized weights; checkpoints quantized with "
+            f"{', '.join(DEQUANTIZED_ON_LOAD)} are dequantized on load, others need an unquantized copy"
+        )
+    import transformers
+
+    return {"quantization_config": getattr(transformers, DEQUANTIZED_ON_LOAD[method])(dequantize=True)}
+
+
 def _causal_lm_class(raw: dict) -> Any:
     """``AutoModelForCausalLM``, or the checkpoint's own ``*ForCausalLM`` class where the auto
     mapping lacks its model type (transformers 5.24 does not map ``mistral4``)."""
@@ -152,8 +174,11 @@ def load_directory(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
         raise _bad_directory(f"model directory {str(path)!r} has no weights (*.safetensors)")
     from transformers import AutoTokenizer
 
+    quantization = _dequantize_on_load(raw, path)
     try:
-        model = _causal_lm_class(raw).from_pretrained(path, dtype=dtype, local_files_only=True)
+        model = _causal_lm_class(raw).from_pretrained(path, dtype=dtype, local_files_only=True, **quantization)
+        if quantization:
+            model.to(dtype)  # dequantized experts come out in bfloat16
     except Exception as exc:  # transformers raises many types for a broken checkpoint
         raise _bad_directory(f"cannot load weights from {str(path)!r} ({exc})") from exc
     try:

@@ -86,7 +86,14 @@ DEEPSEEK_ROUTING = dict(
 )
 # Multi-head latent attention: low-rank queries, a 24-wide latent and an 8-wide shared rotary key
 # (every query head has its own expanded key and value: no grouping).
-LATENT_ATTENTION = dict(num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12)
+LATENT_ATTENTION = dict(
+    num_key_value_heads=4,
+    q_lora_rank=32,
+    kv_lora_rank=24,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=16,
+    v_head_dim=12,
+)
 # Hybrid linear attention: 2 key heads, 4 value heads (grouped), a 4-wide causal convolution;
 # Qwen-style routing with a gated shared expert and one dense layer.
 GATED_DELTANET = dict(
@@ -327,7 +334,9 @@ CASES = [
             n_heads=4,
             n_layers=3,
             attn_config=dict(kv_n_heads=2, clip_qkv=1.0, rope_theta=10000.0),
-            ffn_config=dict(ffn_hidden_size=32, moe_num_experts=8, moe_top_k=2, moe_normalize_expert_weights=1.0),
+            ffn_config=dict(
+                ffn_hidden_size=32, moe_num_experts=8, moe_top_k=2, moe_normalize_expert_weights=1.0
+            ),
         ),
     ),
     Case(
@@ -389,6 +398,33 @@ CASES = [
         # Every layer is MoE (Qwen3.5 has no mlp_only_layers).
         dict(**GATED_DELTANET, layer_types=["linear_attention", "full_attention", "linear_attention"]),
         ROUTED | {OpKind.SHARED},
+    ),
+    Case(
+        "granitemoe_swa",
+        "granitemoe_swa",
+        # Sinks on every layer; layer 0 slides with rotary, 1 is global NoPE, 2 global with rotary.
+        dict(
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            shared_intermediate_size=64,
+            sliding_window=6,
+            layer_types=["sliding_attention", "full_attention", "full_attention"],
+            layer_rope_theta=[10000.0, 0, 500000.0],
+            **GRANITE_MULTIPLIERS,
+        ),
+        ROUTED | {OpKind.SHARED},
+    ),
+    Case(
+        "sarvam_moe",
+        "sarvam_moe",
+        dict(**DEEPSEEK_ROUTING, first_k_dense_replace=1),
+        ROUTED | {OpKind.SHARED, OpKind.MLP},
+    ),
+    Case(
+        "sarvam_mla",
+        "sarvam_mla",
+        dict(**DEEPSEEK_ROUTING, **LATENT_ATTENTION, first_k_dense_replace=1),
+        ROUTED | {OpKind.SHARED, OpKind.MLP},
     ),
     Case("hunyuan_v1_moe", "hunyuan_v1_moe", dict(num_experts=8, moe_topk=2, head_dim=12), ROUTED | {OpKind.SHARED}),
     Case(

@@ -27,6 +27,7 @@ from qllm.models.glm4_moe import Glm4Moe
 from qllm.models.glm4_moe_lite import Glm4MoeLite
 from qllm.models.gpt_oss import GptOss
 from qllm.models.granitemoe import GraniteMoe
+from qllm.models.granitemoe_swa import GraniteMoeSwa
 from qllm.models.hunyuan_v1_moe import HunyuanV1Moe
 from qllm.models.hy_v3 import HYV3
 from qllm.models.kolibri1 import Kolibri1
@@ -44,7 +45,7 @@ from qllm.models.qwen3_moe import Qwen3Moe
 from qllm.models.qwen3_next import Qwen3Next
 from qllm.models.solar_open import SolarOpen
 
-FAMILIES: tuple[type[MoEModel], ...] = (Mixtral, Qwen3Moe, Qwen2Moe, Olmoe, Glm4Moe, Dots1, Ernie45Moe, SolarOpen, ExaoneMoe, HunyuanV1Moe, MiniMaxM2, Phimoe, Kolibri1, FlexOlmo, Afmoe, Mellum, Laguna, Cohere2Moe, HYV3, GraniteMoe, GptOss, Llama4, Dbrx, DeepseekV3, DeepseekV2, Glm4MoeLite, Mistral4, Qwen3Next, Qwen35Moe)
+FAMILIES: tuple[type[MoEModel], ...] = (Mixtral, Qwen3Moe, Qwen2Moe, Olmoe, Glm4Moe, Dots1, Ernie45Moe, SolarOpen, ExaoneMoe, HunyuanV1Moe, MiniMaxM2, Phimoe, Kolibri1, FlexOlmo, Afmoe, Mellum, Laguna, Cohere2Moe, HYV3, GraniteMoe, GptOss, Llama4, Dbrx, DeepseekV3, DeepseekV2, Glm4MoeLite, Mistral4, Qwen3Next, Qwen35Moe, GraniteMoeSwa)
 """Adapters tried in order by :func:`adapter_for`."""
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -8,4 +8,4 @@ from qllm.models.mla import LatentAttention
 
 class DeepseekV3(LatentAttention):
     family = "deepseek_v3"
-    model_types = ("deepseek_v3",)
+    model_types = ("deepseek_v3", "sarvam_mla")  # sarvam_mla: the same architecture

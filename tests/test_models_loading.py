@@ -18,7 +18,7 @@ from tiny_families import CASES_BY_NAME, SIZES, torch_threads
 
 from qllm.cli import main
 from qllm.generation import generate
-from qllm.models import FAMILIES, ModelLoadError, load_model, supported_model_types
+from qllm.models import FAMILIES, REFUSED, ModelLoadError, load_model, supported_model_types
 from qllm.models.presets import PRESETS, tiny_tokenizer
 from qllm.sampling import SamplingParams
 
@@ -296,3 +296,31 @@ def test_a_checkpoint_quantized_by_another_method_is_refused_by_name(saved, tmp_
         ModelLoadError, match=r"quant_method='bitsandbytes'.*mxfp4, fp8 are dequantized on load"
     ):
         load_model(path)
+
+
+def test_a_refused_family_is_refused_by_name_with_its_reason(saved, tmp_path):
+    path = copy_without(saved[0], tmp_path / "kimi")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "model_type": "kimi_linear"}))
+
+    assert_load_error(path, "model_type='kimi_linear'", "linear attention of kind KDA")
+
+
+def test_a_hybrid_model_with_another_linear_attention_kind_is_refused():
+    hf = CASES_BY_NAME["qwen3_next"].build()
+    hf.config.layer_types = ["mamba2", "full_attention", "linear_attention"]
+
+    with pytest.raises(ValueError, match="linear attention of kind 'mamba2' not supported"):
+        load_model((hf, None))
+
+
+def test_cli_models_counts_the_model_types_and_lists_the_refused(capsys):
+    assert main(["models", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert listed["model_types"] == len(supported_model_types()) >= 35
+    assert listed["refused"] == REFUSED
+    assert not set(REFUSED) & set(supported_model_types())
+    assert main(["models"]) == 0
+    text = capsys.readouterr().out
+    assert f"{len(supported_model_types())} config.json model_types" in text
+    assert all(t in text and reason in text for t, reason in REFUSED.items())

@@ -43,6 +43,7 @@ from qllm.models.qwen2_moe import Qwen2Moe
 from qllm.models.qwen3_5_moe import Qwen35Moe
 from qllm.models.qwen3_moe import Qwen3Moe
 from qllm.models.qwen3_next import Qwen3Next
+from qllm.models.refused import REFUSED
 from qllm.models.solar_open import SolarOpen
 
 FAMILIES: tuple[type[MoEModel], ...] = (Mixtral, Qwen3Moe, Qwen2Moe, Olmoe, Glm4Moe, Dots1, Ernie45Moe, SolarOpen, ExaoneMoe, HunyuanV1Moe, MiniMaxM2, Phimoe, Kolibri1, FlexOlmo, Afmoe, Mellum, Laguna, Cohere2Moe, HYV3, GraniteMoe, GptOss, Llama4, Dbrx, DeepseekV3, DeepseekV2, Glm4MoeLite, Mistral4, Qwen3Next, Qwen35Moe, GraniteMoeSwa)
@@ -59,10 +60,22 @@ def supported_model_types() -> list[str]:
     return [t for fam in FAMILIES for t in fam.model_types]
 
 
+def refused(model_type: Any) -> ModelLoadError | None:
+    """The error for a model type qllm knows and refuses (:data:`qllm.models.refused.REFUSED`), else None."""
+    if model_type not in REFUSED:
+        return None
+    return ModelLoadError(
+        f"model_type={model_type!r} is not supported: {REFUSED[model_type]}; "
+        f"supported families: {', '.join(supported_model_types())}"
+    )
+
+
 def adapter_for(config: Any) -> type[MoEModel]:
     for fam in FAMILIES:
         if fam.supports(config):
             return fam
+    if (error := refused(getattr(config, "model_type", None))) is not None:
+        raise error
     raise ModelLoadError(
         f"unsupported architecture model_type={getattr(config, 'model_type', None)!r}; "
         f"supported families: {', '.join(supported_model_types())}"
@@ -166,6 +179,8 @@ def load_directory(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     except (OSError, json.JSONDecodeError) as exc:
         raise _bad_directory(f"{config_file} is not valid JSON ({exc})") from None
     model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if (error := refused(model_type)) is not None:
+        raise error
     if model_type not in supported_model_types():
         raise ModelLoadError(
             f"model directory {str(path)!r} has unsupported architecture model_type={model_type!r}; "
@@ -189,4 +204,13 @@ def load_directory(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-__all__ = ["DTYPES", "FAMILIES", "MoEModel", "ModelLoadError", "adapter_for", "load_model", "supported_model_types"]
+__all__ = [
+    "DTYPES",
+    "FAMILIES",
+    "REFUSED",
+    "MoEModel",
+    "ModelLoadError",
+    "adapter_for",
+    "load_model",
+    "supported_model_types",
+]

@@ -33,6 +33,13 @@ class HybridLinearAttention(MoEModel):
     (``linear_attention``) with full attention; family adapters supply the mixer's projections."""
 
     def __init__(self, model: Any, tokenizer: Any = None, **kwargs: Any):
+        unknown = sorted(set(model.config.layer_types) - {"full_attention", *LINEAR_KINDS})
+        if unknown:
+            from qllm.models import ModelLoadError  # the package imports this module
+
+            raise ModelLoadError(
+                f"linear attention of kind {unknown[0]!r} not supported (qllm runs gated DeltaNet layers)"
+            )
         super().__init__(model, tokenizer, **kwargs)
         self.linear_layers = frozenset(i for i, t in enumerate(self.config.layer_types) if t in LINEAR_KINDS)
         full = next(layer.self_attn for layer in self.layers if hasattr(layer, "self_attn"))

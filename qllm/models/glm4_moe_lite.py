@@ -1,4 +1,4 @@
-"""GLM-4.7-Flash (``glm4_moe_lite``): multi-head latent attention (qllm/models/mla.py) with
+"""GLM-4-MoE-Lite (``glm4_moe_lite``): multi-head latent attention (qllm/models/mla.py) with
 DeepSeek-V3 routing (sigmoid, grouped top-k, correction bias, shared expert); dense layers are
 named by ``mlp_layer_types``."""
 

@@ -1,4 +1,4 @@
-"""DeepSeek-V3 (and Kimi K2, Moonlight: the same architecture): multi-head latent attention
+"""DeepSeek-V3 (any checkpoint whose config.json says ``deepseek_v3``): multi-head latent attention
 (qllm/models/mla.py) with interleaved rotary, a sigmoid router with grouped top-k and a score
 correction bias, weights scaled by ``routed_scaling_factor``, a shared expert and leading dense
 layers (``first_k_dense_replace``)."""

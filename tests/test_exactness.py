@@ -115,7 +115,12 @@ def routed_expert(executor, prompt: list[int]) -> tuple[int, int]:
         result = executor.run([op])[0]
 
 
-@pytest.mark.parametrize("case", [CASES_BY_NAME["mixtral"], CASES_BY_NAME["qwen2_moe"]], ids=lambda c: c.name)
+# One family per expert layout and attention mechanism: fused SwiGLU, biased and clamped experts with
+# sinks (gpt_oss), input-weighted experts (llama4_text), latent attention, gated DeltaNet.
+NEGATIVE_CONTROLS = ["mixtral", "qwen2_moe", "gpt_oss", "llama4_text", "deepseek_v3", "qwen3_next"]
+
+
+@pytest.mark.parametrize("case", [CASES_BY_NAME[name] for name in NEGATIVE_CONTROLS], ids=lambda c: c.name)
 def test_perturbed_expert_is_detected(case):
     """Negative control: a 1% change to one expert's weights fails the exactness check."""
     hf = case.build()

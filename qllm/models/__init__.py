@@ -105,9 +105,9 @@ def load_model(
         return spec
     if isinstance(spec, tuple) and len(spec) == 2:
         model, tokenizer = spec
-        return adapter_for(model.config)(model, tokenizer, batch_invariant=batch_invariant)
+        return _executor(model, tokenizer, batch_invariant)
     if hasattr(spec, "config") and hasattr(spec, "model"):
-        return adapter_for(spec.config)(spec, None, batch_invariant=batch_invariant)
+        return _executor(spec, None, batch_invariant)
     if not isinstance(spec, (str, Path)):
         raise ModelLoadError(f"cannot load a model from {type(spec).__name__}; pass a preset name or a directory")
     from qllm.models.presets import PRESETS
@@ -118,7 +118,14 @@ def load_model(
     else:
         model, tokenizer = load_directory(Path(spec), torch_dtype)
     model.to(device)
-    return adapter_for(model.config)(model, tokenizer, batch_invariant=batch_invariant)
+    return _executor(model, tokenizer, batch_invariant)
+
+
+def _executor(model: Any, tokenizer: Any, batch_invariant: bool) -> MoEModel:
+    executor = adapter_for(model.config)(model, tokenizer, batch_invariant=batch_invariant)
+    if batch_invariant:
+        executor.calibrate()  # at load, so its cost and its findings are known before serving
+    return executor
 
 
 def _bad_directory(problem: str) -> ModelLoadError:

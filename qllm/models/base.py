@@ -12,25 +12,22 @@ where its architecture differs (see ``qllm/models/qwen2_moe.py`` for a shared ex
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable, Generator
 from typing import Any, ClassVar
 
+import structlog
 import torch
 import torch.nn.functional as F
 
+from qllm import __version__ as qllm_version
 from qllm.cache import KVCache
-from qllm.models.gemm import ONEDNN_MIN_ROWS, linear, uses_onednn
+from qllm.models import gemm, invariance
+from qllm.models.gemm import linear
 from qllm.ops import Op, OpKind
 
-ROW_MULTIPLE = 4
-"""Rows of every batched matmul are zero-padded to a multiple of this.
-
-CPU GEMM kernels pick a different code path for a ragged tail of rows, so a row's result can
-depend on how many other rows share the call. Padding to a multiple of 4 makes each row's result
-independent of its batch mates (tests/test_batch_invariance.py checks it on this machine), so a
-request gets bit-identical output whether it runs alone or batched with others. Op kinds whose
-matmuls all run through oneDNN only need two rows (:data:`qllm.models.gemm.ONEDNN_MIN_ROWS`)."""
+log = structlog.get_logger()
 
 
 def _pad(x: torch.Tensor, multiple: int, minimum: int = 0) -> torch.Tensor:
@@ -61,7 +58,7 @@ class MoEModel:
         self.body = self.decoder(model)
         self.layers = list(self.body.layers)
         self.num_layers = len(self.layers)
-        self.row_multiple = ROW_MULTIPLE if batch_invariant else 1
+        self.batch_invariant = batch_invariant
         first = self.attention(self.layers[0])
         self.head_dim = getattr(first, "head_dim", None)  # latent attention has none (qllm/models/mla.py)
         self.num_kv_heads = self.config.num_key_value_heads
@@ -80,12 +77,12 @@ class MoEModel:
             type(self).rotary_embedding is MoEModel.rotary_embedding
         )
         self._rotary_memo: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        # Rows of each op kind's calls are padded to (multiple, at least); kinds whose matmuls all
-        # run through oneDNN are batch-invariant from two rows up (see qllm/models/gemm.py).
-        self._padding = {kind: (self.row_multiple, 0) for kind in OpKind}
-        if batch_invariant:
-            for kind in self._onednn_only_kinds():
-                self._padding[kind] = (1, ONEDNN_MIN_ROWS)
+        # Rows of each op kind's calls are padded to (multiple, at least) rows: what the probe of
+        # this machine's GEMM kernels found batch-invariant (qllm/models/invariance.py), set by
+        # calibrate(); no padding without batch invariance.
+        self._padding: dict[OpKind, invariance.Padding] = {kind: invariance.NO_PADDING for kind in OpKind}
+        self.invariance: invariance.Calibration | None = None
+        self._calibrated_threads = 0
         self._runners: dict[OpKind, Callable[[list[Op]], list[Any]]] = {
             OpKind.ATTENTION: self._run_attention,
             OpKind.ROUTER: self._run_router,
@@ -259,35 +256,65 @@ class MoEModel:
     # ------------------------------------------------------------------ kernel side
     def run(self, ops: list[Op]) -> list[Any]:
         """Compute ops that share one key as a single batched call; one result per op."""
+        if self.batch_invariant and self._calibrated_threads != torch.get_num_threads():
+            self.calibrate()  # kernels split rows differently at another thread count
         with torch.no_grad():
             return self._runners[ops[0].kind](ops)
 
-    def _onednn_only_kinds(self) -> list[OpKind]:
-        """Op kinds whose every matmul goes through oneDNN: the default hooks on large weights."""
-        cls = type(self)
+    def calibrate(self, cache: invariance.ProbeCache | None = None) -> invariance.Calibration:
+        """Find, on this machine and at the thread count in force, the row padding of each op kind
+        that makes a row's results independent of its batch mates (see qllm/models/invariance.py)."""
+        self._padding = {kind: invariance.NO_PADDING for kind in OpKind}
+        result = invariance.calibrate(self._trace_gemms, self.signature(), self.device.type, cache)
+        for name, padding in result.padding.items():
+            self._padding[OpKind[name]] = padding
+        if not result.verified and (self.invariance is None or self.invariance.verified):
+            log.warning(
+                "batch_invariance_unverified",
+                op_kinds=sorted(result.unverified),
+                threads=result.threads,
+                detail="no tested row padding makes these GEMMs batch-invariant here; "
+                "batched and preempted outputs may differ from solo runs in the last bits",
+            )
+        self.invariance = result
+        self._calibrated_threads = torch.get_num_threads()
+        return result
 
-        def default(*hooks: str) -> bool:
-            return all(getattr(cls, hook) is getattr(MoEModel, hook) for hook in hooks)
+    def signature(self) -> str:
+        """The adapter and every weight's name, shape, dtype and layout: what picks GEMM kernels."""
+        # Which kernel runs a weight is code: the adapter, qllm's version and the oneDNN routing.
+        parts = [
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            qllm_version,
+            gemm.ONEDNN,
+            gemm.ONEDNN_MIN_WEIGHT,
+        ]
+        for name, t in [*self.hf.named_parameters(), *self.hf.named_buffers()]:
+            parts.append(f"{name}:{tuple(t.shape)}:{t.dtype}:{t.stride()}")
+        return invariance.ProbeCache.key(parts)
 
-        kinds = []
+    def _trace_gemms(self) -> dict[str, list[invariance.Gemm]]:
+        """The GEMMs each op kind runs, traced over a 3-token prefill and one decode step."""
+        found: dict[str, dict[str, invariance.Gemm]] = {}
+        cache = self.new_cache()
+        tokens = torch.arange(3) % self.vocab_size
         with torch.no_grad():
-            attention = [self.attention(layer) for layer in self.layers]
-            if default("qkv", "attn_out") and all(
-                uses_onednn(getattr(attn, proj).weight)
-                for attn in attention
-                for proj in ("q_proj", "k_proj", "v_proj", "o_proj")
-            ):
-                kinds.append(OpKind.ATTENTION)
-            experts = [block.experts for block in self.moe_blocks if block is not None]
-            if (
-                default("expert")
-                and experts
-                and all(uses_onednn(e.gate_up_proj[0]) and uses_onednn(e.down_proj[0]) for e in experts)
-            ):
-                kinds.append(OpKind.EXPERT)
-            if default("logits") and uses_onednn(self.hf.lm_head.weight):
-                kinds.append(OpKind.HEAD)
-        return kinds
+            for ids in (tokens, tokens[:1]):
+                steps = self.forward(cache, ids)
+                op = next(steps)
+                while True:
+                    results = []
+                    traced = invariance.trace_gemms(
+                        functools.partial(lambda op, out: out.extend(self._runners[op.kind]([op])), op, results),
+                        op.x.shape[0],
+                    )
+                    for call in traced:
+                        found.setdefault(op.kind.name, {}).setdefault(call.signature(), call)
+                    try:
+                        op = steps.send(results[0])
+                    except StopIteration:
+                        break
+        return {kind: list(gemms.values()) for kind, gemms in found.items()}
 
     def _rows(self, ops: list[Op]) -> tuple[torch.Tensor, list[int]]:
         padding = self._padding[ops[0].kind]

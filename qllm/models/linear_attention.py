@@ -71,23 +71,23 @@ class HybridLinearAttention(MoEModel):
         mixer = layer.linear_attn
         x, sizes = self._rows(ops)
         x = self.attn_norm(layer)(x)
-        # Element-wise maps run over the padded rows too: their vectorised loops would otherwise
-        # treat a ragged tail differently depending on the batch (see ROW_MULTIPLE).
         mixed, z, b, a = self.mixer_inputs(mixer, x)
-        beta = b.sigmoid()
-        decay = -mixer.A_log.float().exp() * F.softplus(a.float() + mixer.dt_bias)
+        # Everything between the projections runs per request, element-wise maps included: a
+        # vectorised loop treats a ragged tail of elements differently, so over the whole batch a
+        # row's gate or decay could depend on how many rows share the call.
         outs = []
         start = 0
         for op, rows in zip(ops, sizes):
             part = slice(start, start + rows)
             start += rows
-            outs.append(self._delta_net(mixer, op, mixed[part], decay[part], beta[part]))
-        core = self._pad_rows(outs[0] if len(outs) == 1 else torch.cat(outs), x.shape[0])
-        core = mixer.norm(core.reshape(-1, core.shape[-1]), z.reshape(-1, z.shape[-1])).view(x.shape[0], -1)
+            beta = b[part].sigmoid()
+            decay = -mixer.A_log.float().exp() * F.softplus(a[part].float() + mixer.dt_bias)
+            core = self._delta_net(mixer, op, mixed[part], decay, beta)
+            core = mixer.norm(core.reshape(-1, core.shape[-1]), z[part].reshape(-1, z.shape[-1]))
+            outs.append(core.view(rows, -1))
+        core = outs[0] if len(outs) == 1 else torch.cat(outs)
+        core = torch.cat([core, core.new_zeros((x.shape[0] - core.shape[0], core.shape[1]))])  # padded as x
         return self._split(linear(core, mixer.out_proj.weight), sizes)
-
-    def _pad_rows(self, x: torch.Tensor, rows: int) -> torch.Tensor:
-        return x if x.shape[0] == rows else torch.cat([x, x.new_zeros((rows - x.shape[0], *x.shape[1:]))])
 
     def _delta_net(
         self, mixer, op: Op, mixed: torch.Tensor, decay: torch.Tensor, beta: torch.Tensor

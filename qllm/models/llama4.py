@@ -4,6 +4,7 @@ position-dependent temperature, an L2 q/k norm after rotary, complex-valued rota
 sigmoid top-1 router whose weight scales the expert's *input*, a shared expert, and dense
 layers between MoE layers (``interleave_moe_layer_step``)."""
 
+import math
 import sys
 
 import torch
@@ -41,8 +42,11 @@ class Llama4(MoEModel):
         if hasattr(attn, "qk_norm"):
             q, k = attn.qk_norm(q), attn.qk_norm(k)
         if attn.attn_temperature_tuning and not attn.use_rope:
-            scales = (
-                torch.log1p(torch.floor((positions.float() + 1.0) / attn.floor_scale)) * attn.attn_scale + 1.0
+            # Per position in Python: a vectorised log1p over the batch's positions could round a
+            # row differently depending on how many rows share the call.
+            scales = torch.tensor(
+                [math.log1p((p + 1) // attn.floor_scale) * attn.attn_scale + 1.0 for p in positions.tolist()],
+                device=q.device,
             )
             q = (q * scales[:, None, None]).to(q.dtype)
         return q, k

@@ -2,6 +2,8 @@
 position-dependent factor (``llama_4_scaling_beta``), a softmax router with grouped top-k,
 shared experts and leading dense layers."""
 
+import math
+
 import torch
 
 from qllm.models.mla import LatentAttention
@@ -16,5 +18,7 @@ class Mistral4(LatentAttention):
         beta, length = rope.get("llama_4_scaling_beta"), rope.get("original_max_position_embeddings")
         if beta is None:
             return q
-        scale = 1 + beta * torch.log(1 + torch.floor(positions / length))
-        return q * scale[:, None, None].to(q.dtype)
+        # Per position in Python: a vectorised log over the batch's positions could round a row
+        # differently depending on how many rows share the call.
+        scale = [1 + beta * math.log(1 + p // length) for p in positions.tolist()]
+        return q * torch.tensor(scale, device=q.device)[:, None, None].to(q.dtype)

@@ -207,7 +207,10 @@ def test_cli_models_lists_presets_and_families(capsys):
 
 # Families whose mechanisms came with latent attention, attention sinks, chunked attention and
 # non-standard module layouts; each checkpoint is written by save_pretrained and run by the CLI.
-SAVED_FAMILIES = ["gpt_oss", "llama4_text", "dbrx", "deepseek_v3", "deepseek_v2", "glm4_moe_lite", "mistral4"]
+SAVED_FAMILIES = [
+    *("gpt_oss", "llama4_text", "dbrx", "deepseek_v3", "deepseek_v2", "glm4_moe_lite", "mistral4"),
+    *("qwen3_next", "qwen3_5_moe_text", "granitemoe_swa", "sarvam_mla", "sarvam_moe"),
+]
 
 
 @pytest.mark.parametrize("name", SAVED_FAMILIES)
@@ -274,7 +277,7 @@ def test_cli_generate_json_on_a_multimodal_checkpoint_runs_its_text_model(model_
     assert json.loads(capsys.readouterr().out)["token_ids"] == expected
 
 
-@pytest.mark.parametrize("name", [*SAVED_FAMILIES, "qwen3_next", "qwen3_5_moe_text"])
+@pytest.mark.parametrize("name", SAVED_FAMILIES)
 def test_bfloat16_smoke_of_the_new_families(name):
     """Sinks, chunked attention, latent attention and gated DeltaNet state all run in bfloat16."""
     executor = load_model((CASES_BY_NAME[name].build().to(torch.bfloat16), None))

@@ -45,10 +45,19 @@ def identical(a, b) -> bool:
     return type(a) is type(b) and len(a) == len(b) and all(identical(x, y) for x, y in zip(a, b))
 
 
-@pytest.fixture(scope="module", params=["tiny", "qwen2_moe", "qwen3_moe", "afmoe", "cohere2_moe"])
+CHECKED = [
+    *("tiny", "qwen2_moe", "qwen3_moe", "afmoe", "cohere2_moe"),
+    *("gpt_oss", "llama4_text", "deepseek_v3", "qwen3_next"),
+]
+
+
+@pytest.fixture(scope="module", params=CHECKED)
 def executor(request, tiny):
     """The tiny preset, plus families that add SHARED (qwen2_moe) and dense MLP (qwen3_moe) ops,
-    gated attention output and post-MoE norms (afmoe), and parallel attention/MoE (cohere2_moe)."""
+    gated attention output and post-MoE norms (afmoe), parallel attention/MoE (cohere2_moe),
+    attention sinks and biased experts (gpt_oss), chunked attention and expert inputs scaled by
+    the routing weight (llama4_text), latent attention (deepseek_v3) and gated DeltaNet layers
+    with per-request recurrent state (qwen3_next)."""
     if request.param == "tiny":
         return tiny
     return load_model((CASES_BY_NAME[request.param].build(), None))

@@ -47,23 +47,25 @@ class MoEModel:
     """``config.model_type`` values this adapter runs."""
     parallel_mlp: ClassVar[bool] = False
     """The MoE block (or MLP) reads the layer's input, as attention does, not the attention output."""
+    weighted_expert_input: ClassVar[bool] = False
+    """The routing weight scales each expert's input rather than its output (Llama 4)."""
 
     def __init__(self, model: Any, tokenizer: Any = None, *, batch_invariant: bool = True):
         self.hf = model.eval()
         self.hf.requires_grad_(False)
         self.tokenizer = tokenizer
         self.config = model.config
-        self.body = model.model
+        self.body = self.decoder(model)
         self.layers = list(self.body.layers)
         self.num_layers = len(self.layers)
         self.batch_invariant = batch_invariant
-        first = self.layers[0].self_attn
-        self.head_dim = first.head_dim
+        first = self.attention(self.layers[0])
+        self.head_dim = getattr(first, "head_dim", None)  # latent attention has none (qllm/models/mla.py)
         self.num_kv_heads = self.config.num_key_value_heads
         self.dtype = self.body.embed_tokens.weight.dtype
         self.device = self.body.embed_tokens.weight.device
         self.vocab_size = self.hf.lm_head.out_features
-        self._rope = sys.modules[type(first).__module__].apply_rotary_pos_emb
+        self._rope = getattr(sys.modules[type(first).__module__], "apply_rotary_pos_emb", None)
         self.moe_blocks = [self.moe_block(layer) for layer in self.layers]
         # "dynamic" and "longrope" rotary depend on the longest position in a call (and switch
         # state on it), so each request's rows get their own call to stay batch-invariant.
@@ -95,6 +97,14 @@ class MoEModel:
     def supports(cls, config: Any) -> bool:
         return getattr(config, "model_type", None) in cls.model_types
 
+    def decoder(self, model: Any) -> Any:
+        """The decoder inside the ``*ForCausalLM``: ``embed_tokens``, ``layers``, ``norm``, ``rotary_emb``."""
+        return model.model
+
+    def attention(self, layer: torch.nn.Module) -> torch.nn.Module:
+        """The layer's attention module (projections, ``head_dim``, ``scaling``)."""
+        return layer.self_attn
+
     def moe_block(self, layer: torch.nn.Module) -> torch.nn.Module | None:
         """The layer's sparse MoE block, or None for a dense layer."""
         mlp = layer.mlp
@@ -114,6 +124,20 @@ class MoEModel:
         window = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(self.config, "sliding_window", None)
         return window or None
 
+    def attention_chunk(self, attn: torch.nn.Module) -> int | None:
+        """Chunk length of chunked attention (a query sees only the keys of its own chunk), or None."""
+        return None
+
+    def attention_sinks(self, attn: torch.nn.Module) -> torch.Tensor | None:
+        """Per-head learned sink logits ``[heads]`` that join each query's softmax and carry no value, or None."""
+        return None
+
+    def expand_kv(
+        self, attn: torch.nn.Module, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[kv_heads, T, dim]`` that attention reads, from what the cache holds."""
+        return keys, values
+
     def route(self, block: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Routing weights and expert indices, ``[N, top_k]`` each."""
         _, weights, indices = block.gate(x)
@@ -124,6 +148,10 @@ class MoEModel:
         experts = block.experts
         gate, up = linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
         return linear(experts.act_fn(gate) * up, experts.down_proj[e])
+
+    def dense_mlp(self, layer: torch.nn.Module) -> torch.nn.Module:
+        """The MLP of a dense layer (one whose :meth:`moe_block` is None)."""
+        return layer.mlp
 
     def attn_norm(self, layer: torch.nn.Module) -> torch.nn.Module:
         """Norm applied to the residual stream before attention."""
@@ -136,7 +164,7 @@ class MoEModel:
     def attn_out(self, layer: torch.nn.Module, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Attention's contribution to the residual from its heads' output ``o`` ``[N, heads * head_dim]``;
         ``x`` is the normed input (for output gates)."""
-        o_proj = layer.self_attn.o_proj
+        o_proj = self.attention(layer).o_proj
         return linear(o, o_proj.weight, o_proj.bias)
 
     def routed_out(self, block: torch.nn.Module, y: torch.Tensor) -> torch.Tensor:
@@ -302,7 +330,7 @@ class MoEModel:
 
     def _run_attention(self, ops: list[Op]) -> list[torch.Tensor]:
         layer = self.layers[ops[0].layer]
-        attn = layer.self_attn
+        attn = self.attention(layer)
         x, sizes = self._rows(ops)
         n = sum(sizes)
         x = self.attn_norm(layer)(x)
@@ -316,12 +344,14 @@ class MoEModel:
             parts = [self.rotary_embedding(ops[0].layer, v, op.positions) for op in ops]
             cos, sin = torch.cat([c for c, _ in parts]), torch.cat([s for _, s in parts])
         q, k = self.rotary(attn, q, k, cos, sin)
-        window = self.sliding_window(attn)
+        window, chunk, sinks = self.sliding_window(attn), self.attention_chunk(attn), self.attention_sinks(attn)
         outs = []
         per_request = [(ops[0], q, k, v)] if len(ops) == 1 else zip(ops, q.split(sizes), k.split(sizes), v.split(sizes))
         for op, qi, ki, vi in per_request:
             keys, values = op.cache.append(ops[0].layer, ki.transpose(0, 1), vi.transpose(0, 1))
-            outs.append(_attend(qi.transpose(0, 1), keys, values, attn.scaling, window).transpose(0, 1))
+            keys, values = self.expand_kv(attn, keys, values)
+            out = _attend(qi.transpose(0, 1), keys, values, attn.scaling, window, chunk=chunk, sinks=sinks)
+            outs.append(out.transpose(0, 1))
         o = (outs[0] if len(outs) == 1 else torch.cat(outs)).reshape(n, -1)
         return self._split(self.attn_out(layer, _pad(o, *self._padding[OpKind.ATTENTION]), x), sizes)
 
@@ -344,6 +374,10 @@ class MoEModel:
 
     def _run_expert(self, ops: list[Op]) -> list[torch.Tensor]:
         x, sizes = self._rows(ops)
+        if self.weighted_expert_input:
+            w = ops[0].weight if len(ops) == 1 else torch.cat([op.weight for op in ops])
+            w = torch.cat([w.to(x.dtype), w.new_zeros(x.shape[0] - w.shape[0], dtype=x.dtype)])
+            return self._split(self.expert(self.moe_blocks[ops[0].layer], ops[0].expert, x * w[:, None]), sizes)
         y = self.expert(self.moe_blocks[ops[0].layer], ops[0].expert, x)[: sum(sizes)]
         w = ops[0].weight if len(ops) == 1 else torch.cat([op.weight for op in ops])
         return self._split((y * w[:, None]).to(y.dtype), sizes)
@@ -355,28 +389,67 @@ class MoEModel:
     def _run_mlp(self, ops: list[Op]) -> list[torch.Tensor]:
         layer = self.layers[ops[0].layer]
         x, sizes = self._rows(ops)
-        return self._split(self.mlp_out(layer, layer.mlp(self.mlp_norm(layer)(x))), sizes)
+        return self._split(self.mlp_out(layer, self.dense_mlp(layer)(self.mlp_norm(layer)(x))), sizes)
 
     def _run_head(self, ops: list[Op]) -> list[torch.Tensor]:
         x, sizes = self._rows(ops)
         return self._split(self.logits(x), sizes)
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int | None) -> torch.Tensor:
-    """Causal attention of one request: q ``[Hq, n, D]`` over its keys/values ``[Hkv, T, D]``."""
+def _attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    window: int | None,
+    *,
+    chunk: int | None = None,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention of one request: q ``[Hq, n, D]`` over its keys/values ``[Hkv, T, D]``.
+
+    ``window``: a query sees only its last ``window`` keys; ``chunk``: only keys of its own
+    ``chunk``-long block of positions; ``sinks`` ``[Hq]``: one extra logit per head in the softmax,
+    whose probability mass is dropped (attends to nothing)."""
     n, total = q.shape[1], k.shape[1]
     past = total - n
     mask = None
     causal = False
-    if (n > 1 and past > 0) or (window is not None and total > window):
+    limited = (window is not None and total > window) or (chunk is not None and total > chunk)
+    if (n > 1 and past > 0) or limited or (sinks is not None and n > 1):
         qpos = torch.arange(past, total, device=q.device)[:, None]
         kpos = torch.arange(total, device=q.device)[None, :]
         mask = kpos <= qpos
         if window is not None:
             mask &= kpos > qpos - window
+        if chunk is not None:
+            mask &= kpos // chunk == qpos // chunk
     elif n > 1:
         causal = True
+    if sinks is not None:
+        return _attend_with_sinks(q, k, v, scale, mask, sinks)
     out = F.scaled_dot_product_attention(
         q[None], k[None], v[None], attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=q.shape[0] != k.shape[0]
     )
     return out[0]
+
+
+def _attend_with_sinks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    mask: torch.Tensor | None,
+    sinks: torch.Tensor,
+) -> torch.Tensor:
+    group = q.shape[0] // k.shape[0]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)
+    logits = torch.matmul(q, k.transpose(1, 2)) * scale
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    sink = sinks.to(logits.dtype)[:, None, None].expand(-1, q.shape[1], 1)
+    combined = torch.cat([logits, sink], dim=-1)
+    combined = combined - combined.amax(dim=-1, keepdim=True)
+    probs = torch.softmax(combined, dim=-1)[..., :-1]
+    return torch.matmul(probs.to(v.dtype), v)

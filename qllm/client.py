@@ -281,7 +281,9 @@ class AsyncClient:
     async def _read_loop(self) -> None:
         failure: QllmError = ConnectionLost("the server closed the connection")
         try:
-            while (payload := await p.read_frame(self._reader, self._max_frame)) is not None:
+            while (payload := await self._read_payload()) is not None:
+                if not payload:  # an oversized frame, already reported to its request
+                    continue
                 message = p.decode_server(payload)
                 rid = getattr(message, "id", None)
                 if rid is None:
@@ -298,6 +300,30 @@ class AsyncClient:
         except p.ProtocolError as exc:
             failure = exc
         self._fail(failure)
+
+    async def _read_payload(self) -> bytes | None:
+        """The next frame's payload; None at the end of the stream. A frame above this client's
+        limit is skipped and, if its first bytes name a pending request, fails only that request
+        with :class:`~qllm.protocol.FrameTooLarge` (b"" is returned)."""
+        try:
+            header = await self._reader.readexactly(p.HEADER.size)
+        except asyncio.IncompleteReadError as exc:
+            if not exc.partial:
+                return None
+            raise
+        (size,) = p.HEADER.unpack(header)
+        if size <= self._max_frame:
+            return await self._reader.readexactly(size)
+        error = p.FrameTooLarge(
+            f"the server sent a frame of {size} bytes; this client accepts {self._max_frame}"
+        )
+        rid = p.frame_id(await p.skip_payload(self._reader, size))
+        if rid is None:
+            raise error
+        queue = self._pending.pop(rid, None)
+        if queue is not None:
+            queue.put_nowait(error)
+        return b""
 
     def _fail(self, failure: QllmError) -> None:
         if self._failure is None:

@@ -32,6 +32,7 @@ from msgspec import Meta
 from qllm.protocol import MAX_FRAME_BYTES
 
 SYSTEM_CONFIG = Path("/etc/qllm/qllm.toml")
+MAX_TIMEOUT = 86400.0  # one day: the bound on every server timeout
 SOCKET_NAME = "qllm.sock"
 
 
@@ -66,7 +67,14 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_prompt_tokens: Annotated[int, Meta(ge=1)] = 8192
     max_tokens: Annotated[int, Meta(ge=1)] = 4096
     max_requests_per_connection: Annotated[int, Meta(ge=1)] = 1024
-    hello_timeout: Annotated[float, Meta(gt=0)] = 10.0
+    max_prompt_chars: Annotated[int, Meta(ge=1)] = 131072  # text prompts longer are refused untokenized
+    # Timeouts are finite: a connection that never completes its hello or a frame is always closed.
+    hello_timeout: Annotated[float, Meta(gt=0, le=MAX_TIMEOUT)] = 10.0
+    idle_timeout: Annotated[float, Meta(gt=0, le=MAX_TIMEOUT)] = 300.0  # no request live, no frame
+    frame_timeout: Annotated[float, Meta(gt=0, le=MAX_TIMEOUT)] = 30.0  # to finish a started frame
+    max_outbox_bytes: Annotated[int, Meta(ge=1024)] = 1 << 20  # unread replies before reading pauses
+    max_connections: Annotated[int, Meta(ge=1)] = 256
+    max_connections_per_uid: Annotated[int, Meta(ge=1)] = 64
 
     def __post_init__(self) -> None:
         # Normalise the mode once so that the rest of the server sees an int.

@@ -11,12 +11,16 @@ signal exits at once.
 from __future__ import annotations
 
 import asyncio
+import collections
+import copy
 import itertools
 import os
+import resource
 import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import structlog
@@ -26,9 +30,11 @@ from qllm import protocol as p
 from qllm import systemd
 from qllm.config import Config
 from qllm.connection import Connection
-from qllm.listener import Credentials, Listener, open_listener, peer_credentials
+from qllm.listener import Credentials, Listener, allowed, open_listener, peer_credentials
+from qllm.logging import Throttled
 
 log = structlog.get_logger()
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 FORCED_EXIT_CODE = 130
 CLOSE_TIMEOUT = 10.0  # seconds, after the drain, for clients to read their last frames
@@ -58,6 +64,15 @@ class Server:
         self._conn_ids = itertools.count(1)
         self._accepted = 0
         self._tasks: asyncio.TaskGroup | None = None
+        self._admitted: set[Connection] = set()
+        self._per_uid: collections.Counter[int | None] = collections.Counter()
+        self._refused = 0
+        self._limits_hit: set[tuple[str, int | None]] = set()  # logged, until back under the limit
+        self.errors = Throttled(log)  # events a client can trigger at will
+        # One thread tokenizes text prompts (with its own tokenizer copy: a fast tokenizer must not
+        # be used from two threads at once, and the kernel decodes on the event loop's thread).
+        self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qllm-tokenize")
+        self._tokenizer: Any = None
 
     # ------------------------------------------------------------------ replies
     def welcome(self) -> p.Welcome:
@@ -86,16 +101,83 @@ class Server:
             "address": self.address,
             "connections": len(self._connections),
             "connections_accepted": self._accepted,
+            "connections_refused": self._refused,
             "uptime_s": time.monotonic() - self.started,
             "draining": self.draining,
             "socket_activated": self.activated,
         }
 
-    def encode(self, prompt: str | Sequence[int], chat: bool = False) -> list[int]:
-        """Token ids of a prompt (ValueError if it is empty, has no tokenizer or ids out of range)."""
+    def stats_reply(self) -> dict[str, Any]:
+        """What a ``stats`` request gets: the engine's statistics, the model as the server names
+        it (``family`` is the architecture), and the server's own fields."""
+        stats = self.engine.stats()
+        stats["family"] = stats.get("model")
+        stats["model"] = self.model_name
+        stats["server"] = self.stats()
+        return stats
+
+    async def encode(self, prompt: str | Sequence[int], chat: bool = False) -> list[int]:
+        """Token ids of a prompt (ValueError if it is empty, has no tokenizer or ids out of range).
+
+        Text is tokenized on the tokenizer thread, never on the event loop."""
         from qllm.generation import encode
 
-        return encode(self.engine.model, prompt, chat=chat)
+        if not isinstance(prompt, str):
+            return encode(self.engine.model, prompt, chat=chat)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tokenize_pool, self._encode_text, prompt, chat)
+
+    def _encode_text(self, prompt: str, chat: bool) -> list[int]:
+        from qllm.generation import encode
+
+        model = self.engine.model
+        if self._tokenizer is None and model.tokenizer is not None:
+            self._tokenizer = copy.deepcopy(model.tokenizer)
+        return encode(model, prompt, chat=chat, tokenizer=self._tokenizer)
+
+    # ------------------------------------------------------------------ connection limits
+    def admit(self, conn: Connection) -> p.Error | None:
+        """Take a new connection on, or the error that refuses it (allow list, connection caps)."""
+        cfg = self.config
+        creds = conn.creds
+        uid = None if creds is None else creds.uid
+        if (cfg.allow_uids or cfg.allow_gids) and (
+            creds is None or not allowed(creds, cfg.allow_uids, cfg.allow_gids)
+        ):
+            self._refused += 1
+            self.errors.warning("connection_refused", uid, uid=uid, gid=getattr(creds, "gid", None))
+            return p.Error(code=p.FORBIDDEN, message="this user may not use the server")
+        if len(self._admitted) >= cfg.max_connections:
+            scope, limit = "server", cfg.max_connections
+        elif self._per_uid[uid] >= cfg.max_connections_per_uid:
+            scope, limit = "uid", cfg.max_connections_per_uid
+        else:
+            self._admitted.add(conn)
+            self._per_uid[uid] += 1
+            return None
+        self._refused += 1
+        key = (scope, None if scope == "server" else uid)
+        if key not in self._limits_hit:
+            self._limits_hit.add(key)
+            log.warning("connection_limit_reached", scope=scope, limit=limit, uid=uid)
+        where = "on this server" if scope == "server" else "for this user"
+        return p.Error(
+            code=p.TOO_MANY_CONNECTIONS, message=f"at most {limit} connections {where}; try again later"
+        )
+
+    def release(self, conn: Connection) -> None:
+        """A connection closed: it no longer counts against the caps."""
+        if conn not in self._admitted:
+            return
+        self._admitted.discard(conn)
+        uid = None if conn.creds is None else conn.creds.uid
+        self._per_uid[uid] -= 1
+        if self._per_uid[uid] <= 0:
+            del self._per_uid[uid]
+        if self._per_uid[uid] < self.config.max_connections_per_uid:
+            self._limits_hit.discard(("uid", uid))
+        if len(self._admitted) < self.config.max_connections:
+            self._limits_hit.discard(("server", None))
 
     # ------------------------------------------------------------------ serving
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -115,18 +197,22 @@ class Server:
         async with asyncio.TaskGroup() as tg:
             self._tasks = tg
             server = await asyncio.start_unix_server(self._accept, sock=listener.sock, limit=1 << 16)
+            watchdog = None
             try:
-                self._set_status(f"serving {self.model_name} ({self.engine.policy.name}) on {self.address}")
-                self.notify("READY=1")
-                log.info(
-                    "server_ready",
-                    address=self.address,
-                    model=self.model_name,
-                    policy=self.engine.policy.name,
-                )
-                interval = systemd.watchdog_interval()
-                watchdog = tg.create_task(self.watchdog(interval)) if interval else None
-                await stop.wait()
+                if not stop.is_set():  # a signal during the model load: never announce READY
+                    self._set_status(
+                        f"serving {self.model_name} ({self.engine.policy.name}) on {self.address}"
+                    )
+                    self.notify("READY=1")
+                    log.info(
+                        "server_ready",
+                        address=self.address,
+                        model=self.model_name,
+                        policy=self.engine.policy.name,
+                    )
+                    interval = systemd.watchdog_interval()
+                    watchdog = tg.create_task(self.watchdog(interval)) if interval else None
+                    await stop.wait()
 
                 self.notify("STOPPING=1")
                 self.draining = True
@@ -142,6 +228,7 @@ class Server:
             finally:
                 self.draining = True
                 server.close()
+                self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
         log.info("server_stopped")
 
     async def _close_connections(self) -> None:
@@ -190,17 +277,62 @@ class Heartbeat:
         return advanced or not self.engine.busy
 
 
-def _install_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+def _forced_exit(signum: int, cleanup: Callable[[], None]) -> None:
+    """A second signal: remove the socket file, exit at once with ``FORCED_EXIT_CODE``."""
+    log.warning("forced_exit", signal=signal.Signals(signum).name, exit_code=FORCED_EXIT_CODE)
+    try:
+        cleanup()
+    finally:
+        sys.stderr.flush()
+        os._exit(FORCED_EXIT_CODE)
+
+
+def _install_signals(
+    loop: asyncio.AbstractEventLoop, stop: asyncio.Event, cleanup: Callable[[], None]
+) -> None:
     def on_signal(signum: int) -> None:
         if stop.is_set():
-            log.warning("forced_exit", signal=signal.Signals(signum).name)
-            sys.stderr.flush()
-            os._exit(FORCED_EXIT_CODE)
+            _forced_exit(signum, cleanup)
         log.info("shutdown_requested", signal=signal.Signals(signum).name)
         stop.set()
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in SIGNALS:
         loop.add_signal_handler(signum, on_signal, signum)
+
+
+def _load_engine(
+    config: Config, notify: Callable[[str], bool], stop: asyncio.Event, cleanup: Callable[[], None]
+) -> Any:
+    """Build the engine while the event loop is blocked: a first signal meanwhile is remembered
+    (the server then stops without announcing READY), a second one exits at once."""
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            _forced_exit(signum, cleanup)
+        log.info("shutdown_requested", signal=signal.Signals(signum).name, during="model_load")
+        stop.set()
+
+    previous = {signum: signal.signal(signum, on_signal) for signum in SIGNALS}
+    try:
+        return _build_engine(config, notify)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _raise_file_limit(connections: int) -> None:
+    """Make room for ``connections`` open sockets (plus the server's own files) under RLIMIT_NOFILE."""
+    needed = connections + 64
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    target = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        target = soft
+    if target < needed:
+        log.warning("file_limit_low", limit=target, max_connections=connections)
 
 
 async def serve(config: Config, *, notify: Callable[[str], bool] = systemd.notify, engine: Any = None) -> int:
@@ -210,16 +342,17 @@ async def serve(config: Config, *, notify: Callable[[str], bool] = systemd.notif
     """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    _install_signals(loop, stop)
     listener = open_listener(config.server)  # first, so a taken socket fails before the model loads
+    _raise_file_limit(config.server.max_connections)
     try:
         if engine is None:
-            engine = _build_engine(config, notify)
+            engine = _load_engine(config, notify, stop, listener.close)
+        _install_signals(loop, stop, listener.close)
         async with engine:
             await Server(engine, config, notify=notify).serve(listener, stop)
     finally:
         listener.close()
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in SIGNALS:
             loop.remove_signal_handler(signum)
     notify("STATUS=stopped")
     return 0

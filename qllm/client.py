@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
 
 from qllm import protocol as p
-from qllm.config import client_socket_path
+from qllm.config import client_socket_path, fallback_socket_dir, socket_dir_problem
 from qllm.errors import EngineClosed, InvalidRequest, QllmError, RequestFailed
 
 Result = p.Final
@@ -234,6 +234,11 @@ class AsyncClient:
 
     async def connect(self) -> p.Welcome:
         """Open the connection and exchange hellos; returns the server's welcome (also ``.welcome``)."""
+        directory = os.path.dirname(self.path)
+        if directory == str(fallback_socket_dir(os.getuid())):  # in /tmp: anyone may have made it
+            problem = socket_dir_problem(fallback_socket_dir(os.getuid()), os.getuid())
+            if problem is not None and os.path.lexists(directory):
+                raise ConnectionLost(problem)
         try:
             async with asyncio.timeout(self.connect_timeout):
                 self._reader, self._writer = await asyncio.open_unix_connection(self.path)

@@ -22,6 +22,7 @@ A bad key or value is one :class:`ConfigError` naming the file and the field.
 from __future__ import annotations
 
 import os
+import stat
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -160,7 +161,35 @@ def default_socket_path(env: dict[str, str] | None = None, uid: int | None = Non
         return Path("/run/qllm") / SOCKET_NAME
     if env.get("XDG_RUNTIME_DIR"):
         return Path(env["XDG_RUNTIME_DIR"]) / SOCKET_NAME
-    return Path("/run/qllm") / SOCKET_NAME if uid == 0 else Path(f"/tmp/qllm-{uid}") / SOCKET_NAME
+    return Path("/run/qllm") / SOCKET_NAME if uid == 0 else fallback_socket_dir(uid) / SOCKET_NAME
+
+
+def fallback_socket_dir(uid: int) -> Path:
+    """The directory of last resort for a non-root user's socket: in /tmp, where anyone may create
+    it first, so servers and clients check who owns it (:func:`socket_dir_problem`)."""
+    return Path(f"/tmp/qllm-{uid}")
+
+
+def socket_dir_problem(directory: Path, uid: int) -> str | None:
+    """Why a default socket directory is unsafe for ``uid`` (None if it is safe): it must be a real
+    directory owned by ``uid`` and writable by nobody else, or another local user could replace
+    the socket and read what clients send."""
+    try:
+        st = directory.lstat()
+    except OSError as exc:
+        return f"cannot use {directory}: {exc.strerror or exc}"
+    hint = "remove it, or choose a path with --socket (or set XDG_RUNTIME_DIR)"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"refusing {directory} for the socket: it is not a directory (a symlink?); {hint}"
+    if st.st_uid != uid:
+        return (
+            f"refusing {directory} for the socket: it belongs to uid {st.st_uid}, not to uid {uid} "
+            f"(another user may have created it to intercept clients); {hint}"
+        )
+    if st.st_mode & 0o022:
+        mode = oct(stat.S_IMODE(st.st_mode))
+        return f"refusing {directory} for the socket: others may write to it (mode {mode}); {hint}"
+    return None
 
 
 def client_socket_path(env: dict[str, str] | None = None, uid: int | None = None) -> Path:

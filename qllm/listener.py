@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qllm import systemd
-from qllm.config import ServerConfig, default_socket_path
+from qllm.config import ServerConfig, default_socket_path, socket_dir_problem
 
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
@@ -98,6 +98,17 @@ def _remove_stale(path: Path) -> None:
         probe.close()
 
 
+def _own_directory(directory: Path) -> None:
+    """Create a default socket directory (0700; 0755 for root's /run/qllm, so that the socket's
+    own mode and group decide who connects), or check that an existing one is safely ours."""
+    uid = os.getuid()
+    with contextlib.suppress(FileExistsError):
+        directory.mkdir(mode=0o755 if uid == 0 else 0o700)
+    problem = socket_dir_problem(directory, uid)
+    if problem is not None:
+        raise ValueError(problem)
+
+
 def open_listener(config: ServerConfig, env: dict[str, str] | None = None) -> Listener:
     """The socket to serve on: the first one systemd passed, else ``config.socket`` (or the
     default path) bound with ``config.socket_mode`` and the configured owner and group."""
@@ -112,8 +123,12 @@ def open_listener(config: ServerConfig, env: dict[str, str] | None = None) -> Li
         sock.setblocking(False)
         return Listener(sock, None, activated=True)
 
-    path = Path(config.socket) if config.socket else default_socket_path(env)
-    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    if config.socket:
+        path = Path(config.socket)
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    else:
+        path = default_socket_path(env)
+        _own_directory(path.parent)
     _remove_stale(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:

@@ -1,0 +1,134 @@
+"""Careless and hostile local clients against a live ``qllm serve --model tiny`` (a child process):
+memory stays bounded, stalled connections close, limits hold, other clients keep being served."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from serving import recv_frame, serve_process
+
+from qllm import protocol as p
+from qllm.client import Client, ConnectionLost
+from qllm.config import ServerConfig, fallback_socket_dir
+from qllm.listener import open_listener
+
+UNREAD_STATS = 300_000
+
+
+def send_until_blocked(sock: socket.socket, frame: bytes, count: int, stall: float = 3.0) -> int:
+    """Send ``count`` copies of ``frame`` until the socket takes nothing for ``stall`` seconds;
+    returns how many were sent whole."""
+    sock.settimeout(stall)
+    batch = frame * 1000
+    sent = 0
+    try:
+        while sent < count:
+            view = memoryview(batch)
+            while view:
+                view = view[sock.send(view) :]
+            sent += 1000
+    except TimeoutError:
+        pass
+    return sent
+
+
+def test_a_client_that_never_reads_its_replies_is_paused_not_buffered(tmp_path):
+    with serve_process(tmp_path) as server, Client(server.path, timeout=60) as bystander:
+        bystander.generate("warm up", max_tokens=2)
+        bystander.stats()
+        before = server.rss()
+        flood = server.connect()
+        frame = p.encode_frame(p.Stats(id=1))
+        sent = send_until_blocked(flood, frame, UNREAD_STATS)
+        grown = server.rss() - before
+        # The server stopped reading once max_outbox_bytes (1 MiB) of replies were unread: the
+        # requests wait in the socket buffers (a few hundred kB), not in the server.
+        assert sent < UNREAD_STATS
+        assert grown < 50 << 20, f"server RSS grew by {grown / 2**20:.1f} MiB"
+        started = time.monotonic()
+        result = bystander.generate("Hello", max_tokens=4, ignore_eos=True)
+        assert len(result.token_ids) == 4
+        assert bystander.health().status == "ok"
+        waited = time.monotonic() - started
+        assert waited < 10, f"a well-behaved client waited {waited:.1f} s"
+        # Once the flooding client reads, it gets every reply, in order, and is read again.
+        flood.settimeout(30)
+        reader = threading.Thread(target=lambda: [recv_frame(flood) for _ in range(sent)])
+        reader.start()
+        reader.join(120)
+        assert not reader.is_alive()
+        flood.sendall(p.encode_frame(p.Health(id=7)))
+        assert isinstance(recv_frame(flood), p.HealthReply)
+        flood.close()
+
+
+# The default socket directory ----------------------------------------------------------------
+
+
+def serve_default_path(env: dict[str, str]) -> subprocess.CompletedProcess:
+    """``qllm serve`` without --socket: it must refuse before loading the model."""
+    environ = {k: v for k, v in os.environ.items() if k not in ("XDG_RUNTIME_DIR", "INVOCATION_ID")}
+    return subprocess.run(
+        [sys.executable, "-m", "qllm", "serve", "--model", "tiny"],
+        env={**environ, **env}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to create a directory as another user")
+def test_a_default_directory_created_by_another_user_is_refused(tmp_path):
+    squatted = tmp_path / "qllm"
+    squatted.mkdir(mode=0o777)
+    squatted.chmod(0o755)
+    os.chown(squatted, 65534, 65534)  # "nobody" made it first, hoping to serve its own socket there
+    out = serve_default_path({"RUNTIME_DIRECTORY": str(squatted)})
+    assert out.returncode == 2
+    assert f"refusing {squatted}" in out.stderr and "belongs to uid 65534" in out.stderr
+    assert list(squatted.iterdir()) == []
+
+
+def test_a_default_directory_others_may_write_is_refused(tmp_path):
+    shared = tmp_path / "qllm"
+    shared.mkdir()
+    shared.chmod(0o777)
+    out = serve_default_path({"RUNTIME_DIRECTORY": str(shared)})
+    assert out.returncode == 2
+    assert "others may write to it (mode 0o777)" in out.stderr
+
+
+def test_a_missing_default_directory_is_created_private(monkeypatch):
+    uid = 40000 + os.getpid() % 20000  # a non-root uid: the fallback in /tmp
+    monkeypatch.setattr(os, "getuid", lambda: uid)
+    directory = fallback_socket_dir(uid)
+    shutil.rmtree(directory, ignore_errors=True)
+    try:
+        if os.geteuid() == 0:
+            # Root creates it, so for this uid it is someone else's directory: refused all the same.
+            with pytest.raises(ValueError, match=f"belongs to uid {os.geteuid()}"):
+                open_listener(ServerConfig(), env={})
+        else:
+            open_listener(ServerConfig(), env={}).close()
+        assert stat.S_IMODE(directory.lstat().st_mode) == 0o700
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_the_client_refuses_a_fallback_directory_it_does_not_own(monkeypatch):
+    uid = 40000 + os.getpid() % 20000
+    directory = fallback_socket_dir(uid)
+    directory.mkdir(mode=0o755, exist_ok=True)  # owned by this process's uid, not by ``uid``
+    try:
+        monkeypatch.setattr(os, "getuid", lambda: uid)
+        env = {k: v for k, v in os.environ.items() if k not in ("QLLM_SOCKET", "XDG_RUNTIME_DIR")}
+        monkeypatch.setattr(os, "environ", env)
+        with pytest.raises(ConnectionLost, match=f"refusing {directory}"):
+            Client()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

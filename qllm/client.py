@@ -68,6 +68,18 @@ class Forbidden(ServerError, PermissionError):
     code = p.FORBIDDEN
 
 
+class TooManyConnections(ServerError):
+    """The server (or its limit for this user) holds as many connections as it allows."""
+
+    code = p.TOO_MANY_CONNECTIONS
+
+
+class ServerTimeout(ServerError, TimeoutError):
+    """The server closed the connection: idle too long, or a frame took too long to arrive."""
+
+    code = p.TIMEOUT
+
+
 class ServerShutdown(ServerError, EngineClosed):
     """The server shut down before the request finished (``.result`` holds what was generated)."""
 
@@ -98,6 +110,8 @@ ERRORS: dict[str, type[QllmError]] = {
     p.MAX_TOKENS_TOO_LARGE: MaxTokensTooLarge,
     p.TOO_MANY_REQUESTS: TooManyRequests,
     p.FORBIDDEN: Forbidden,
+    p.TOO_MANY_CONNECTIONS: TooManyConnections,
+    p.TIMEOUT: ServerTimeout,
     p.SHUTDOWN: ServerShutdown,
     p.BAD_FRAME: p.ProtocolError,
     p.PROTOCOL_ERROR: p.ProtocolError,

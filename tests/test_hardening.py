@@ -13,10 +13,11 @@ import threading
 import time
 
 import pytest
-from serving import recv_frame, serve_process
+import structlog
+from serving import recv_frame, running_server, serve_process
 
 from qllm import protocol as p
-from qllm.client import Client, ConnectionLost
+from qllm.client import AsyncClient, Client, ConnectionLost, TooManyConnections
 from qllm.config import ServerConfig, fallback_socket_dir
 from qllm.listener import open_listener
 
@@ -132,3 +133,60 @@ def test_the_client_refuses_a_fallback_directory_it_does_not_own(monkeypatch):
             Client()
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+# Timeouts and connection caps ----------------------------------------------------------------
+
+LIMITS = """
+[server]
+idle_timeout = 1.5
+frame_timeout = 1.5
+max_connections_per_uid = 3
+max_tokens = 100000
+"""
+
+
+def test_idle_and_stalled_connections_close_and_connections_are_capped_per_uid(tmp_path):
+    with serve_process(tmp_path, LIMITS) as server:
+        idle, stalled, busy = server.connect(), server.connect(), server.connect()
+        stalled.sendall(b"\x00\x00")  # half a header, then nothing: e.g. a client that hung
+        busy.sendall(p.encode_frame(p.Generate(id=1, prompt="long", max_tokens=100000, ignore_eos=True)))
+        extra = [server.connect(hello=False) for _ in range(3)]  # over the cap of 3 for this uid
+        for sock in extra:
+            sock.sendall(p.encode_frame(p.Hello()))
+            refused = recv_frame(sock)
+            assert isinstance(refused, p.Error) and refused.code == "too_many_connections", refused
+            assert recv_frame(sock) is None
+            sock.close()
+        started = time.monotonic()
+        for sock in (idle, stalled):
+            error = recv_frame(sock)
+            assert isinstance(error, p.Error) and error.code == "timeout", error
+            assert recv_frame(sock) is None
+            sock.close()
+        assert time.monotonic() - started < 30
+        # A connection with a live request is not idle: it is still served past the idle timeout.
+        busy.sendall(p.encode_frame(p.Cancel(id=1)))
+        final = recv_frame(busy)
+        assert isinstance(final, p.Final) and final.status == "aborted" and final.token_ids
+        with Client(server.path) as client:  # room again now that two were closed
+            assert client.health().status == "ok"
+        busy.close()
+        events = server.events()
+    reasons = sorted(e["reason"] for e in events if e["event"] == "connection_timed_out")
+    assert reasons == ["frame_timeout", "idle_timeout"]
+    limit_lines = [e for e in events if e["event"] == "connection_limit_reached"]
+    assert len(limit_lines) == 1 and limit_lines[0]["scope"] == "uid" and limit_lines[0]["limit"] == 3
+
+
+async def test_connections_are_capped_for_the_whole_server(tmp_path, tiny):
+    async with running_server(tmp_path, tiny, max_connections=2) as running:
+        async with AsyncClient(running.path) as first, AsyncClient(running.path):
+            with structlog.testing.capture_logs() as logs:
+                for _ in range(3):
+                    with pytest.raises(TooManyConnections):
+                        await AsyncClient(running.path).connect()
+            assert (await first.health()).status == "ok"
+        async with AsyncClient(running.path) as again:
+            assert (await again.stats())["server"]["connections_refused"] == 3
+    assert [e["scope"] for e in logs if e["event"] == "connection_limit_reached"] == ["server"]

@@ -3,6 +3,8 @@ memory stays bounded, stalled connections close, limits hold, other clients keep
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import shutil
 import socket
@@ -19,7 +21,9 @@ from serving import recv_frame, running_server, serve_process
 from qllm import protocol as p
 from qllm.client import AsyncClient, Client, ConnectionLost, TooManyConnections
 from qllm.config import ServerConfig, fallback_socket_dir
+from qllm.errors import InvalidRequest
 from qllm.listener import open_listener
+from qllm.logging import Throttled, configure
 
 UNREAD_STATS = 300_000
 
@@ -190,3 +194,49 @@ async def test_connections_are_capped_for_the_whole_server(tmp_path, tiny):
         async with AsyncClient(running.path) as again:
             assert (await again.stats())["server"]["connections_refused"] == 3
     assert [e["scope"] for e in logs if e["event"] == "connection_limit_reached"] == ["server"]
+
+
+# Sampling values at the edge, and what failures put in the log --------------------------------
+
+
+def test_sampling_values_at_the_edge_generate_or_are_refused_clearly(tmp_path):
+    secret = "my-secret-prompt-7f3a"
+    with serve_process(tmp_path) as server, Client(server.path, timeout=60) as client:
+        for kw in ({"temperature": 1e-39}, {"temperature": 5e-324}, {"temperature": 1.0, "top_p": 1e-46}):
+            result = client.generate(secret, max_tokens=3, ignore_eos=True, **kw)
+            assert result.status == "length" and len(result.token_ids) == 3, kw
+        greedy = client.generate(secret, max_tokens=3, ignore_eos=True)
+        assert client.generate(secret, max_tokens=3, ignore_eos=True, temperature=1e-39).token_ids == greedy.token_ids
+        with pytest.raises(InvalidRequest, match="temperature must be a finite number"):
+            client.generate(secret, temperature=float("inf"))
+    log = (tmp_path / "stderr").read_text()
+    assert secret not in log
+    assert "Traceback" not in log and "request_failed" not in log
+
+
+def test_failure_tracebacks_in_the_log_carry_no_local_variables():
+    stream = io.StringIO()
+    configure("info", "json", stream)
+    try:
+        prompt_ids = [4242, 4243]  # noqa: F841 - a local that must not reach the log
+        try:
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        except RuntimeError:
+            structlog.get_logger().error("request_failed", exc_info=True)
+    finally:
+        structlog.reset_defaults()
+    line = json.loads(stream.getvalue())
+    assert line["exception"][0]["exc_type"] == "RuntimeError"
+    assert "4242" not in stream.getvalue() and "locals" not in json.dumps(line["exception"])
+
+
+def test_repeated_identical_errors_are_logged_once_per_interval():
+    with structlog.testing.capture_logs() as logs:
+        throttled = Throttled(structlog.get_logger(), interval=3600)
+        for _ in range(1000):
+            throttled.error("request_failed", "RuntimeError: boom", error="RuntimeError: boom")
+        throttled.error("request_failed", "ValueError: other", error="ValueError: other")
+        throttled.interval = 0
+        throttled.error("request_failed", "RuntimeError: boom", error="RuntimeError: boom")
+    assert [e["error"] for e in logs] == ["RuntimeError: boom", "ValueError: other", "RuntimeError: boom"]
+    assert logs[-1]["suppressed"] == 999

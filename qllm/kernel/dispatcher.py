@@ -20,6 +20,7 @@ from qllm.kernel.compute import Compute
 from qllm.kernel.request import Request, RequestResult, RequestStatus
 from qllm.kernel.tensors import TensorManager
 from qllm.kernel.view import KernelView, MemoryView, RequestView
+from qllm.logging import Throttled
 from qllm.models.base import MoEModel
 from qllm.ops import OpKind, Token
 from qllm.policies import Policy
@@ -100,6 +101,7 @@ class Dispatcher:
         self.rows = 0
         self.policy_errors = 0
         self.op_times = OpTimes()
+        self.failures = Throttled(log)  # a client can make requests fail at will: bound the log
 
     # ---------------------------------------------------------------- mailbox
     def post(self, message: Any) -> None:
@@ -219,8 +221,11 @@ class Dispatcher:
             status = RequestStatus.FINISHED_LENGTH if stop.value == "length" else RequestStatus.FINISHED_STOPPED
             self._finish(request, status)
         except Exception as exc:
-            log.exception("request_failed", request_id=request.id)
-            self._finish(request, RequestStatus.FINISHED_ERROR, f"{type(exc).__name__}: {exc}")
+            error = f"{type(exc).__name__}: {exc}"
+            # One line per distinct error every few seconds, with a traceback (never local
+            # variables: they would hold the prompt), and never the request's content.
+            self.failures.error("request_failed", error[:200], request_id=request.id, error=error[:1000], exc_info=True)
+            self._finish(request, RequestStatus.FINISHED_ERROR, error)
 
     def _emit(self, request: Request, token_id: int) -> None:
         now = time.monotonic()
@@ -313,9 +318,9 @@ class Dispatcher:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.exception("batch_failed", op=repr(ops[0]), requests=ids)
             results = None
             error = f"{type(exc).__name__}: {exc}"
+            self.failures.error("batch_failed", error[:200], op=repr(ops[0]), requests=ids, error=error[:1000], exc_info=True)
         finally:
             self.in_flight = set()
         self.op_times.record(ops[0].kind, time.perf_counter() - started)

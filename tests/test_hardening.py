@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 
+import msgspec
 import pytest
 import structlog
 from serving import recv_frame, running_server, serve_process
@@ -240,3 +241,19 @@ def test_repeated_identical_errors_are_logged_once_per_interval():
         throttled.error("request_failed", "RuntimeError: boom", error="RuntimeError: boom")
     assert [e["error"] for e in logs] == ["RuntimeError: boom", "ValueError: other", "RuntimeError: boom"]
     assert logs[-1]["suppressed"] == 999
+
+
+# Bounded error frames ------------------------------------------------------------------------
+
+
+def test_an_invalid_huge_value_gets_a_short_error_and_the_connection_goes_on(tmp_path):
+    with serve_process(tmp_path) as server:
+        sock = server.connect()
+        huge = msgspec.msgpack.encode({"type": "generate", "id": 5, "prompt": "x", "priority": "v" * 1_040_000})
+        sock.sendall(len(huge).to_bytes(4, "big") + huge)
+        error = recv_frame(sock)
+        assert isinstance(error, p.Error) and error.id == 5 and error.code == "invalid_request"
+        assert len(p.encode_frame(error)) < 2048 and "more characters" in error.message
+        sock.sendall(p.encode_frame(p.Health(id=6)))
+        assert isinstance(recv_frame(sock), p.HealthReply)
+        sock.close()

@@ -84,11 +84,6 @@ class Connection:
     def live(self) -> int:
         return len(self.requests)
 
-    @property
-    def client_key(self) -> str:
-        """Who the engine shares a class's compute between: the peer's uid, else the connection."""
-        return f"uid:{self.creds.uid}" if self.creds is not None else self.name
-
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> None:
         """Serve the connection until the client leaves or the server has shut it down."""

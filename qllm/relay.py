@@ -110,7 +110,7 @@ async def relay(conn: Connection, msg: p.Generate, slot: asyncio.Semaphore) -> N
                 rank=msg.rank,
                 ttft_deadline=msg.ttft_deadline,
                 request_id=f"{conn.name}.{rid}",
-                client=conn.client_key,
+                client=conn.name,  # the engine shares a class's compute between connections
             )
         except QllmError as exc:
             return conn.send(p.Error(id=rid, code=exc.code, message=str(exc)))

@@ -207,7 +207,10 @@ def test_sampling_values_at_the_edge_generate_or_are_refused_clearly(tmp_path):
             result = client.generate(secret, max_tokens=3, ignore_eos=True, **kw)
             assert result.status == "length" and len(result.token_ids) == 3, kw
         greedy = client.generate(secret, max_tokens=3, ignore_eos=True)
-        assert client.generate(secret, max_tokens=3, ignore_eos=True, temperature=1e-39).token_ids == greedy.token_ids
+        assert (
+            client.generate(secret, max_tokens=3, ignore_eos=True, temperature=1e-39).token_ids
+            == greedy.token_ids
+        )
         with pytest.raises(InvalidRequest, match="temperature must be a finite number"):
             client.generate(secret, temperature=float("inf"))
     log = (tmp_path / "stderr").read_text()
@@ -249,7 +252,9 @@ def test_repeated_identical_errors_are_logged_once_per_interval():
 def test_an_invalid_huge_value_gets_a_short_error_and_the_connection_goes_on(tmp_path):
     with serve_process(tmp_path) as server:
         sock = server.connect()
-        huge = msgspec.msgpack.encode({"type": "generate", "id": 5, "prompt": "x", "priority": "v" * 1_040_000})
+        huge = msgspec.msgpack.encode(
+            {"type": "generate", "id": 5, "prompt": "x", "priority": "v" * 1_040_000}
+        )
         sock.sendall(len(huge).to_bytes(4, "big") + huge)
         error = recv_frame(sock)
         assert isinstance(error, p.Error) and error.id == 5 and error.code == "invalid_request"

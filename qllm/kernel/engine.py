@@ -84,9 +84,7 @@ class Engine:
             torch.set_num_threads(threads)  # process-wide: torch's intra-op thread pool
         self.policy = load_policy(policy)
         if isinstance(model, MoEModel) and device is not None and torch.device(device) != model.device:
-            raise ValueError(
-                f"the model is loaded on {model.device}, not on {device}; load it there or omit device"
-            )
+            raise ValueError(f"the model is loaded on {model.device}, not on {device}; load it there or omit device")
         self.model: MoEModel = load_model(
             model, dtype=dtype, device=device or "cpu", batch_invariant=batch_invariant
         )
@@ -172,7 +170,7 @@ class Engine:
     ) -> RequestHandle:
         """Accept a request; returns at once. Raises InvalidRequest or EngineClosed.
 
-        ``client`` names who sent it (the server passes the peer's uid): policies share a class's
+        ``client`` names who sent it (the server passes its connection): policies share a class's
         compute fairly between clients."""
         if not self._accepting:
             raise EngineClosed("the engine is not accepting requests")

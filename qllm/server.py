@@ -312,12 +312,11 @@ def _load_engine(
         log.info("shutdown_requested", signal=signal.Signals(signum).name, during="model_load")
         stop.set()
 
-    previous = {signum: signal.signal(signum, on_signal) for signum in SIGNALS}
-    try:
-        return _build_engine(config, notify)
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    # The handlers stay until the event loop's replace them: restoring the default meanwhile
+    # would let a signal kill the process without cleaning up.
+    for signum in SIGNALS:
+        signal.signal(signum, on_signal)
+    return _build_engine(config, notify)
 
 
 def _raise_file_limit(connections: int) -> None:

@@ -3,10 +3,12 @@ memory stays bounded, stalled connections close, limits hold, other clients keep
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -299,3 +301,69 @@ def test_a_tokenizing_flood_does_not_hold_up_another_clients_health_check(tmp_pa
         assert refused.code == "prompt_too_long" and "131073 characters" in refused.message
         probe.close()
         flood.close()
+
+
+# Smaller things ------------------------------------------------------------------------------
+
+
+def test_half_close_stats_model_hello_types_and_a_second_sigterm(tmp_path):
+    with serve_process(tmp_path) as server:
+        # A client that shuts down its sending side still gets its requests' results.
+        sock = server.connect()
+        sock.sendall(p.encode_frame(p.Generate(id=1, prompt="Hello", max_tokens=3, ignore_eos=True)))
+        sock.shutdown(socket.SHUT_WR)
+        final = recv_frame(sock)
+        assert isinstance(final, p.Final) and final.status == "length" and len(final.token_ids) == 3
+        assert recv_frame(sock) is None
+        sock.close()
+        # A hello whose protocol is not an integer says so; an undecodable first frame closes.
+        for payload, code, text in [
+            (msgspec.msgpack.encode({"type": "hello", "protocol": "1"}), "unsupported_protocol", "integer"),
+            (b"\xc1", "protocol_error", "the first frame must be a hello"),
+        ]:
+            sock = server.connect(hello=False)
+            sock.sendall(len(payload).to_bytes(4, "big") + payload)
+            error = recv_frame(sock)
+            assert isinstance(error, p.Error) and error.code == code and text in error.message, error
+            assert recv_frame(sock) is None
+            sock.close()
+        with Client(server.path) as client:
+            stats = client.stats()
+            assert (stats["model"], stats["family"]) == ("tiny", "mixtral")
+            assert client.welcome.model == client.health().model == "tiny"
+            # A second SIGTERM while draining exits at once with 130, and removes the socket.
+            endless = client.stream("endless", max_tokens=4096, ignore_eos=True)
+            next(endless)
+            server.proc.send_signal(signal.SIGTERM)
+            while client.health().status != "draining":  # the first one was handled
+                pass
+            server.proc.send_signal(signal.SIGTERM)
+            assert server.proc.wait(60) == 130
+        assert not server.path.exists()
+        assert any(e["event"] == "forced_exit" for e in server.events())
+
+
+def test_sigterm_during_the_model_load_stops_without_ready(tmp_path):
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(120)
+    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")}
+    argv = [sys.executable, "-m", "qllm", "serve", "--model", "tiny", "--socket", str(tmp_path / "q.sock")]
+    proc = subprocess.Popen(argv, env=env, stderr=subprocess.DEVNULL)
+    try:
+        notes = [notify.recv(4096).decode()]
+        assert notes[0].startswith("STATUS=loading model")  # loading takes seconds: signal now
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0
+        notify.settimeout(0)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                notes.append(notify.recv(4096).decode())
+    finally:
+        notify.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "READY=1" not in notes, notes
+    assert notes[-1] == "STATUS=stopped"
+    assert not (tmp_path / "q.sock").exists()

@@ -300,23 +300,16 @@ def _install_signals(
         loop.add_signal_handler(signum, on_signal, signum)
 
 
-def _load_engine(
-    config: Config, notify: Callable[[str], bool], stop: asyncio.Event, cleanup: Callable[[], None]
-) -> Any:
-    """Build the engine while the event loop is blocked: a first signal meanwhile is remembered
-    (the server then stops without announcing READY), a second one exits at once."""
-
-    def on_signal(signum: int, frame: Any) -> None:
-        if stop.is_set():
-            _forced_exit(signum, cleanup)
-        log.info("shutdown_requested", signal=signal.Signals(signum).name, during="model_load")
+def _load_engine(config: Config, notify: Callable[[str], bool], stop: asyncio.Event) -> Any:
+    """Build the engine with SIGTERM and SIGINT held back: one that arrives meanwhile stops the
+    server right after the load, without announcing READY (the event loop cannot run handlers
+    while the load blocks it). The caller unblocks them once the loop's handlers are installed."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    engine = _build_engine(config, notify)
+    while (info := signal.sigtimedwait(SIGNALS, 0)) is not None:  # consume what came meanwhile
+        log.info("shutdown_requested", signal=signal.Signals(info.si_signo).name, during="model_load")
         stop.set()
-
-    # The handlers stay until the event loop's replace them: restoring the default meanwhile
-    # would let a signal kill the process without cleaning up.
-    for signum in SIGNALS:
-        signal.signal(signum, on_signal)
-    return _build_engine(config, notify)
+    return engine
 
 
 def _raise_file_limit(connections: int) -> None:
@@ -345,8 +338,9 @@ async def serve(config: Config, *, notify: Callable[[str], bool] = systemd.notif
     _raise_file_limit(config.server.max_connections)
     try:
         if engine is None:
-            engine = _load_engine(config, notify, stop, listener.close)
+            engine = _load_engine(config, notify, stop)
         _install_signals(loop, stop, listener.close)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
         async with engine:
             await Server(engine, config, notify=notify).serve(listener, stop)
     finally:

@@ -11,7 +11,6 @@ signal exits at once.
 from __future__ import annotations
 
 import asyncio
-import collections
 import copy
 import itertools
 import os
@@ -30,7 +29,8 @@ from qllm import protocol as p
 from qllm import systemd
 from qllm.config import Config
 from qllm.connection import Connection
-from qllm.listener import Credentials, Listener, allowed, open_listener, peer_credentials
+from qllm.limits import ConnectionLimits
+from qllm.listener import Credentials, Listener, open_listener, peer_credentials
 from qllm.logging import Throttled
 
 log = structlog.get_logger()
@@ -64,11 +64,8 @@ class Server:
         self._conn_ids = itertools.count(1)
         self._accepted = 0
         self._tasks: asyncio.TaskGroup | None = None
-        self._admitted: set[Connection] = set()
-        self._per_uid: collections.Counter[int | None] = collections.Counter()
-        self._refused = 0
-        self._limits_hit: set[tuple[str, int | None]] = set()  # logged, until back under the limit
         self.errors = Throttled(log)  # events a client can trigger at will
+        self.limits = ConnectionLimits(self.config, self.errors)
         # One thread tokenizes text prompts (with its own tokenizer copy: a fast tokenizer must not
         # be used from two threads at once, and the kernel decodes on the event loop's thread).
         self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qllm-tokenize")
@@ -101,7 +98,7 @@ class Server:
             "address": self.address,
             "connections": len(self._connections),
             "connections_accepted": self._accepted,
-            "connections_refused": self._refused,
+            "connections_refused": self.limits.refused,
             "uptime_s": time.monotonic() - self.started,
             "draining": self.draining,
             "socket_activated": self.activated,
@@ -138,46 +135,11 @@ class Server:
     # ------------------------------------------------------------------ connection limits
     def admit(self, conn: Connection) -> p.Error | None:
         """Take a new connection on, or the error that refuses it (allow list, connection caps)."""
-        cfg = self.config
-        creds = conn.creds
-        uid = None if creds is None else creds.uid
-        if (cfg.allow_uids or cfg.allow_gids) and (
-            creds is None or not allowed(creds, cfg.allow_uids, cfg.allow_gids)
-        ):
-            self._refused += 1
-            self.errors.warning("connection_refused", uid, uid=uid, gid=getattr(creds, "gid", None))
-            return p.Error(code=p.FORBIDDEN, message="this user may not use the server")
-        if len(self._admitted) >= cfg.max_connections:
-            scope, limit = "server", cfg.max_connections
-        elif self._per_uid[uid] >= cfg.max_connections_per_uid:
-            scope, limit = "uid", cfg.max_connections_per_uid
-        else:
-            self._admitted.add(conn)
-            self._per_uid[uid] += 1
-            return None
-        self._refused += 1
-        key = (scope, None if scope == "server" else uid)
-        if key not in self._limits_hit:
-            self._limits_hit.add(key)
-            log.warning("connection_limit_reached", scope=scope, limit=limit, uid=uid)
-        where = "on this server" if scope == "server" else "for this user"
-        return p.Error(
-            code=p.TOO_MANY_CONNECTIONS, message=f"at most {limit} connections {where}; try again later"
-        )
+        return self.limits.admit(conn, conn.creds)
 
     def release(self, conn: Connection) -> None:
         """A connection closed: it no longer counts against the caps."""
-        if conn not in self._admitted:
-            return
-        self._admitted.discard(conn)
-        uid = None if conn.creds is None else conn.creds.uid
-        self._per_uid[uid] -= 1
-        if self._per_uid[uid] <= 0:
-            del self._per_uid[uid]
-        if self._per_uid[uid] < self.config.max_connections_per_uid:
-            self._limits_hit.discard(("uid", uid))
-        if len(self._admitted) < self.config.max_connections:
-            self._limits_hit.discard(("server", None))
+        self.limits.release(conn, conn.creds)
 
     # ------------------------------------------------------------------ serving
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

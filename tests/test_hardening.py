@@ -15,11 +15,13 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import msgspec
 import pytest
 import structlog
-from serving import recv_frame, running_server, serve_process
+from serving import recv_exactly, recv_frame, running_server, serve_process, server_thread
+from test_protocol import documented_frames
 
 from qllm import protocol as p
 from qllm.client import AsyncClient, Client, ConnectionLost, TooManyConnections
@@ -367,3 +369,29 @@ def test_sigterm_during_the_model_load_stops_without_ready(tmp_path):
     assert "READY=1" not in notes, notes
     assert notes[-1] == "STATUS=stopped"
     assert not (tmp_path / "q.sock").exists()
+
+
+# docs/protocol.md against the live server ----------------------------------------------------
+
+
+def test_the_documented_exchange_and_sample_client_work_against_tiny(tmp_path, tiny):
+    frames = documented_frames()
+    with server_thread(tmp_path, tiny) as running, socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(60)
+        sock.connect(str(running.path))
+        for direction, data, _ in frames:  # in the documented order
+            if direction == "C":
+                sock.sendall(data)
+                continue
+            while True:  # byte for byte: the example is what --model tiny sends
+                header = recv_exactly(sock, 4)
+                got = header + recv_exactly(sock, int.from_bytes(header, "big"))
+                if not isinstance(p.decode_server(got[4:]), p.Final):  # its timings vary: not shown whole
+                    break
+            assert got == data
+        text = (Path(__file__).resolve().parent.parent / "docs" / "protocol.md").read_text()
+        code = text.split("## A client in a few lines", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+        code = code.replace('"/run/qllm/qllm.sock"', repr(str(running.path)))
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "'type': 'final'" in out.stdout and "'status': 'length'" in out.stdout

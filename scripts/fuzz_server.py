@@ -157,7 +157,9 @@ def main() -> int:
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the server closed it early (bad framing): its replies are still there
                 for message in read_all(sock):
-                    replies[type(message).__name__ + (f":{message.code}" if isinstance(message, p.Error) else "")] += 1
+                    replies[
+                        type(message).__name__ + (f":{message.code}" if isinstance(message, p.Error) else "")
+                    ] += 1
             sent += count
             connections += 1
             if server.poll() is not None:

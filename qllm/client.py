@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
 
 from qllm import protocol as p
-from qllm.config import client_socket_path
+from qllm.config import client_socket_path, fallback_socket_dir, socket_dir_problem
 from qllm.errors import EngineClosed, InvalidRequest, QllmError, RequestFailed
 
 Result = p.Final
@@ -68,6 +68,18 @@ class Forbidden(ServerError, PermissionError):
     code = p.FORBIDDEN
 
 
+class TooManyConnections(ServerError):
+    """The server (or its limit for this user) holds as many connections as it allows."""
+
+    code = p.TOO_MANY_CONNECTIONS
+
+
+class ServerTimeout(ServerError, TimeoutError):
+    """The server closed the connection: idle too long, or a frame took too long to arrive."""
+
+    code = p.TIMEOUT
+
+
 class ServerShutdown(ServerError, EngineClosed):
     """The server shut down before the request finished (``.result`` holds what was generated)."""
 
@@ -98,6 +110,8 @@ ERRORS: dict[str, type[QllmError]] = {
     p.MAX_TOKENS_TOO_LARGE: MaxTokensTooLarge,
     p.TOO_MANY_REQUESTS: TooManyRequests,
     p.FORBIDDEN: Forbidden,
+    p.TOO_MANY_CONNECTIONS: TooManyConnections,
+    p.TIMEOUT: ServerTimeout,
     p.SHUTDOWN: ServerShutdown,
     p.BAD_FRAME: p.ProtocolError,
     p.PROTOCOL_ERROR: p.ProtocolError,
@@ -234,6 +248,11 @@ class AsyncClient:
 
     async def connect(self) -> p.Welcome:
         """Open the connection and exchange hellos; returns the server's welcome (also ``.welcome``)."""
+        directory = os.path.dirname(self.path)
+        if directory == str(fallback_socket_dir(os.getuid())):  # in /tmp: anyone may have made it
+            problem = socket_dir_problem(fallback_socket_dir(os.getuid()), os.getuid())
+            if problem is not None and os.path.lexists(directory):
+                raise ConnectionLost(problem)
         try:
             async with asyncio.timeout(self.connect_timeout):
                 self._reader, self._writer = await asyncio.open_unix_connection(self.path)
@@ -281,7 +300,9 @@ class AsyncClient:
     async def _read_loop(self) -> None:
         failure: QllmError = ConnectionLost("the server closed the connection")
         try:
-            while (payload := await p.read_frame(self._reader, self._max_frame)) is not None:
+            while (payload := await self._read_payload()) is not None:
+                if not payload:  # an oversized frame, already reported to its request
+                    continue
                 message = p.decode_server(payload)
                 rid = getattr(message, "id", None)
                 if rid is None:
@@ -298,6 +319,30 @@ class AsyncClient:
         except p.ProtocolError as exc:
             failure = exc
         self._fail(failure)
+
+    async def _read_payload(self) -> bytes | None:
+        """The next frame's payload; None at the end of the stream. A frame above this client's
+        limit is skipped and, if its first bytes name a pending request, fails only that request
+        with :class:`~qllm.protocol.FrameTooLarge` (b"" is returned)."""
+        try:
+            header = await self._reader.readexactly(p.HEADER.size)
+        except asyncio.IncompleteReadError as exc:
+            if not exc.partial:
+                return None
+            raise
+        (size,) = p.HEADER.unpack(header)
+        if size <= self._max_frame:
+            return await self._reader.readexactly(size)
+        error = p.FrameTooLarge(
+            f"the server sent a frame of {size} bytes; this client accepts {self._max_frame}"
+        )
+        rid = p.frame_id(await p.skip_payload(self._reader, size))
+        if rid is None:
+            raise error
+        queue = self._pending.pop(rid, None)
+        if queue is not None:
+            queue.put_nowait(error)
+        return b""
 
     def _fail(self, failure: QllmError) -> None:
         if self._failure is None:

@@ -22,6 +22,7 @@ A bad key or value is one :class:`ConfigError` naming the file and the field.
 from __future__ import annotations
 
 import os
+import stat
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -32,6 +33,7 @@ from msgspec import Meta
 from qllm.protocol import MAX_FRAME_BYTES
 
 SYSTEM_CONFIG = Path("/etc/qllm/qllm.toml")
+MAX_TIMEOUT = 86400.0  # one day: the bound on every server timeout
 SOCKET_NAME = "qllm.sock"
 
 
@@ -66,7 +68,14 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_prompt_tokens: Annotated[int, Meta(ge=1)] = 8192
     max_tokens: Annotated[int, Meta(ge=1)] = 4096
     max_requests_per_connection: Annotated[int, Meta(ge=1)] = 1024
-    hello_timeout: Annotated[float, Meta(gt=0)] = 10.0
+    max_prompt_chars: Annotated[int, Meta(ge=1)] = 131072  # text prompts longer are refused untokenized
+    # Timeouts are finite: a connection that never completes its hello or a frame is always closed.
+    hello_timeout: Annotated[float, Meta(gt=0, le=MAX_TIMEOUT)] = 10.0
+    idle_timeout: Annotated[float, Meta(gt=0, le=MAX_TIMEOUT)] = 300.0  # no request live, no frame
+    frame_timeout: Annotated[float, Meta(gt=0, le=MAX_TIMEOUT)] = 30.0  # to finish a started frame
+    max_outbox_bytes: Annotated[int, Meta(ge=1024)] = 1 << 20  # unread replies before reading pauses
+    max_connections: Annotated[int, Meta(ge=1)] = 256
+    max_connections_per_uid: Annotated[int, Meta(ge=1)] = 64
 
     def __post_init__(self) -> None:
         # Normalise the mode once so that the rest of the server sees an int.
@@ -152,7 +161,35 @@ def default_socket_path(env: dict[str, str] | None = None, uid: int | None = Non
         return Path("/run/qllm") / SOCKET_NAME
     if env.get("XDG_RUNTIME_DIR"):
         return Path(env["XDG_RUNTIME_DIR"]) / SOCKET_NAME
-    return Path("/run/qllm") / SOCKET_NAME if uid == 0 else Path(f"/tmp/qllm-{uid}") / SOCKET_NAME
+    return Path("/run/qllm") / SOCKET_NAME if uid == 0 else fallback_socket_dir(uid) / SOCKET_NAME
+
+
+def fallback_socket_dir(uid: int) -> Path:
+    """The directory of last resort for a non-root user's socket: in /tmp, where anyone may create
+    it first, so servers and clients check who owns it (:func:`socket_dir_problem`)."""
+    return Path(f"/tmp/qllm-{uid}")
+
+
+def socket_dir_problem(directory: Path, uid: int) -> str | None:
+    """Why a default socket directory is unsafe for ``uid`` (None if it is safe): it must be a real
+    directory owned by ``uid`` and writable by nobody else, or another local user could replace
+    the socket and read what clients send."""
+    try:
+        st = directory.lstat()
+    except OSError as exc:
+        return f"cannot use {directory}: {exc.strerror or exc}"
+    hint = "remove it, or choose a path with --socket (or set XDG_RUNTIME_DIR)"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"refusing {directory} for the socket: it is not a directory (a symlink?); {hint}"
+    if st.st_uid != uid:
+        return (
+            f"refusing {directory} for the socket: it belongs to uid {st.st_uid}, not to uid {uid} "
+            f"(another user may have created it to intercept clients); {hint}"
+        )
+    if st.st_mode & 0o022:
+        mode = oct(stat.S_IMODE(st.st_mode))
+        return f"refusing {directory} for the socket: others may write to it (mode {mode}); {hint}"
+    return None
 
 
 def client_socket_path(env: dict[str, str] | None = None, uid: int | None = None) -> Path:

@@ -1,56 +1,52 @@
 """One client connection of ``qllm serve``: reads frames, runs its requests, writes replies.
 
-The connection is an actor. Its reader decodes frames and submits requests to the engine; one
-forwarder task per request turns the engine's chunks and result into frames; one writer task owns
-the socket's write side and drains a mailbox of encoded frames. All of them live in the
-connection's TaskGroup. When the client goes away its live requests are cancelled; when the server
-shuts down the connection keeps reading (so cancels still arrive) until its last request has sent
-its final frame, then closes.
+The connection is an actor. Its reader decodes frames and starts one task per ``generate`` (see
+:mod:`qllm.relay`); one writer task owns the socket's write side (see :mod:`qllm.outbox`, which
+also pauses the reader while the client leaves too many replies unread). All of them live in the
+connection's TaskGroup. The reader closes a connection that sends nothing for ``idle_timeout``
+while none of its requests is live, or takes longer than ``frame_timeout`` to finish a frame it
+started. When the client goes away its live requests are cancelled; a client that only shuts down
+its sending side still gets every reply. When the server shuts down the connection keeps reading
+(so cancels still arrive) until its last request has sent its final frame, then closes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import select
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 import structlog
 
 from qllm import protocol as p
-from qllm.errors import QllmError
-from qllm.listener import Credentials, allowed
+from qllm.listener import Credentials
+from qllm.outbox import Outbox
+from qllm.relay import refusal, relay
 
 if TYPE_CHECKING:
     from qllm.server import Server
 
 log = structlog.get_logger()
 
-_CLOSE = object()  # the writer's sentinel: flush and close
 LINGER_SECONDS = 2.0
 LINGER_BYTES = 1 << 20
-# A token is rarely longer than this many characters; longer prompts are refused before tokenizing.
-MAX_CHARS_PER_TOKEN = 32
+TOKENIZE_AHEAD = 2  # a connection's generates being tokenized at once; the reader waits for a slot
 
 
-def final_frame(rid: int, result: Any, error: p.ErrorInfo | None) -> p.Final:
-    """The wire form of an engine ``RequestResult``."""
-    arrival = result.arrival
-    return p.Final(
-        id=rid,
-        status=result.status,
-        token_ids=list(result.token_ids),
-        text=result.text,
-        priority=result.priority,
-        usage=p.Usage(prompt_tokens=result.prompt_tokens, completion_tokens=len(result.token_ids)),
-        timings=p.Timings(
-            queue=None if result.first_scheduled is None else result.first_scheduled - arrival,
-            ttft=None if result.first_token is None else result.first_token - arrival,
-            turnaround=result.finished - arrival,
-        ),
-        preemptions=result.preemptions,
-        error=error,
-    )
+class _Closed(Exception):
+    """The reader gives up on the connection (a timeout); ``message`` goes to the client."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+class _HelloProbe(msgspec.Struct):
+    type: Any = None
+    protocol: Any = None
 
 
 class Connection:
@@ -68,34 +64,40 @@ class Connection:
         self.reader = reader
         self.writer = writer
         self.name = name
+        self.creds: Credentials | None = None
         self._credentials = credentials
-        self._outbox: asyncio.Queue = asyncio.Queue()
-        self._live: dict[int, Any] = {}  # wire id -> engine RequestHandle
-        self._cancel_asked: set[int] = set()
+        self._outbox = Outbox(writer, self.config.max_outbox_bytes, lambda: self._client_gone("write_failed"))
+        self.requests: dict[int, Any] = {}  # wire id -> engine RequestHandle (None while tokenizing)
+        self.cancel_asked: set[int] = set()
         self._tasks: asyncio.TaskGroup | None = None
         self._reader_task: asyncio.Task | None = None
+        self._idle: asyncio.Timeout | None = None  # armed while waiting for a frame to start
+        self._slots = asyncio.Semaphore(TOKENIZE_AHEAD)
         self._reading = True
-        self._closing = False
-        self._gone = False  # the client stopped sending (EOF, reset, bad framing) or cannot be written
-        self._broken = False  # writing failed: drop what is queued
+        self.closing = False
+        self.gone = False  # the client stopped sending (reset, bad framing) or cannot be written
         self._closed = False
         self._refused = False  # closed on a protocol violation: linger so the client reads why
         self.log = log.bind(conn=name)
 
     @property
     def live(self) -> int:
-        return len(self._live)
+        return len(self.requests)
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> None:
         """Serve the connection until the client leaves or the server has shut it down."""
         try:
-            if not self._peer_allowed():
+            self.creds = self._peer_credentials()
+            refused = self.server.admit(self)
+            if refused is not None:
+                with contextlib.suppress(OSError):
+                    self.writer.write(p.encode_frame(refused))
                 await self._linger()
                 return
             async with asyncio.TaskGroup() as tg:
                 self._tasks = tg
-                tg.create_task(self._write_loop(), name=f"{self.name}-writer")
+                tg.create_task(self._outbox.run(), name=f"{self.name}-writer")
                 self._reader_task = tg.create_task(self._read_loop(), name=f"{self.name}-reader")
             if self._refused:
                 await self._linger()
@@ -104,11 +106,19 @@ class Connection:
             self.writer.transport.abort()
             raise
         finally:
+            self.server.release(self)
             self.writer.close()
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(LINGER_SECONDS):
                     await self.writer.wait_closed()
             self.log.debug("connection_closed")
+
+    def _peer_credentials(self) -> Credentials | None:
+        try:
+            return self._credentials(self.writer.get_extra_info("socket"))
+        except (OSError, AttributeError) as exc:
+            self.log.warning("peer_credentials_unavailable", error=str(exc))
+            return None
 
     async def _linger(self) -> None:
         """Close our side after the last frame and discard what the client still sends, for a
@@ -123,90 +133,60 @@ class Connection:
 
     def shutdown(self) -> None:
         """Server shutdown: close once every live request has sent its final frame."""
-        self._closing = True
+        self.closing = True
         self._maybe_stop_reading()
 
+    def request_ended(self, rid: int) -> None:
+        """A request's last frame is queued (or it never started)."""
+        self.requests.pop(rid, None)
+        self.cancel_asked.discard(rid)
+        self._arm_idle()
+        self._maybe_stop_reading()
+        self._maybe_close()
+
     def _maybe_stop_reading(self) -> None:
-        if self._closing and not self._live and self._reader_task is not None:
+        if self.closing and not self.requests and self._reader_task is not None:
             self._reader_task.cancel()
 
     def _maybe_close(self) -> None:
-        if not self._reading and not self._live and not self._closed:
+        if not self._reading and not self.requests and not self._closed:
             self._closed = True
-            self._outbox.put_nowait(_CLOSE)
-
-    def _peer_allowed(self) -> bool:
-        cfg = self.config
-        if not cfg.allow_uids and not cfg.allow_gids:
-            return True
-        try:
-            creds = self._credentials(self.writer.get_extra_info("socket"))
-        except OSError as exc:
-            self.log.warning("peer_credentials_unavailable", error=str(exc))
-            creds = None
-        if creds is not None and allowed(creds, cfg.allow_uids, cfg.allow_gids):
-            return True
-        self.log.warning(
-            "connection_refused", uid=getattr(creds, "uid", None), gid=getattr(creds, "gid", None)
-        )
-        with contextlib.suppress(OSError):
-            self.writer.write(
-                p.encode_frame(p.Error(code=p.FORBIDDEN, message="this user may not use the server"))
-            )
-        return False
+            self._outbox.close()
 
     # ------------------------------------------------------------------ writing
     def send(self, message: p.Message) -> None:
-        if not self._broken:
-            self._outbox.put_nowait(p.encode_frame(message))
-
-    async def _write_loop(self) -> None:
-        while (frame := await self._outbox.get()) is not _CLOSE:
-            if self._broken:
-                continue
-            if self.writer.is_closing():  # the transport saw the peer go: writing would only fail
-                self._broken = True
-                self._client_gone("write_failed")
-                continue
-            try:
-                self.writer.write(frame)
-                if self._outbox.empty():
-                    await self.writer.drain()
-            except (ConnectionError, OSError):
-                self._broken = True  # frames still queued are dropped
-                self._client_gone("write_failed")
-        with contextlib.suppress(ConnectionError, OSError):
-            if not self._broken:
-                await self.writer.drain()
+        frame = p.encode_frame(message)
+        if len(frame) - p.HEADER.size > self.config.max_frame_bytes:
+            # Never send what the client may refuse to read; say so for the request instead.
+            self.server.errors.warning("reply_too_large", type(message).__name__, bytes=len(frame))
+            rid = getattr(message, "id", None)
+            text = f"the reply ({len(frame)} bytes) exceeds max_frame_bytes"
+            frame = p.encode_frame(p.Error(id=rid, code="internal", message=text))
+        self._outbox.put(frame)
 
     # ------------------------------------------------------------------ reading
     async def _read_loop(self) -> None:
-        cfg = self.config
         reason = "closed"
         try:
-            async with asyncio.timeout(cfg.hello_timeout):
-                hello = await self._read_message()
-            if hello is None:
+            if not await self._hello():
                 return
-            if not isinstance(hello, p.Hello):
-                self.send(p.Error(code=p.PROTOCOL_ERROR, message="the first frame must be a hello"))
+            while True:
+                try:
+                    await self._outbox.wait_for_room(self.config.idle_timeout)
+                except TimeoutError:
+                    raise _Closed("write_stalled", "replies left unread too long") from None
+                message = await self._read_message()
+                if message is None:
+                    break
+                await self._handle(message)
+        except _Closed as exc:
+            reason = exc.reason
+            self.log.info("connection_timed_out", reason=reason, live=len(self.requests))
+            if reason == "write_stalled":
+                self.writer.transport.abort()  # the client reads nothing: an error frame would not get through
+            else:
+                self.send(p.Error(code=p.TIMEOUT, message=str(exc)))
                 self._refused = True
-                return
-            if hello.protocol != p.PROTOCOL_VERSION:
-                self.send(
-                    p.Error(
-                        code=p.UNSUPPORTED_PROTOCOL,
-                        message=f"protocol {hello.protocol} is not supported; this server speaks {p.PROTOCOL_VERSION}",
-                    )
-                )
-                self._refused = True
-                return
-            self.send(self.server.welcome())
-            while (message := await self._read_message()) is not None:
-                self._handle(message)
-        except TimeoutError:
-            self.send(p.Error(code=p.PROTOCOL_ERROR, message=f"no hello within {cfg.hello_timeout} s"))
-            reason = "hello_timeout"
         except p.FrameTooLarge as exc:
             self.send(p.Error(code=exc.code, message=str(exc)))
             self._refused = True
@@ -216,19 +196,73 @@ class Connection:
         except (ConnectionError, OSError):
             reason = "reset"
         except asyncio.CancelledError:
-            if not self._closing and not self._gone:
+            if not self.closing and not self.gone:
                 raise
-            reason = "shutdown" if self._closing else "write_failed"
+            reason = "shutdown" if self.closing else "write_failed"
         finally:
             self._reading = False
-            if not self._closing:
+            if not self.closing and not (reason == "closed" and self._half_closed()):
                 self._client_gone(reason)
             self._maybe_close()
+
+    async def _hello(self) -> bool:
+        """Read the first frame; True once it was a hello this server speaks (welcome sent)."""
+        cfg = self.config
+        try:
+            async with asyncio.timeout(cfg.hello_timeout):
+                payload = await p.read_frame(self.reader, cfg.max_frame_bytes)
+        except TimeoutError:
+            self.send(p.Error(code=p.PROTOCOL_ERROR, message=f"no hello within {cfg.hello_timeout:g} s"))
+            self._refused = True
+            return False
+        if payload is None:
+            return False
+        error = _hello_error(payload)
+        if error is not None:
+            self.send(error)
+            self._refused = True
+            return False
+        self.send(self.server.welcome())
+        return True
+
+    async def _read_payload(self) -> bytes | None:
+        """The next frame's payload, None at a clean end of stream. Waiting for a frame to start
+        is bounded by the idle timer (armed only while no request is live); reading a frame once
+        its first byte came by ``frame_timeout``."""
+        cfg = self.config
+        try:
+            async with asyncio.timeout(None) as idle:
+                self._idle = idle
+                self._arm_idle()
+                first = await self.reader.readexactly(1)
+        except asyncio.IncompleteReadError:
+            return None
+        except TimeoutError:
+            raise _Closed("idle_timeout", f"idle for {cfg.idle_timeout:g} s") from None
+        finally:
+            self._idle = None
+        try:
+            async with asyncio.timeout(cfg.frame_timeout):
+                (size,) = p.HEADER.unpack(first + await self.reader.readexactly(p.HEADER.size - 1))
+                if size > cfg.max_frame_bytes:
+                    raise p.FrameTooLarge(
+                        f"frame of {size} bytes exceeds the limit of {cfg.max_frame_bytes} bytes"
+                    )
+                return await self.reader.readexactly(size)
+        except TimeoutError:
+            raise _Closed(
+                "frame_timeout", f"a frame took longer than {cfg.frame_timeout:g} s to arrive"
+            ) from None
+
+    def _arm_idle(self) -> None:
+        if self._idle is not None:
+            when = None if self.requests else asyncio.get_running_loop().time() + self.config.idle_timeout
+            self._idle.reschedule(when)
 
     async def _read_message(self) -> p.ClientMessage | None:
         """The next well-formed message; a malformed one is answered with an error and skipped."""
         while True:
-            payload = await p.read_frame(self.reader, self.config.max_frame_bytes)
+            payload = await self._read_payload()
             if payload is None:
                 return None
             try:
@@ -236,39 +270,52 @@ class Connection:
             except p.ProtocolError as exc:
                 # The error answers for the frame's id, unless that id is live: then it concerns
                 # the connection, so that the live request still ends with its own final frame.
-                rid = exc.request_id if exc.request_id not in self._live else None
+                rid = exc.request_id if exc.request_id not in self.requests else None
                 code = exc.code if rid is not None else p.BAD_FRAME
                 self.send(p.Error(id=rid, code=code, message=str(exc)))
 
-    def _client_gone(self, reason: str) -> None:
-        """The client left: cancel its live requests (their memory is freed by the engine).
+    def _half_closed(self) -> bool:
+        """Whether the client only shut down its sending side (it still reads): the socket does
+        not report a hang-up, which a client that closed or died causes."""
+        sock = self.writer.get_extra_info("socket")
+        if sock is None:
+            return False
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLOUT)
+        return not any(events & (select.POLLHUP | select.POLLERR) for _, events in poller.poll(0))
 
-        Frames already queued are still written while the socket takes them, so a client that
-        only shut down its sending side still reads the replies to what it sent.
-        """
-        if self._gone:
+    def _client_gone(self, reason: str) -> None:
+        """The client left: cancel its live requests (their memory is freed by the engine)."""
+        if self.gone:
             return
-        self._gone = True
-        if self._live:
-            self.log.info("client_gone", reason=reason, cancelling=len(self._live))
-        for handle in self._live.values():
-            handle.cancel()
+        self.gone = True
+        if self.requests:
+            self.log.info("client_gone", reason=reason, cancelling=len(self.requests))
+        for handle in self.requests.values():
+            if handle is not None:
+                handle.cancel()
         if self._reader_task is not None and self._reading:
             self._reader_task.cancel()
 
     # ------------------------------------------------------------------ requests
-    def _handle(self, message: p.ClientMessage) -> None:
+    async def _handle(self, message: p.ClientMessage) -> None:
         match message:
             case p.Generate():
-                self._generate(message)
+                refused = refusal(self, message)
+                if refused is not None:
+                    return self.send(refused)
+                self.requests[message.id] = None
+                self._arm_idle()
+                await self._slots.acquire()  # released once the prompt is tokenized
+                self._tasks.create_task(relay(self, message, self._slots), name=f"{self.name}.{message.id}")
             case p.Cancel(id=rid):
-                handle = self._live.get(rid)
-                if handle is not None:
-                    self._cancel_asked.add(rid)
-                    handle.cancel()
+                if rid in self.requests:
+                    self.cancel_asked.add(rid)
+                    handle = self.requests[rid]
+                    if handle is not None:
+                        handle.cancel()
             case p.Stats(id=rid):
-                stats = self.engine.stats()
-                stats["server"] = self.server.stats()
+                stats = self.server.stats_reply()
                 try:
                     self.send(p.StatsReply(id=rid, stats=stats))
                 except (TypeError, ValueError) as exc:  # a stats value msgpack cannot carry
@@ -277,90 +324,30 @@ class Connection:
                 self.send(self.server.health(rid))
             case p.Hello():
                 self.send(p.Error(code=p.PROTOCOL_ERROR, message="hello was already received"))
+        return None
 
-    def _reject(self, rid: int, code: str, message: str) -> None:
-        self.send(p.Error(id=rid, code=code, message=message))
 
-    def _generate(self, msg: p.Generate) -> None:
-        cfg = self.config
-        rid = msg.id
-        if rid in self._live:
-            return self._reject(rid, p.DUPLICATE_ID, f"request id {rid} is already live on this connection")
-        if len(self._live) >= cfg.max_requests_per_connection:
-            return self._reject(
-                rid,
-                p.TOO_MANY_REQUESTS,
-                f"at most {cfg.max_requests_per_connection} live requests per connection",
-            )
-        if self._closing or self.server.draining:
-            return self._reject(rid, "engine_closed", "the server is shutting down")
-        if msg.max_tokens > cfg.max_tokens:
-            return self._reject(
-                rid,
-                p.MAX_TOKENS_TOO_LARGE,
-                f"max_tokens={msg.max_tokens} exceeds the limit of {cfg.max_tokens}",
-            )
-        prompt = msg.prompt
-        if isinstance(prompt, str) and len(prompt) > cfg.max_prompt_tokens * MAX_CHARS_PER_TOKEN:
-            return self._reject(
-                rid,
-                p.PROMPT_TOO_LONG,
-                f"prompt of {len(prompt)} characters exceeds the limit of {cfg.max_prompt_tokens} tokens",
-            )
-        try:
-            ids = self.server.encode(prompt, chat=msg.chat)
-        except ValueError as exc:
-            return self._reject(rid, "invalid_request", str(exc))
-        if len(ids) > cfg.max_prompt_tokens:
-            return self._reject(
-                rid,
-                p.PROMPT_TOO_LONG,
-                f"prompt of {len(ids)} tokens exceeds the limit of {cfg.max_prompt_tokens}",
-            )
-        try:
-            handle = self.engine.submit(
-                ids,
-                max_tokens=msg.max_tokens,
-                temperature=msg.temperature,
-                top_k=msg.top_k,
-                top_p=msg.top_p,
-                seed=msg.seed,
-                stop=tuple(msg.stop),
-                ignore_eos=msg.ignore_eos,
-                priority=msg.priority,
-                rank=msg.rank,
-                ttft_deadline=msg.ttft_deadline,
-                request_id=f"{self.name}.{rid}",
-            )
-        except QllmError as exc:
-            return self._reject(rid, exc.code, str(exc))
-        self._live[rid] = handle
-        self._tasks.create_task(self._forward(rid, handle, msg.stream), name=f"{self.name}.{rid}")
-
-    async def _forward(self, rid: int, handle: Any, stream: bool) -> None:
-        """Relay one request's chunks (if streaming) and its final frame."""
-        try:
-            if stream:
-                async for chunk in handle:
-                    self.send(p.Chunk(id=rid, index=chunk.index, token_ids=[chunk.token_id], text=chunk.text))
-            result = await handle.result()
-            self.send(final_frame(rid, result, self._error_of(rid, result)))
-        except asyncio.CancelledError:
-            handle.cancel()
-            raise
-        finally:
-            self._live.pop(rid, None)
-            self._cancel_asked.discard(rid)
-            self._maybe_stop_reading()
-            self._maybe_close()
-
-    def _error_of(self, rid: int, result: Any) -> p.ErrorInfo | None:
-        if result.status == "error":
-            return p.ErrorInfo(code="request_failed", message=result.error or "")
-        if result.status != "aborted":
+def _hello_error(payload: bytes) -> p.Error | None:
+    """Why a first frame is not an acceptable hello (the connection then closes), or None."""
+    try:
+        hello = p.decode_client(payload)
+    except p.ProtocolError as exc:
+        hello, why = None, str(exc)
+    else:
+        why = f"got {hello.__class__.__name__.lower()}"
+    if isinstance(hello, p.Hello):
+        if hello.protocol == p.PROTOCOL_VERSION:
             return None
-        if rid in self._cancel_asked:
-            return p.ErrorInfo(code="cancelled", message="cancelled by the client")
-        if self.server.draining:
-            return p.ErrorInfo(code=p.SHUTDOWN, message=result.error or "the server is shutting down")
-        return p.ErrorInfo(code="cancelled", message=result.error or "cancelled")
+        message = f"protocol {hello.protocol} is not supported; this server speaks {p.PROTOCOL_VERSION}"
+        return p.Error(code=p.UNSUPPORTED_PROTOCOL, message=message)
+    try:
+        probe = msgspec.msgpack.decode(payload, type=_HelloProbe)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        probe = None
+    if probe is not None and probe.type == "hello" and type(probe.protocol) is not int:
+        message = (
+            f"hello.protocol must be an integer protocol version (this server speaks {p.PROTOCOL_VERSION}), "
+            f"got {type(probe.protocol).__name__}"
+        )
+        return p.Error(code=p.UNSUPPORTED_PROTOCOL, message=message)
+    return p.Error(code=p.PROTOCOL_ERROR, message=f"the first frame must be a hello ({why})")

@@ -40,14 +40,17 @@ def eos_ids(model: MoEModel) -> frozenset[int]:
     return frozenset(ids)
 
 
-def encode(model: MoEModel, prompt: str | Sequence[int], *, chat: bool = False) -> list[int]:
+def encode(
+    model: MoEModel, prompt: str | Sequence[int], *, chat: bool = False, tokenizer: Any = None
+) -> list[int]:
     """Token ids of ``prompt`` (text through the model's tokenizer, or ids checked against the vocab).
 
     With ``chat``, text is a user message wrapped in the tokenizer's chat template (with the
-    assistant's turn opened), as instruct models expect.
+    assistant's turn opened), as instruct models expect. ``tokenizer`` replaces the model's (a
+    copy owned by another thread).
     """
     if isinstance(prompt, str):
-        tok = model.tokenizer
+        tok = model.tokenizer if tokenizer is None else tokenizer
         if tok is None:
             raise ValueError("this model has no tokenizer; pass token ids instead of text")
         if chat:

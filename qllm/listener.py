@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import grp
 import os
 import pwd
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qllm import systemd
-from qllm.config import ServerConfig, default_socket_path
+from qllm.config import ServerConfig, default_socket_path, socket_dir_problem
 
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
@@ -46,6 +47,7 @@ class Listener:
     path: Path | None  # the socket file we created (and remove at exit); None when inherited
     activated: bool  # passed by systemd socket activation
     inode: int | None = None  # of the socket file we bound, to never remove another server's
+    lock: int | None = None  # fd holding the path's lock file while we serve
 
     @property
     def address(self) -> str:
@@ -59,6 +61,9 @@ class Listener:
             with contextlib.suppress(OSError):
                 if self.path.lstat().st_ino == self.inode:
                     self.path.unlink()
+        if self.lock is not None:
+            os.close(self.lock)  # the lock file stays: removing it would race with a new server
+            self.lock = None
 
 
 def _uid(owner: str | int) -> int:
@@ -77,6 +82,22 @@ def _gid(group: str | int) -> int:
         return grp.getgrnam(group).gr_gid
     except KeyError:
         raise ValueError(f"server.socket_group: no group named {group!r}") from None
+
+
+def _lock(path: Path) -> int:
+    """Hold ``PATH.lock`` while serving on ``PATH``, so that two servers starting at once cannot
+    remove each other's socket file; ValueError if another server holds it."""
+    lock_path = path.with_name(path.name + ".lock")
+    try:
+        fd = os.open(lock_path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        raise ValueError(f"cannot open the lock file {lock_path}: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ValueError(f"another server is already serving (or starting) on {path}") from None
+    return fd
 
 
 def _remove_stale(path: Path) -> None:
@@ -98,6 +119,17 @@ def _remove_stale(path: Path) -> None:
         probe.close()
 
 
+def _own_directory(directory: Path) -> None:
+    """Create a default socket directory (0700; 0755 for root's /run/qllm, so that the socket's
+    own mode and group decide who connects), or check that an existing one is safely ours."""
+    uid = os.getuid()
+    with contextlib.suppress(FileExistsError):
+        directory.mkdir(mode=0o755 if uid == 0 else 0o700)
+    problem = socket_dir_problem(directory, uid)
+    if problem is not None:
+        raise ValueError(problem)
+
+
 def open_listener(config: ServerConfig, env: dict[str, str] | None = None) -> Listener:
     """The socket to serve on: the first one systemd passed, else ``config.socket`` (or the
     default path) bound with ``config.socket_mode`` and the configured owner and group."""
@@ -112,17 +144,24 @@ def open_listener(config: ServerConfig, env: dict[str, str] | None = None) -> Li
         sock.setblocking(False)
         return Listener(sock, None, activated=True)
 
-    path = Path(config.socket) if config.socket else default_socket_path(env)
-    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-    _remove_stale(path)
+    if config.socket:
+        path = Path(config.socket)
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    else:
+        path = default_socket_path(env)
+        _own_directory(path.parent)
+    lock = _lock(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    inode = None
     try:
+        _remove_stale(path)
         # Bind under a tight umask so the socket is never reachable with looser permissions.
         old_umask = os.umask(0o177)
         try:
             sock.bind(str(path))
         finally:
             os.umask(old_umask)
+        inode = path.lstat().st_ino
         if config.socket_owner is not None or config.socket_group is not None:
             uid = -1 if config.socket_owner is None else _uid(config.socket_owner)
             gid = -1 if config.socket_group is None else _gid(config.socket_group)
@@ -133,6 +172,8 @@ def open_listener(config: ServerConfig, env: dict[str, str] | None = None) -> Li
     except BaseException:
         sock.close()
         with contextlib.suppress(OSError):
-            path.unlink()
+            if inode is not None and path.lstat().st_ino == inode:  # only a file we bound
+                path.unlink()
+        os.close(lock)
         raise
-    return Listener(sock, path, activated=False, inode=path.lstat().st_ino)
+    return Listener(sock, path, activated=False, inode=inode, lock=lock)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -26,8 +27,8 @@ class SamplingParams:
             object.__setattr__(self, "stop", tuple(self.stop))
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
@@ -38,6 +39,12 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+# The smallest temperature applied as given; a smaller positive one acts as this (then sampling is
+# greedy up to exact ties). Logits are shifted so the best one is 0 before dividing, so no
+# temperature overflows them.
+MIN_TEMPERATURE = torch.finfo(torch.float32).tiny
 
 
 class Sampler:
@@ -55,14 +62,16 @@ class Sampler:
         p = self.params
         if p.greedy:
             return int(torch.argmax(logits))
-        scores = logits.float().cpu() / p.temperature
+        scores = logits.float().cpu()
+        scores = (scores - scores.max()) / max(p.temperature, MIN_TEMPERATURE)
         if p.top_k:
             kth = torch.topk(scores, min(p.top_k, scores.numel())).values[-1]
             scores = scores.masked_fill(scores < kth, float("-inf"))
         if p.top_p < 1.0:
             sorted_scores, order = torch.sort(scores, descending=True)
             cumulative = torch.softmax(sorted_scores, dim=-1).cumsum(dim=-1)
-            drop = cumulative - torch.softmax(sorted_scores, dim=-1) >= p.top_p  # keep the first token always
+            drop = cumulative - torch.softmax(sorted_scores, dim=-1) >= p.top_p
+            drop[0] = False  # the most likely token always stays, however small top_p is
             scores = scores.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         return int(torch.multinomial(probs, 1, generator=self.generator))

@@ -11,12 +11,15 @@ signal exits at once.
 from __future__ import annotations
 
 import asyncio
+import copy
 import itertools
 import os
+import resource
 import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import structlog
@@ -26,9 +29,12 @@ from qllm import protocol as p
 from qllm import systemd
 from qllm.config import Config
 from qllm.connection import Connection
+from qllm.limits import ConnectionLimits
 from qllm.listener import Credentials, Listener, open_listener, peer_credentials
+from qllm.logging import Throttled
 
 log = structlog.get_logger()
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 FORCED_EXIT_CODE = 130
 CLOSE_TIMEOUT = 10.0  # seconds, after the drain, for clients to read their last frames
@@ -58,6 +64,12 @@ class Server:
         self._conn_ids = itertools.count(1)
         self._accepted = 0
         self._tasks: asyncio.TaskGroup | None = None
+        self.errors = Throttled(log)  # events a client can trigger at will
+        self.limits = ConnectionLimits(self.config, self.errors)
+        # One thread tokenizes text prompts (with its own tokenizer copy: a fast tokenizer must not
+        # be used from two threads at once, and the kernel decodes on the event loop's thread).
+        self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qllm-tokenize")
+        self._tokenizer: Any = None
 
     # ------------------------------------------------------------------ replies
     def welcome(self) -> p.Welcome:
@@ -86,16 +98,48 @@ class Server:
             "address": self.address,
             "connections": len(self._connections),
             "connections_accepted": self._accepted,
+            "connections_refused": self.limits.refused,
             "uptime_s": time.monotonic() - self.started,
             "draining": self.draining,
             "socket_activated": self.activated,
         }
 
-    def encode(self, prompt: str | Sequence[int], chat: bool = False) -> list[int]:
-        """Token ids of a prompt (ValueError if it is empty, has no tokenizer or ids out of range)."""
+    def stats_reply(self) -> dict[str, Any]:
+        """What a ``stats`` request gets: the engine's statistics, the model as the server names
+        it (``family`` is the architecture), and the server's own fields."""
+        stats = self.engine.stats()
+        stats["family"] = stats.get("model")
+        stats["model"] = self.model_name
+        stats["server"] = self.stats()
+        return stats
+
+    async def encode(self, prompt: str | Sequence[int], chat: bool = False) -> list[int]:
+        """Token ids of a prompt (ValueError if it is empty, has no tokenizer or ids out of range).
+
+        Text is tokenized on the tokenizer thread, never on the event loop."""
         from qllm.generation import encode
 
-        return encode(self.engine.model, prompt, chat=chat)
+        if not isinstance(prompt, str):
+            return encode(self.engine.model, prompt, chat=chat)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tokenize_pool, self._encode_text, prompt, chat)
+
+    def _encode_text(self, prompt: str, chat: bool) -> list[int]:
+        from qllm.generation import encode
+
+        model = self.engine.model
+        if self._tokenizer is None and model.tokenizer is not None:
+            self._tokenizer = copy.deepcopy(model.tokenizer)
+        return encode(model, prompt, chat=chat, tokenizer=self._tokenizer)
+
+    # ------------------------------------------------------------------ connection limits
+    def admit(self, conn: Connection) -> p.Error | None:
+        """Take a new connection on, or the error that refuses it (allow list, connection caps)."""
+        return self.limits.admit(conn, conn.creds)
+
+    def release(self, conn: Connection) -> None:
+        """A connection closed: it no longer counts against the caps."""
+        self.limits.release(conn, conn.creds)
 
     # ------------------------------------------------------------------ serving
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -115,18 +159,22 @@ class Server:
         async with asyncio.TaskGroup() as tg:
             self._tasks = tg
             server = await asyncio.start_unix_server(self._accept, sock=listener.sock, limit=1 << 16)
+            watchdog = None
             try:
-                self._set_status(f"serving {self.model_name} ({self.engine.policy.name}) on {self.address}")
-                self.notify("READY=1")
-                log.info(
-                    "server_ready",
-                    address=self.address,
-                    model=self.model_name,
-                    policy=self.engine.policy.name,
-                )
-                interval = systemd.watchdog_interval()
-                watchdog = tg.create_task(self.watchdog(interval)) if interval else None
-                await stop.wait()
+                if not stop.is_set():  # a signal during the model load: never announce READY
+                    self._set_status(
+                        f"serving {self.model_name} ({self.engine.policy.name}) on {self.address}"
+                    )
+                    self.notify("READY=1")
+                    log.info(
+                        "server_ready",
+                        address=self.address,
+                        model=self.model_name,
+                        policy=self.engine.policy.name,
+                    )
+                    interval = systemd.watchdog_interval()
+                    watchdog = tg.create_task(self.watchdog(interval)) if interval else None
+                    await stop.wait()
 
                 self.notify("STOPPING=1")
                 self.draining = True
@@ -142,6 +190,7 @@ class Server:
             finally:
                 self.draining = True
                 server.close()
+                self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
         log.info("server_stopped")
 
     async def _close_connections(self) -> None:
@@ -190,17 +239,54 @@ class Heartbeat:
         return advanced or not self.engine.busy
 
 
-def _install_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+def _forced_exit(signum: int, cleanup: Callable[[], None]) -> None:
+    """A second signal: remove the socket file, exit at once with ``FORCED_EXIT_CODE``."""
+    log.warning("forced_exit", signal=signal.Signals(signum).name, exit_code=FORCED_EXIT_CODE)
+    try:
+        cleanup()
+    finally:
+        sys.stderr.flush()
+        os._exit(FORCED_EXIT_CODE)
+
+
+def _install_signals(
+    loop: asyncio.AbstractEventLoop, stop: asyncio.Event, cleanup: Callable[[], None]
+) -> None:
     def on_signal(signum: int) -> None:
         if stop.is_set():
-            log.warning("forced_exit", signal=signal.Signals(signum).name)
-            sys.stderr.flush()
-            os._exit(FORCED_EXIT_CODE)
+            _forced_exit(signum, cleanup)
         log.info("shutdown_requested", signal=signal.Signals(signum).name)
         stop.set()
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in SIGNALS:
         loop.add_signal_handler(signum, on_signal, signum)
+
+
+def _load_engine(config: Config, notify: Callable[[str], bool], stop: asyncio.Event) -> Any:
+    """Build the engine with SIGTERM and SIGINT held back: one that arrives meanwhile stops the
+    server right after the load, without announcing READY (the event loop cannot run handlers
+    while the load blocks it). The caller unblocks them once the loop's handlers are installed."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    engine = _build_engine(config, notify)
+    while (info := signal.sigtimedwait(SIGNALS, 0)) is not None:  # consume what came meanwhile
+        log.info("shutdown_requested", signal=signal.Signals(info.si_signo).name, during="model_load")
+        stop.set()
+    return engine
+
+
+def _raise_file_limit(connections: int) -> None:
+    """Make room for ``connections`` open sockets (plus the server's own files) under RLIMIT_NOFILE."""
+    needed = connections + 64
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    target = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        target = soft
+    if target < needed:
+        log.warning("file_limit_low", limit=target, max_connections=connections)
 
 
 async def serve(config: Config, *, notify: Callable[[str], bool] = systemd.notify, engine: Any = None) -> int:
@@ -210,16 +296,18 @@ async def serve(config: Config, *, notify: Callable[[str], bool] = systemd.notif
     """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    _install_signals(loop, stop)
     listener = open_listener(config.server)  # first, so a taken socket fails before the model loads
+    _raise_file_limit(config.server.max_connections)
     try:
         if engine is None:
-            engine = _build_engine(config, notify)
+            engine = _load_engine(config, notify, stop)
+        _install_signals(loop, stop, listener.close)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
         async with engine:
             await Server(engine, config, notify=notify).serve(listener, stop)
     finally:
         listener.close()
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in SIGNALS:
             loop.remove_signal_handler(signum)
     notify("STATUS=stopped")
     return 0

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, contextmanager
@@ -117,3 +122,83 @@ def recv_frames(sock: socket.socket, max_bytes: int = 1 << 24) -> list[p.Message
         frames.append(p.decode_server(bytes(data[at + 4 : at + 4 + size])))
         at += 4 + size
     return frames
+
+
+@dataclass
+class Process:
+    """A ``qllm serve`` child process (see :func:`serve_process`)."""
+
+    proc: subprocess.Popen
+    path: Path
+    stderr: Path
+
+    def rss(self) -> int:
+        """Resident set size in bytes (Linux /proc)."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
+
+    def events(self) -> list[dict]:
+        """The JSON log lines written so far."""
+        lines = self.stderr.read_text().splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+    def connect(self, hello: bool = True, timeout: float = 30) -> socket.socket:
+        """A raw socket to the server; after ``hello``, its welcome is already read."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        sock.connect(str(self.path))
+        if hello:
+            sock.sendall(p.encode_frame(p.Hello()))
+            assert isinstance(recv_frame(sock), p.Welcome)
+        return sock
+
+
+@contextmanager
+def serve_process(tmp_path: Path, config: str = "", *args: str, env: dict | None = None):
+    """``qllm serve --model tiny`` in a child process, with ``config`` as its TOML file; yields
+    once it announced READY=1 and stops it with SIGTERM."""
+    (tmp_path / "qllm.toml").write_text(config + "\n[log]\nformat = 'json'\n")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(180)
+    stderr_path = tmp_path / "stderr"
+    environ = {**os.environ, **(env or {}), "NOTIFY_SOCKET": str(tmp_path / "notify")}
+    argv = [sys.executable, "-m", "qllm", "serve", "--model", "tiny", "--config", str(tmp_path / "qllm.toml"),
+            "--socket", str(tmp_path / "qllm.sock"), "--threads", "1", *args]  # fmt: skip
+    with open(stderr_path, "wb") as stderr:
+        proc = subprocess.Popen(argv, env=environ, stderr=stderr)
+    try:
+        while notify.recv(4096) != b"READY=1":
+            pass
+        yield Process(proc, tmp_path / "qllm.sock", stderr_path)
+    finally:
+        notify.close()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def recv_frame(sock: socket.socket) -> p.Message | None:
+    """One frame from a blocking socket (None at EOF before it)."""
+    header = recv_exactly(sock, 4)
+    if header is None:
+        return None
+    payload = recv_exactly(sock, int.from_bytes(header, "big"))
+    assert payload is not None, "the server sent a truncated frame"
+    return p.decode_server(payload)
+
+
+def recv_exactly(sock: socket.socket, size: int) -> bytes | None:
+    data = bytearray()
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            return None if not data else bytes(data)
+        data += chunk
+    return bytes(data)

@@ -300,3 +300,37 @@ def test_sync_client_against_the_fake(tmp_path):
         loop.call_soon_threadsafe(box["stop"].set)
         thread.join()
         loop.close()
+
+
+async def test_an_oversized_frame_fails_only_its_request(tmp_path):
+    async def script(peer: Peer) -> None:
+        first, second = await peer.recv(), await peer.recv()
+        huge = p.Final(id=first.id, status="length", text="x" * (2 * p.MAX_FRAME_BYTES))
+        peer.send(huge, final(second.id, text="fine"))
+        await peer.recv()
+
+    async with fake_server(tmp_path, script) as (path, _), AsyncClient(path) as client:
+        one = await client.submit("one")
+        two = await client.submit("two")
+        with pytest.raises(p.FrameTooLarge, match="frame of 2097"):
+            await one.final()
+        assert (await two.final()).text == "fine"  # the connection survived
+
+
+async def test_an_oversized_frame_without_a_readable_id_ends_the_connection(tmp_path):
+    async def script(peer: Peer) -> None:
+        await peer.recv()
+        peer.writer.write((p.MAX_FRAME_BYTES + 1).to_bytes(4, "big") + b"\x92" + b"\x00" * p.MAX_FRAME_BYTES)
+        await peer.recv()
+
+    async with fake_server(tmp_path, script) as (path, _), AsyncClient(path) as client:
+        with pytest.raises(p.FrameTooLarge):
+            await client.generate("one")
+
+
+def test_frame_id_reads_the_id_from_the_first_bytes_only():
+    frame = p.encode_frame(p.Error(id=2**40, code="x", message="y" * 1000))
+    assert p.frame_id(frame[4 : 4 + p.PREFIX_BYTES]) == 2**40
+    assert p.frame_id(p.encode_frame(p.Error(code="x"))[4:]) is None  # id null: the connection's
+    assert p.frame_id(b"\x81\xa4type") is None  # cut short
+    assert p.frame_id(b"\x93\x01\x02\x03") is None  # not a map

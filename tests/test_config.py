@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 from qllm.cli import build_parser
 from qllm.commands.serve import overrides
 from qllm.config import ConfigError, client_socket_path, default_socket_path, load_config
-from qllm.listener import open_listener
+from qllm.listener import _lock, open_listener
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -116,10 +117,11 @@ def test_socket_file_mode_and_stale_socket(tmp_path):
     first = open_listener(config.server, env={})
     try:
         assert stat.S_IMODE(os.stat(tmp_path / "q.sock").st_mode) == 0o640
-        with pytest.raises(ValueError, match="already listening"):
+        with pytest.raises(ValueError, match="another server is already serving"):
             open_listener(config.server, env={})
     finally:
         first.sock.close()  # dies without cleaning up: a stale socket file stays
+        os.close(first.lock)  # (the kernel releases a dead process's lock)
     assert (tmp_path / "q.sock").exists()
     second = open_listener(config.server, env={})  # replaces the stale file
     second.close()
@@ -132,3 +134,28 @@ def test_socket_path_that_is_not_a_socket(tmp_path):
     with pytest.raises(ValueError, match="not a socket"):
         open_listener(config.server, env={})
     assert (tmp_path / "q.sock").read_text() == "important"
+
+
+def test_a_server_starting_at_the_same_moment_keeps_its_socket_file(tmp_path):
+    path = tmp_path / "q.sock"
+    config = load_config(None, {"server": {"socket": str(path)}})
+    # The first server holds the path's lock and has bound its socket, but not listened yet: a
+    # connect fails as it would for a stale file.
+    lock = _lock(path)
+    starting = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    starting.bind(str(path))
+    try:
+        inode = path.lstat().st_ino
+        with pytest.raises(ValueError, match="another server is already serving"):
+            open_listener(config.server, env={})
+        assert path.lstat().st_ino == inode  # its file was neither removed nor replaced
+    finally:
+        starting.close()
+        os.close(lock)
+    open_listener(config.server, env={}).close()  # the lock was released: a later start works
+
+
+@pytest.mark.parametrize("key", ["hello_timeout", "idle_timeout", "frame_timeout"])
+def test_timeouts_must_be_finite(tmp_path, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(write(tmp_path, f"[server]\n{key} = inf\n"))

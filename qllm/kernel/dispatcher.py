@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,7 @@ from qllm.kernel.compute import Compute
 from qllm.kernel.request import Request, RequestResult, RequestStatus
 from qllm.kernel.tensors import TensorManager
 from qllm.kernel.view import KernelView, MemoryView, RequestView
+from qllm.logging import Throttled
 from qllm.models.base import MoEModel
 from qllm.ops import OpKind, Token
 from qllm.policies import Policy
@@ -100,6 +102,7 @@ class Dispatcher:
         self.rows = 0
         self.policy_errors = 0
         self.op_times = OpTimes()
+        self.failures = Throttled(log)  # a client can make requests fail at will: bound the log
 
     # ---------------------------------------------------------------- mailbox
     def post(self, message: Any) -> None:
@@ -219,8 +222,13 @@ class Dispatcher:
             status = RequestStatus.FINISHED_LENGTH if stop.value == "length" else RequestStatus.FINISHED_STOPPED
             self._finish(request, status)
         except Exception as exc:
-            log.exception("request_failed", request_id=request.id)
-            self._finish(request, RequestStatus.FINISHED_ERROR, f"{type(exc).__name__}: {exc}")
+            error = f"{type(exc).__name__}: {exc}"
+            # One line per distinct error every few seconds, with a traceback (never local
+            # variables: they would hold the prompt), and never the request's content.
+            self.failures.error(
+                "request_failed", error[:200], request_id=request.id, error=error[:1000], exc_info=True
+            )
+            self._finish(request, RequestStatus.FINISHED_ERROR, error)
 
     def _emit(self, request: Request, token_id: int) -> None:
         now = time.monotonic()
@@ -259,15 +267,26 @@ class Dispatcher:
             return getattr(self.fallback, method)(*args)
 
     def _admit_waiting(self) -> None:
-        """Offer waiting requests to the policy by its precedence, then arrival; stop at the first
-        refusal (so an LS request never queues behind BE requests that cannot start yet)."""
+        """Offer waiting requests to the policy by its precedence, then clients in turn, then
+        arrival; stop at the first refusal (so an LS request never queues behind BE requests that
+        cannot start yet, nor one client's request behind another client's backlog)."""
         if not self.waiting:
             return
-        for request in sorted(self.waiting, key=lambda r: (self._precedence(r), r.arrival, r.seq)):
+        for request in self._admission_order():
             if not self._call_policy("admit", self.views[request.id], self._view()) and self.live:
                 return
             self.waiting.remove(request)
             self._admit(request)
+
+    def _admission_order(self) -> list[Request]:
+        ordered = sorted(self.waiting, key=lambda r: (self._precedence(r), r.arrival, r.seq))
+        # A client's turn: how many of its requests are live or ahead of this one.
+        held = Counter(r.client for r in self.live.values())
+        turns = {}
+        for r in ordered:
+            turns[r.id] = held[r.client]
+            held[r.client] += 1
+        return sorted(ordered, key=lambda r: (self._precedence(r), turns[r.id]))
 
     def _select(self) -> list[Request]:
         view = self._view()
@@ -313,9 +332,11 @@ class Dispatcher:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.exception("batch_failed", op=repr(ops[0]), requests=ids)
             results = None
             error = f"{type(exc).__name__}: {exc}"
+            self.failures.error(
+                "batch_failed", error[:200], op=repr(ops[0]), requests=ids, error=error[:1000], exc_info=True
+            )
         finally:
             self.in_flight = set()
         self.op_times.record(ops[0].kind, time.perf_counter() - started)

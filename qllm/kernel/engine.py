@@ -166,8 +166,12 @@ class Engine:
         ttft_deadline: float | None = None,
         request_id: str | None = None,
         chat: bool = False,
+        client: str = "",
     ) -> RequestHandle:
-        """Accept a request; returns at once. Raises InvalidRequest or EngineClosed."""
+        """Accept a request; returns at once. Raises InvalidRequest or EngineClosed.
+
+        ``client`` names who sent it (the server passes its connection): policies share a class's
+        compute fairly between clients."""
         if not self._accepting:
             raise EngineClosed("the engine is not accepting requests")
         try:
@@ -199,6 +203,7 @@ class Engine:
             priority_class=priority_class,
             priority=rank,
             ttft_deadline=ttft_deadline,
+            client=client,
             events=asyncio.Queue(),
             done=loop.create_future(),
         )

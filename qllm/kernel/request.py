@@ -86,6 +86,7 @@ class Request:
     priority_class: PriorityClass = PriorityClass.BE
     priority: int = 0  # lower runs first within a class
     ttft_deadline: float | None = None  # seconds after arrival
+    client: str = ""  # who sent it; requests of one class are shared fairly between clients
     arrival: float = field(default_factory=time.monotonic)
     seq: int = field(default_factory=lambda: next(_sequence))
     status: RequestStatus = RequestStatus.WAITING

@@ -24,6 +24,7 @@ class RequestView:
     arrival: float = property(lambda self: self._r.arrival)  # type: ignore[assignment]
     seq: int = property(lambda self: self._r.seq)  # type: ignore[assignment]
     ttft_deadline: float | None = property(lambda self: self._r.ttft_deadline)  # type: ignore[assignment]
+    client: str = property(lambda self: self._r.client)  # type: ignore[assignment]
     status: RequestStatus = property(lambda self: self._r.status)  # type: ignore[assignment]
     phase: Phase = property(lambda self: self._r.phase)  # type: ignore[assignment]
     prompt_tokens: int = property(lambda self: len(self._r.prompt_ids))  # type: ignore[assignment]

@@ -16,7 +16,8 @@ from collections.abc import Sequence
 
 from qllm.kernel.view import KernelView, RequestView
 from qllm.policies.base import Policy, batch_for
-from qllm.policies.qllm import QLLMPolicy, algorithm1, queues
+from qllm.policies.fair import fair_order, runnable
+from qllm.policies.qllm import algorithm1, queues
 
 
 class PriorityAgingPolicy(Policy):
@@ -34,7 +35,8 @@ class PriorityAgingPolicy(Policy):
         self._last: tuple[float, bool] | None = None  # (decision time, last batch was BE-led)
         self._be_last_run = -math.inf  # when the last BE-led batch ran
 
-    order = QLLMPolicy.order
+    def order(self, ready: Sequence[RequestView], kernel: KernelView) -> list[RequestView]:
+        return fair_order(ready, key=lambda r: (r.rank, r.arrival, r.seq), group=lambda r: r.rank)
 
     def _account(self, now: float) -> None:
         if self._last is not None:
@@ -56,6 +58,7 @@ class PriorityAgingPolicy(Policy):
         now = kernel.now
         self._account(now)
         ls_p, ls_d, be_p, be_d = queues(kernel, self.order)
+        be_p, be_d = runnable((be_p, be_d), kernel.max_batch)  # fairness between clients
         if (ls_p or ls_d) and self._be_starved(be_d + be_p, now):
             primary, fill = (be_d, be_p) if be_d else (be_p, [])
         else:

@@ -23,7 +23,7 @@ import qllm
 from qllm.policies import load_policy
 from qllm.sampling import SamplingParams
 
-POLICIES = ("fcfs", "qllm", "priority-aging")
+POLICIES = ("fcfs", "qllm", "priority-aging", "cohort")
 
 
 @dataclass(frozen=True)

@@ -286,6 +286,7 @@ class Engine:
                 "max_batch": d.max_batch,
                 "prefill_chunk": d.prefill_chunk,
                 "op_times": d.op_times.snapshot(),
+                "op_costs": d.costs.snapshot(),
             },
             "memory": self._tensors.stats(),
             "metrics": self.metrics.snapshot(),

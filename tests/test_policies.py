@@ -207,10 +207,14 @@ def test_cohort_riders_stop_at_the_latency_budget():
 
 
 def test_cohort_ls_runs_alone_until_it_reaches_the_cohort():
+    policy = CohortPolicy()
+    policy.layers = 8
     cohort = [make_request(f"be{i}", op=(OpKind.EXPERT, 3, 1), at_boundary=False) for i in range(3)]
-    ls = make_request("ls", "ls", op=ATTN1, arrival=9.0)
-    assert ids(CohortPolicy().select(make_kernel([*cohort, ls]))) == ["ls"]
-    assert ids(CohortPolicy().select(make_kernel(cohort))) == ["be0", "be1", "be2"]
+    ls = make_request("ls", "ls", op=ATTN0, arrival=9.0)
+    assert ids(policy.select(make_kernel([*cohort, ls]))) == ["ls"]
+    ls_at_3 = make_request("ls", "ls", op=(OpKind.EXPERT, 3, 1), arrival=9.0, at_boundary=False)
+    assert ids(policy.select(make_kernel([*cohort, ls_at_3]))) == ["ls", "be0", "be1", "be2"]
+    assert ids(policy.select(make_kernel(cohort))) == ["be0", "be1", "be2"]
 
 
 def test_cohort_left_behind_requests_rejoin_at_the_step_boundary():
@@ -223,6 +227,24 @@ def test_cohort_left_behind_requests_rejoin_at_the_step_boundary():
     assert ids(CohortPolicy().select(make_kernel([*at_boundary, ls_decode]))) == ["lsd", "be0", "be1"]
 
 
+def test_cohort_ls_waits_for_a_cohort_that_is_about_to_finish_its_pass():
+    policy = CohortPolicy(wait_share=0.25)
+    policy.layers = 8
+    ls = make_request("ls", "ls", op=ATTN0, arrival=9.0)
+    new_be = make_request("be-new", op=ATTN0)
+    near_end = [make_request(f"be{i}", op=(OpKind.EXPERT, 6, 3), at_boundary=False) for i in range(2)]
+    assert ids(policy.select(make_kernel([ls, new_be, *near_end]))) == ["be0", "be1"]
+    at_head = [make_request(f"be{i}", op=(OpKind.HEAD, -1, -1), at_boundary=False) for i in range(2)]
+    assert ids(policy.select(make_kernel([ls, new_be, *at_head]))) == ["be0", "be1"]
+    # Once the cohort is at the boundary, the LS request's pass runs with all of it.
+    boundary = [make_request(f"be{i}", decode=True, op=ATTN0) for i in range(2)]
+    assert ids(policy.select(make_kernel([ls, new_be, *boundary]))) == ["ls", "be-new", "be0", "be1"]
+    # Further from the end (or with one request left far behind) the LS request catches up alone.
+    far = make_request("be-far", op=(OpKind.EXPERT, 5, 3), at_boundary=False)
+    assert ids(policy.select(make_kernel([ls, new_be, *near_end, far]))) == ["ls", "be-new"]
+    assert ids(CohortPolicy(wait_share=0.0).select(make_kernel([ls, *at_head]))) == ["ls"]
+
+
 def test_cohort_is_the_default_and_keeps_max_batch():
     assert DEFAULT_POLICY == "cohort"
     ls = make_request("ls", "ls", op=EXPERT0)
@@ -231,6 +253,8 @@ def test_cohort_is_the_default_and_keeps_max_batch():
     assert ids(CohortPolicy().select(make_kernel(be, max_batch=3))) == ["be0", "be1", "be2"]
     with pytest.raises(ValueError, match="stretch"):
         CohortPolicy(stretch=0.5)
+    with pytest.raises(ValueError, match="wait_share"):
+        CohortPolicy(wait_share=1.0)
 
 
 def test_recorder_wraps_the_whole_policy_api():

@@ -1,23 +1,24 @@
 """``cohort`` (default): LS first within a latency budget; best-effort work rides along and stays whole.
 
-Two rules, one for each situation:
-
-- **An LS request is waiting for its first token**: it leads. Its op (the op furthest behind among
-  such LS requests, so they converge) runs next, and every other ready request at that same op
+- **An LS request waiting for its first token leads.** Its op (the op furthest behind among such
+  LS requests, so that they converge) runs next, and every other ready request at that same op
   rides along, LS decode first, then BE (decode rows and prefill chunks alike), for as long as the
   op's predicted time (the kernel's cost model, :attr:`KernelView.costs`) stays within the budget:
   ``stretch`` times the predicted time of the LS rows alone. Riding is what makes preemption cheap
   for best-effort work: the weights an LS op reads anyway serve the BE rows too.
-- **Otherwise** every ready request belongs to one cohort that advances like an iteration-level
-  batch, at op granularity: requests in the middle of a forward pass run before requests at a pass
-  boundary, the op furthest behind first. So an LS request runs alone only until it reaches the op
-  where the cohort stands and then advances with it, and requests that were left behind (ridden
-  past, or cut by the budget) catch up and rejoin the cohort at the next step boundary instead of
-  trailing as small batches.
+- **Otherwise every ready request belongs to one cohort** that advances like an iteration-level
+  batch at op granularity: requests in the middle of a forward pass run before requests at a pass
+  boundary, the op furthest behind first. So a new LS request runs alone only until it reaches
+  the op where the cohort stands and then advances with it, and requests that were left behind
+  (ridden past, or cut by the budget) catch up and rejoin the cohort at the next step boundary
+  instead of trailing as small batches.
+- **A cohort about to finish its pass is not split.** An LS request about to start a pass waits
+  when every request in the middle of a pass has at most ``wait_share`` of its layers left: the
+  cohort reaches the step boundary and the LS request's whole pass runs with it, instead of a
+  catch-up that best-effort work would pay for.
 
-The budget follows from the LS target: an LS request's first token may take at most 1.5x its
-time alone; ``stretch`` (1.3) spends most of that margin on riders and leaves the rest for the op
-that is in flight when the request arrives.
+The budget follows from the LS target, a first token within 1.5x the time alone: ``stretch``
+(1.2) bounds what riders add to each op, ``wait_share`` (0.25) what waiting for the cohort adds.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from collections.abc import Sequence
 
 from qllm.kernel.request import Phase
 from qllm.kernel.view import KernelView, RequestView
+from qllm.ops import OpKind
 from qllm.policies.base import Policy
 
 
@@ -37,10 +39,14 @@ def cohort_position(r: RequestView) -> tuple:
 class CohortPolicy(Policy):
     name = "cohort"
 
-    def __init__(self, stretch: float = 1.3):
+    def __init__(self, stretch: float = 1.2, wait_share: float = 0.25):
         if stretch < 1:
             raise ValueError("stretch must be >= 1 (the LS op's own time is the least it can take)")
+        if not 0 <= wait_share < 1:
+            raise ValueError("wait_share must be in [0, 1)")
         self.stretch = stretch
+        self.wait_share = wait_share
+        self.layers = 0  # layers of the model, as seen in the ops so far
 
     def leads(self, ready: Sequence[RequestView]) -> list[RequestView]:
         """LS requests still waiting for their first token, best rank first."""
@@ -54,20 +60,30 @@ class CohortPolicy(Policy):
         ready = kernel.ready
         if not ready:
             return []
+        layers = (r.progress_key[0] + 1 for r in ready if r.op_kind is not OpKind.HEAD)
+        self.layers = max(self.layers, *layers, 0)
         leads = self.leads(ready)
-        if not leads:
-            key = min(ready, key=cohort_position).op_key
-            members = sorted((r for r in ready if r.op_key == key), key=lambda r: r.sort_key)
-            return members[: kernel.max_batch]
-        key = min(leads, key=lambda r: r.progress_key).op_key
-        primary = [r for r in leads if r.op_key == key][: kernel.max_batch]
-        chosen = {r.id for r in primary}
-        riders = sorted(
-            (r for r in ready if r.op_key == key and r.id not in chosen), key=lambda r: r.sort_key
-        )
-        return self.fill(primary, riders, kernel)
+        if leads:
+            key = min(leads, key=lambda r: r.progress_key).op_key
+            primary = [r for r in leads if r.op_key == key][: kernel.max_batch]
+            if not self.cohort_finishing(primary, ready):
+                chosen = {r.id for r in primary}
+                riders = (r for r in ready if r.op_key == key and r.id not in chosen)
+                return self.fill(primary, sorted(riders, key=lambda r: r.sort_key), kernel)
+        key = min(ready, key=cohort_position).op_key
+        members = sorted((r for r in ready if r.op_key == key), key=lambda r: r.sort_key)
+        return members[: kernel.max_batch]
 
-    def budget_s(self, kind, lead_rows: int, kernel: KernelView) -> float | None:
+    def cohort_finishing(self, primary: Sequence[RequestView], ready: Sequence[RequestView]) -> bool:
+        """Whether LS requests about to start a pass should let the requests in the middle of one
+        finish it first: all of those have at most ``wait_share`` of the model's layers left."""
+        mid_pass = [r for r in ready if not r.at_boundary]
+        if not (mid_pass and self.wait_share and self.layers) or not all(r.at_boundary for r in primary):
+            return False
+        behind = min(self.layers if r.op_kind is OpKind.HEAD else r.progress_key[0] for r in mid_pass)
+        return self.layers - behind <= self.wait_share * self.layers
+
+    def budget_s(self, kind: OpKind, lead_rows: int, kernel: KernelView) -> float | None:
         """Longest predicted time an op led by ``lead_rows`` LS rows may take (None: not measured yet)."""
         alone = kernel.costs.predict(kind, lead_rows)
         return None if alone is None else self.stretch * alone

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
+from types import SimpleNamespace
 
 import pytest
 import structlog
@@ -14,8 +16,8 @@ from kernel_helpers import Recorder, greedy
 
 import qllm
 from qllm.errors import PolicyError
-from qllm.kernel.costs import OpCosts
-from qllm.kernel.request import PriorityClass, Request
+from qllm.kernel.costs import OpCosts, bucket
+from qllm.kernel.request import Phase, PriorityClass, Request
 from qllm.kernel.view import CostView, KernelView, MemoryView, RequestView
 from qllm.ops import Op, OpKind
 from qllm.policies import API_VERSION, DEFAULT_POLICY, Policy, available_policies, load_policy
@@ -323,6 +325,91 @@ async def test_waiting_ls_is_admitted_before_waiting_be(tiny, policy):
         assert ls_result.first_scheduled < first_queued
     assert ls_result.token_ids == greedy(tiny, LS_PROMPT, 2, 8)
     assert all(r.status == "length" for r in results)
+
+
+# ---------------------------------------------------------------- the latency budget on a live engine
+LAW = {  # seconds of a batched op: fixed + per row (padded like the executor)
+    OpKind.ATTENTION: (0.003, 0.0005),
+    OpKind.ROUTER: (0.001, 0.00005),
+    OpKind.EXPERT: (0.002, 0.0001),
+    OpKind.HEAD: (0.005, 0.0),
+}
+
+
+class OpClock:
+    """A fake device: each batched op advances the kernel's op timer by ``LAW`` for its rows."""
+
+    def __init__(self, model):
+        self.model_run = model.run
+        self.now = 0.0
+        self.ops: list[tuple[OpKind, int, float]] = []  # (kind, rows, seconds) of each batched op
+
+    def run(self, ops):
+        results = self.model_run(ops)
+        fixed, per_row = LAW[ops[0].kind]
+        seconds = fixed + per_row * bucket(sum(op.rows for op in ops))
+        self.ops.append((ops[0].kind, sum(op.rows for op in ops), seconds))
+        self.now += seconds
+        return results
+
+
+class BudgetRecorder(Recorder):
+    """Records, for each LS-led batch with riders, what the policy predicted and allowed."""
+
+    def __init__(self, inner: CohortPolicy):
+        super().__init__(inner)
+        self.ridden: list[dict] = []
+
+    def select(self, kernel):
+        batch = super().select(kernel)
+        leads = [r for r in batch if r.is_ls and r.phase is Phase.PREFILL]
+        if leads and len(batch) > len(leads):
+            kind, lead_rows = batch[0].op_kind, sum(r.rows for r in leads)
+            self.ridden.append({
+                "batch": len(self.batches) - 1,
+                "riders": [r.priority_class for r in batch if r not in leads],
+                "left": [r for r in kernel.ready if r.op_key == batch[0].op_key and r not in batch],
+                "predicted": kernel.costs.predict(kind, sum(r.rows for r in batch)),
+                "budget": self.inner.budget_s(kind, lead_rows, kernel),
+            })  # fmt: skip
+        return batch
+
+
+async def test_cohort_ls_op_with_riders_is_predicted_and_measured_within_the_budget(tiny, monkeypatch):
+    """The kernel times ops on a fake device whose op time grows with rows (``LAW``): every LS op
+    that took riders was predicted, by the kernel's cost model, and measured, by the kernel's own
+    op timer, within the budget of ``stretch`` times the LS rows alone."""
+    import qllm.kernel.dispatcher as dispatcher
+
+    device = OpClock(tiny)
+    monkeypatch.setattr(tiny, "run", device.run)
+    monkeypatch.setattr(
+        dispatcher, "time", SimpleNamespace(perf_counter=lambda: device.now, monotonic=time.monotonic)
+    )
+    recorder = BudgetRecorder(CohortPolicy(stretch=1.2))
+    be_prompts = [list(range(10, 10 + n)) for n in (3, 5, 8, 11, 14, 6)]
+    async with qllm.Engine(model=tiny, policy=recorder, prefill_chunk=16) as engine:
+
+        def submit_ls():
+            handles.append(engine.submit(LS_PROMPT, max_tokens=3, priority="ls", ignore_eos=True))
+
+        handles = [engine.submit(p, max_tokens=10, ignore_eos=True) for p in be_prompts]
+        recorder.at[60] = [submit_ls]
+        recorder.at[150] = [submit_ls, submit_ls]
+        results = [await h.result() for h in handles]
+        costs = engine.stats()["kernel"]["op_costs"]
+
+    assert [r.token_ids for r in results] == [
+        greedy(tiny, p, n, 16) for p, n in [*((p, 10) for p in be_prompts), *[(LS_PROMPT, 3)] * 3]
+    ]
+    assert set(costs) == {"attention", "router", "expert", "head"}
+    with_budget = [d for d in recorder.ridden if d["budget"] is not None]
+    assert with_budget and any(PriorityClass.BE in d["riders"] for d in with_budget)
+    assert any(d["left"] for d in with_budget)  # the budget, not max_batch, cut some riders
+    for d in with_budget:
+        measured = device.ops[d["batch"]][2]
+        assert d["predicted"] <= d["budget"] + 1e-12, d
+        assert measured <= d["budget"] + 1e-12, (d, measured)
 
 
 # ---------------------------------------------------------------- starvation

@@ -219,6 +219,25 @@ def test_cohort_ls_runs_alone_until_it_reaches_the_cohort():
     assert ids(policy.select(make_kernel(cohort))) == ["be0", "be1", "be2"]
 
 
+def test_cohort_ls_that_reached_the_cohort_advances_with_it():
+    policy = CohortPolicy()
+    policy.layers = 8
+    ls = make_request("ls", "ls", op=(OpKind.EXPERT, 3, 4), arrival=9.0, at_boundary=False)
+    at_1 = make_request("be-e1", op=(OpKind.EXPERT, 3, 1), at_boundary=False)
+    at_4 = make_request("be-e4", op=(OpKind.EXPERT, 3, 4), at_boundary=False)
+    ahead = make_request("be-e6", op=(OpKind.EXPERT, 3, 6), at_boundary=False)
+    # Within the layer, the part of the cohort at a smaller expert runs first (the LS waits) ...
+    assert ids(policy.select(make_kernel([ls, at_1, at_4, ahead]))) == ["be-e1"]
+    # ... then the LS request and the cohort run each op together.
+    assert ids(policy.select(make_kernel([ls, at_4, ahead]))) == ["ls", "be-e4"]
+    # Past the layer's experts the LS request waits for the rest of the layer, not for fragments
+    # left further behind (those rejoin at the step boundary).
+    ls_next = make_request("ls", "ls", op=(OpKind.ATTENTION, 4, -1), arrival=9.0, at_boundary=False)
+    far = make_request("be-far", op=(OpKind.EXPERT, 1, 0), at_boundary=False)
+    assert ids(policy.select(make_kernel([ls_next, ahead, far]))) == ["be-e6"]
+    assert ids(policy.select(make_kernel([ls_next, far]))) == ["ls"]
+
+
 def test_cohort_left_behind_requests_rejoin_at_the_step_boundary():
     # Two BE requests start their next pass; one is still at layer 2 of the previous one: it
     # catches up first, so the three start the next pass together instead of trailing.

@@ -39,7 +39,7 @@ def cohort_position(r: RequestView) -> tuple:
 class CohortPolicy(Policy):
     name = "cohort"
 
-    def __init__(self, stretch: float = 1.2, wait_share: float = 0.25):
+    def __init__(self, stretch: float = 1.2, wait_share: float = 0.125):
         if stretch < 1:
             raise ValueError("stretch must be >= 1 (the LS op's own time is the least it can take)")
         if not 0 <= wait_share < 1:
@@ -64,15 +64,33 @@ class CohortPolicy(Policy):
         self.layers = max(self.layers, *layers, 0)
         leads = self.leads(ready)
         if leads:
-            key = min(leads, key=lambda r: r.progress_key).op_key
-            primary = [r for r in leads if r.op_key == key][: kernel.max_batch]
+            lead = min(leads, key=lambda r: r.progress_key)
+            primary = [r for r in leads if r.op_key == lead.op_key][: kernel.max_batch]
+            behind = self.reached(lead, ready)
+            if behind:  # the lead reached the cohort: it waits for the part still behind it
+                return self.members(min(behind, key=lambda r: r.progress_key).op_key, ready, kernel)
             if not self.cohort_finishing(primary, ready):
                 chosen = {r.id for r in primary}
-                riders = (r for r in ready if r.op_key == key and r.id not in chosen)
+                riders = (r for r in ready if r.op_key == lead.op_key and r.id not in chosen)
                 return self.fill(primary, sorted(riders, key=lambda r: r.sort_key), kernel)
-        key = min(ready, key=cohort_position).op_key
-        members = sorted((r for r in ready if r.op_key == key), key=lambda r: r.sort_key)
-        return members[: kernel.max_batch]
+        return self.members(min(ready, key=cohort_position).op_key, ready, kernel)
+
+    def members(self, key, ready: Sequence[RequestView], kernel: KernelView) -> list[RequestView]:
+        """Every ready request at op ``key``, most urgent first, at most ``max_batch``."""
+        return sorted((r for r in ready if r.op_key == key), key=lambda r: r.sort_key)[: kernel.max_batch]
+
+    def _layer(self, r: RequestView) -> int:
+        return self.layers if r.op_kind is OpKind.HEAD else r.progress_key[0]
+
+    def reached(self, lead: RequestView, ready: Sequence[RequestView]) -> list[RequestView]:
+        """Requests in the middle of a pass, behind ``lead`` by less than a layer: the cohort that
+        ``lead`` caught up with (within a layer, requests sit at different experts)."""
+        layer = self._layer(lead)
+        return [
+            r
+            for r in ready
+            if not r.at_boundary and r.progress_key < lead.progress_key and self._layer(r) >= layer - 1
+        ]
 
     def cohort_finishing(self, primary: Sequence[RequestView], ready: Sequence[RequestView]) -> bool:
         """Whether LS requests about to start a pass should let the requests in the middle of one
@@ -80,8 +98,7 @@ class CohortPolicy(Policy):
         mid_pass = [r for r in ready if not r.at_boundary]
         if not (mid_pass and self.wait_share and self.layers) or not all(r.at_boundary for r in primary):
             return False
-        behind = min(self.layers if r.op_kind is OpKind.HEAD else r.progress_key[0] for r in mid_pass)
-        return self.layers - behind <= self.wait_share * self.layers
+        return self.layers - min(map(self._layer, mid_pass)) <= self.wait_share * self.layers
 
     def budget_s(self, kind: OpKind, lead_rows: int, kernel: KernelView) -> float | None:
         """Longest predicted time an op led by ``lead_rows`` LS rows may take (None: not measured yet)."""

@@ -219,23 +219,38 @@ def test_cohort_ls_runs_alone_until_it_reaches_the_cohort():
     assert ids(policy.select(make_kernel(cohort))) == ["be0", "be1", "be2"]
 
 
-def test_cohort_ls_that_reached_the_cohort_advances_with_it():
-    policy = CohortPolicy()
+def test_cohort_ls_that_reached_the_cohort_advances_with_it_within_its_slack():
+    costs = linear_costs(OpKind.EXPERT, 0.010, 0.0)  # every expert op: 10 ms
+    costs.record(OpKind.ATTENTION, 4, 0.010)
+    policy = CohortPolicy(stretch=1.3)
     policy.layers = 8
-    ls = make_request("ls", "ls", op=(OpKind.EXPERT, 3, 4), arrival=9.0, at_boundary=False)
+    ls = make_request("ls", "ls", op=(OpKind.EXPERT, 3, 4), arrival=0.0, at_boundary=False)
     at_1 = make_request("be-e1", op=(OpKind.EXPERT, 3, 1), at_boundary=False)
     at_4 = make_request("be-e4", op=(OpKind.EXPERT, 3, 4), at_boundary=False)
     ahead = make_request("be-e6", op=(OpKind.EXPERT, 3, 6), at_boundary=False)
-    # Within the layer, the part of the cohort at a smaller expert runs first (the LS waits) ...
-    assert ids(policy.select(make_kernel([ls, at_1, at_4, ahead]))) == ["be-e1"]
+    # The LS request ran 20 ops alone (200 ms predicted) in 210 ms: 1.3 x 210 - 210 - 10 = 53 ms of
+    # slack, so the part of the cohort at a smaller expert of the layer runs first ...
+    policy.solo_s["ls"] = 0.200
+    assert policy.slack_s(ls, make_kernel([ls], now=0.210, costs=costs)) == pytest.approx(0.053)
+    assert ids(policy.select(make_kernel([ls, at_1, at_4, ahead], now=0.210, costs=costs))) == ["be-e1"]
     # ... then the LS request and the cohort run each op together.
-    assert ids(policy.select(make_kernel([ls, at_4, ahead]))) == ["ls", "be-e4"]
+    assert ids(policy.select(make_kernel([ls, at_4, ahead], now=0.220, costs=costs))) == ["ls", "be-e4"]
+    assert policy.solo_s["ls"] == pytest.approx(0.210)
     # Past the layer's experts the LS request waits for the rest of the layer, not for fragments
     # left further behind (those rejoin at the step boundary).
-    ls_next = make_request("ls", "ls", op=(OpKind.ATTENTION, 4, -1), arrival=9.0, at_boundary=False)
+    ls_next = make_request("ls", "ls", op=(OpKind.ATTENTION, 4, -1), arrival=0.0, at_boundary=False)
     far = make_request("be-far", op=(OpKind.EXPERT, 1, 0), at_boundary=False)
-    assert ids(policy.select(make_kernel([ls_next, ahead, far]))) == ["be-e6"]
-    assert ids(policy.select(make_kernel([ls_next, far]))) == ["ls"]
+    assert ids(policy.select(make_kernel([ls_next, ahead, far], now=0.230, costs=costs))) == ["be-e6"]
+    assert ids(policy.select(make_kernel([ls_next, far], now=0.240, costs=costs))) == ["ls"]
+    # Out of slack, the LS request runs on alone.
+    late = make_kernel([ls, at_1, at_4, ahead], now=0.300, costs=costs)
+    assert policy.slack_s(ls, late) < 0.010 and ids(policy.select(late)) == ["ls", "be-e4"]
+
+
+def test_cohort_ls_requests_lead_oldest_first():
+    old = make_request("ls-old", "ls", op=(OpKind.EXPERT, 2, 1), arrival=1.0, at_boundary=False)
+    new = make_request("ls-new", "ls", op=ATTN0, arrival=2.0)
+    assert ids(CohortPolicy().select(make_kernel([new, old]))) == ["ls-old"]
 
 
 def test_cohort_left_behind_requests_rejoin_at_the_step_boundary():
@@ -248,24 +263,6 @@ def test_cohort_left_behind_requests_rejoin_at_the_step_boundary():
     assert ids(CohortPolicy().select(make_kernel([*at_boundary, ls_decode]))) == ["lsd", "be0", "be1"]
 
 
-def test_cohort_ls_waits_for_a_cohort_that_is_about_to_finish_its_pass():
-    policy = CohortPolicy(wait_share=0.25)
-    policy.layers = 8
-    ls = make_request("ls", "ls", op=ATTN0, arrival=9.0)
-    new_be = make_request("be-new", op=ATTN0)
-    near_end = [make_request(f"be{i}", op=(OpKind.EXPERT, 6, 3), at_boundary=False) for i in range(2)]
-    assert ids(policy.select(make_kernel([ls, new_be, *near_end]))) == ["be0", "be1"]
-    at_head = [make_request(f"be{i}", op=(OpKind.HEAD, -1, -1), at_boundary=False) for i in range(2)]
-    assert ids(policy.select(make_kernel([ls, new_be, *at_head]))) == ["be0", "be1"]
-    # Once the cohort is at the boundary, the LS request's pass runs with all of it.
-    boundary = [make_request(f"be{i}", decode=True, op=ATTN0) for i in range(2)]
-    assert ids(policy.select(make_kernel([ls, new_be, *boundary]))) == ["ls", "be-new", "be0", "be1"]
-    # Further from the end (or with one request left far behind) the LS request catches up alone.
-    far = make_request("be-far", op=(OpKind.EXPERT, 5, 3), at_boundary=False)
-    assert ids(policy.select(make_kernel([ls, new_be, *near_end, far]))) == ["ls", "be-new"]
-    assert ids(CohortPolicy(wait_share=0.0).select(make_kernel([ls, *at_head]))) == ["ls"]
-
-
 def test_cohort_is_the_default_and_keeps_max_batch():
     assert DEFAULT_POLICY == "cohort"
     ls = make_request("ls", "ls", op=EXPERT0)
@@ -274,8 +271,6 @@ def test_cohort_is_the_default_and_keeps_max_batch():
     assert ids(CohortPolicy().select(make_kernel(be, max_batch=3))) == ["be0", "be1", "be2"]
     with pytest.raises(ValueError, match="stretch"):
         CohortPolicy(stretch=0.5)
-    with pytest.raises(ValueError, match="wait_share"):
-        CohortPolicy(wait_share=1.0)
 
 
 def test_recorder_wraps_the_whole_policy_api():

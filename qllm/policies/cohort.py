@@ -1,24 +1,24 @@
 """``cohort`` (default): LS first within a latency budget; best-effort work rides along and stays whole.
 
-- **An LS request waiting for its first token leads.** Its op (the op furthest behind among such
-  LS requests, so that they converge) runs next, and every other ready request at that same op
-  rides along, LS decode first, then BE (decode rows and prefill chunks alike), for as long as the
-  op's predicted time (the kernel's cost model, :attr:`KernelView.costs`) stays within the budget:
-  ``stretch`` times the predicted time of the LS rows alone. Riding is what makes preemption cheap
-  for best-effort work: the weights an LS op reads anyway serve the BE rows too.
-- **Otherwise every ready request belongs to one cohort** that advances like an iteration-level
-  batch at op granularity: requests in the middle of a forward pass run before requests at a pass
-  boundary, the op furthest behind first. So a new LS request runs alone only until it reaches
-  the op where the cohort stands and then advances with it, and requests that were left behind
-  (ridden past, or cut by the budget) catch up and rejoin the cohort at the next step boundary
-  instead of trailing as small batches.
-- **A cohort about to finish its pass is not split.** An LS request about to start a pass waits
-  when every request in the middle of a pass has at most ``wait_share`` of its layers left: the
-  cohort reaches the step boundary and the LS request's whole pass runs with it, instead of a
-  catch-up that best-effort work would pay for.
+- **An LS request waiting for its first token leads**, the oldest first (with every such LS
+  request at the same op). Its op runs next, and every other ready request at that op rides along,
+  LS decode first, then BE (decode rows and prefill chunks alike), for as long as the op's
+  predicted time (the kernel's cost model, :attr:`KernelView.costs`) stays within ``stretch``
+  times the predicted time of the LS rows alone. Riding is what makes preemption cheap for
+  best-effort work: the weights an LS op reads anyway serve the BE rows too.
+- **It runs alone only until it reaches the cohort, then they advance together**, within its
+  budget. Once the lead is less than a layer ahead of requests in the middle of their pass (the
+  cohort, spread over the experts of a layer), those run first, so that the lead and the cohort
+  meet at each op, as long as the lead's slack allows: ``stretch`` times the predicted time of its
+  own ops so far, minus the time since it arrived. Out of slack, the lead runs on alone.
+- **Without LS work every ready request is one cohort**, stepped like an iteration-level batch at
+  op granularity: requests in the middle of a pass run before requests at a pass boundary, the op
+  furthest behind first. So requests left behind (ridden past, or cut by the budget) rejoin the
+  cohort at the next step boundary instead of trailing as small batches.
 
 The budget follows from the LS target, a first token within 1.5x the time alone: ``stretch``
-(1.2) bounds what riders add to each op, ``wait_share`` (0.25) what waiting for the cohort adds.
+(1.3) is spent on riders and on waiting for the cohort; the rest is left for the op in flight when
+the request arrives.
 """
 
 from __future__ import annotations
@@ -39,22 +39,17 @@ def cohort_position(r: RequestView) -> tuple:
 class CohortPolicy(Policy):
     name = "cohort"
 
-    def __init__(self, stretch: float = 1.2, wait_share: float = 0.125):
+    def __init__(self, stretch: float = 1.3):
         if stretch < 1:
             raise ValueError("stretch must be >= 1 (the LS op's own time is the least it can take)")
-        if not 0 <= wait_share < 1:
-            raise ValueError("wait_share must be in [0, 1)")
         self.stretch = stretch
-        self.wait_share = wait_share
         self.layers = 0  # layers of the model, as seen in the ops so far
+        self.solo_s: dict[str, float] = {}  # LS request -> predicted time of its ops run so far, alone
 
     def leads(self, ready: Sequence[RequestView]) -> list[RequestView]:
-        """LS requests still waiting for their first token, best rank first."""
+        """LS requests still waiting for their first token, most urgent (rank, arrival) first."""
         urgent = [r for r in ready if r.is_ls and r.phase is Phase.PREFILL]
-        if not urgent:
-            return []
-        rank = min(r.rank for r in urgent)
-        return sorted((r for r in urgent if r.rank == rank), key=lambda r: (r.arrival, r.seq))
+        return sorted(urgent, key=lambda r: (r.rank, r.arrival, r.seq))
 
     def select(self, kernel: KernelView) -> Sequence[RequestView]:
         ready = kernel.ready
@@ -63,17 +58,26 @@ class CohortPolicy(Policy):
         layers = (r.progress_key[0] + 1 for r in ready if r.op_kind is not OpKind.HEAD)
         self.layers = max(self.layers, *layers, 0)
         leads = self.leads(ready)
-        if leads:
-            lead = min(leads, key=lambda r: r.progress_key)
-            primary = [r for r in leads if r.op_key == lead.op_key][: kernel.max_batch]
-            behind = self.reached(lead, ready)
-            if behind:  # the lead reached the cohort: it waits for the part still behind it
-                return self.members(min(behind, key=lambda r: r.progress_key).op_key, ready, kernel)
-            if not self.cohort_finishing(primary, ready):
-                chosen = {r.id for r in primary}
-                riders = (r for r in ready if r.op_key == lead.op_key and r.id not in chosen)
-                return self.fill(primary, sorted(riders, key=lambda r: r.sort_key), kernel)
-        return self.members(min(ready, key=cohort_position).op_key, ready, kernel)
+        if not leads:
+            return self.members(min(ready, key=cohort_position).op_key, ready, kernel)
+        lead = leads[0]
+        behind = self.reached(lead, ready)
+        if behind:  # the lead reached the cohort: the part of it still behind runs first, in budget
+            batch = self.members(min(behind, key=lambda r: r.progress_key).op_key, ready, kernel)
+            if self._predict(batch, kernel) <= self.slack_s(lead, kernel):
+                return batch
+        primary = [r for r in leads if r.op_key == lead.op_key][: kernel.max_batch]
+        chosen = {r.id for r in primary}
+        riders = sorted(
+            (r for r in ready if r.op_key == lead.op_key and r.id not in chosen), key=lambda r: r.sort_key
+        )
+        batch = self.fill(primary, riders, kernel)
+        for r in primary:
+            self.solo_s[r.id] = self.solo_s.get(r.id, 0.0) + (kernel.costs.predict(r.op_kind, r.rows) or 0.0)
+        return batch
+
+    def on_finish(self, request: RequestView, kernel: KernelView) -> None:
+        self.solo_s.pop(request.id, None)
 
     def members(self, key, ready: Sequence[RequestView], kernel: KernelView) -> list[RequestView]:
         """Every ready request at op ``key``, most urgent first, at most ``max_batch``."""
@@ -92,13 +96,17 @@ class CohortPolicy(Policy):
             if not r.at_boundary and r.progress_key < lead.progress_key and self._layer(r) >= layer - 1
         ]
 
-    def cohort_finishing(self, primary: Sequence[RequestView], ready: Sequence[RequestView]) -> bool:
-        """Whether LS requests about to start a pass should let the requests in the middle of one
-        finish it first: all of those have at most ``wait_share`` of the model's layers left."""
-        mid_pass = [r for r in ready if not r.at_boundary]
-        if not (mid_pass and self.wait_share and self.layers) or not all(r.at_boundary for r in primary):
-            return False
-        return self.layers - min(map(self._layer, mid_pass)) <= self.wait_share * self.layers
+    def slack_s(self, lead: RequestView, kernel: KernelView) -> float:
+        """What ``lead`` may still spend waiting: ``stretch`` times the predicted time of its own ops
+        so far and of its next one, less the time since it arrived and its next op alone."""
+        own = kernel.costs.predict(lead.op_kind, lead.rows)
+        if own is None:
+            return 0.0
+        return self.stretch * (self.solo_s.get(lead.id, 0.0) + own) - (kernel.now - lead.arrival) - own
+
+    def _predict(self, batch: Sequence[RequestView], kernel: KernelView) -> float:
+        predicted = kernel.costs.predict(batch[0].op_kind, sum(r.rows for r in batch))
+        return float("inf") if predicted is None else predicted
 
     def budget_s(self, kind: OpKind, lead_rows: int, kernel: KernelView) -> float | None:
         """Longest predicted time an op led by ``lead_rows`` LS rows may take (None: not measured yet)."""

@@ -247,10 +247,12 @@ def test_cohort_ls_that_reached_the_cohort_advances_with_it_within_its_slack():
     assert policy.slack_s(ls, late) < 0.010 and ids(policy.select(late)) == ["ls", "be-e4"]
 
 
-def test_cohort_ls_requests_lead_oldest_first():
+def test_cohort_ls_requests_converge_the_one_furthest_behind_first():
     old = make_request("ls-old", "ls", op=(OpKind.EXPERT, 2, 1), arrival=1.0, at_boundary=False)
     new = make_request("ls-new", "ls", op=ATTN0, arrival=2.0)
-    assert ids(CohortPolicy().select(make_kernel([new, old]))) == ["ls-old"]
+    assert ids(CohortPolicy().select(make_kernel([new, old]))) == ["ls-new"]
+    urgent = make_request("ls-urgent", "ls", op=(OpKind.EXPERT, 2, 1), rank=-1, at_boundary=False)
+    assert ids(CohortPolicy().select(make_kernel([new, old, urgent]))) == ["ls-urgent", "ls-old"]
 
 
 def test_cohort_left_behind_requests_rejoin_at_the_step_boundary():

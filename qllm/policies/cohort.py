@@ -1,7 +1,7 @@
 """``cohort`` (default): LS first within a latency budget; best-effort work rides along and stays whole.
 
-- **An LS request waiting for its first token leads**, the oldest first (with every such LS
-  request at the same op). Its op runs next, and every other ready request at that op rides along,
+- **An LS request waiting for its first token leads**: of those, the one furthest behind (with
+  every such LS request at the same op), so that they converge. Its op runs next, and every other ready request at that op rides along,
   LS decode first, then BE (decode rows and prefill chunks alike), for as long as the op's
   predicted time (the kernel's cost model, :attr:`KernelView.costs`) stays within ``stretch``
   times the predicted time of the LS rows alone. Riding is what makes preemption cheap for
@@ -47,9 +47,10 @@ class CohortPolicy(Policy):
         self.solo_s: dict[str, float] = {}  # LS request -> predicted time of its ops run so far, alone
 
     def leads(self, ready: Sequence[RequestView]) -> list[RequestView]:
-        """LS requests still waiting for their first token, most urgent (rank, arrival) first."""
+        """LS requests still waiting for their first token, of the best rank, oldest first."""
         urgent = [r for r in ready if r.is_ls and r.phase is Phase.PREFILL]
-        return sorted(urgent, key=lambda r: (r.rank, r.arrival, r.seq))
+        rank = min((r.rank for r in urgent), default=0)
+        return sorted((r for r in urgent if r.rank == rank), key=lambda r: (r.arrival, r.seq))
 
     def select(self, kernel: KernelView) -> Sequence[RequestView]:
         ready = kernel.ready
@@ -60,7 +61,7 @@ class CohortPolicy(Policy):
         leads = self.leads(ready)
         if not leads:
             return self.members(min(ready, key=cohort_position).op_key, ready, kernel)
-        lead = leads[0]
+        lead = min(leads, key=lambda r: r.progress_key)  # the others wait, so all converge
         behind = self.reached(lead, ready)
         if behind:  # the lead reached the cohort: the part of it still behind runs first, in budget
             batch = self.members(min(behind, key=lambda r: r.progress_key).op_key, ready, kernel)

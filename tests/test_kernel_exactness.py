@@ -27,7 +27,7 @@ from qllm.models.presets import tiny_tokenizer
 from qllm.policies import load_policy
 from qllm.sampling import SamplingParams
 
-POLICIES = ("fcfs", "qllm", "priority-aging")
+POLICIES = ("fcfs", "qllm", "priority-aging", "cohort")
 
 
 @dataclass(frozen=True)

@@ -7,26 +7,18 @@ import torch
 
 
 class KVCache:
-    """Keys and values of one request, ``[kv_heads, capacity, head_dim]`` per layer (values
-    ``[kv_heads, capacity, value_dim]`` where the two differ, as in latent attention).
+    """Keys and values of one request, ``[kv_heads, capacity, head_dim]`` per layer. A layer's
+    buffers take the head count and widths of what is appended to it, so values may be wider than
+    keys (latent attention) and layers may differ (MiMo-V2-Flash).
 
     Capacity grows by doubling, so appending a token is amortised O(1). The tensor manager
     (qllm/kernel/tensors.py) offloads and restores the buffers.
     """
 
-    def __init__(
-        self,
-        num_layers: int,
-        kv_heads: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        device: torch.device,
-        value_dim: int | None = None,
-    ):
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
         self.num_layers = num_layers
         self.kv_heads = kv_heads
         self.head_dim = head_dim
-        self.value_dim = head_dim if value_dim is None else value_dim
         self.dtype = dtype
         self.device = torch.device(device)
         self.keys: list[torch.Tensor | None] = [None] * num_layers
@@ -42,8 +34,9 @@ class KVCache:
         buf_k = self.keys[layer]
         if buf_k is None or buf_k.shape[1] < end:
             capacity = max(16, end, 2 * (0 if buf_k is None else buf_k.shape[1]))
-            new_k = torch.empty(self.kv_heads, capacity, self.head_dim, dtype=self.dtype, device=self.device)
-            new_v = torch.empty(self.kv_heads, capacity, self.value_dim, dtype=self.dtype, device=self.device)
+            # Shaped as what is appended: a layer may have its own head count (MiMo-V2-Flash).
+            new_k = torch.empty(k.shape[0], capacity, k.shape[2], dtype=self.dtype, device=self.device)
+            new_v = torch.empty(v.shape[0], capacity, v.shape[2], dtype=self.dtype, device=self.device)
             if buf_k is not None:
                 new_k[:, :start] = buf_k[:, :start]
                 new_v[:, :start] = self.values[layer][:, :start]

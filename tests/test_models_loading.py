@@ -209,7 +209,7 @@ def test_cli_models_lists_presets_and_families(capsys):
 # non-standard module layouts; each checkpoint is written by save_pretrained and run by the CLI.
 SAVED_FAMILIES = [
     *("gpt_oss", "llama4_text", "dbrx", "deepseek_v3", "deepseek_v2", "glm4_moe_lite", "mistral4"),
-    *("qwen3_next", "qwen3_5_moe_text", "granitemoe_swa", "sarvam_mla", "sarvam_moe"),
+    *("qwen3_next", "qwen3_5_moe_text", "granitemoe_swa", "sarvam_mla", "sarvam_moe", "mimo_v2_flash"),
 ]
 
 
@@ -320,7 +320,7 @@ def test_a_hybrid_model_with_another_linear_attention_kind_is_refused():
 def test_cli_models_counts_the_model_types_and_lists_the_refused(capsys):
     assert main(["models", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
-    assert listed["model_types"] == len(supported_model_types()) >= 35
+    assert listed["model_types"] == len(supported_model_types()) >= 36
     assert listed["refused"] == REFUSED
     assert not set(REFUSED) & set(supported_model_types())
     assert main(["models"]) == 0

@@ -426,6 +426,21 @@ CASES = [
         dict(**DEEPSEEK_ROUTING, **LATENT_ATTENTION, first_k_dense_replace=1),
         ROUTED | {OpKind.SHARED, OpKind.MLP},
     ),
+    Case(
+        "mimo_v2_flash",
+        "mimo_v2_flash",
+        # Layers 0 and 2 slide (window 6) with sinks and 4 KV heads; layer 1 is global with 2.
+        dict(
+            **{**DEEPSEEK_ROUTING, "n_shared_experts": None},
+            head_dim=16,
+            v_head_dim=12,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            mlp_layer_types=["dense", "sparse", "sparse"],
+            sliding_window=6,
+            attention_value_scale=0.7,
+        ),
+        ROUTED | {OpKind.MLP},
+    ),
     Case("hunyuan_v1_moe", "hunyuan_v1_moe", dict(num_experts=8, moe_topk=2, head_dim=12), ROUTED | {OpKind.SHARED}),
     Case(
         "llama4_text",

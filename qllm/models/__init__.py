@@ -34,6 +34,7 @@ from qllm.models.kolibri1 import Kolibri1
 from qllm.models.laguna import Laguna
 from qllm.models.llama4 import Llama4
 from qllm.models.mellum import Mellum
+from qllm.models.mimo_v2_flash import MiMoV2Flash
 from qllm.models.minimax_m2 import MiniMaxM2
 from qllm.models.mistral4 import Mistral4
 from qllm.models.mixtral import Mixtral
@@ -46,7 +47,7 @@ from qllm.models.qwen3_next import Qwen3Next
 from qllm.models.refused import REFUSED
 from qllm.models.solar_open import SolarOpen
 
-FAMILIES: tuple[type[MoEModel], ...] = (Mixtral, Qwen3Moe, Qwen2Moe, Olmoe, Glm4Moe, Dots1, Ernie45Moe, SolarOpen, ExaoneMoe, HunyuanV1Moe, MiniMaxM2, Phimoe, Kolibri1, FlexOlmo, Afmoe, Mellum, Laguna, Cohere2Moe, HYV3, GraniteMoe, GptOss, Llama4, Dbrx, DeepseekV3, DeepseekV2, Glm4MoeLite, Mistral4, Qwen3Next, Qwen35Moe, GraniteMoeSwa)
+FAMILIES: tuple[type[MoEModel], ...] = (Mixtral, Qwen3Moe, Qwen2Moe, Olmoe, Glm4Moe, Dots1, Ernie45Moe, SolarOpen, ExaoneMoe, HunyuanV1Moe, MiniMaxM2, Phimoe, Kolibri1, FlexOlmo, Afmoe, Mellum, Laguna, Cohere2Moe, HYV3, GraniteMoe, GptOss, Llama4, Dbrx, DeepseekV3, DeepseekV2, Glm4MoeLite, Mistral4, Qwen3Next, Qwen35Moe, GraniteMoeSwa, MiMoV2Flash)
 """Adapters tried in order by :func:`adapter_for`."""
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -31,9 +31,8 @@ class LatentAttention(MoEModel):
         )
 
     def new_cache(self) -> KVCache:
-        return KVCache(
-            self.num_layers, 1, self.rope_dim, self.dtype, self.device, value_dim=self.kv_lora_rank
-        )
+        # Per layer: the rotary keys [1, T, rope] as keys and the latents [1, T, kv_lora_rank] as values.
+        return KVCache(self.num_layers, 1, self.rope_dim, self.dtype, self.device)
 
     def qkv(self, attn: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Queries ``[N, heads, qk_head_dim]``, the shared rotary key ``[N, 1, rope]`` (before

@@ -15,5 +15,11 @@ REFUSED: dict[str, str] = {
         "not supported"
     ),
     "jetmoe": "mixture of attention heads (MoA, experts inside attention) not supported",
+    "minimax": "linear attention of kind lightning attention not supported",
+    "jamba": "linear attention of kind mamba not supported",
+    "nemotron_h": "linear attention of kind mamba2 not supported",
+    "bailing_hybrid": "linear attention of kind Bailing delta attention not supported",
+    "qwen4_exp": "sparse attention with an indexer (QSA) beside gated DeltaNet layers not supported",
+    "hy_v4": "sparse attention with an indexer not supported",
 }
 """``config.json`` ``model_type`` -> why qllm refuses it."""

@@ -47,7 +47,7 @@ def identical(a, b) -> bool:
 
 CHECKED = [
     *("tiny", "qwen2_moe", "qwen3_moe", "afmoe", "cohere2_moe"),
-    *("gpt_oss", "llama4_text", "deepseek_v3", "qwen3_next"),
+    *("gpt_oss", "llama4_text", "deepseek_v3", "qwen3_next", "mimo_v2_flash"),
 ]
 
 

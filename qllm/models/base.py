@@ -265,7 +265,9 @@ class MoEModel:
         """Find, on this machine and at the thread count in force, the row padding of each op kind
         that makes a row's results independent of its batch mates (see qllm/models/invariance.py)."""
         self._padding = {kind: invariance.NO_PADDING for kind in OpKind}
-        result = invariance.calibrate(self._trace_gemms, self.signature(), self.device.type, cache)
+        result = invariance.calibrate(
+            self._trace_gemms, self.signature(), self.device.type, cache, verify=self._op_invariant
+        )
         for name, padding in result.padding.items():
             self._padding[OpKind[name]] = padding
         if not result.verified and (self.invariance is None or self.invariance.verified):
@@ -294,8 +296,10 @@ class MoEModel:
         return invariance.ProbeCache.key(parts)
 
     def _trace_gemms(self) -> dict[str, list[invariance.Gemm]]:
-        """The GEMMs each op kind runs, traced over a 3-token prefill and one decode step."""
+        """The GEMMs each op kind runs, traced over a 3-token prefill and one decode step; keeps
+        one op of each kind and layer structure as a template for :meth:`_op_invariant`."""
         found: dict[str, dict[str, invariance.Gemm]] = {}
+        templates: dict[tuple[Any, ...], Op] = {}
         cache = self.new_cache()
         tokens = torch.arange(3) % self.vocab_size
         with torch.no_grad():
@@ -310,11 +314,60 @@ class MoEModel:
                     )
                     for call in traced:
                         found.setdefault(op.kind.name, {}).setdefault(call.signature(), call)
+                    layer = self.layers[op.layer] if op.layer >= 0 else None
+                    structure = (op.kind, type(layer).__name__, *sorted(c.signature() for c in traced))
+                    templates.setdefault(structure, op)
                     try:
                         op = steps.send(results[0])
                     except StopIteration:
                         break
+        self._op_templates: dict[str, list[Op]] = {}
+        for op in templates.values():
+            self._op_templates.setdefault(op.kind.name, []).append(op)
+        self._op_flops = {
+            kind: sum(call.flops_per_row() for call in calls.values()) for kind, calls in found.items()
+        }
         return {kind: list(gemms.values()) for kind, gemms in found.items()}
+
+    def _op_invariant(self, kind_name: str, padding: invariance.Padding) -> bool:
+        """Whether each traced op of this kind gives every row the same result at any row count
+        and offset under ``padding`` (rows of attention ops each from its own one-token request)."""
+        kind = OpKind[kind_name]
+        saved = self._padding[kind]
+        self._padding[kind] = padding
+        gen = torch.Generator().manual_seed(1)
+        flops = self._op_flops.get(kind_name, 1.0)
+        max_rows = int(max(4, min(invariance.MAX_PROBE_ROWS, invariance.PROBE_FLOPS / (3 * flops))))
+        # An attention op's rows each come from a request of their own (its own cache): fewer.
+        max_rows, windows = (min(max_rows, 24), 48) if kind is OpKind.ATTENTION else (min(max_rows, 64), 192)
+        budget = invariance.probe_budget(flops, max_rows)
+        try:
+            with torch.no_grad():
+                for template in self._op_templates.get(kind_name, []):
+
+                    def rows(n: int, t: Op = template) -> torch.Tensor:
+                        x = torch.randn(n, *t.x.shape[1:], generator=gen)
+                        return x.to(dtype=t.x.dtype, device=t.x.device)
+
+                    def call(x: torch.Tensor, t: Op = template) -> list[torch.Tensor]:
+                        if kind is OpKind.ATTENTION:
+                            zero = torch.zeros(1, dtype=torch.long, device=x.device)
+                            ops = [
+                                Op(kind, t.layer, x[i : i + 1], cache=self.new_cache(), positions=zero)
+                                for i in range(x.shape[0])
+                            ]
+                        else:
+                            weight = None if t.weight is None else t.weight.new_ones((x.shape[0], *t.weight.shape[1:]))
+                            ops = [Op(kind, t.layer, x, expert=t.expert, weight=weight)]
+                        return _by_row(self._runners[kind](ops))
+
+                    if not invariance.is_invariant(
+                        call, rows, padding, max_rows, budget_rows=budget, max_windows=windows
+                    ):
+                        return False
+        finally:
+            self._padding[kind] = saved
+        return True
 
     def _rows(self, ops: list[Op]) -> tuple[torch.Tensor, list[int]]:
         padding = self._padding[ops[0].kind]
@@ -394,6 +447,14 @@ class MoEModel:
     def _run_head(self, ops: list[Op]) -> list[torch.Tensor]:
         x, sizes = self._rows(ops)
         return self._split(self.logits(x), sizes)
+
+
+def _by_row(results: list[Any]) -> list[torch.Tensor]:
+    """Ops' results as tensors with one row per input row: each component, concatenated over ops."""
+    first = results[0]
+    if isinstance(first, torch.Tensor):
+        return [torch.cat(results)]
+    return [torch.cat([r[i] for r in results]) for i in range(len(first))]
 
 
 def _attend(

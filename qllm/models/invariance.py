@@ -47,7 +47,7 @@ kind's GEMMs need is a multiple of every other: padding to it keeps each of them
 PROBE_FLOPS = 3e8
 """Work allowed per GEMM and candidate (about); bounds the rows probed for large weights."""
 
-PROBE_VERSION = 2
+PROBE_VERSION = 4
 """Part of the cache key: a change to how probes decide invalidates what older ones found."""
 
 MAX_PROBE_ROWS = 192
@@ -137,6 +137,7 @@ def is_invariant(
     max_rows: int,
     *,
     budget_rows: int | None = None,
+    max_windows: int = 256,
     seed: int = 0,
 ) -> bool:
     """Whether every row gets the same result at each tested row count and offset under ``padding``.
@@ -144,26 +145,34 @@ def is_invariant(
     A block of random rows (``max_rows``, or two of the padding's multiples if more) is computed at
     once; then windows of it, each a row count the padding allows, placed at random offsets, must
     reproduce the block's rows bit for bit. Blocks and windows are drawn until ``budget_rows`` rows
-    (default: three blocks' worth) have been computed.
+    (default: three blocks' worth) have been computed or ``max_windows`` windows tested. A cheap
+    kernel thus gets many windows: a remainder loop may differ for only a few percent of values.
     """
     multiple, minimum = padding
     top = max(max_rows, 2 * multiple, minimum)
     top -= top % multiple
     budget = budget_rows if budget_rows is not None else 3 * top
     rng = random.Random(seed)
-    spent = 0
-    while spent < budget:
+    spent = windows = 0
+    while spent < budget and windows < max_windows:
         x = make_rows(top)
         whole = gemm(x)
         spent += top
         for count in _counts(padding, top, rng):
             start = rng.randint(0, top - count)
-            if not torch.equal(gemm(x[start : start + count].contiguous()), whole[start : start + count]):
+            if not _same_rows(gemm(x[start : start + count].contiguous()), whole, start, count):
                 return False
             spent += count
-            if spent >= budget:
+            windows += 1
+            if spent >= budget or windows >= max_windows:
                 break
     return True
+
+
+def _same_rows(part: Any, whole: Any, start: int, count: int) -> bool:
+    if isinstance(part, torch.Tensor):
+        return torch.equal(part, whole[start : start + count])
+    return all(_same_rows(p, w, start, count) for p, w in zip(part, whole, strict=True))
 
 
 def find_padding(
@@ -171,10 +180,11 @@ def find_padding(
     make_rows: Callable[[int], torch.Tensor],
     max_rows: int,
     candidates: Iterable[Padding] = CANDIDATES,
+    budget_rows: int | None = None,
 ) -> Padding | None:
     """The cheapest candidate padding under which ``gemm`` is batch-invariant, or None."""
     for padding in candidates:
-        if is_invariant(gemm, make_rows, padding, max_rows):
+        if is_invariant(gemm, make_rows, padding, max_rows, budget_rows=budget_rows):
             return padding
     return None
 
@@ -197,7 +207,13 @@ def probe_gemm(gemm: Gemm) -> Padding | None:
         rows = torch.randn(n, *x.shape[1:], generator=gen, dtype=torch.float32)
         return rows.to(dtype=x.dtype, device=x.device)
 
-    return find_padding(gemm, make_rows, max_rows)
+    return find_padding(gemm, make_rows, max_rows, budget_rows=probe_budget(gemm.flops_per_row(), max_rows))
+
+
+def probe_budget(flops_per_row: float, max_rows: int) -> int:
+    """Rows a probe may compute for one candidate: about :data:`PROBE_FLOPS` of work, at least
+    three blocks of ``max_rows``."""
+    return int(max(3 * max_rows, min(PROBE_FLOPS / max(flops_per_row, 1.0), 1e6)))
 
 
 # ---------------------------------------------------------------------- machine and cache
@@ -303,6 +319,7 @@ class Calibration:
     """Op kind name -> signatures of its GEMMs that no candidate made invariant."""
     gemms: int = 0
     probed: int = 0
+    ops_checked: int = 0
     cached: int = 0
     probe_s: float = 0.0
     """Seconds spent: the trace and the probes, or the cache lookup."""
@@ -321,11 +338,22 @@ class Calibration:
             "unverified": {kind: len(s) for kind, s in self.unverified.items()},
             "gemms": self.gemms,
             "probed": self.probed,
+            "ops_checked": self.ops_checked,
             "from_cache": self.cached,
             "probe_s": round(self.probe_s, 4),
             "threads": self.threads,
             "cpu": self.machine.get("cpu"),
         }
+
+
+def coarser(padding: Padding) -> list[Padding]:
+    """``padding`` and then each candidate that keeps it (a multiple of it), cheapest first."""
+    out = [padding]
+    for candidate in CANDIDATES:
+        both = combine([padding, candidate])
+        if both not in out:
+            out.append(both)
+    return out
 
 
 def calibrate(
@@ -334,9 +362,13 @@ def calibrate(
     device: str,
     cache: ProbeCache | None = None,
     probe: Callable[[Gemm], Padding | None] | None = None,
+    verify: Callable[[str, Padding], bool] | None = None,
 ) -> Calibration:
-    """Padding per op kind of one model: from the cache, else by tracing its GEMMs (``trace``) and
-    probing those the cache does not know. ``model_key`` identifies the model's shapes and layout."""
+    """Padding per op kind of one model: from the cache, else by tracing its GEMMs (``trace``),
+    probing those the cache does not know, then checking each op kind whole (``verify``: its
+    other row-wise work, such as an activation over a few columns, may also vary with the row
+    count) at that padding or the next coarser one that passes. ``model_key`` identifies the
+    model's shapes and layout."""
     cache = cache if cache is not None else ProbeCache()
     probe = probe or probe_gemm
     where = machine()
@@ -366,7 +398,20 @@ def calibrate(
                 result.unverified.setdefault(kind, []).append(gemm.signature())
             else:
                 found.append(padding)
-        result.padding[kind] = NO_PADDING if kind in result.unverified else combine(found)
+        if kind in result.unverified:
+            result.padding[kind] = NO_PADDING
+            continue
+        result.padding[kind] = combine(found)
+        if verify is None:
+            continue
+        for padding in coarser(result.padding[kind]):
+            result.ops_checked += 1
+            if verify(kind, padding):
+                result.padding[kind] = padding
+                break
+        else:
+            result.unverified[kind] = [f"{kind} op (its row-wise work besides GEMMs)"]
+            result.padding[kind] = NO_PADDING
     cache.models[whole] = {
         "padding": {k: list(p) for k, p in result.padding.items()},
         "unverified": result.unverified,

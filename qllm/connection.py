@@ -181,7 +181,7 @@ class Connection:
                 await self._handle(message)
         except _Closed as exc:
             reason = exc.reason
-            self.log.info("connection_timed_out", reason=reason, live=len(self.requests))
+            self.server.errors.info("connection_timed_out", reason, conn=self.name, reason=reason)
             if reason == "write_stalled":
                 self.writer.transport.abort()  # the client reads nothing: an error frame would not get through
             else:

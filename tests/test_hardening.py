@@ -3,6 +3,7 @@ memory stays bounded, stalled connections close, limits hold, other clients keep
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
@@ -395,3 +396,16 @@ def test_the_documented_exchange_and_sample_client_work_against_tiny(tmp_path, t
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "'type': 'final'" in out.stdout and "'status': 'length'" in out.stdout
+
+
+async def test_a_small_outbox_pauses_and_resumes_without_losing_a_reply(tmp_path, tiny):
+    async with running_server(tmp_path, tiny, max_outbox_bytes=1024) as running:
+        reader, writer = await asyncio.open_unix_connection(str(running.path))
+        writer.write(p.encode_frame(p.Hello()) + b"".join(p.encode_frame(p.Stats(id=i)) for i in range(200)))
+        await writer.drain()
+        async with asyncio.timeout(60):
+            assert isinstance(p.decode_server(await p.read_frame(reader)), p.Welcome)
+            ids = [p.decode_server(await p.read_frame(reader, 1 << 20)).id for _ in range(200)]
+        assert ids == list(range(200))  # every reply, in order, although each is above the bound
+        writer.close()
+        await writer.wait_closed()

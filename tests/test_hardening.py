@@ -409,3 +409,22 @@ async def test_a_small_outbox_pauses_and_resumes_without_losing_a_reply(tmp_path
         assert ids == list(range(200))  # every reply, in order, although each is above the bound
         writer.close()
         await writer.wait_closed()
+
+
+async def test_many_failing_requests_log_one_failure_line_without_the_prompt(tiny, monkeypatch):
+    from qllm import Engine
+    from qllm.sampling import Sampler
+
+    def broken(self, logits):
+        raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+
+    monkeypatch.setattr(Sampler, "__call__", broken)
+    with structlog.testing.capture_logs() as logs:
+        async with Engine(model=tiny) as engine:
+            results = await asyncio.gather(
+                *(engine.generate(f"secret prompt {i}", max_tokens=2) for i in range(50))
+            )
+    assert {r.status for r in results} == {"error"}
+    failures = [e for e in logs if e["event"] == "request_failed"]
+    assert len(failures) == 1 and "probability tensor" in failures[0]["error"]
+    assert "secret" not in repr(logs)

@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("demo", "generate", "models", "policies", "serve", "stats", "bench")
+COMMANDS = ("demo", "generate", "models", "policies", "serve", "stats", "bench", "doctor")
 """Each names a module ``qllm.commands.<name>`` with ``add_parser(subparsers)`` and ``run(args) -> int``."""
 
 

@@ -5,7 +5,7 @@ mirror the Structs below::
 
     [engine]
     model = "tiny"
-    policy = "priority-aging"
+    policy = "cohort"
 
     [server]
     socket = "/run/qllm/qllm.sock"
@@ -45,7 +45,7 @@ class EngineConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Arguments of :class:`qllm.Engine` (docs/engine.md)."""
 
     model: str = "tiny"
-    policy: str = "priority-aging"
+    policy: str = "cohort"
     dtype: Literal["float32", "bfloat16"] = "float32"
     device: str = "cpu"
     memory_budget: Annotated[int, Meta(ge=0)] | None = None

@@ -52,6 +52,9 @@ def test_reports_both_executors_against_transformers(capsys):
         }
         assert ratio["decode_tokens_per_s"] > 0 and ratio["prefill_speed"] > 0
         assert len(ratio["decode_tokens_per_s_rounds"]) == len(ratio["prefill_speed_rounds"]) == 1
+    # The price of batch invariance, and what was verified on this machine.
+    assert report["padding_cost"]["padded_over_unpadded_decode"] > 0
+    assert report["batch_invariance"]["verified"] and report["batch_invariance"]["threads"] == 1
     # Same weights, greedy, EOS ignored: every system produces the same tokens.
     assert report["tokens_equal"] is True
     assert all(system["tokens_equal"] for system in report["systems"].values())

@@ -185,14 +185,28 @@ SYSTEMS = [
 ]
 
 
-def cell(system, rate, *, ls_ttft, be_tps, slo, ls_turn=1.0, be_turn=1.0, all_ttft=1.0, rps=1.0, p99=None):
+def cell(
+    system,
+    rate,
+    *,
+    ls_ttft,
+    be_tps,
+    slo,
+    ls_turn=1.0,
+    be_turn=1.0,
+    be_ttft=1.0,
+    all_ttft=1.0,
+    rps=1.0,
+    p99=None,
+):
     return {
         "system": system,
         "rate": rate,
         "metrics": {
             "ls": {"ttft_mean_s": ls_ttft, "ttft_p99_s": p99 or ls_ttft, "turnaround_mean_s": ls_turn,
                    "slo_attainment": slo, "queue_p99_s": 0.01},
-            "be": {"tokens_per_s": be_tps, "requests_per_s": be_tps / 10, "turnaround_mean_s": be_turn},
+            "be": {"tokens_per_s": be_tps, "requests_per_s": be_tps / 10, "turnaround_mean_s": be_turn,
+                   "ttft_mean_s": be_ttft},
             "all": {"ttft_mean_s": all_ttft, "requests_per_s": rps},
         },
     }  # fmt: skip
@@ -201,8 +215,8 @@ def cell(system, rate, *, ls_ttft, be_tps, slo, ls_turn=1.0, be_turn=1.0, all_tt
 CELLS = [
     cell("fcfs", 1.0, ls_ttft=10.0, be_tps=100.0, slo=0.5, ls_turn=20.0, all_ttft=10.0, rps=1.0),
     cell("fcfs", 2.0, ls_ttft=40.0, be_tps=100.0, slo=0.0, ls_turn=60.0, all_ttft=40.0, rps=1.5),
-    cell("qllm", 1.0, ls_ttft=0.1, be_tps=100.0, slo=1.0, ls_turn=2.0, be_turn=1.5, p99=0.3),
-    cell("qllm", 2.0, ls_ttft=0.2, be_tps=90.0, slo=0.95, ls_turn=3.0, be_turn=1.1, p99=0.4),
+    cell("qllm", 1.0, ls_ttft=0.1, be_tps=100.0, slo=1.0, ls_turn=2.0, be_turn=1.5, be_ttft=3.0, p99=0.3),
+    cell("qllm", 2.0, ls_ttft=0.2, be_tps=90.0, slo=0.95, ls_turn=3.0, be_turn=1.1, be_ttft=5.0, p99=0.4),
     cell("aging", 1.0, ls_ttft=1.0, be_tps=110.0, slo=1.0),
     cell("aging", 2.0, ls_ttft=2.0, be_tps=120.0, slo=0.8),
     cell("transformers-cb", 1.0, ls_ttft=12.0, be_tps=80.0, slo=0.4, all_ttft=8.0),
@@ -221,6 +235,8 @@ def test_headline_ratios_over_rates():
     assert h["ls_turnaround_ratio_max"] == pytest.approx(20.0)
     assert h["be_throughput_ratio"] == pytest.approx(0.9)  # min over rates of qllm / fcfs
     assert h["be_turnaround_ratio_mean"] == pytest.approx((1.5 + 1.1) / 2)
+    assert h["be_ttft_ratio_mean"] == pytest.approx((3.0 + 5.0) / 2)
+    assert h["by_policy"]["qllm"]["be_ttft_ratio_max"] == pytest.approx(5.0)
     assert h["ls_ttft_p99_over_isolated"] == pytest.approx(2.0)  # worst rate: 0.4 / 0.2
     assert h["fcfs_vs_transformers_cb"] == pytest.approx((10 / 8 + 40 / 50) / 2)
     # each in units of its own idle TTFT: the peer is 4x slower alone, so 4x the raw ratio

@@ -17,6 +17,9 @@ from tiny_families import CASES, CASES_BY_NAME, greedy, run_alone, run_forward, 
 from qllm.models import FAMILIES, load_model
 from qllm.ops import OpKind
 
+MULTIMODAL = {"llama4": "llama4_text", "qwen3_5_moe": "qwen3_5_moe_text"}
+"""Multimodal model types whose checkpoints qllm runs as the text model's type."""
+
 ATOL = 1e-5
 DECODE_STEPS = 32
 PROMPT_LEN = 7
@@ -95,7 +98,8 @@ def test_matches_transformers_forward_and_generate(case):
 
 
 def test_every_family_has_an_exactness_case():
-    tested = {case.model_type for case in CASES}
+    # Multimodal checkpoints load as their text model (tests/test_models_loading.py checks it).
+    tested = {case.model_type for case in CASES} | set(MULTIMODAL)
     assert {t for fam in FAMILIES for t in fam.model_types} <= tested
 
 
@@ -111,7 +115,12 @@ def routed_expert(executor, prompt: list[int]) -> tuple[int, int]:
         result = executor.run([op])[0]
 
 
-@pytest.mark.parametrize("case", [CASES_BY_NAME["mixtral"], CASES_BY_NAME["qwen2_moe"]], ids=lambda c: c.name)
+# One family per expert layout and attention mechanism: fused SwiGLU, biased and clamped experts with
+# sinks (gpt_oss), input-weighted experts (llama4_text), latent attention, gated DeltaNet.
+NEGATIVE_CONTROLS = ["mixtral", "qwen2_moe", "gpt_oss", "llama4_text", "deepseek_v3", "qwen3_next"]
+
+
+@pytest.mark.parametrize("case", [CASES_BY_NAME[name] for name in NEGATIVE_CONTROLS], ids=lambda c: c.name)
 def test_perturbed_expert_is_detected(case):
     """Negative control: a 1% change to one expert's weights fails the exactness check."""
     hf = case.build()

@@ -10,6 +10,7 @@ streams exactly its tokens, and its timestamps are consistent. Nothing stays res
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 
@@ -18,12 +19,15 @@ import structlog
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kernel_helpers import Recorder, isolated, run
+from tiny_families import CASES_BY_NAME, torch_threads
 
 import qllm
+from qllm.models import load_model
+from qllm.models.presets import tiny_tokenizer
 from qllm.policies import load_policy
 from qllm.sampling import SamplingParams
 
-POLICIES = ("fcfs", "qllm", "priority-aging")
+POLICIES = ("fcfs", "qllm", "priority-aging", "cohort")
 
 
 @dataclass(frozen=True)
@@ -71,12 +75,16 @@ specs = st.builds(
 schedules = st.lists(specs, min_size=1, max_size=4)
 
 
-async def serve(model, policy: str, schedule: list[Spec], *, chunk: int, max_batch: int):
+async def serve(
+    model, policy: str, schedule: list[Spec], *, chunk: int, max_batch: int, budget: int | None = None
+):
     """Run ``schedule`` on an engine; results, streamed chunks and specs by id, the recorder, stats, logs."""
     recorder = Recorder(load_policy(policy))
     handles: dict[str, object] = {}
     by_id: dict[str, Spec] = {}
-    async with qllm.Engine(model=model, policy=recorder, prefill_chunk=chunk, max_batch=max_batch) as engine:
+    async with qllm.Engine(
+        model=model, policy=recorder, prefill_chunk=chunk, max_batch=max_batch, memory_budget=budget
+    ) as engine:
 
         def submit(spec: Spec) -> None:
             handle = engine.submit(list(spec.prompt), **spec.submit_kwargs())
@@ -154,6 +162,21 @@ def test_every_request_equals_its_isolated_run(tiny, policy, schedule, chunk, ma
     assert counts == {"ls": submitted["ls"], "be": submitted["be"]}
 
 
+@pytest.mark.parametrize("policy", ["qllm", "priority-aging"])
+@settings(deadline=None, max_examples=3, suppress_health_check=[HealthCheck.too_slow])
+@given(schedule=schedules)
+def test_preempted_tokens_equal_isolated_at_two_threads(tiny, policy, schedule):
+    """At 2 threads (the default of a 2-core server) OpenMP splits a call's rows among threads; the
+    padding probed for that thread count keeps preempted and batched requests exact."""
+    with torch_threads(2):
+        results, _, by_id, _, stats, _ = run(serve(tiny, policy, schedule, chunk=5, max_batch=32))
+        assert stats["kernel"]["batch_invariance"]["threads"] == 2
+        assert stats["kernel"]["batch_invariance"]["verified"]
+        for rid, result in results.items():
+            spec = by_id[rid]
+            assert result.token_ids == isolated(tiny, spec.prompt, spec.params, 5).token_ids, f"{rid} {spec}"
+
+
 def test_reference_is_the_single_request_driver(tiny):
     """The isolated reference equals qllm.generation.generate, and a one-request engine when chunked."""
     from qllm.generation import generate
@@ -171,3 +194,37 @@ def test_reference_is_the_single_request_driver(tiny):
 
     params = SamplingParams(max_tokens=6, ignore_eos=True)
     assert run(one(2)).token_ids == isolated(tiny, prompt, params, 2).token_ids
+
+
+@pytest.fixture(scope="module", params=["deepseek_v3", "qwen3_next"])
+def stateful(request):
+    """A model whose per-request state is not per-head keys and values: latent attention
+    (deepseek_v3: latents and rotary keys of different widths) or gated DeltaNet layers
+    (qwen3_next: a convolution window and a recurrent state beside the KV of full attention)."""
+    case = CASES_BY_NAME[request.param]
+    tokenizer = tiny_tokenizer()
+    hf = dataclasses.replace(case, config={**case.config, "vocab_size": len(tokenizer)}).build()
+    return load_model((hf, tokenizer))
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@settings(deadline=None, max_examples=4, suppress_health_check=[HealthCheck.too_slow])
+@given(schedule=schedules, chunk=st.sampled_from([2, 5, 128]), max_batch=st.sampled_from([2, 32]))
+def test_latent_and_linear_attention_requests_equal_their_isolated_runs(
+    stateful, policy, schedule, chunk, max_batch
+):
+    """The same property for latent-attention and linear-attention state, under a memory budget
+    small enough that suspended requests' caches are offloaded (compacted on CPU) and restored."""
+    results, streamed, by_id, recorder, stats, _ = run(
+        serve(stateful, policy, schedule, chunk=chunk, max_batch=max_batch, budget=4096)
+    )
+
+    assert len(results) == len(schedule)
+    for rid, result in results.items():
+        spec = by_id[rid]
+        ref = isolated(stateful, spec.prompt, spec.params, chunk)
+        assert result.token_ids == ref.token_ids, f"{rid} {spec}"
+        assert result.status == ref.status
+        assert recorder.ops_of(rid) == ref.ops
+        assert [c.token_id for c in streamed[rid]] == ref.token_ids
+    assert stats["memory"]["resident_bytes"] == 0

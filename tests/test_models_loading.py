@@ -7,17 +7,18 @@ the in-memory model does.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from tiny_families import CASES_BY_NAME, torch_threads
+from tiny_families import CASES_BY_NAME, SIZES, torch_threads
 
 from qllm.cli import main
 from qllm.generation import generate
-from qllm.models import FAMILIES, ModelLoadError, load_model, supported_model_types
+from qllm.models import FAMILIES, REFUSED, ModelLoadError, load_model, supported_model_types
 from qllm.models.presets import PRESETS, tiny_tokenizer
 from qllm.sampling import SamplingParams
 
@@ -202,3 +203,127 @@ def test_cli_models_lists_presets_and_families(capsys):
     listed = json.loads(capsys.readouterr().out)
     assert set(listed["presets"]) == set(PRESETS)
     assert listed["families"] == {f.family: list(f.model_types) for f in FAMILIES}
+
+
+# Families whose mechanisms came with latent attention, attention sinks, chunked attention and
+# non-standard module layouts; each checkpoint is written by save_pretrained and run by the CLI.
+SAVED_FAMILIES = [
+    *("gpt_oss", "llama4_text", "dbrx", "deepseek_v3", "deepseek_v2", "glm4_moe_lite", "mistral4"),
+    *("qwen3_next", "qwen3_5_moe_text", "granitemoe_swa", "sarvam_mla", "sarvam_moe"),
+]
+
+
+@pytest.mark.parametrize("name", SAVED_FAMILIES)
+def test_cli_generate_json_on_a_saved_checkpoint_returns_transformers_greedy_ids(name, tmp_path, capsys):
+    case = CASES_BY_NAME[name]
+    tokenizer = tiny_tokenizer()
+    hf = dataclasses.replace(case, config={**case.config, "vocab_size": len(tokenizer)}).build()
+    hf.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    steps = 8
+    with torch.no_grad():
+        ids = torch.tensor([tokenizer(PROMPT)["input_ids"]])
+        out = hf.generate(ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
+    expected = out[0, ids.shape[1] :].tolist()
+    if tokenizer.eos_token_id in expected:  # qllm stops at the tokenizer's EOS, keeping it
+        expected = expected[: expected.index(tokenizer.eos_token_id) + 1]
+
+    assert main(["generate", "--model", str(tmp_path), "--max-tokens", str(steps), "--json", PROMPT]) == 0
+
+    assert json.loads(capsys.readouterr().out)["token_ids"] == expected
+
+
+# Multimodal checkpoints: AutoModelForCausalLM loads their text model, which qllm runs.
+TINY_VISION = {
+    "qwen3_5_moe": dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=48),
+    "llama4": dict(
+        num_hidden_layers=1,
+        hidden_size=32,
+        intermediate_size=32,
+        num_attention_heads=2,
+        vision_output_dim=48,
+        projector_input_dim=48,
+        projector_output_dim=48,
+        image_size=28,
+        patch_size=14,
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("model_type", "text"), [("qwen3_5_moe", "qwen3_5_moe_text"), ("llama4", "llama4_text")]
+)
+def test_cli_generate_json_on_a_multimodal_checkpoint_runs_its_text_model(model_type, text, tmp_path, capsys):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    tokenizer = tiny_tokenizer()
+    text_config = {**SIZES, **CASES_BY_NAME[text].config, "vocab_size": len(tokenizer)}
+    config = AutoConfig.for_model(model_type, text_config=text_config, vision_config=TINY_VISION[model_type])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        AutoModelForImageTextToText.from_config(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    steps = 8
+    with torch.no_grad():
+        ids = torch.tensor([tokenizer(PROMPT)["input_ids"]])
+        out = hf.generate(ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, eos_token_id=None)
+    expected = out[0, ids.shape[1] :].tolist()
+    if tokenizer.eos_token_id in expected:
+        expected = expected[: expected.index(tokenizer.eos_token_id) + 1]
+
+    assert main(["generate", "--model", str(tmp_path), "--max-tokens", str(steps), "--json", PROMPT]) == 0
+
+    assert json.loads(capsys.readouterr().out)["token_ids"] == expected
+
+
+@pytest.mark.parametrize("name", SAVED_FAMILIES)
+def test_bfloat16_smoke_of_the_new_families(name):
+    """Sinks, chunked attention, latent attention and gated DeltaNet state all run in bfloat16."""
+    executor = load_model((CASES_BY_NAME[name].build().to(torch.bfloat16), None))
+
+    result = generate(executor, [5, 9, 14, 3, 77], PARAMS)
+
+    assert executor.dtype == torch.bfloat16
+    assert len(result.token_ids) == PARAMS.max_tokens
+    assert all(0 <= t < executor.vocab_size for t in result.token_ids)
+
+
+def test_a_checkpoint_quantized_by_another_method_is_refused_by_name(saved, tmp_path):
+    path = copy_without(saved[0], tmp_path / "quantized")
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (path / "config.json").write_text(json.dumps(config))
+
+    with pytest.raises(
+        ModelLoadError, match=r"quant_method='bitsandbytes'.*mxfp4, fp8 are dequantized on load"
+    ):
+        load_model(path)
+
+
+def test_a_refused_family_is_refused_by_name_with_its_reason(saved, tmp_path):
+    path = copy_without(saved[0], tmp_path / "kimi")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "model_type": "kimi_linear"}))
+
+    assert_load_error(path, "model_type='kimi_linear'", "linear attention of kind KDA")
+
+
+def test_a_hybrid_model_with_another_linear_attention_kind_is_refused():
+    hf = CASES_BY_NAME["qwen3_next"].build()
+    hf.config.layer_types = ["mamba2", "full_attention", "linear_attention"]
+
+    with pytest.raises(ValueError, match="linear attention of kind 'mamba2' not supported"):
+        load_model((hf, None))
+
+
+def test_cli_models_counts_the_model_types_and_lists_the_refused(capsys):
+    assert main(["models", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert listed["model_types"] == len(supported_model_types()) >= 35
+    assert listed["refused"] == REFUSED
+    assert not set(REFUSED) & set(supported_model_types())
+    assert main(["models"]) == 0
+    text = capsys.readouterr().out
+    assert f"{len(supported_model_types())} config.json model_types" in text
+    assert all(t in text and reason in text for t, reason in REFUSED.items())

@@ -82,7 +82,7 @@ async def test_edf_orders_first_tokens_by_deadline(edf, tiny):
     deadlines = (3.0, None, 1.0, 2.0, 0.5)
     assert await first_token_order(tiny, "edf", deadlines) == [0.5, 1.0, 2.0, 3.0, None]
     # The default policy ignores deadlines: arrival order.
-    assert await first_token_order(tiny, "priority-aging", deadlines) == list(deadlines)
+    assert await first_token_order(tiny, "cohort", deadlines) == list(deadlines)
 
 
 def test_plugin_that_fails_to_import_is_a_policy_error_naming_it(tmp_path, monkeypatch):

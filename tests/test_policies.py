@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
+from types import SimpleNamespace
 
 import pytest
 import structlog
@@ -14,10 +16,12 @@ from kernel_helpers import Recorder, greedy
 
 import qllm
 from qllm.errors import PolicyError
-from qllm.kernel.request import PriorityClass, Request
-from qllm.kernel.view import KernelView, MemoryView, RequestView
+from qllm.kernel.costs import OpCosts, bucket
+from qllm.kernel.request import Phase, PriorityClass, Request
+from qllm.kernel.view import CostView, KernelView, MemoryView, RequestView
 from qllm.ops import Op, OpKind
 from qllm.policies import API_VERSION, DEFAULT_POLICY, Policy, available_policies, load_policy
+from qllm.policies.cohort import CohortPolicy
 from qllm.policies.fcfs import FCFSPolicy
 from qllm.policies.priority_aging import PriorityAgingPolicy
 from qllm.policies.qllm import QLLMPolicy
@@ -55,7 +59,9 @@ def make_request(
     return RequestView(request)
 
 
-def make_kernel(ready, *, now: float = 0.0, max_batch: int = 32, waiting=(), live=None) -> KernelView:
+def make_kernel(
+    ready, *, now: float = 0.0, max_batch: int = 32, waiting=(), live=None, costs: OpCosts | None = None
+) -> KernelView:
     return KernelView(
         now=now,
         ready=list(ready),
@@ -63,7 +69,16 @@ def make_kernel(ready, *, now: float = 0.0, max_batch: int = 32, waiting=(), liv
         live=list(ready if live is None else live),
         max_batch=max_batch,
         memory=MemoryView(None, 0, 0),
+        costs=CostView(costs or OpCosts()),
     )
+
+
+def linear_costs(kind: OpKind, fixed_s: float, per_row_s: float, rows=(4, 8, 16, 32, 64)) -> OpCosts:
+    """A cost model that measured ``fixed_s + per_row_s * rows`` for ops of ``kind``."""
+    costs = OpCosts()
+    for n in rows:
+        costs.record(kind, n, fixed_s + per_row_s * n)
+    return costs
 
 
 def ids(batch) -> list[str]:
@@ -162,6 +177,104 @@ def test_priority_aging_caps_be_rows_riding_along_with_ls():
     assert ids(PriorityAgingPolicy(fill_rows=4).select(make_kernel([ls, small_be]))) == ["ls", "be-small"]
 
 
+EXPERT0 = (OpKind.EXPERT, 0, 2)
+
+
+def test_cohort_ls_prefill_leads_and_ready_rows_at_its_op_ride_along():
+    ls = make_request("ls", "ls", op=EXPERT0, rows=4, arrival=5.0)
+    be_d = [make_request(f"bed{i}", decode=True, op=EXPERT0, arrival=i) for i in range(3)]
+    be_p = make_request("bep", op=EXPERT0, rows=6, arrival=0.5)  # a prefill chunk rides too
+    ls_d = make_request("lsd", "ls", decode=True, op=EXPERT0, arrival=9.0)
+    behind = make_request("be-behind", op=ATTN0, arrival=0.0)  # another op: waits
+    kernel = make_kernel([*be_d, be_p, ls_d, behind, ls], costs=linear_costs(OpKind.EXPERT, 0.002, 0.0))
+    assert ids(CohortPolicy().select(kernel)) == ["ls", "lsd", "bed0", "bep", "bed1", "bed2"]
+
+
+def test_cohort_riders_stop_at_the_latency_budget():
+    # 1 ms + 0.1 ms a row: 4 LS rows predict 1.4 ms alone, so stretch 1.3 allows 1.82 ms: 8 rows.
+    costs = linear_costs(OpKind.EXPERT, 0.001, 0.0001)
+    ls = make_request("ls", "ls", op=EXPERT0, rows=4, arrival=5.0)
+    big = make_request("be-chunk", op=EXPERT0, rows=8, arrival=0.0)  # 12 rows: 2.2 ms, over budget
+    small = [make_request(f"be{i}", decode=True, op=EXPERT0, arrival=1.0 + i) for i in range(6)]
+    policy = CohortPolicy(stretch=1.3)
+    kernel = make_kernel([big, *small, ls], costs=costs)
+    batch = policy.select(kernel)
+    assert ids(batch) == ["ls", "be0", "be1", "be2", "be3"]
+    rows = sum(r.rows for r in batch)
+    budget = policy.budget_s(OpKind.EXPERT, 4, kernel)
+    assert budget == pytest.approx(1.3 * 0.0014)
+    assert costs.predict(OpKind.EXPERT, rows) <= budget < costs.predict(OpKind.EXPERT, rows + 1)
+    # Before anything is measured, every rider comes along (the first op teaches the model).
+    assert len(policy.select(make_kernel([big, *small, ls]))) == 8
+
+
+def test_cohort_ls_runs_alone_until_it_reaches_the_cohort():
+    policy = CohortPolicy()
+    policy.layers = 8
+    cohort = [make_request(f"be{i}", op=(OpKind.EXPERT, 3, 1), at_boundary=False) for i in range(3)]
+    ls = make_request("ls", "ls", op=ATTN0, arrival=9.0)
+    assert ids(policy.select(make_kernel([*cohort, ls]))) == ["ls"]
+    ls_at_3 = make_request("ls", "ls", op=(OpKind.EXPERT, 3, 1), arrival=9.0, at_boundary=False)
+    assert ids(policy.select(make_kernel([*cohort, ls_at_3]))) == ["ls", "be0", "be1", "be2"]
+    assert ids(policy.select(make_kernel(cohort))) == ["be0", "be1", "be2"]
+
+
+def test_cohort_ls_that_reached_the_cohort_advances_with_it_within_its_slack():
+    costs = linear_costs(OpKind.EXPERT, 0.010, 0.0)  # every expert op: 10 ms
+    costs.record(OpKind.ATTENTION, 4, 0.010)
+    policy = CohortPolicy(stretch=1.3)
+    policy.layers = 8
+    ls = make_request("ls", "ls", op=(OpKind.EXPERT, 3, 4), arrival=0.0, at_boundary=False)
+    at_1 = make_request("be-e1", op=(OpKind.EXPERT, 3, 1), at_boundary=False)
+    at_4 = make_request("be-e4", op=(OpKind.EXPERT, 3, 4), at_boundary=False)
+    ahead = make_request("be-e6", op=(OpKind.EXPERT, 3, 6), at_boundary=False)
+    # The LS request ran 20 ops alone (200 ms predicted) in 210 ms: 1.3 x 210 - 210 - 10 = 53 ms of
+    # slack, so the part of the cohort at a smaller expert of the layer runs first ...
+    policy.solo_s["ls"] = 0.200
+    assert policy.slack_s(ls, make_kernel([ls], now=0.210, costs=costs)) == pytest.approx(0.053)
+    assert ids(policy.select(make_kernel([ls, at_1, at_4, ahead], now=0.210, costs=costs))) == ["be-e1"]
+    # ... then the LS request and the cohort run each op together.
+    assert ids(policy.select(make_kernel([ls, at_4, ahead], now=0.220, costs=costs))) == ["ls", "be-e4"]
+    assert policy.solo_s["ls"] == pytest.approx(0.210)
+    # Past the layer's experts the LS request waits for the rest of the layer, not for fragments
+    # left further behind (those rejoin at the step boundary).
+    ls_next = make_request("ls", "ls", op=(OpKind.ATTENTION, 4, -1), arrival=0.0, at_boundary=False)
+    far = make_request("be-far", op=(OpKind.EXPERT, 1, 0), at_boundary=False)
+    assert ids(policy.select(make_kernel([ls_next, ahead, far], now=0.230, costs=costs))) == ["be-e6"]
+    assert ids(policy.select(make_kernel([ls_next, far], now=0.240, costs=costs))) == ["ls"]
+    # Out of slack, the LS request runs on alone.
+    late = make_kernel([ls, at_1, at_4, ahead], now=0.300, costs=costs)
+    assert policy.slack_s(ls, late) < 0.010 and ids(policy.select(late)) == ["ls", "be-e4"]
+
+
+def test_cohort_ls_requests_converge_the_one_furthest_behind_first():
+    old = make_request("ls-old", "ls", op=(OpKind.EXPERT, 2, 1), arrival=1.0, at_boundary=False)
+    new = make_request("ls-new", "ls", op=ATTN0, arrival=2.0)
+    assert ids(CohortPolicy().select(make_kernel([new, old]))) == ["ls-new"]
+    urgent = make_request("ls-urgent", "ls", op=(OpKind.EXPERT, 2, 1), rank=-1, at_boundary=False)
+    assert ids(CohortPolicy().select(make_kernel([new, old, urgent]))) == ["ls-urgent", "ls-old"]
+
+
+def test_cohort_left_behind_requests_rejoin_at_the_step_boundary():
+    # Two BE requests start their next pass; one is still at layer 2 of the previous one: it
+    # catches up first, so the three start the next pass together instead of trailing.
+    at_boundary = [make_request(f"be{i}", decode=True, op=ATTN0) for i in range(2)]
+    behind = make_request("late", decode=True, op=(OpKind.EXPERT, 2, 5), at_boundary=False)
+    ls_decode = make_request("lsd", "ls", decode=True, op=ATTN0)
+    assert ids(CohortPolicy().select(make_kernel([*at_boundary, ls_decode, behind]))) == ["late"]
+    assert ids(CohortPolicy().select(make_kernel([*at_boundary, ls_decode]))) == ["lsd", "be0", "be1"]
+
+
+def test_cohort_is_the_default_and_keeps_max_batch():
+    assert DEFAULT_POLICY == "cohort"
+    ls = make_request("ls", "ls", op=EXPERT0)
+    be = [make_request(f"be{i}", op=EXPERT0, arrival=i) for i in range(5)]
+    assert ids(CohortPolicy().select(make_kernel([*be, ls], max_batch=3))) == ["ls", "be0", "be1"]
+    assert ids(CohortPolicy().select(make_kernel(be, max_batch=3))) == ["be0", "be1", "be2"]
+    with pytest.raises(ValueError, match="stretch"):
+        CohortPolicy(stretch=0.5)
+
+
 def test_recorder_wraps_the_whole_policy_api():
     api = {n for n, v in vars(Policy).items() if inspect.isfunction(v) and not n.startswith("_")}
     assert api <= set(vars(Recorder)), api - set(vars(Recorder))
@@ -188,7 +301,7 @@ async def be_then_ls(model, policy: str, ls_after: int):
     return ls, be, recorder
 
 
-@pytest.mark.parametrize("policy", ["qllm", "priority-aging"])
+@pytest.mark.parametrize("policy", ["qllm", "priority-aging", "cohort"])
 @pytest.mark.parametrize("ls_after", [20, 200], ids=["mid-prefill", "mid-decode"])
 async def test_ls_preempts_running_be_within_one_op(tiny, policy, ls_after):
     ls, be, recorder = await be_then_ls(tiny, policy, ls_after)
@@ -210,7 +323,7 @@ async def test_fcfs_never_preempts(tiny, ls_after):
     assert be.token_ids == greedy(tiny, BE_PROMPT, 12, 8)
 
 
-@pytest.mark.parametrize("policy", ["qllm", "priority-aging", "fcfs"])
+@pytest.mark.parametrize("policy", ["qllm", "priority-aging", "cohort", "fcfs"])
 async def test_waiting_ls_is_admitted_before_waiting_be(tiny, policy):
     """With the batch full, an LS request that arrives behind queued BE requests starts first
     under the LS-first policies; fcfs keeps arrival order."""
@@ -228,6 +341,91 @@ async def test_waiting_ls_is_admitted_before_waiting_be(tiny, policy):
         assert ls_result.first_scheduled < first_queued
     assert ls_result.token_ids == greedy(tiny, LS_PROMPT, 2, 8)
     assert all(r.status == "length" for r in results)
+
+
+# ---------------------------------------------------------------- the latency budget on a live engine
+LAW = {  # seconds of a batched op: fixed + per row (padded like the executor)
+    OpKind.ATTENTION: (0.003, 0.0005),
+    OpKind.ROUTER: (0.001, 0.00005),
+    OpKind.EXPERT: (0.002, 0.0001),
+    OpKind.HEAD: (0.005, 0.0),
+}
+
+
+class OpClock:
+    """A fake device: each batched op advances the kernel's op timer by ``LAW`` for its rows."""
+
+    def __init__(self, model):
+        self.model_run = model.run
+        self.now = 0.0
+        self.ops: list[tuple[OpKind, int, float]] = []  # (kind, rows, seconds) of each batched op
+
+    def run(self, ops):
+        results = self.model_run(ops)
+        fixed, per_row = LAW[ops[0].kind]
+        seconds = fixed + per_row * bucket(sum(op.rows for op in ops))
+        self.ops.append((ops[0].kind, sum(op.rows for op in ops), seconds))
+        self.now += seconds
+        return results
+
+
+class BudgetRecorder(Recorder):
+    """Records, for each LS-led batch with riders, what the policy predicted and allowed."""
+
+    def __init__(self, inner: CohortPolicy):
+        super().__init__(inner)
+        self.ridden: list[dict] = []
+
+    def select(self, kernel):
+        batch = super().select(kernel)
+        leads = [r for r in batch if r.is_ls and r.phase is Phase.PREFILL]
+        if leads and len(batch) > len(leads):
+            kind, lead_rows = batch[0].op_kind, sum(r.rows for r in leads)
+            self.ridden.append({
+                "batch": len(self.batches) - 1,
+                "riders": [r.priority_class for r in batch if r not in leads],
+                "left": [r for r in kernel.ready if r.op_key == batch[0].op_key and r not in batch],
+                "predicted": kernel.costs.predict(kind, sum(r.rows for r in batch)),
+                "budget": self.inner.budget_s(kind, lead_rows, kernel),
+            })  # fmt: skip
+        return batch
+
+
+async def test_cohort_ls_op_with_riders_is_predicted_and_measured_within_the_budget(tiny, monkeypatch):
+    """The kernel times ops on a fake device whose op time grows with rows (``LAW``): every LS op
+    that took riders was predicted, by the kernel's cost model, and measured, by the kernel's own
+    op timer, within the budget of ``stretch`` times the LS rows alone."""
+    import qllm.kernel.dispatcher as dispatcher
+
+    device = OpClock(tiny)
+    monkeypatch.setattr(tiny, "run", device.run)
+    monkeypatch.setattr(
+        dispatcher, "time", SimpleNamespace(perf_counter=lambda: device.now, monotonic=time.monotonic)
+    )
+    recorder = BudgetRecorder(CohortPolicy(stretch=1.2))
+    be_prompts = [list(range(10, 10 + n)) for n in (3, 5, 8, 11, 14, 6)]
+    async with qllm.Engine(model=tiny, policy=recorder, prefill_chunk=16) as engine:
+
+        def submit_ls():
+            handles.append(engine.submit(LS_PROMPT, max_tokens=3, priority="ls", ignore_eos=True))
+
+        handles = [engine.submit(p, max_tokens=10, ignore_eos=True) for p in be_prompts]
+        recorder.at[60] = [submit_ls]
+        recorder.at[150] = [submit_ls, submit_ls]
+        results = [await h.result() for h in handles]
+        costs = engine.stats()["kernel"]["op_costs"]
+
+    assert [r.token_ids for r in results] == [
+        greedy(tiny, p, n, 16) for p, n in [*((p, 10) for p in be_prompts), *[(LS_PROMPT, 3)] * 3]
+    ]
+    assert set(costs) == {"attention", "router", "expert", "head"}
+    with_budget = [d for d in recorder.ridden if d["budget"] is not None]
+    assert with_budget and any(PriorityClass.BE in d["riders"] for d in with_budget)
+    assert any(d["left"] for d in with_budget)  # the budget, not max_batch, cut some riders
+    for d in with_budget:
+        measured = device.ops[d["batch"]][2]
+        assert d["predicted"] <= d["budget"] + 1e-12, d
+        assert measured <= d["budget"] + 1e-12, (d, measured)
 
 
 # ---------------------------------------------------------------- starvation
@@ -269,8 +467,9 @@ async def sustained_ls(model, policy: str, cap: int):
     return be_result, ls_results, feeder
 
 
-async def test_priority_aging_finishes_be_under_sustained_ls_load(tiny):
-    be, ls, feeder = await sustained_ls(tiny, "priority-aging", cap=400)
+@pytest.mark.parametrize("policy", ["priority-aging", "cohort"])
+async def test_be_finishes_under_sustained_ls_load(tiny, policy):
+    be, ls, feeder = await sustained_ls(tiny, policy, cap=400)
 
     assert be.status == "length" and len(be.token_ids) == 4
     # The LS stream was still going when BE finished: BE got its share, not the leftovers.
@@ -321,7 +520,7 @@ class Raising(Policy):
         self._maybe_raise("on_finish")
 
 
-class RaisingDefault(PriorityAgingPolicy):
+class RaisingDefault(CohortPolicy):
     """A subclass of the default policy (same name) whose select raises."""
 
     def select(self, kernel):
@@ -416,8 +615,14 @@ async def test_batch_over_max_batch_is_logged_and_the_default_decides(tiny):
 # ---------------------------------------------------------------- loading
 def test_builtin_policies_are_registered_entry_points():
     registered = available_policies()
-    assert {"fcfs", "qllm", "priority-aging"} <= set(registered)
-    for name, cls in (("fcfs", FCFSPolicy), ("qllm", QLLMPolicy), ("priority-aging", PriorityAgingPolicy)):
+    assert {"fcfs", "qllm", "priority-aging", "cohort"} <= set(registered)
+    builtin = (
+        ("fcfs", FCFSPolicy),
+        ("qllm", QLLMPolicy),
+        ("priority-aging", PriorityAgingPolicy),
+        ("cohort", CohortPolicy),
+    )
+    for name, cls in builtin:
         policy = load_policy(name)
         assert type(policy) is cls and policy.name == name
     assert load_policy(None).name == DEFAULT_POLICY
@@ -427,7 +632,7 @@ def test_builtin_policies_are_registered_entry_points():
 def test_unknown_policy_lists_the_available_ones():
     with pytest.raises(PolicyError, match="unknown policy 'nope'") as info:
         load_policy("nope")
-    for name in ("fcfs", "qllm", "priority-aging", "module:Class"):
+    for name in ("fcfs", "qllm", "priority-aging", "cohort", "module:Class"):
         assert name in str(info.value)
 
 

@@ -63,6 +63,38 @@ def test_accounting_follows_register_and_release():
     assert tm.resident_bytes == 0 and tm.stats()["requests"] == 0
 
 
+def hybrid_cache(tokens: int, device: str = "cpu", seed: int = 0) -> KVCache:
+    """A cache whose layer 0 is linear attention (a convolution window and a recurrent state,
+    fixed size) and layer 1 full attention (keys and values)."""
+    cache = KVCache(LAYERS, HEADS, DIM, torch.float32, torch.device(device))
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(tokens):
+        conv, recurrent = torch.randn(12, 4, generator=gen), torch.randn(HEADS, DIM, DIM, generator=gen)
+        cache.update_state(0, [conv.to(device), recurrent.to(device)], 1)
+        k = torch.randn(HEADS, 1, DIM, generator=gen).to(device)
+        cache.append(1, k, -k)
+    return cache
+
+
+STATE_BYTES = (12 * 4 + HEADS * DIM * DIM) * 4
+
+
+def test_recurrent_state_is_counted_kept_by_compaction_and_released():
+    cache = hybrid_cache(5)
+    assert cache.length() == cache.length(1) == 5
+    tm = TensorManager("cpu", 1)
+    tm.register("a", cache)
+    assert tm.resident_bytes == STATE_BYTES + cache.keys[1].numel() * 4 * 2
+    state = [t.clone() for t in cache.state(0)]
+
+    tm.enforce(set())  # CPU: compaction trims the KV buffers; the fixed-size state stays as it is
+
+    assert all(torch.equal(x, y) for x, y in zip(cache.state(0), state))
+    assert tm.resident_bytes == STATE_BYTES + 5 * HEADS * DIM * 4 * 2
+    tm.release("a")
+    assert cache.state(0) is None and cache.nbytes == 0
+
+
 def test_cpu_over_budget_compacts_the_coldest_suspended_caches_only():
     a, b, c = filled_cache(17, seed=1), filled_cache(17, seed=2), filled_cache(17, seed=3)
     # 17 tokens sit in buffers of capacity 32: compaction frees 15 tokens' worth of each.
@@ -194,6 +226,31 @@ def test_cuda_offload_and_restore_roundtrip():
     assert a.keys[0].device.type == "cuda"
     assert [float(s) for s in sums] == [float(t.sum()) for t in before]
     assert all(torch.equal(x, y) for x, y in zip(contents(a), before))
+    tm.release("a")
+    tm.release("b")
+    assert tm.resident_bytes == 0 and tm.offloaded_bytes == 0
+
+
+@cuda
+def test_cuda_offload_and_restore_roundtrip_of_recurrent_state():
+    a, b = hybrid_cache(6, "cuda", seed=1), hybrid_cache(3, "cuda", seed=2)
+
+    def kv(cache: KVCache) -> list[torch.Tensor]:  # the full-attention layer's filled keys and values
+        return [t[:, : cache.lengths[1]].cpu().clone() for t in (cache.keys[1], cache.values[1])]
+
+    state, filled = [t.cpu().clone() for t in a.state(0)], kv(a)
+    tm = TensorManager("cuda", 0)
+    tm.register("a", a)
+    tm.register("b", b)
+
+    tm.enforce({"b"})
+
+    assert tm.is_offloaded("a") and a.state(0) is None and a.keys[1] is None
+    assert tm.offloaded_bytes == STATE_BYTES + 6 * HEADS * DIM * 4 * 2
+    tm.before_run(["a"])
+    assert a.state(0)[1].device.type == "cuda" and a.length() == 6
+    assert all(torch.equal(x.cpu(), y) for x, y in zip(a.state(0), state))
+    assert all(torch.equal(x, y) for x, y in zip(kv(a), filled))
     tm.release("a")
     tm.release("b")
     assert tm.resident_bytes == 0 and tm.offloaded_bytes == 0

@@ -47,21 +47,27 @@ class Case:
     model_type: str
     config: dict[str, Any]
     kinds: frozenset[OpKind] = frozenset({OpKind.ATTENTION, OpKind.ROUTER, OpKind.EXPERT, OpKind.HEAD})
+    model_class: str | None = None
+    """transformers class to build, where ``AutoModelForCausalLM`` does not map the model type."""
 
     def build(self, seed: int = 0) -> Any:
         """The transformers ``*ForCausalLM`` with weights drawn from ``seed``, in eval mode, fp32."""
+        import transformers
         from transformers import AutoConfig, AutoModelForCausalLM
 
         config = AutoConfig.for_model(self.model_type, **{**SIZES, **self.config})
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_config(config)
+            if self.model_class is None:
+                model = AutoModelForCausalLM.from_config(config)
+            else:
+                model = getattr(transformers, self.model_class)(config)
             with torch.no_grad():
                 for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
                     # Biases start at zero: make them matter.
                     if name.endswith(("e_score_correction_bias", "expert_bias")):
                         tensor.copy_(torch.rand_like(tensor) * 0.2)
-                    elif name.endswith(".bias"):
+                    elif name.endswith((".bias", "proj_bias")):
                         tensor.copy_(torch.randn_like(tensor) * 0.1)
         return model.eval()
 
@@ -77,6 +83,31 @@ DEEPSEEK_ROUTING = dict(
     topk_group=1,
     routed_scaling_factor=2.5,
     norm_topk_prob=True,
+)
+# Multi-head latent attention: low-rank queries, a 24-wide latent and an 8-wide shared rotary key
+# (every query head has its own expanded key and value: no grouping).
+LATENT_ATTENTION = dict(
+    num_key_value_heads=4,
+    q_lora_rank=32,
+    kv_lora_rank=24,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=16,
+    v_head_dim=12,
+)
+# Hybrid linear attention: 2 key heads, 4 value heads (grouped), a 4-wide causal convolution;
+# Qwen-style routing with a gated shared expert and one dense layer.
+GATED_DELTANET = dict(
+    head_dim=16,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=8,
+    linear_value_head_dim=12,
+    linear_conv_kernel_dim=4,
+    num_experts=8,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=48,
+    mlp_only_layers=[2],
 )
 GRANITE_MULTIPLIERS = dict(
     embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=2.0
@@ -278,7 +309,143 @@ CASES = [
         dict(num_local_experts=8, num_experts_per_tok=2, shared_intermediate_size=64, **GRANITE_MULTIPLIERS),
         ROUTED | {OpKind.SHARED},
     ),
+    Case(
+        "gpt_oss",
+        "gpt_oss",
+        # Layers alternate sliding (window 6) and full attention, both with sinks.
+        # A low swiglu_limit makes the clamps bite.
+        dict(
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            intermediate_size=32,
+            head_dim=16,
+            sliding_window=6,
+            swiglu_limit=0.5,
+            rope_parameters=dict(
+                rope_type="yarn", rope_theta=150000.0, factor=32.0, original_max_position_embeddings=16
+            ),
+        ),
+    ),
+    Case(
+        "dbrx",
+        "dbrx",
+        dict(
+            d_model=48,
+            n_heads=4,
+            n_layers=3,
+            attn_config=dict(kv_n_heads=2, clip_qkv=1.0, rope_theta=10000.0),
+            ffn_config=dict(
+                ffn_hidden_size=32, moe_num_experts=8, moe_top_k=2, moe_normalize_expert_weights=1.0
+            ),
+        ),
+    ),
+    Case(
+        "deepseek_v3",
+        "deepseek_v3",
+        dict(**DEEPSEEK_ROUTING, **LATENT_ATTENTION, first_k_dense_replace=1),
+        ROUTED | {OpKind.SHARED, OpKind.MLP},
+    ),
+    Case(
+        "deepseek_v2",
+        "deepseek_v2",
+        # Full-rank queries (V2-Lite), softmax routing limited to the best group.
+        dict(
+            **{**DEEPSEEK_ROUTING, "n_shared_experts": 2},
+            **{**LATENT_ATTENTION, "q_lora_rank": None},
+            topk_method="group_limited_greedy",
+            first_k_dense_replace=1,
+        ),
+        ROUTED | {OpKind.SHARED, OpKind.MLP},
+    ),
+    Case(
+        "glm4_moe_lite",
+        "glm4_moe_lite",
+        dict(**DEEPSEEK_ROUTING, **LATENT_ATTENTION, mlp_layer_types=["sparse", "dense", "sparse"]),
+        ROUTED | {OpKind.SHARED, OpKind.MLP},
+    ),
+    Case(
+        "mistral4",
+        "mistral4",
+        # Non-interleaved rotary; queries scaled from position 4 on (llama_4_scaling_beta).
+        dict(
+            **DEEPSEEK_ROUTING,
+            **LATENT_ATTENTION,
+            first_k_dense_replace=1,
+            rope_interleave=False,
+            rope_parameters=dict(
+                rope_type="yarn",
+                rope_theta=10000.0,
+                factor=128.0,
+                original_max_position_embeddings=4,
+                mscale_all_dim=1.0,
+                mscale=1.0,
+                llama_4_scaling_beta=0.5,
+            ),
+        ),
+        ROUTED | {OpKind.SHARED, OpKind.MLP},
+        model_class="Mistral4ForCausalLM",
+    ),
+    Case(
+        "qwen3_next",
+        "qwen3_next",
+        # Gated DeltaNet, full attention, gated DeltaNet (dense MLP in the last layer).
+        dict(**GATED_DELTANET, layer_types=["linear_attention", "full_attention", "linear_attention"]),
+        ROUTED | {OpKind.SHARED, OpKind.MLP},
+    ),
+    Case(
+        "qwen3_5_moe_text",
+        "qwen3_5_moe_text",
+        # Every layer is MoE (Qwen3.5 has no mlp_only_layers).
+        dict(**GATED_DELTANET, layer_types=["linear_attention", "full_attention", "linear_attention"]),
+        ROUTED | {OpKind.SHARED},
+    ),
+    Case(
+        "granitemoe_swa",
+        "granitemoe_swa",
+        # Sinks on every layer; layer 0 slides with rotary, 1 is global NoPE, 2 global with rotary.
+        dict(
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            shared_intermediate_size=64,
+            sliding_window=6,
+            layer_types=["sliding_attention", "full_attention", "full_attention"],
+            layer_rope_theta=[10000.0, 0, 500000.0],
+            **GRANITE_MULTIPLIERS,
+        ),
+        ROUTED | {OpKind.SHARED},
+    ),
+    Case(
+        "sarvam_moe",
+        "sarvam_moe",
+        dict(**DEEPSEEK_ROUTING, first_k_dense_replace=1),
+        ROUTED | {OpKind.SHARED, OpKind.MLP},
+    ),
+    Case(
+        "sarvam_mla",
+        "sarvam_mla",
+        dict(**DEEPSEEK_ROUTING, **LATENT_ATTENTION, first_k_dense_replace=1),
+        ROUTED | {OpKind.SHARED, OpKind.MLP},
+    ),
     Case("hunyuan_v1_moe", "hunyuan_v1_moe", dict(num_experts=8, moe_topk=2, head_dim=12), ROUTED | {OpKind.SHARED}),
+    Case(
+        "llama4_text",
+        "llama4_text",
+        # Layers 0 and 2: chunked attention (chunks of 5) with rotary and L2 q/k norm; layer 1:
+        # global NoPE attention with the query temperature. Layers 0 and 2 are MoE, 1 dense.
+        dict(
+            num_local_experts=8,
+            num_experts_per_tok=1,
+            intermediate_size=32,
+            intermediate_size_mlp=64,
+            head_dim=16,
+            no_rope_layers=[1, 0, 1],
+            attention_chunk_size=5,
+            moe_layers=[0, 2],
+            floor_scale=4,
+            attn_scale=0.5,
+        ),
+        ROUTED | {OpKind.SHARED, OpKind.MLP},
+    ),
 ]
 CASES_BY_NAME = {case.name: case for case in CASES}
 

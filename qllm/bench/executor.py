@@ -22,7 +22,7 @@ from typing import Any
 
 TRANSFORMERS = "transformers"
 QLLM = "qllm"
-"""The batch-invariant executor (rows padded to a multiple of 4): what the engine serves with."""
+"""The batch-invariant executor (rows padded as probed on this machine): what the engine serves with."""
 QLLM_UNPADDED = "qllm_unpadded"
 """The executor without row padding (``load_model(..., batch_invariant=False)``)."""
 
@@ -117,6 +117,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "decode_tokens_per_s_rounds": decode,
             "prefill_speed_rounds": prefill,
         }
+    # What batch invariance costs: decode of the padded executor over the unpadded one, per round.
+    padding_cost = None
+    if QLLM in runs and QLLM_UNPADDED in runs:
+        cost = [_ratio(p[2], u[2]) for p, u in zip(runs[QLLM], runs[QLLM_UNPADDED])]
+        padding_cost = {"padded_over_unpadded_decode": statistics.median(cost), "rounds": cost}
     return {
         "bench": "executor",
         "model": str(args.model),
@@ -128,8 +133,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "decode_tokens": args.decode_tokens,
         "rounds": args.rounds,
         "build_s": build_s,
+        "batch_invariance": first.invariance.summary() if first.invariance else {"enabled": False},
         "tokens_equal": all(r["tokens_equal"] for r in report.values()),
         "ratios": ratios,
+        "padding_cost": padding_cost,
         "systems": report,
     }
 

@@ -28,7 +28,7 @@ from typing import Any
 from qllm.bench.stats import percentile as _pct
 from qllm.bench.stats import rounded as _round
 
-POLICIES = ("fcfs", "qllm", "priority-aging")
+POLICIES = ("fcfs", "qllm", "priority-aging", "cohort")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

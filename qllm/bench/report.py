@@ -55,6 +55,8 @@ def table(result: dict[str, Any]) -> str:
         "",
         _headline(result["headline"]),
         "",
+        _by_policy(result["headline"]),
+        "",
         _targets(result["targets"]),
     ]
     return "\n".join(parts)
@@ -73,7 +75,8 @@ def _headline(h: dict[str, Any]) -> str:
         f"  LS turnaround ratio max {_fmt(h['ls_turnaround_ratio_max'], x)};  "
         f"LS TTFT p99 / isolated (worst rate) {_fmt(h['ls_ttft_p99_over_isolated'], x)}",
         f"  BE throughput vs fcfs (min over rates) {_fmt(h['be_throughput_ratio'], x)};  "
-        f"BE turnaround vs fcfs (mean) {_fmt(h['be_turnaround_ratio_mean'], x)}",
+        f"BE turnaround vs fcfs (mean) {_fmt(h['be_turnaround_ratio_mean'], x)};  "
+        f"BE TTFT vs fcfs (mean) {_fmt(h.get('be_ttft_ratio_mean'), x)}",
         f"  fcfs TTFT / transformers-cb TTFT (mean over rates) {_fmt(h['fcfs_vs_transformers_cb'], x)}; "
         f"each in units of its own idle TTFT {_fmt(h.get('fcfs_vs_transformers_cb_normalized'), x)}",
         "  SLO held up to: "
@@ -81,6 +84,18 @@ def _headline(h: dict[str, Any]) -> str:
         + f"  (LS alone saturates at ~{_fmt(h['ls_saturation_rate'], '{:.3g} req/s')})",
     ]
     return "\n".join(lines)
+
+
+def _by_policy(h: dict[str, Any]) -> str:
+    """Every candidate's ratios against the baseline (the headline shows only the best one)."""
+    x = "{:.3g}x"
+    rows = [["policy vs fcfs", "fcfs LS ttft / its", "LS p99 / isolated", "BE tok/s (min)", "BE turn (mean)",
+             "BE ttft (mean)"]]  # fmt: skip
+    for name, f in h.get("by_policy", {}).items():
+        keys = ("ls_ttft_ratio_mean", "ls_ttft_p99_over_isolated", "be_throughput_ratio",
+                "be_turnaround_ratio_mean", "be_ttft_ratio_mean")  # fmt: skip
+        rows.append([name, *(_fmt(f.get(k), x) for k in keys)])
+    return _grid(rows) if len(rows) > 1 else ""
 
 
 def _targets(targets: list[dict[str, Any]]) -> str:

@@ -58,6 +58,7 @@ def _policy_figures(cells, base: str, system: str, rates, isolated_p99: float | 
     be_tokens = per_rate("be", "tokens_per_s", inverse=True)
     be_jobs = per_rate("be", "requests_per_s", inverse=True)
     be_turnaround = per_rate("be", "turnaround_mean_s", inverse=True)
+    be_ttft = per_rate("be", "ttft_mean_s", inverse=True)
     p99_over_isolated = _over_rates(
         rates, lambda r: ratio(_value(cells, system, r, "ls", "ttft_p99_s"), isolated_p99)
     )
@@ -70,6 +71,8 @@ def _policy_figures(cells, base: str, system: str, rates, isolated_p99: float | 
         "be_jobs_ratio": _agg(be_jobs, min),
         "be_turnaround_ratio_mean": _agg(be_turnaround, mean),
         "be_turnaround_ratio_max": _agg(be_turnaround, max),
+        "be_ttft_ratio_mean": _agg(be_ttft, mean),
+        "be_ttft_ratio_max": _agg(be_ttft, max),
         "ls_ttft_p99_over_isolated": _agg(p99_over_isolated, max),
         "ls_queue_p99_s": _agg(
             _over_rates(rates, lambda r: _value(cells, system, r, "ls", "queue_p99_s")), max
@@ -130,6 +133,7 @@ def headline(
         "be_throughput_ratio": figures.get("be_throughput_ratio"),
         "be_jobs_ratio": figures.get("be_jobs_ratio"),
         "be_turnaround_ratio_mean": figures.get("be_turnaround_ratio_mean"),
+        "be_ttft_ratio_mean": figures.get("be_ttft_ratio_mean"),
         "ls_ttft_p99_over_isolated": figures.get("ls_ttft_p99_over_isolated"),
         "fcfs_vs_transformers_cb": _agg(peer_ratio, mean) if peer_ratio else None,
         "fcfs_vs_transformers_cb_by_rate": peer_ratio,

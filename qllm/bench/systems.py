@@ -112,6 +112,7 @@ class EngineSystem:
             "rows": kernel["rows"],
             "rows_per_batch": kernel["rows"] / kernel["batches"] if kernel["batches"] else None,
             "op_times": kernel["op_times"],
+            "op_costs": kernel["op_costs"],
         }
         return [_engine_record(r, t0) for r in results]
 

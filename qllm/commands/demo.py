@@ -42,7 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="serve a model and run a mixed LS/BE demo through the client", description=__doc__)
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"preset name or model directory (default {DEFAULT_MODEL})")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype")
-    p.add_argument("--policy", default="priority-aging", help="scheduling policy (default priority-aging)")
+    p.add_argument("--policy", default="cohort", help="scheduling policy (default cohort)")
     p.add_argument("--be", type=int, default=6, help="best-effort jobs in flight (default 6)")
     p.add_argument("--be-tokens", type=int, default=48, help="tokens per best-effort job (default 48)")
     p.add_argument("--ls", type=int, default=3, help="latency-sensitive questions (default 3)")

@@ -18,9 +18,10 @@ import structlog
 
 from qllm.generation import decode, finish_text, generation_steps, stop_index
 from qllm.kernel.compute import Compute
+from qllm.kernel.costs import OpCosts
 from qllm.kernel.request import Request, RequestResult, RequestStatus
 from qllm.kernel.tensors import TensorManager
-from qllm.kernel.view import KernelView, MemoryView, RequestView
+from qllm.kernel.view import CostView, KernelView, MemoryView, RequestView
 from qllm.logging import Throttled
 from qllm.models.base import MoEModel
 from qllm.ops import OpKind, Token
@@ -103,6 +104,8 @@ class Dispatcher:
         self.policy_errors = 0
         self.op_times = OpTimes()
         self.failures = Throttled(log)  # a client can make requests fail at will: bound the log
+        self.costs = OpCosts()  # the cost model policies read through KernelView.costs
+        self._cost_view = CostView(self.costs)
 
     # ---------------------------------------------------------------- mailbox
     def post(self, message: Any) -> None:
@@ -166,7 +169,9 @@ class Dispatcher:
         if request.finish_time is not None:
             return
         request.status = status
-        request.error = error if status in (RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_ERROR) else None
+        request.error = (
+            error if status in (RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_ERROR) else None
+        )
         request.finish_time = time.monotonic()
         if request.steps is not None:
             request.steps.close()
@@ -219,7 +224,9 @@ class Dispatcher:
                 request.at_boundary = item.kind is OpKind.ATTENTION and item.layer == 0
                 return
         except StopIteration as stop:
-            status = RequestStatus.FINISHED_LENGTH if stop.value == "length" else RequestStatus.FINISHED_STOPPED
+            status = (
+                RequestStatus.FINISHED_LENGTH if stop.value == "length" else RequestStatus.FINISHED_STOPPED
+            )
             self._finish(request, status)
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
@@ -255,7 +262,10 @@ class Dispatcher:
             waiting=[self.views[r.id] for r in self.waiting],
             live=[self.views[rid] for rid in self.live],
             max_batch=self.max_batch,
-            memory=MemoryView(self.tensors.budget_bytes, self.tensors.resident_bytes, self.tensors.offloaded_bytes),
+            memory=MemoryView(
+                self.tensors.budget_bytes, self.tensors.resident_bytes, self.tensors.offloaded_bytes
+            ),
+            costs=self._cost_view,
         )
 
     def _call_policy(self, method: str, *args: Any) -> Any:
@@ -300,7 +310,9 @@ class Dispatcher:
         batch = self._validate(chosen, view)
         if batch is None:
             self.policy_errors += 1
-            log.error("policy_bad_batch", policy=self.policy.name, batch=[getattr(r, "id", r) for r in chosen])
+            log.error(
+                "policy_bad_batch", policy=self.policy.name, batch=[getattr(r, "id", r) for r in chosen]
+            )
             batch = self._validate(self.fallback.select(view), view) or []
         return batch
 
@@ -339,10 +351,14 @@ class Dispatcher:
             )
         finally:
             self.in_flight = set()
-        self.op_times.record(ops[0].kind, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        rows = sum(op.rows for op in ops)
+        self.op_times.record(ops[0].kind, seconds)
+        if results is not None:
+            self.costs.record(ops[0].kind, rows, seconds)
         self.batches += 1
         self.ops += len(ops)
-        self.rows += sum(op.rows for op in ops)
+        self.rows += rows
         self.progress += 1
         for i, request in enumerate(batch):
             request.ops_done += 1

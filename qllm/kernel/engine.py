@@ -291,6 +291,10 @@ class Engine:
                 "max_batch": d.max_batch,
                 "prefill_chunk": d.prefill_chunk,
                 "op_times": d.op_times.snapshot(),
+                "op_costs": d.costs.snapshot(),
+                "batch_invariance": self.model.invariance.summary()
+                if self.model.invariance is not None
+                else {"enabled": False, "verified": False},
             },
             "memory": self._tensors.stats(),
             "metrics": self.metrics.snapshot(),

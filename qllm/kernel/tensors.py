@@ -32,6 +32,7 @@ class _Entry:
     ready_event: Any = None  # CUDA event: copy back to device finished
     host_k: list = field(default_factory=list)
     host_v: list = field(default_factory=list)
+    host_states: list = field(default_factory=list)  # per layer: None or the recurrent state tensors
 
 
 class TensorManager:
@@ -60,6 +61,7 @@ class TensorManager:
             entry.cache.clear()
             entry.host_k.clear()
             entry.host_v.clear()
+            entry.host_states.clear()
 
     def _tick(self) -> int:
         self._clock += 1
@@ -173,9 +175,17 @@ class TensorManager:
                     host.copy_(filled, non_blocking=True)
                     t.record_stream(self._stream)  # keep the device memory alive until the copy ran
                     dst.append(host)
-        entry.pinned_bytes = sum(h.numel() * h.element_size() for h in entry.host_k + entry.host_v if h is not None)
+            entry.host_states = [
+                None if tensors is None else [_to_host(t, self._stream) for t in tensors]
+                for tensors in cache.states
+            ]
+        host_states = [h for tensors in entry.host_states if tensors is not None for h in tensors]
+        entry.pinned_bytes = sum(
+            h.numel() * h.element_size() for h in entry.host_k + entry.host_v + host_states if h is not None
+        )
         cache.keys = [None] * cache.num_layers
         cache.values = [None] * cache.num_layers
+        cache.states = [None] * cache.num_layers
         entry.offloaded = True
 
     def _restore(self, entry: _Entry) -> None:
@@ -187,13 +197,26 @@ class TensorManager:
         with torch.cuda.stream(self._stream):
             cache.keys = [None if h is None else h.to(self.device, non_blocking=True) for h in entry.host_k]
             cache.values = [None if h is None else h.to(self.device, non_blocking=True) for h in entry.host_v]
+            cache.states = [
+                None if tensors is None else [h.to(self.device, non_blocking=True) for h in tensors]
+                for tensors in entry.host_states
+            ]
             entry.ready_event = torch.cuda.Event()
             entry.ready_event.record(self._stream)
-        for t in (*cache.keys, *cache.values):
+        states = [t for tensors in cache.states if tensors is not None for t in tensors]
+        for t in (*cache.keys, *cache.values, *states):
             if t is not None:
                 t.record_stream(torch.cuda.current_stream(self.device))
-        entry.host_k, entry.host_v = [], []
+        entry.host_k, entry.host_v, entry.host_states = [], [], []
         entry.pinned_bytes = 0
+
+
+def _to_host(t: torch.Tensor, stream: Any) -> torch.Tensor:
+    """A pinned host copy of device tensor ``t``, queued on ``stream`` (which keeps ``t`` alive)."""
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    t.record_stream(stream)
+    return host
 
 
 def _compact(cache: KVCache) -> bool:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from qllm.kernel.costs import OpCosts
 from qllm.kernel.request import Phase, PriorityClass, Request, RequestStatus
 from qllm.ops import OpKind
 
@@ -80,6 +81,23 @@ class MemoryView:
     offloaded_bytes: int
 
 
+class CostView:
+    """What a policy may read of the kernel's cost model (:class:`~qllm.kernel.costs.OpCosts`)."""
+
+    __slots__ = ("_c",)
+
+    def __init__(self, costs: OpCosts):
+        self._c = costs
+
+    def predict(self, kind: OpKind, rows: int) -> float | None:
+        """Predicted seconds of one batched op of ``kind`` over ``rows`` rows (None: never measured)."""
+        return self._c.predict(kind, rows)
+
+    def known(self, kind: OpKind) -> bool:
+        """Whether the kernel has measured any op of ``kind``."""
+        return self._c.known(kind)
+
+
 @dataclass(frozen=True)
 class KernelView:
     """Snapshot handed to a policy at each decision (lists are fresh; request views are live)."""
@@ -90,3 +108,4 @@ class KernelView:
     live: Sequence[RequestView]  # admitted and not finished
     max_batch: int
     memory: MemoryView
+    costs: CostView = field(default_factory=lambda: CostView(OpCosts()))  # op time by kind and rows

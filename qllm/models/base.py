@@ -12,25 +12,22 @@ where its architecture differs (see ``qllm/models/qwen2_moe.py`` for a shared ex
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable, Generator
 from typing import Any, ClassVar
 
+import structlog
 import torch
 import torch.nn.functional as F
 
+from qllm import __version__ as qllm_version
 from qllm.cache import KVCache
-from qllm.models.gemm import ONEDNN_MIN_ROWS, linear, uses_onednn
+from qllm.models import gemm, invariance
+from qllm.models.gemm import linear
 from qllm.ops import Op, OpKind
 
-ROW_MULTIPLE = 4
-"""Rows of every batched matmul are zero-padded to a multiple of this.
-
-CPU GEMM kernels pick a different code path for a ragged tail of rows, so a row's result can
-depend on how many other rows share the call. Padding to a multiple of 4 makes each row's result
-independent of its batch mates (tests/test_batch_invariance.py checks it on this machine), so a
-request gets bit-identical output whether it runs alone or batched with others. Op kinds whose
-matmuls all run through oneDNN only need two rows (:data:`qllm.models.gemm.ONEDNN_MIN_ROWS`)."""
+log = structlog.get_logger()
 
 
 def _pad(x: torch.Tensor, multiple: int, minimum: int = 0) -> torch.Tensor:
@@ -50,23 +47,25 @@ class MoEModel:
     """``config.model_type`` values this adapter runs."""
     parallel_mlp: ClassVar[bool] = False
     """The MoE block (or MLP) reads the layer's input, as attention does, not the attention output."""
+    weighted_expert_input: ClassVar[bool] = False
+    """The routing weight scales each expert's input rather than its output (Llama 4)."""
 
     def __init__(self, model: Any, tokenizer: Any = None, *, batch_invariant: bool = True):
         self.hf = model.eval()
         self.hf.requires_grad_(False)
         self.tokenizer = tokenizer
         self.config = model.config
-        self.body = model.model
+        self.body = self.decoder(model)
         self.layers = list(self.body.layers)
         self.num_layers = len(self.layers)
-        self.row_multiple = ROW_MULTIPLE if batch_invariant else 1
-        first = self.layers[0].self_attn
-        self.head_dim = first.head_dim
+        self.batch_invariant = batch_invariant
+        first = self.attention(self.layers[0])
+        self.head_dim = getattr(first, "head_dim", None)  # latent attention has none (qllm/models/mla.py)
         self.num_kv_heads = self.config.num_key_value_heads
         self.dtype = self.body.embed_tokens.weight.dtype
         self.device = self.body.embed_tokens.weight.device
         self.vocab_size = self.hf.lm_head.out_features
-        self._rope = sys.modules[type(first).__module__].apply_rotary_pos_emb
+        self._rope = getattr(sys.modules[type(first).__module__], "apply_rotary_pos_emb", None)
         self.moe_blocks = [self.moe_block(layer) for layer in self.layers]
         # "dynamic" and "longrope" rotary depend on the longest position in a call (and switch
         # state on it), so each request's rows get their own call to stay batch-invariant.
@@ -78,12 +77,12 @@ class MoEModel:
             type(self).rotary_embedding is MoEModel.rotary_embedding
         )
         self._rotary_memo: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        # Rows of each op kind's calls are padded to (multiple, at least); kinds whose matmuls all
-        # run through oneDNN are batch-invariant from two rows up (see qllm/models/gemm.py).
-        self._padding = {kind: (self.row_multiple, 0) for kind in OpKind}
-        if batch_invariant:
-            for kind in self._onednn_only_kinds():
-                self._padding[kind] = (1, ONEDNN_MIN_ROWS)
+        # Rows of each op kind's calls are padded to (multiple, at least) rows: what the probe of
+        # this machine's GEMM kernels found batch-invariant (qllm/models/invariance.py), set by
+        # calibrate(); no padding without batch invariance.
+        self._padding: dict[OpKind, invariance.Padding] = {kind: invariance.NO_PADDING for kind in OpKind}
+        self.invariance: invariance.Calibration | None = None
+        self._calibrated_threads = 0
         self._runners: dict[OpKind, Callable[[list[Op]], list[Any]]] = {
             OpKind.ATTENTION: self._run_attention,
             OpKind.ROUTER: self._run_router,
@@ -97,6 +96,14 @@ class MoEModel:
     @classmethod
     def supports(cls, config: Any) -> bool:
         return getattr(config, "model_type", None) in cls.model_types
+
+    def decoder(self, model: Any) -> Any:
+        """The decoder inside the ``*ForCausalLM``: ``embed_tokens``, ``layers``, ``norm``, ``rotary_emb``."""
+        return model.model
+
+    def attention(self, layer: torch.nn.Module) -> torch.nn.Module:
+        """The layer's attention module (projections, ``head_dim``, ``scaling``)."""
+        return layer.self_attn
 
     def moe_block(self, layer: torch.nn.Module) -> torch.nn.Module | None:
         """The layer's sparse MoE block, or None for a dense layer."""
@@ -117,6 +124,20 @@ class MoEModel:
         window = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(self.config, "sliding_window", None)
         return window or None
 
+    def attention_chunk(self, attn: torch.nn.Module) -> int | None:
+        """Chunk length of chunked attention (a query sees only the keys of its own chunk), or None."""
+        return None
+
+    def attention_sinks(self, attn: torch.nn.Module) -> torch.Tensor | None:
+        """Per-head learned sink logits ``[heads]`` that join each query's softmax and carry no value, or None."""
+        return None
+
+    def expand_kv(
+        self, attn: torch.nn.Module, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[kv_heads, T, dim]`` that attention reads, from what the cache holds."""
+        return keys, values
+
     def route(self, block: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Routing weights and expert indices, ``[N, top_k]`` each."""
         _, weights, indices = block.gate(x)
@@ -127,6 +148,10 @@ class MoEModel:
         experts = block.experts
         gate, up = linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
         return linear(experts.act_fn(gate) * up, experts.down_proj[e])
+
+    def dense_mlp(self, layer: torch.nn.Module) -> torch.nn.Module:
+        """The MLP of a dense layer (one whose :meth:`moe_block` is None)."""
+        return layer.mlp
 
     def attn_norm(self, layer: torch.nn.Module) -> torch.nn.Module:
         """Norm applied to the residual stream before attention."""
@@ -139,7 +164,7 @@ class MoEModel:
     def attn_out(self, layer: torch.nn.Module, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Attention's contribution to the residual from its heads' output ``o`` ``[N, heads * head_dim]``;
         ``x`` is the normed input (for output gates)."""
-        o_proj = layer.self_attn.o_proj
+        o_proj = self.attention(layer).o_proj
         return linear(o, o_proj.weight, o_proj.bias)
 
     def routed_out(self, block: torch.nn.Module, y: torch.Tensor) -> torch.Tensor:
@@ -231,35 +256,65 @@ class MoEModel:
     # ------------------------------------------------------------------ kernel side
     def run(self, ops: list[Op]) -> list[Any]:
         """Compute ops that share one key as a single batched call; one result per op."""
+        if self.batch_invariant and self._calibrated_threads != torch.get_num_threads():
+            self.calibrate()  # kernels split rows differently at another thread count
         with torch.no_grad():
             return self._runners[ops[0].kind](ops)
 
-    def _onednn_only_kinds(self) -> list[OpKind]:
-        """Op kinds whose every matmul goes through oneDNN: the default hooks on large weights."""
-        cls = type(self)
+    def calibrate(self, cache: invariance.ProbeCache | None = None) -> invariance.Calibration:
+        """Find, on this machine and at the thread count in force, the row padding of each op kind
+        that makes a row's results independent of its batch mates (see qllm/models/invariance.py)."""
+        self._padding = {kind: invariance.NO_PADDING for kind in OpKind}
+        result = invariance.calibrate(self._trace_gemms, self.signature(), self.device.type, cache)
+        for name, padding in result.padding.items():
+            self._padding[OpKind[name]] = padding
+        if not result.verified and (self.invariance is None or self.invariance.verified):
+            log.warning(
+                "batch_invariance_unverified",
+                op_kinds=sorted(result.unverified),
+                threads=result.threads,
+                detail="no tested row padding makes these GEMMs batch-invariant here; "
+                "batched and preempted outputs may differ from solo runs in the last bits",
+            )
+        self.invariance = result
+        self._calibrated_threads = torch.get_num_threads()
+        return result
 
-        def default(*hooks: str) -> bool:
-            return all(getattr(cls, hook) is getattr(MoEModel, hook) for hook in hooks)
+    def signature(self) -> str:
+        """The adapter and every weight's name, shape, dtype and layout: what picks GEMM kernels."""
+        # Which kernel runs a weight is code: the adapter, qllm's version and the oneDNN routing.
+        parts = [
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            qllm_version,
+            gemm.ONEDNN,
+            gemm.ONEDNN_MIN_WEIGHT,
+        ]
+        for name, t in [*self.hf.named_parameters(), *self.hf.named_buffers()]:
+            parts.append(f"{name}:{tuple(t.shape)}:{t.dtype}:{t.stride()}")
+        return invariance.ProbeCache.key(parts)
 
-        kinds = []
+    def _trace_gemms(self) -> dict[str, list[invariance.Gemm]]:
+        """The GEMMs each op kind runs, traced over a 3-token prefill and one decode step."""
+        found: dict[str, dict[str, invariance.Gemm]] = {}
+        cache = self.new_cache()
+        tokens = torch.arange(3) % self.vocab_size
         with torch.no_grad():
-            attention = [layer.self_attn for layer in self.layers]
-            if default("qkv", "attn_out") and all(
-                uses_onednn(getattr(attn, proj).weight)
-                for attn in attention
-                for proj in ("q_proj", "k_proj", "v_proj", "o_proj")
-            ):
-                kinds.append(OpKind.ATTENTION)
-            experts = [block.experts for block in self.moe_blocks if block is not None]
-            if (
-                default("expert")
-                and experts
-                and all(uses_onednn(e.gate_up_proj[0]) and uses_onednn(e.down_proj[0]) for e in experts)
-            ):
-                kinds.append(OpKind.EXPERT)
-            if default("logits") and uses_onednn(self.hf.lm_head.weight):
-                kinds.append(OpKind.HEAD)
-        return kinds
+            for ids in (tokens, tokens[:1]):
+                steps = self.forward(cache, ids)
+                op = next(steps)
+                while True:
+                    results = []
+                    traced = invariance.trace_gemms(
+                        functools.partial(lambda op, out: out.extend(self._runners[op.kind]([op])), op, results),
+                        op.x.shape[0],
+                    )
+                    for call in traced:
+                        found.setdefault(op.kind.name, {}).setdefault(call.signature(), call)
+                    try:
+                        op = steps.send(results[0])
+                    except StopIteration:
+                        break
+        return {kind: list(gemms.values()) for kind, gemms in found.items()}
 
     def _rows(self, ops: list[Op]) -> tuple[torch.Tensor, list[int]]:
         padding = self._padding[ops[0].kind]
@@ -275,7 +330,7 @@ class MoEModel:
 
     def _run_attention(self, ops: list[Op]) -> list[torch.Tensor]:
         layer = self.layers[ops[0].layer]
-        attn = layer.self_attn
+        attn = self.attention(layer)
         x, sizes = self._rows(ops)
         n = sum(sizes)
         x = self.attn_norm(layer)(x)
@@ -289,12 +344,14 @@ class MoEModel:
             parts = [self.rotary_embedding(ops[0].layer, v, op.positions) for op in ops]
             cos, sin = torch.cat([c for c, _ in parts]), torch.cat([s for _, s in parts])
         q, k = self.rotary(attn, q, k, cos, sin)
-        window = self.sliding_window(attn)
+        window, chunk, sinks = self.sliding_window(attn), self.attention_chunk(attn), self.attention_sinks(attn)
         outs = []
         per_request = [(ops[0], q, k, v)] if len(ops) == 1 else zip(ops, q.split(sizes), k.split(sizes), v.split(sizes))
         for op, qi, ki, vi in per_request:
             keys, values = op.cache.append(ops[0].layer, ki.transpose(0, 1), vi.transpose(0, 1))
-            outs.append(_attend(qi.transpose(0, 1), keys, values, attn.scaling, window).transpose(0, 1))
+            keys, values = self.expand_kv(attn, keys, values)
+            out = _attend(qi.transpose(0, 1), keys, values, attn.scaling, window, chunk=chunk, sinks=sinks)
+            outs.append(out.transpose(0, 1))
         o = (outs[0] if len(outs) == 1 else torch.cat(outs)).reshape(n, -1)
         return self._split(self.attn_out(layer, _pad(o, *self._padding[OpKind.ATTENTION]), x), sizes)
 
@@ -317,6 +374,10 @@ class MoEModel:
 
     def _run_expert(self, ops: list[Op]) -> list[torch.Tensor]:
         x, sizes = self._rows(ops)
+        if self.weighted_expert_input:
+            w = ops[0].weight if len(ops) == 1 else torch.cat([op.weight for op in ops])
+            w = torch.cat([w.to(x.dtype), w.new_zeros(x.shape[0] - w.shape[0], dtype=x.dtype)])
+            return self._split(self.expert(self.moe_blocks[ops[0].layer], ops[0].expert, x * w[:, None]), sizes)
         y = self.expert(self.moe_blocks[ops[0].layer], ops[0].expert, x)[: sum(sizes)]
         w = ops[0].weight if len(ops) == 1 else torch.cat([op.weight for op in ops])
         return self._split((y * w[:, None]).to(y.dtype), sizes)
@@ -328,28 +389,67 @@ class MoEModel:
     def _run_mlp(self, ops: list[Op]) -> list[torch.Tensor]:
         layer = self.layers[ops[0].layer]
         x, sizes = self._rows(ops)
-        return self._split(self.mlp_out(layer, layer.mlp(self.mlp_norm(layer)(x))), sizes)
+        return self._split(self.mlp_out(layer, self.dense_mlp(layer)(self.mlp_norm(layer)(x))), sizes)
 
     def _run_head(self, ops: list[Op]) -> list[torch.Tensor]:
         x, sizes = self._rows(ops)
         return self._split(self.logits(x), sizes)
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int | None) -> torch.Tensor:
-    """Causal attention of one request: q ``[Hq, n, D]`` over its keys/values ``[Hkv, T, D]``."""
+def _attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    window: int | None,
+    *,
+    chunk: int | None = None,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention of one request: q ``[Hq, n, D]`` over its keys/values ``[Hkv, T, D]``.
+
+    ``window``: a query sees only its last ``window`` keys; ``chunk``: only keys of its own
+    ``chunk``-long block of positions; ``sinks`` ``[Hq]``: one extra logit per head in the softmax,
+    whose probability mass is dropped (attends to nothing)."""
     n, total = q.shape[1], k.shape[1]
     past = total - n
     mask = None
     causal = False
-    if (n > 1 and past > 0) or (window is not None and total > window):
+    limited = (window is not None and total > window) or (chunk is not None and total > chunk)
+    if (n > 1 and past > 0) or limited or (sinks is not None and n > 1):
         qpos = torch.arange(past, total, device=q.device)[:, None]
         kpos = torch.arange(total, device=q.device)[None, :]
         mask = kpos <= qpos
         if window is not None:
             mask &= kpos > qpos - window
+        if chunk is not None:
+            mask &= kpos // chunk == qpos // chunk
     elif n > 1:
         causal = True
+    if sinks is not None:
+        return _attend_with_sinks(q, k, v, scale, mask, sinks)
     out = F.scaled_dot_product_attention(
         q[None], k[None], v[None], attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=q.shape[0] != k.shape[0]
     )
     return out[0]
+
+
+def _attend_with_sinks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    mask: torch.Tensor | None,
+    sinks: torch.Tensor,
+) -> torch.Tensor:
+    group = q.shape[0] // k.shape[0]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)
+    logits = torch.matmul(q, k.transpose(1, 2)) * scale
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    sink = sinks.to(logits.dtype)[:, None, None].expand(-1, q.shape[1], 1)
+    combined = torch.cat([logits, sink], dim=-1)
+    combined = combined - combined.amax(dim=-1, keepdim=True)
+    probs = torch.softmax(combined, dim=-1)[..., :-1]
+    return torch.matmul(probs.to(v.dtype), v)

@@ -1,11 +1,12 @@
 """Matrix products of the executor: fast for one row and batch-invariant, chosen per weight.
 
 Batch invariance (a row's result does not depend on how many rows share the call) needs every
-call to run the same GEMM code path. MKL's GEMM does from 4 rows up in steps of 4 (hence
-:data:`qllm.models.base.ROW_MULTIPLE`), but a GEMM of 4 rows costs about twice the matrix-vector
-product that transformers runs for a lone decode row. oneDNN's matmul computes a row the same way
-in every call of 2 rows or more, and its small-row GEMMs are faster. Measured on this machine
-(AMD EPYC, one thread, a 4096x1024 float32 weight not in cache), per call:
+call to run the same GEMM code path; the executor pads rows to counts that the probe of this
+machine's kernels found invariant (qllm/models/invariance.py). For MKL's GEMM that is typically a
+multiple of 4 or 16 rows (it depends on the CPU and the thread count), and a GEMM of 4 rows costs
+about twice the matrix-vector product that transformers runs for a lone decode row. oneDNN's matmul
+typically computes a row the same way in every call of 2 rows or more, and its small-row GEMMs are
+faster. Measured on an AMD EPYC (one thread, a 4096x1024 float32 weight not in cache), per call:
 
 =============  =======  =======  =======
 rows           1        2        4
@@ -17,17 +18,14 @@ oneDNN         0.95 ms  1.3 ms   1.5 ms
 (for small weights oneDNN's per-call overhead outweighs the gain). The choice depends only on the
 weight, never on the rows, so each weight always runs one kernel and invariance holds. The two
 kernels round differently (about 1e-6 relative), well inside the executor's exactness bound.
-tests/test_gemm.py checks the invariance and the closeness on the machine it runs on.
+tests/test_gemm.py checks the invariance (at the probed padding) and the closeness on the machine
+it runs on.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-ONEDNN_MIN_ROWS = 2
-"""oneDNN computes a row identically in every call of at least this many rows (one row alone runs
-another kernel), so ops whose matmuls all run through oneDNN pad a lone row to two, not four."""
 
 ONEDNN_MIN_WEIGHT = 1 << 18
 """Weights with at least this many elements (1 MiB in float32) use oneDNN where it is available."""

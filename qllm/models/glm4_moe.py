@@ -7,4 +7,4 @@ from qllm.models.base import MoEModel
 
 class Glm4Moe(MoEModel):
     family = "glm4_moe"
-    model_types = ("glm4_moe",)
+    model_types = ("glm4_moe", "sarvam_moe")  # sarvam_moe: the same architecture

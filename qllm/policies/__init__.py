@@ -14,7 +14,7 @@ from qllm.errors import PolicyError
 from qllm.policies.base import API_VERSION, Policy
 
 GROUP = "qllm.policies"
-DEFAULT_POLICY = "priority-aging"
+DEFAULT_POLICY = "cohort"
 
 
 def available_policies() -> dict[str, EntryPoint]:

@@ -1,0 +1,136 @@
+"""``cohort`` (default): LS first within a latency budget; best-effort work rides along and stays whole.
+
+- **An LS request waiting for its first token leads**: of those, the one furthest behind (with
+  every such LS request at the same op), so that they converge. Its op runs next, and every other ready request at that op rides along,
+  LS decode first, then BE (decode rows and prefill chunks alike), for as long as the op's
+  predicted time (the kernel's cost model, :attr:`KernelView.costs`) stays within ``stretch``
+  times the predicted time of the LS rows alone. Riding is what makes preemption cheap for
+  best-effort work: the weights an LS op reads anyway serve the BE rows too.
+- **It runs alone only until it reaches the cohort, then they advance together**, within its
+  budget. Once the lead is less than a layer ahead of requests in the middle of their pass (the
+  cohort, spread over the experts of a layer), those run first, so that the lead and the cohort
+  meet at each op, as long as the lead's slack allows: ``stretch`` times the predicted time of its
+  own ops so far, minus the time since it arrived. Out of slack, the lead runs on alone.
+- **Without LS work every ready request is one cohort**, stepped like an iteration-level batch at
+  op granularity: requests in the middle of a pass run before requests at a pass boundary, the op
+  furthest behind first. So requests left behind (ridden past, or cut by the budget) rejoin the
+  cohort at the next step boundary instead of trailing as small batches.
+
+The budget follows from the LS target, a first token within 1.5x the time alone: ``stretch``
+(1.3) is spent on riders and on waiting for the cohort; the rest is left for the op in flight when
+the request arrives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from qllm.kernel.request import Phase
+from qllm.kernel.view import KernelView, RequestView
+from qllm.ops import OpKind
+from qllm.policies.base import Policy
+
+
+def cohort_position(r: RequestView) -> tuple:
+    """Where a request stands in the cohort: mid-pass before a pass boundary, then furthest behind."""
+    return (r.at_boundary, r.progress_key)
+
+
+class CohortPolicy(Policy):
+    name = "cohort"
+
+    def __init__(self, stretch: float = 1.3):
+        if stretch < 1:
+            raise ValueError("stretch must be >= 1 (the LS op's own time is the least it can take)")
+        self.stretch = stretch
+        self.layers = 0  # layers of the model, as seen in the ops so far
+        self.solo_s: dict[str, float] = {}  # LS request -> predicted time of its ops run so far, alone
+
+    def leads(self, ready: Sequence[RequestView]) -> list[RequestView]:
+        """LS requests still waiting for their first token, of the best rank, oldest first."""
+        urgent = [r for r in ready if r.is_ls and r.phase is Phase.PREFILL]
+        rank = min((r.rank for r in urgent), default=0)
+        return sorted((r for r in urgent if r.rank == rank), key=lambda r: (r.arrival, r.seq))
+
+    def select(self, kernel: KernelView) -> Sequence[RequestView]:
+        ready = kernel.ready
+        if not ready:
+            return []
+        layers = (r.progress_key[0] + 1 for r in ready if r.op_kind is not OpKind.HEAD)
+        self.layers = max(self.layers, *layers, 0)
+        leads = self.leads(ready)
+        if not leads:
+            return self.members(min(ready, key=cohort_position).op_key, ready, kernel)
+        lead = min(leads, key=lambda r: r.progress_key)  # the others wait, so all converge
+        behind = self.reached(lead, ready)
+        if behind:  # the lead reached the cohort: the part of it still behind runs first, in budget
+            batch = self.members(min(behind, key=lambda r: r.progress_key).op_key, ready, kernel)
+            if self._predict(batch, kernel) <= self.slack_s(lead, kernel):
+                return batch
+        primary = [r for r in leads if r.op_key == lead.op_key][: kernel.max_batch]
+        chosen = {r.id for r in primary}
+        riders = sorted(
+            (r for r in ready if r.op_key == lead.op_key and r.id not in chosen), key=lambda r: r.sort_key
+        )
+        batch = self.fill(primary, riders, kernel)
+        for r in primary:
+            self.solo_s[r.id] = self.solo_s.get(r.id, 0.0) + (kernel.costs.predict(r.op_kind, r.rows) or 0.0)
+        return batch
+
+    def on_finish(self, request: RequestView, kernel: KernelView) -> None:
+        self.solo_s.pop(request.id, None)
+
+    def members(self, key, ready: Sequence[RequestView], kernel: KernelView) -> list[RequestView]:
+        """Every ready request at op ``key``, most urgent first, at most ``max_batch``."""
+        return sorted((r for r in ready if r.op_key == key), key=lambda r: r.sort_key)[: kernel.max_batch]
+
+    def _layer(self, r: RequestView) -> int:
+        return self.layers if r.op_kind is OpKind.HEAD else r.progress_key[0]
+
+    def reached(self, lead: RequestView, ready: Sequence[RequestView]) -> list[RequestView]:
+        """Requests in the middle of a pass, behind ``lead`` by less than a layer: the cohort that
+        ``lead`` caught up with (within a layer, requests sit at different experts)."""
+        layer = self._layer(lead)
+        return [
+            r
+            for r in ready
+            if not r.at_boundary and r.progress_key < lead.progress_key and self._layer(r) >= layer - 1
+        ]
+
+    def slack_s(self, lead: RequestView, kernel: KernelView) -> float:
+        """What ``lead`` may still spend waiting: ``stretch`` times the predicted time of its own ops
+        so far and of its next one, less the time since it arrived and its next op alone."""
+        own = kernel.costs.predict(lead.op_kind, lead.rows)
+        if own is None:
+            return 0.0
+        return self.stretch * (self.solo_s.get(lead.id, 0.0) + own) - (kernel.now - lead.arrival) - own
+
+    def _predict(self, batch: Sequence[RequestView], kernel: KernelView) -> float:
+        predicted = kernel.costs.predict(batch[0].op_kind, sum(r.rows for r in batch))
+        return float("inf") if predicted is None else predicted
+
+    def budget_s(self, kind: OpKind, lead_rows: int, kernel: KernelView) -> float | None:
+        """Longest predicted time an op led by ``lead_rows`` LS rows may take (None: not measured yet)."""
+        alone = kernel.costs.predict(kind, lead_rows)
+        return None if alone is None else self.stretch * alone
+
+    def fill(
+        self, primary: list[RequestView], riders: Sequence[RequestView], kernel: KernelView
+    ) -> list[RequestView]:
+        """``primary`` plus the riders that keep the op's predicted time within the budget, in order.
+
+        Before the kernel has measured an op of this kind, every rider comes along: the first
+        measurement teaches the model.
+        """
+        kind = primary[0].op_kind
+        rows = sum(r.rows for r in primary)
+        budget = self.budget_s(kind, rows, kernel)
+        batch = list(primary)
+        for r in riders:
+            if len(batch) >= kernel.max_batch:
+                break
+            if budget is not None and (kernel.costs.predict(kind, rows + r.rows) or 0.0) > budget:
+                continue  # a smaller rider further on may still fit
+            batch.append(r)
+            rows += r.rows
+        return batch

@@ -4,8 +4,9 @@ A request carries the client that sent it (``RequestView.client``: the server pa
 connection; the per-user connection cap bounds how many shares one user can hold). Among requests
 a policy ranks equally (same class and rank), these helpers take clients in turn: each client's
 first request comes before any client's second, and so on. With one client they return exactly
-the order they were given, so single-client behaviour is unchanged. ``priority-aging`` (the
-default) uses them; the kernel admits waiting requests taking clients in turn for every policy.
+the order they were given, so single-client behaviour is unchanged. ``cohort`` (the default)
+and ``priority-aging`` use them; the kernel admits waiting requests taking clients in turn for
+every policy.
 """
 
 from __future__ import annotations

@@ -181,7 +181,7 @@ class Connection:
                 await self._handle(message)
         except _Closed as exc:
             reason = exc.reason
-            self.log.info("connection_timed_out", reason=reason, live=len(self.requests))
+            self.server.errors.info("connection_timed_out", reason, conn=self.name, reason=reason)
             if reason == "write_stalled":
                 self.writer.transport.abort()  # the client reads nothing: an error frame would not get through
             else:
@@ -306,7 +306,11 @@ class Connection:
                     return self.send(refused)
                 self.requests[message.id] = None
                 self._arm_idle()
-                await self._slots.acquire()  # released once the prompt is tokenized
+                try:
+                    await self._slots.acquire()  # released once the prompt is tokenized
+                except asyncio.CancelledError:
+                    self.requests.pop(message.id, None)  # never started: nothing will end it
+                    raise
                 self._tasks.create_task(relay(self, message, self._slots), name=f"{self.name}.{message.id}")
             case p.Cancel(id=rid):
                 if rid in self.requests:

@@ -34,6 +34,8 @@ class Outbox:
         self._room = asyncio.Event()  # the backlog is within the limit
         self._room.set()
         self._closing = False
+        # drain() must return below our limit, so that the writer sees the room it made.
+        writer.transport.set_write_buffer_limits(high=min(limit, 1 << 16))
 
     @property
     def backlog(self) -> int:

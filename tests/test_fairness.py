@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 from serving import running_server
 
 from qllm.client import AsyncClient
@@ -72,9 +73,12 @@ def test_the_surplus_beyond_max_batch_waits_and_it_is_the_largest_clients():
     assert runnable((prefill, decode[:3]), max_batch=4) == [prefill, decode[:3]]
 
 
-async def test_a_flood_from_one_connection_does_not_starve_another_connections_request(tmp_path, tiny):
+@pytest.mark.parametrize("policy", ["cohort", "priority-aging"])
+async def test_a_flood_from_one_connection_does_not_starve_another_connections_request(
+    tmp_path, tiny, policy
+):
     async with (
-        running_server(tmp_path, tiny) as running,
+        running_server(tmp_path, tiny, policy=policy) as running,
         AsyncClient(running.path, timeout=300) as flooder,
         AsyncClient(running.path) as other,
     ):

@@ -3,6 +3,7 @@ memory stays bounded, stalled connections close, limits hold, other clients keep
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
@@ -33,6 +34,13 @@ from qllm.logging import Throttled, configure
 UNREAD_STATS = 300_000
 
 
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One ``qllm serve --model tiny`` (default settings) for the tests that do not stop it."""
+    with serve_process(tmp_path_factory.mktemp("serve")) as running:
+        yield running
+
+
 def send_until_blocked(sock: socket.socket, frame: bytes, count: int, stall: float = 3.0) -> int:
     """Send ``count`` copies of ``frame`` until the socket takes nothing for ``stall`` seconds;
     returns how many were sent whole."""
@@ -50,8 +58,8 @@ def send_until_blocked(sock: socket.socket, frame: bytes, count: int, stall: flo
     return sent
 
 
-def test_a_client_that_never_reads_its_replies_is_paused_not_buffered(tmp_path):
-    with serve_process(tmp_path) as server, Client(server.path, timeout=60) as bystander:
+def test_a_client_that_never_reads_its_replies_is_paused_not_buffered(server):
+    with Client(server.path, timeout=60) as bystander:
         bystander.generate("warm up", max_tokens=2)
         bystander.stats()
         before = server.rss()
@@ -204,9 +212,9 @@ async def test_connections_are_capped_for_the_whole_server(tmp_path, tiny):
 # Sampling values at the edge, and what failures put in the log --------------------------------
 
 
-def test_sampling_values_at_the_edge_generate_or_are_refused_clearly(tmp_path):
+def test_sampling_values_at_the_edge_generate_or_are_refused_clearly(server):
     secret = "my-secret-prompt-7f3a"
-    with serve_process(tmp_path) as server, Client(server.path, timeout=60) as client:
+    with Client(server.path, timeout=60) as client:
         for kw in ({"temperature": 1e-39}, {"temperature": 5e-324}, {"temperature": 1.0, "top_p": 1e-46}):
             result = client.generate(secret, max_tokens=3, ignore_eos=True, **kw)
             assert result.status == "length" and len(result.token_ids) == 3, kw
@@ -217,7 +225,7 @@ def test_sampling_values_at_the_edge_generate_or_are_refused_clearly(tmp_path):
         )
         with pytest.raises(InvalidRequest, match="temperature must be a finite number"):
             client.generate(secret, temperature=float("inf"))
-    log = (tmp_path / "stderr").read_text()
+    log = server.stderr.read_text()
     assert secret not in log
     assert "Traceback" not in log and "request_failed" not in log
 
@@ -253,19 +261,16 @@ def test_repeated_identical_errors_are_logged_once_per_interval():
 # Bounded error frames ------------------------------------------------------------------------
 
 
-def test_an_invalid_huge_value_gets_a_short_error_and_the_connection_goes_on(tmp_path):
-    with serve_process(tmp_path) as server:
-        sock = server.connect()
-        huge = msgspec.msgpack.encode(
-            {"type": "generate", "id": 5, "prompt": "x", "priority": "v" * 1_040_000}
-        )
-        sock.sendall(len(huge).to_bytes(4, "big") + huge)
-        error = recv_frame(sock)
-        assert isinstance(error, p.Error) and error.id == 5 and error.code == "invalid_request"
-        assert len(p.encode_frame(error)) < 2048 and "more characters" in error.message
-        sock.sendall(p.encode_frame(p.Health(id=6)))
-        assert isinstance(recv_frame(sock), p.HealthReply)
-        sock.close()
+def test_an_invalid_huge_value_gets_a_short_error_and_the_connection_goes_on(server):
+    sock = server.connect()
+    huge = msgspec.msgpack.encode({"type": "generate", "id": 5, "prompt": "x", "priority": "v" * 1_040_000})
+    sock.sendall(len(huge).to_bytes(4, "big") + huge)
+    error = recv_frame(sock)
+    assert isinstance(error, p.Error) and error.id == 5 and error.code == "invalid_request"
+    assert len(p.encode_frame(error)) < 2048 and "more characters" in error.message
+    sock.sendall(p.encode_frame(p.Health(id=6)))
+    assert isinstance(recv_frame(sock), p.HealthReply)
+    sock.close()
 
 
 # Tokenizing off the event loop ---------------------------------------------------------------
@@ -273,36 +278,35 @@ def test_an_invalid_huge_value_gets_a_short_error_and_the_connection_goes_on(tmp
 CJK_PROMPT = "".join(chr(0x4E00 + (i * 7919) % 20000) for i in range(131072))  # max_prompt_chars
 
 
-def test_a_tokenizing_flood_does_not_hold_up_another_clients_health_check(tmp_path):
+def test_a_tokenizing_flood_does_not_hold_up_another_clients_health_check(server):
     flood_size = 4
-    with serve_process(tmp_path) as server:
-        probe, flood = server.connect(), server.connect()
+    probe, flood = server.connect(), server.connect()
 
-        def health_round_trip() -> float:
-            started = time.perf_counter()
-            probe.sendall(p.encode_frame(p.Health(id=1)))
-            assert isinstance(recv_frame(probe), p.HealthReply)
-            return time.perf_counter() - started
+    def health_round_trip() -> float:
+        started = time.perf_counter()
+        probe.sendall(p.encode_frame(p.Health(id=1)))
+        assert isinstance(recv_frame(probe), p.HealthReply)
+        return time.perf_counter() - started
 
-        replies: list[p.Message] = []
-        reader = threading.Thread(target=lambda: replies.extend(recv_frame(flood) for _ in range(flood_size)))
-        reader.start()
-        frames = b"".join(p.encode_frame(p.Generate(id=i, prompt=CJK_PROMPT)) for i in range(flood_size))
-        threading.Thread(target=flood.sendall, args=(frames,), daemon=True).start()
-        delays = []
-        while reader.is_alive():
-            delays.append(health_round_trip())
-        reader.join()
-        # Each prompt takes 0.2-0.8 s to tokenize here; on the event loop it held every other
-        # client that long. Off the loop a health check waits a few ms (max 31 ms measured under
-        # a 20-prompt flood); 200 ms leaves room for a loaded 2-core machine.
-        assert len(delays) > 10 and max(delays) < 0.2, f"max {max(delays) * 1000:.0f} ms"
-        assert {r.code for r in replies} == {"prompt_too_long"}  # > 8192 tokens, after tokenizing
-        flood.sendall(p.encode_frame(p.Generate(id=99, prompt=CJK_PROMPT + "x")))
-        refused = recv_frame(flood)
-        assert refused.code == "prompt_too_long" and "131073 characters" in refused.message
-        probe.close()
-        flood.close()
+    replies: list[p.Message] = []
+    reader = threading.Thread(target=lambda: replies.extend(recv_frame(flood) for _ in range(flood_size)))
+    reader.start()
+    frames = b"".join(p.encode_frame(p.Generate(id=i, prompt=CJK_PROMPT)) for i in range(flood_size))
+    threading.Thread(target=flood.sendall, args=(frames,), daemon=True).start()
+    delays = []
+    while reader.is_alive():
+        delays.append(health_round_trip())
+    reader.join()
+    # Each prompt takes 0.2-0.8 s to tokenize here; on the event loop it held every other
+    # client that long. Off the loop a health check waits a few ms (max 31 ms measured under
+    # a 20-prompt flood); 200 ms leaves room for a loaded 2-core machine.
+    assert len(delays) > 10 and max(delays) < 0.2, f"max {max(delays) * 1000:.0f} ms"
+    assert {r.code for r in replies} == {"prompt_too_long"}  # > 8192 tokens, after tokenizing
+    flood.sendall(p.encode_frame(p.Generate(id=99, prompt=CJK_PROMPT + "x")))
+    refused = recv_frame(flood)
+    assert refused.code == "prompt_too_long" and "131073 characters" in refused.message
+    probe.close()
+    flood.close()
 
 
 # Smaller things ------------------------------------------------------------------------------
@@ -395,3 +399,35 @@ def test_the_documented_exchange_and_sample_client_work_against_tiny(tmp_path, t
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "'type': 'final'" in out.stdout and "'status': 'length'" in out.stdout
+
+
+async def test_a_small_outbox_pauses_and_resumes_without_losing_a_reply(tmp_path, tiny):
+    async with running_server(tmp_path, tiny, max_outbox_bytes=1024) as running:
+        reader, writer = await asyncio.open_unix_connection(str(running.path))
+        writer.write(p.encode_frame(p.Hello()) + b"".join(p.encode_frame(p.Stats(id=i)) for i in range(200)))
+        await writer.drain()
+        async with asyncio.timeout(60):
+            assert isinstance(p.decode_server(await p.read_frame(reader)), p.Welcome)
+            ids = [p.decode_server(await p.read_frame(reader, 1 << 20)).id for _ in range(200)]
+        assert ids == list(range(200))  # every reply, in order, although each is above the bound
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_many_failing_requests_log_one_failure_line_without_the_prompt(tiny, monkeypatch):
+    from qllm import Engine
+    from qllm.sampling import Sampler
+
+    def broken(self, logits):
+        raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+
+    monkeypatch.setattr(Sampler, "__call__", broken)
+    with structlog.testing.capture_logs() as logs:
+        async with Engine(model=tiny) as engine:
+            results = await asyncio.gather(
+                *(engine.generate(f"secret prompt {i}", max_tokens=2) for i in range(50))
+            )
+    assert {r.status for r in results} == {"error"}
+    failures = [e for e in logs if e["event"] == "request_failed"]
+    assert len(failures) == 1 and "probability tensor" in failures[0]["error"]
+    assert "secret" not in repr(logs)

@@ -30,7 +30,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--socket",
         metavar="PATH",
-        help="socket path (default $XDG_RUNTIME_DIR/qllm.sock, /run/qllm under systemd)",
+        help="socket path (default $XDG_RUNTIME_DIR/qllm.sock, /run/qllm under systemd or for root, else "
+        "/tmp/qllm-$UID/qllm.sock; a default directory must be ours and not writable by others)",
     )
     p.add_argument("--socket-mode", metavar="OCTAL", help="socket file permissions (default 0660)")
     p.add_argument("--socket-group", metavar="GROUP", help="group owning the socket file")

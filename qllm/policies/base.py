@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 from qllm.kernel.view import KernelView, RequestView
-from qllm.policies.fair import fair_order, fair_share
 
 API_VERSION = 1
 
@@ -31,8 +30,8 @@ class Policy:
     name: ClassVar[str] = "base"
 
     def order(self, ready: Sequence[RequestView], kernel: KernelView) -> list[RequestView]:
-        """Ready requests, most urgent first (clients in turn among equally urgent ones)."""
-        return fair_order(ready, key=lambda r: r.sort_key)
+        """Ready requests, most urgent first."""
+        return sorted(ready, key=lambda r: r.sort_key)
 
     def select(self, kernel: KernelView) -> Sequence[RequestView]:
         """The requests whose pending ops run next as one batch; they must share one ``op_key``.
@@ -59,7 +58,7 @@ class Policy:
     def admit(self, request: RequestView, kernel: KernelView) -> bool:
         """May this waiting request start now? Waiting requests are offered by precedence, then
         arrival; the first refusal ends admission for this step."""
-        return request.is_ls or len(kernel.live) < kernel.max_batch or fair_share(request, kernel)
+        return request.is_ls or len(kernel.live) < kernel.max_batch
 
     def on_arrival(self, request: RequestView, kernel: KernelView) -> None:
         """A request was accepted."""

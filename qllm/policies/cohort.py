@@ -29,6 +29,7 @@ from qllm.kernel.request import Phase
 from qllm.kernel.view import KernelView, RequestView
 from qllm.ops import OpKind
 from qllm.policies.base import Policy
+from qllm.policies.fair import fair_order, fair_share
 
 
 def cohort_position(r: RequestView) -> tuple:
@@ -69,7 +70,7 @@ class CohortPolicy(Policy):
                 return batch
         primary = [r for r in leads if r.op_key == lead.op_key][: kernel.max_batch]
         chosen = {r.id for r in primary}
-        riders = sorted(
+        riders = fair_order(
             (r for r in ready if r.op_key == lead.op_key and r.id not in chosen), key=lambda r: r.sort_key
         )
         batch = self.fill(primary, riders, kernel)
@@ -81,8 +82,13 @@ class CohortPolicy(Policy):
         self.solo_s.pop(request.id, None)
 
     def members(self, key, ready: Sequence[RequestView], kernel: KernelView) -> list[RequestView]:
-        """Every ready request at op ``key``, most urgent first, at most ``max_batch``."""
-        return sorted((r for r in ready if r.op_key == key), key=lambda r: r.sort_key)[: kernel.max_batch]
+        """Every ready request at op ``key``, most urgent first (clients in turn among equally urgent
+        ones, see qllm/policies/fair.py), at most ``max_batch``."""
+        return fair_order((r for r in ready if r.op_key == key), key=lambda r: r.sort_key)[: kernel.max_batch]
+
+    def admit(self, request: RequestView, kernel: KernelView) -> bool:
+        # A client under its fair share of a full best-effort class may start beyond max_batch.
+        return super().admit(request, kernel) or fair_share(request, kernel)
 
     def _layer(self, r: RequestView) -> int:
         return self.layers if r.op_kind is OpKind.HEAD else r.progress_key[0]

@@ -1,9 +1,12 @@
 """Fair sharing of a class between clients (pure helpers for policies).
 
 A request carries the client that sent it (``RequestView.client``: the server passes the
-connection; the per-user connection cap bounds how many shares one user can hold). Among requests a policy ranks equally (same class and rank), these helpers take clients in
-turn: each client's first request comes before any client's second, and so on. With one client
-they return exactly the order they were given, so single-client behaviour is unchanged.
+connection; the per-user connection cap bounds how many shares one user can hold). Among requests
+a policy ranks equally (same class and rank), these helpers take clients in turn: each client's
+first request comes before any client's second, and so on. With one client they return exactly
+the order they were given, so single-client behaviour is unchanged. ``cohort`` (the default)
+and ``priority-aging`` use them; the kernel admits waiting requests taking clients in turn for
+every policy.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from qllm.kernel.view import KernelView, RequestView
 from qllm.policies.base import Policy, batch_for
-from qllm.policies.fair import fair_order, runnable
+from qllm.policies.fair import fair_order, fair_share, runnable
 from qllm.policies.qllm import algorithm1, queues
 
 
@@ -35,8 +35,13 @@ class PriorityAgingPolicy(Policy):
         self._last: tuple[float, bool] | None = None  # (decision time, last batch was BE-led)
         self._be_last_run = -math.inf  # when the last BE-led batch ran
 
+    # Fairness between clients (qllm/policies/fair.py): equally ranked requests of different
+    # connections take turns, and one connection's surplus cannot crowd out another's share.
     def order(self, ready: Sequence[RequestView], kernel: KernelView) -> list[RequestView]:
         return fair_order(ready, key=lambda r: (r.rank, r.arrival, r.seq), group=lambda r: r.rank)
+
+    def admit(self, request: RequestView, kernel: KernelView) -> bool:
+        return super().admit(request, kernel) or fair_share(request, kernel)
 
     def _account(self, now: float) -> None:
         if self._last is not None:

@@ -192,3 +192,24 @@ def test_without_batch_invariance_nothing_is_probed_or_padded(tiny, probe_cache)
     executor = load_model((tiny.hf, tiny.tokenizer), batch_invariant=False)
     assert executor.invariance is None and not probe_cache.exists()
     assert set(executor._padding.values()) == {invariance.NO_PADDING}
+
+
+def test_an_ops_row_wise_work_besides_gemms_is_checked_too(tiny):
+    """A router whose scores go through work that differs on a ragged tail of rows (as a vectorised
+    activation's scalar remainder loop does): the op check pads the router to the block it needs,
+    though its GEMM alone needs less."""
+    executor = load_model((tiny.hf, tiny.tokenizer), batch_invariant=False)
+    executor.batch_invariant = True
+    route = executor.route
+
+    def tail_sensitive_route(block, x):
+        weights, indices = route(block, x)
+        full = weights.shape[0] - weights.shape[0] % 8
+        bumped = torch.cat([weights[:full], weights[full:] * (1 + 2**-20)])  # the tail rounds elsewhere
+        return bumped, indices
+
+    executor.route = tail_sensitive_route
+    found = executor.calibrate(invariance.ProbeCache(persist=False))
+    assert found.verified and found.ops_checked > 0
+    multiple, _ = found.padding["ROUTER"]
+    assert multiple % 8 == 0

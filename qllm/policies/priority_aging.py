@@ -1,4 +1,4 @@
-"""``priority-aging`` (default): the ``qllm`` policy plus starvation protection.
+"""``priority-aging``: the ``qllm`` policy plus starvation protection.
 
 LS work still goes first at expert granularity, but best-effort work is guaranteed a share of
 compute: when BE work is ready and BE batches got less than ``be_share`` of the compute time of

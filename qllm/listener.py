@@ -151,7 +151,9 @@ def open_listener(config: ServerConfig, env: dict[str, str] | None = None) -> Li
     return open_listeners(config, env, http=False).native
 
 
-def open_listeners(config: ServerConfig, env: dict[str, str] | None = None, *, http: bool = True) -> Listeners:
+def open_listeners(
+    config: ServerConfig, env: dict[str, str] | None = None, *, http: bool = True
+) -> Listeners:
     """The native socket and, with ``http``, the HTTP ones: under socket activation the socket
     named ``http`` (FileDescriptorName=http) is the HTTP one and the first other is the native
     one; otherwise both Unix sockets are bound here (``http_socket``, by default ``qllm-http.sock``

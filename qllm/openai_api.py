@@ -53,6 +53,7 @@ class _Sampling(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     stream: bool = False
     stream_options: StreamOptions | None = None
     priority: Literal["ls", "be"] | int | None = None
+    ignore_eos: bool = False  # an extension (as in vLLM): generate max_tokens whatever comes
     user: str | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -155,6 +156,7 @@ def to_params(req: _Sampling, header: str | None, max_tokens_limit: int) -> dict
         "top_p": req.top_p,
         "seed": req.seed,
         "stop": tuple(stop),
+        "ignore_eos": req.ignore_eos,
         "priority": priority,
         "rank": rank,
     }

@@ -28,7 +28,7 @@ class Running:
     engine: Any
     path: Path
     notes: list[str] = field(default_factory=list)  # what the server told sd_notify, in order
-    http: list[str] = field(default_factory=list)  # the HTTP front end's addresses (unix:PATH, http://HOST:PORT)
+    http: list[str] = field(default_factory=list)  # HTTP addresses: unix:PATH, http://HOST:PORT
 
 
 @asynccontextmanager

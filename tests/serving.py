@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from qllm import protocol as p
-from qllm.config import Config, ServerConfig
-from qllm.listener import open_listeners
-from qllm.server import Server
+from qllm.server.app import Server
+from qllm.server.config import Config, ServerConfig
+from qllm.server.listener import open_listeners
 
 
 @dataclass

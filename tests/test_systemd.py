@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import structlog
 
-from qllm import systemd
 from qllm.client import AsyncClient, ServerShutdown
-from qllm.config import Config
 from qllm.errors import EngineClosed
-from qllm.server import Heartbeat, Server
+from qllm.server import systemd
+from qllm.server.app import Heartbeat, Server
+from qllm.server.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "examples" / "systemd"
@@ -68,7 +68,7 @@ def test_listen_fds_takes_the_passed_socket(tmp_path):
     listener.bind(str(path))
     listener.listen()
     code = (
-        "import os; from qllm.systemd import listen_fds\n"
+        "import os; from qllm.server.systemd import listen_fds\n"
         "socks = listen_fds()\n"
         "assert 'LISTEN_FDS' not in os.environ\n"
         "print(len(socks), socks[0].fileno(), socks[0].getsockname())\n"

@@ -99,9 +99,9 @@ def overrides(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qllm.config import load_config
     from qllm.logging import configure
-    from qllm.server import run as run_server
+    from qllm.server.app import run as run_server
+    from qllm.server.config import load_config
 
     config = load_config(args.config, overrides(args))
     configure(config.log.level, config.log.format)

@@ -30,12 +30,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from qllm import openai_api as api
 from qllm.errors import EngineClosed, QllmError
 from qllm.prometheus import registry
+from qllm.server import openai_api as api
 
 if TYPE_CHECKING:
-    from qllm.server import Server
+    from qllm.server.app import Server
 
 log = structlog.get_logger()
 PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"

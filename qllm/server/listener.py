@@ -14,8 +14,8 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
-from qllm import systemd
-from qllm.config import HTTP_SOCKET_NAME, ServerConfig, default_socket_path, socket_dir_problem
+from qllm.server import systemd
+from qllm.server.config import HTTP_SOCKET_NAME, ServerConfig, default_socket_path, socket_dir_problem
 
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 

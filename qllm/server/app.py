@@ -26,12 +26,12 @@ import structlog
 
 import qllm
 from qllm import protocol as p
-from qllm import systemd
-from qllm.config import Config
-from qllm.connection import Connection
-from qllm.limits import ConnectionLimits
-from qllm.listener import Credentials, Listener, open_listeners, peer_credentials
 from qllm.logging import Throttled
+from qllm.server import systemd
+from qllm.server.config import Config
+from qllm.server.limits import ConnectionLimits
+from qllm.server.listener import Credentials, Listener, open_listeners, peer_credentials
+from qllm.server.native import Connection
 
 log = structlog.get_logger()
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -171,7 +171,7 @@ class Server:
     async def serve(self, listener: Listener, stop: asyncio.Event, http: Sequence[Listener] = ()) -> None:
         """Serve until ``stop`` is set, then drain and close every connection. ``http``: the
         sockets of the HTTP front end (docs/http.md)."""
-        from qllm.http_front import HttpFront
+        from qllm.server.http import HttpFront
 
         self.address = listener.address
         self.activated = listener.activated

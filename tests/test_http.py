@@ -149,6 +149,8 @@ async def test_an_error_per_status_code(tmp_path, tiny):
             await client.completions.create(model="gpt-4", prompt="a")
         with pytest.raises(openai.APIStatusError, match="exceeds the limit") as too_long:
             await client.completions.create(model="tiny", prompt=list(range(1, 20)))
+        with pytest.raises(openai.APIStatusError, match="request body over") as too_big:
+            await client.completions.create(model="tiny", prompt="a" * (1 << 21))
         # One request is live (streaming, unread): the limit of 1 answers the next with 429.
         stream = await client.completions.create(model="tiny", prompt="a", max_tokens=64, stream=True)
         with pytest.raises(openai.RateLimitError, match="live HTTP requests"):
@@ -163,7 +165,7 @@ async def test_an_error_per_status_code(tmp_path, tiny):
             running.server.draining = False
     assert bad.value.status_code == 400
     assert bad.value.body["code"] == "unsupported_parameter"
-    assert too_long.value.status_code == 413
+    assert too_long.value.status_code == too_big.value.status_code == 413
     assert draining.value.status_code == 503
 
 

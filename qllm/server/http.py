@@ -158,9 +158,7 @@ class HttpFront:
     async def _submit(self, request: Request, chat: bool) -> tuple[Any, api.Reply, api.StreamOptions | None]:
         server = self.server
         cfg = server.config
-        body = await request.body()
-        if len(body) > cfg.max_frame_bytes:
-            raise api.ApiError(413, f"request body over {cfg.max_frame_bytes} bytes", "request_too_large")
+        body = await _read_body(request, cfg.max_frame_bytes)
         req = api.decode(body, api.ChatRequest if chat else api.CompletionRequest)
         if req.model is not None and req.model != server.model_name:
             raise api.ApiError(
@@ -257,6 +255,20 @@ class HttpFront:
 
 
 _json = msgspec.json.Encoder()
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body; a 413 as soon as it grows past ``limit`` bytes (never buffered whole)."""
+    too_large = api.ApiError(413, f"request body over {limit} bytes", "request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
 
 
 def _sse(obj: Any) -> bytes:

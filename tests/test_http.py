@@ -119,6 +119,14 @@ async def test_chat_uses_the_template_and_streams(tmp_path, chat_model):
 
 async def test_models_health_and_priority(tmp_path, tiny):
     async with running_server(tmp_path, tiny, http=True) as running:
+        clients = []
+        submit = running.engine.submit
+
+        def recording_submit(*args, **kw):
+            clients.append(kw["client"])
+            return submit(*args, **kw)
+
+        running.engine.submit = recording_submit
         async with _openai(running) as client:
             models = await client.models.list()
             ls = await client.completions.create(
@@ -134,6 +142,7 @@ async def test_models_health_and_priority(tmp_path, tiny):
     assert health.json()["status"] == "ok"
     assert ls.usage.completion_tokens == ranked.usage.completion_tokens == 1
     assert sum(stats["ls"]["requests"].values()) == 2  # the body field and the header both chose LS
+    assert len(clients) == 2 and clients[0] == clients[1] != "http"  # shared fairly per connection
 
 
 async def test_an_error_per_status_code(tmp_path, tiny):

@@ -29,8 +29,8 @@ from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
 
 from qllm import protocol as p
-from qllm.config import client_socket_path, fallback_socket_dir, socket_dir_problem
 from qllm.errors import EngineClosed, InvalidRequest, QllmError, RequestFailed
+from qllm.server.config import client_socket_path, fallback_socket_dir, socket_dir_problem
 
 Result = p.Final
 """What a finished request returns: ``status``, ``token_ids``, ``text``, ``usage``, ``timings``,

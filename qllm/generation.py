@@ -54,11 +54,7 @@ def encode(
         if tok is None:
             raise ValueError("this model has no tokenizer; pass token ids instead of text")
         if chat:
-            if not getattr(tok, "chat_template", None):
-                raise ValueError("this model's tokenizer has no chat template; send the prompt without chat")
-            prompt = tok.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-            )
+            return encode_chat(model, [{"role": "user", "content": prompt}], tokenizer=tok)
         ids = tok.encode(prompt, add_special_tokens=False)
     else:
         if chat:
@@ -67,6 +63,23 @@ def encode(
         bad = [t for t in ids if not 0 <= t < model.vocab_size]
         if bad:
             raise ValueError(f"token ids out of range [0, {model.vocab_size}): {bad[:5]}")
+    if not ids:
+        raise ValueError("the prompt is empty")
+    return ids
+
+
+def encode_chat(model: MoEModel, messages: Sequence[dict[str, str]], *, tokenizer: Any = None) -> list[int]:
+    """Token ids of a conversation (``{"role", "content"}`` dicts) through the tokenizer's chat
+    template, with the assistant's turn opened."""
+    tok = model.tokenizer if tokenizer is None else tokenizer
+    if tok is None:
+        raise ValueError("this model has no tokenizer; pass token ids instead of text")
+    if not getattr(tok, "chat_template", None):
+        raise ValueError("this model's tokenizer has no chat template; send the prompt without chat")
+    if not messages:
+        raise ValueError("the conversation has no messages")
+    text = tok.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    ids = tok.encode(text, add_special_tokens=False)
     if not ids:
         raise ValueError("the prompt is empty")
     return ids

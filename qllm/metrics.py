@@ -1,16 +1,15 @@
-"""Per-class request metrics: counters and histograms, and their Prometheus text rendering.
+"""Per-class request metrics: counters and histograms.
 
 The engine holds one :class:`Metrics`, calls :meth:`Metrics.observe` with every finished
 request's result, and puts :meth:`Metrics.snapshot` under ``stats()["metrics"]``. The snapshot is
-plain JSON-able data, so it crosses the wire unchanged and :func:`render_prometheus` renders it
-on either side.
+plain JSON-able data, so it crosses the wire unchanged; :mod:`qllm.prometheus` exports it with
+prometheus_client on either side.
 """
 
 from __future__ import annotations
 
 import bisect
-import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 CLASSES = ("ls", "be")
@@ -139,117 +138,3 @@ def quantile(hist: Mapping[str, Any], q: float) -> float | None:
             return lower_bound + (bound - lower_bound) * (rank - lower_count) / (cumulative - lower_count)
         lower_bound, lower_count = bound, cumulative
     return float(hist["buckets"][-1][0]) if hist["buckets"] else None
-
-
-def _fmt(value: float) -> str:
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, int):
-        return str(value)
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if math.isnan(value):
-        return "NaN"
-    return repr(float(value))
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _labels(labels: Mapping[str, str]) -> str:
-    if not labels:
-        return ""
-    return "{" + ",".join(f'{k}="{_escape(str(v))}"' for k, v in labels.items()) + "}"
-
-
-class _Writer:
-    def __init__(self, prefix: str):
-        self.prefix = prefix
-        self.lines: list[str] = []
-
-    def family(self, name: str, kind: str, help_text: str) -> str:
-        full = f"{self.prefix}_{name}"
-        self.lines.append(f"# HELP {full} {help_text}")
-        self.lines.append(f"# TYPE {full} {kind}")
-        return full
-
-    def sample(self, name: str, labels: Mapping[str, str], value: float) -> None:
-        self.lines.append(f"{name}{_labels(labels)} {_fmt(value)}")
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _gauges(stats: Mapping[str, Any]) -> Iterable[tuple[str, str, dict[str, str], float]]:
-    """(name, help, labels, value) for the numeric engine-level fields of ``stats``."""
-    live = stats.get("live")
-    if isinstance(live, Mapping):
-        for cls, by_status in live.items():
-            if isinstance(by_status, Mapping):
-                for status, n in by_status.items():
-                    if _number(n):
-                        yield (
-                            "live_requests",
-                            "Live requests by class and status.",
-                            {"class": cls, "status": status},
-                            n,
-                        )
-    queues = stats.get("queues")
-    if isinstance(queues, Mapping):
-        for queue, n in queues.items():
-            if _number(n):
-                yield "queue_length", "Requests in each kernel queue.", {"queue": str(queue)}, n
-    for section, what in (("memory", "Tensor manager"), ("kernel", "Kernel")):
-        values = stats.get(section)
-        if isinstance(values, Mapping):
-            for key, value in values.items():
-                if _number(value):
-                    yield f"{section}_{key}", f"{what}: {key.replace('_', ' ')}.", {}, value
-    server = stats.get("server")
-    if isinstance(server, Mapping):
-        for key, value in server.items():
-            if _number(value):
-                yield f"server_{key}", f"Server: {key.replace('_', ' ')}.", {}, value
-
-
-def render_prometheus(stats: Mapping[str, Any], prefix: str = "qllm") -> str:
-    """Prometheus text exposition (format 0.0.4) of an ``engine.stats()`` dict (or a bare snapshot).
-
-    Renders the per-class metrics under ``stats["metrics"]`` and, when present, the memory figures,
-    queue lengths and engine counters as gauges.
-    """
-    metrics = stats.get("metrics", stats)
-    w = _Writer(prefix)
-    classes = [c for c in metrics if isinstance(metrics[c], Mapping) and "histograms" in metrics[c]]
-
-    name = w.family("requests_total", "counter", "Finished requests by class and status.")
-    for c in classes:
-        for status, n in metrics[c]["requests"].items():
-            w.sample(name, {"class": c, "status": status}, n)
-    for counter, help_text in COUNTERS.items():
-        name = w.family(f"{counter}_total", "counter", help_text)
-        for c in classes:
-            w.sample(name, {"class": c}, metrics[c].get(counter, 0))
-    for hist_name, (help_text, _) in HISTOGRAMS.items():
-        present = [c for c in classes if hist_name in metrics[c]["histograms"]]
-        if not present:
-            continue
-        name = w.family(hist_name, "histogram", help_text)
-        for c in present:
-            h = metrics[c]["histograms"][hist_name]
-            for bound, cumulative in h["buckets"]:
-                w.sample(f"{name}_bucket", {"class": c, "le": _fmt(float(bound))}, cumulative)
-            w.sample(f"{name}_bucket", {"class": c, "le": "+Inf"}, h["count"])
-            w.sample(f"{name}_sum", {"class": c}, h["sum"])
-            w.sample(f"{name}_count", {"class": c}, h["count"])
-
-    seen: set[str] = set()
-    for gauge, help_text, labels, value in _gauges(stats):
-        full = f"{prefix}_{gauge}"
-        if gauge not in seen:
-            w.family(gauge, "gauge", help_text)
-            seen.add(gauge)
-        w.sample(full, labels, value)
-    return "\n".join(w.lines) + "\n"

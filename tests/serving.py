@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from qllm import protocol as p
-from qllm.config import Config, ServerConfig
-from qllm.listener import open_listener
-from qllm.server import Server
+from qllm.server.app import Server
+from qllm.server.config import Config, ServerConfig
+from qllm.server.listener import open_listeners
 
 
 @dataclass
@@ -28,6 +28,7 @@ class Running:
     engine: Any
     path: Path
     notes: list[str] = field(default_factory=list)  # what the server told sd_notify, in order
+    http: list[str] = field(default_factory=list)  # HTTP addresses: unix:PATH, http://HOST:PORT
 
 
 @asynccontextmanager
@@ -38,13 +39,15 @@ async def running_server(
     policy: str = "priority-aging",
     engine: Any = None,
     credentials=None,
+    http: bool = False,
     **settings,
 ) -> AsyncIterator[Running]:
-    """Serve ``model`` on ``tmp_path/qllm.sock`` from this event loop until the block ends."""
+    """Serve ``model`` on ``tmp_path/qllm.sock`` from this event loop until the block ends; with
+    ``http``, the HTTP front end too (``tmp_path/qllm-http.sock``, TCP with ``http_listen``)."""
     from qllm import Engine
 
     config = Config(server=ServerConfig(socket=str(tmp_path / "qllm.sock"), **settings))
-    listener = open_listener(config.server, env={})
+    listeners = open_listeners(config.server, env={}, http=http)
     engine = engine if engine is not None else Engine(model=model, policy=policy)
     ready = asyncio.Event()
     notes: list[str] = []
@@ -60,19 +63,19 @@ async def running_server(
     try:
         async with engine:
             server = Server(engine, config, notify=notify, **extra)
-            serving = asyncio.create_task(server.serve(listener, stop))
+            serving = asyncio.create_task(server.serve(listeners.native, stop, listeners.http))
             waiting = asyncio.create_task(ready.wait())
             await asyncio.wait([serving, waiting], return_when=asyncio.FIRST_COMPLETED)
             waiting.cancel()
             if serving.done():
                 serving.result()  # it failed to start: raise why
             try:
-                yield Running(server, engine, Path(config.server.socket), notes)
+                yield Running(server, engine, Path(config.server.socket), notes, server.http_addresses)
             finally:
                 stop.set()
                 await serving
     finally:
-        listener.close()
+        listeners.close()
 
 
 @contextmanager

@@ -357,3 +357,33 @@ def test_bench_socket_mode_measures_a_running_server(tmp_path):
     assert cell["metrics"]["all"]["requests"] == 5 and cell["metrics"]["all"]["completed"] == 5
     assert all(r[3] is not None and r[3] >= r[1] for r in cell["records"])  # first token after arrival
     assert result["headline"]["baseline"] is None  # no fcfs server measured: no ratios
+
+
+@pytest.mark.slow  # a server and a client process: 20-60 s on a busy 2-core machine
+def test_bench_http_mode_measures_a_running_server(tmp_path):
+    sock, http_sock, out = tmp_path / "qllm.sock", tmp_path / "qllm-http.sock", tmp_path / "bench.json"
+    serve = [sys.executable, "-m", "qllm", "serve", "--model", "tiny", "--policy", "qllm", "--socket", str(sock),
+             "--log-level", "error"]  # fmt: skip
+    log = tmp_path / "serve.log"
+    with open(log, "w") as stderr:
+        server = subprocess.Popen(serve, stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        deadline = time.monotonic() + 120
+        while not http_sock.exists():
+            assert server.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "qllm serve did not open its HTTP socket"
+            time.sleep(0.2)
+        cmd = [sys.executable, "-m", "qllm", "bench", "--http", str(http_sock), "--rates", "40", "--requests", "5",
+               "--isolated", "1", "--json", str(out)]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    result = json.loads(out.read_text())
+    assert result["systems"] == [
+        {"name": "http:qllm", "kind": "serve", "policy": "qllm", "http": str(http_sock), "model": "tiny"}
+    ]
+    (cell,) = result["cells"]
+    assert cell["metrics"]["all"]["requests"] == 5 and cell["metrics"]["all"]["completed"] == 5
+    assert all(r[3] is not None and r[3] >= r[1] for r in cell["records"])  # first token after arrival

@@ -13,8 +13,8 @@ import pytest
 
 from qllm.cli import build_parser
 from qllm.commands.serve import overrides
-from qllm.config import ConfigError, client_socket_path, default_socket_path, load_config
-from qllm.listener import _lock, open_listener
+from qllm.server.config import ConfigError, client_socket_path, default_socket_path, load_config
+from qllm.server.listener import _lock, open_listener
 
 
 def write(tmp_path: Path, text: str) -> Path:

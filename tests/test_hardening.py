@@ -26,10 +26,10 @@ from test_protocol import documented_frames
 
 from qllm import protocol as p
 from qllm.client import AsyncClient, Client, ConnectionLost, TooManyConnections
-from qllm.config import ServerConfig, fallback_socket_dir
 from qllm.errors import InvalidRequest
-from qllm.listener import open_listener
 from qllm.logging import Throttled, configure
+from qllm.server.config import ServerConfig, fallback_socket_dir
+from qllm.server.listener import open_listener
 
 UNREAD_STATS = 300_000
 

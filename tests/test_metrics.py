@@ -6,8 +6,10 @@ import json
 from dataclasses import dataclass, field
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from qllm.metrics import Histogram, Metrics, quantile, render_prometheus
+from qllm.metrics import Histogram, Metrics, quantile
+from qllm.prometheus import exposition
 
 
 @dataclass
@@ -67,28 +69,29 @@ def test_quantile_interpolates_within_a_bucket():
     assert quantile(Histogram([1.0]).snapshot(), 0.5) is None
 
 
-def test_prometheus_text_format():
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a Prometheus text exposition, read by prometheus_client's own parser."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_prometheus_exposition_parses_with_every_metric():
     m = Metrics()
     m.observe(Result(priority="ls", status="stopped", arrival=0.0, first_scheduled=0.001, first_token=0.004))
     m.observe(Result(priority="be", preemptions=2))
     stats = {"metrics": m.snapshot(), "memory": {"budget_bytes": 1024, "resident_bytes": 10}}
-    text = render_prometheus(stats)
-    lines = text.splitlines()
-    assert text.endswith("\n")
-    assert 'qllm_requests_total{class="ls",status="stopped"} 1' in lines
-    assert 'qllm_preemptions_total{class="be"} 2' in lines
-    assert "# TYPE qllm_ttft_seconds histogram" in lines
-    assert 'qllm_ttft_seconds_bucket{class="ls",le="+Inf"} 1' in lines
-    assert 'qllm_ttft_seconds_count{class="ls"} 1' in lines
-    assert 'qllm_ttft_seconds_bucket{class="ls",le="0.005"} 1' in lines
-    assert 'qllm_ttft_seconds_bucket{class="ls",le="0.0025"} 0' in lines
-    assert "qllm_memory_budget_bytes 1024" in lines
-    # Every sample line belongs to a family declared by a preceding TYPE line.
-    declared = set()
-    for line in lines:
-        if line.startswith("# TYPE "):
-            declared.add(line.split()[2])
-        elif not line.startswith("#"):
-            name = line.split("{")[0].split()[0]
-            base = name.removesuffix("_bucket").removesuffix("_sum").removesuffix("_count")
-            assert name in declared or base in declared, line
+    samples = _samples(exposition(stats).decode())
+    assert samples[("qllm_requests_total", (("class", "ls"), ("status", "stopped")))] == 1
+    assert samples[("qllm_preemptions_total", (("class", "be"),))] == 2
+    assert samples[("qllm_ttft_seconds_bucket", (("class", "ls"), ("le", "+Inf")))] == 1
+    assert samples[("qllm_ttft_seconds_count", (("class", "ls"),))] == 1
+    assert samples[("qllm_ttft_seconds_bucket", (("class", "ls"), ("le", "0.005")))] == 1
+    assert samples[("qllm_ttft_seconds_bucket", (("class", "ls"), ("le", "0.0025")))] == 0
+    assert samples[("qllm_request_preemptions_bucket", (("class", "be"), ("le", "2.0")))] == 1
+    assert samples[("qllm_memory_budget_bytes", ())] == 1024
+    names = {name for name, _ in samples}
+    for hist in ("ttft_seconds", "queue_seconds", "turnaround_seconds", "preemption_latency_seconds"):
+        assert f"qllm_{hist}_sum" in names

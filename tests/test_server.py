@@ -20,10 +20,10 @@ from serving import recv_frames, running_server, server_thread
 
 import qllm
 from qllm import protocol as p
-from qllm import server as server_module
 from qllm.client import AsyncClient, Client, Forbidden, MaxTokensTooLarge, PromptTooLong
 from qllm.errors import InvalidRequest
-from qllm.listener import Credentials
+from qllm.server import app as server_module
+from qllm.server.listener import Credentials
 
 PROMPTS = [
     "Hello there",

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import structlog
 
-from qllm import systemd
 from qllm.client import AsyncClient, ServerShutdown
-from qllm.config import Config
 from qllm.errors import EngineClosed
-from qllm.server import Heartbeat, Server
+from qllm.server import systemd
+from qllm.server.app import Heartbeat, Server
+from qllm.server.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "examples" / "systemd"
@@ -68,7 +68,7 @@ def test_listen_fds_takes_the_passed_socket(tmp_path):
     listener.bind(str(path))
     listener.listen()
     code = (
-        "import os; from qllm.systemd import listen_fds\n"
+        "import os; from qllm.server.systemd import listen_fds\n"
         "socks = listen_fds()\n"
         "assert 'LISTEN_FDS' not in os.environ\n"
         "print(len(socks), socks[0].fileno(), socks[0].getsockname())\n"
@@ -288,6 +288,41 @@ async def test_socket_activation_and_a_second_signal_forces_exit(tmp_path):
     assert "forced_exit" in err
 
 
+@pytest.mark.skipif(
+    shutil.which("systemd-socket-activate") is None, reason="systemd-socket-activate not installed"
+)
+async def test_socket_activation_passes_the_native_and_the_http_socket(tmp_path):
+    import httpx
+
+    native, http = tmp_path / "native.sock", tmp_path / "http.sock"
+    proc = await asyncio.create_subprocess_exec(
+        "systemd-socket-activate", "--listen", str(native), "--listen", str(http), "--fdname", "qllm.socket:http",
+        sys.executable, "-m", "qllm", "serve", "--socket", str(tmp_path / "unused.sock"), stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        for _ in range(600):  # systemd-socket-activate binds before it starts anything
+            if native.exists() and http.exists():
+                break
+            await asyncio.sleep(0.05)
+        async with AsyncClient(native, timeout=180, connect_timeout=180) as client:
+            stats = await client.stats()
+        transport = httpx.AsyncHTTPTransport(uds=str(http))
+        async with httpx.AsyncClient(transport=transport, base_url="http://q", timeout=60) as web:
+            models = (await web.get("/v1/models")).json()
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(proc.wait(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    err = (await proc.stderr.read()).decode()
+    assert code == 0, err
+    assert stats["server"]["socket_activated"] is True and stats["server"]["address"] == str(native)
+    assert stats["server"]["http_addresses"] == [f"unix:{http}"]
+    assert models["data"][0]["id"] == "tiny"
+    assert not (tmp_path / "unused.sock").exists()  # activated: nothing bound by the server itself
+
+
 # Unit files --------------------------------------------------------------------------------------
 
 
@@ -296,13 +331,13 @@ def test_unit_files_verify(tmp_path):
     qllm_bin = Path(sys.executable).parent / "qllm"
     if not qllm_bin.exists():
         pytest.skip("the qllm script is not installed beside this Python")
-    for unit in ("qllm.socket", "qllm.service", "qllm@.service"):
+    for unit in ("qllm.socket", "qllm-http.socket", "qllm.service", "qllm@.service"):
         text = (UNITS / unit).read_text()
         # The shipped units name /usr/local/bin/qllm; verify checks that ExecStart= exists.
         (tmp_path / unit).write_text(text.replace("/usr/local/bin/qllm", str(qllm_bin)))
     (tmp_path / "qllm@tiny.service").symlink_to(tmp_path / "qllm@.service")
     out = subprocess.run(
-        ["systemd-analyze", "verify", "qllm.socket", "qllm.service", "qllm@tiny.service"],
+        ["systemd-analyze", "verify", "qllm.socket", "qllm-http.socket", "qllm.service", "qllm@tiny.service"],
         cwd=tmp_path,
         capture_output=True,
         text=True,

@@ -214,3 +214,100 @@ async def _collect(stream: Any, item: Item, arrival: float, t0: float) -> Record
         preemptions=final.preemptions if final is not None else 0,
         inter_token_s=(chunk_times[-1] - chunk_times[0]) / (tokens - 1) if ok and tokens > 1 else None,
     )
+
+
+class HttpSystem:
+    """A running ``qllm serve`` reached over its HTTP API (``http://HOST:PORT`` or the path of its
+    HTTP Unix socket), with streaming completions; times are taken on this side, wire included."""
+
+    kind = "serve"
+
+    def __init__(self, target: str, client: Any, policy: str, model: str):
+        self.target = target
+        self.client = client
+        self.policy = policy
+        self.model = model
+        self.name = f"http:{policy}"
+
+    @classmethod
+    async def connect(cls, target: str) -> HttpSystem:
+        import httpx
+
+        if target.startswith(("http://", "https://")):
+            client = httpx.AsyncClient(base_url=target, timeout=None)
+        else:
+            transport = httpx.AsyncHTTPTransport(uds=target)
+            client = httpx.AsyncClient(transport=transport, base_url="http://qllm", timeout=None)
+        async with asyncio.timeout(CONNECT_TIMEOUT_S):
+            health = (await client.get("/health")).json()
+        return cls(target, client, health.get("policy", "?"), health.get("model", "?"))
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "policy": self.policy,
+            "http": self.target,
+            "model": self.model,
+        }
+
+    async def run(self, items, *, slo_s=None, timeout=None, on_done=None) -> list[Record]:
+        async def submit(item: Item, t0: float):
+            box: dict[str, Any] = {}  # holds the response once it streams, for a cancel
+            return box, self._one(item, time.monotonic(), t0, box)
+
+        async def cancel(box: dict[str, Any]) -> None:
+            if "response" in box:
+                await box["response"].aclose()  # the server cancels a request whose client left
+
+        _, records = await replay(items, time.monotonic, submit, cancel, timeout, on_done)
+        return records
+
+    async def _one(self, item: Item, arrival: float, t0: float, box: dict[str, Any]) -> Record:
+        import json
+
+        import httpx
+
+        body = {
+            "prompt": item.prompt if isinstance(item.prompt, str) else list(item.prompt),
+            "max_tokens": item.output_len,
+            "ignore_eos": True,
+            "priority": item.cls,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        chunk_times: list[float] = []
+        usage = None
+        finish = None
+        try:
+            async with self.client.stream("POST", "/v1/completions", json=body) as response:
+                box["response"] = response
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    event = json.loads(line[6:])
+                    if event.get("usage"):
+                        usage = event["usage"]
+                    for choice in event.get("choices", ()):
+                        if choice.get("text"):
+                            chunk_times.append(time.monotonic())
+                        finish = choice.get("finish_reason") or finish
+        except (httpx.HTTPError, httpx.StreamError):
+            pass  # cancelled by closing the stream
+        end = time.monotonic()
+        ok = finish == "length"
+        tokens = usage["completion_tokens"] if usage else len(chunk_times)
+        return Record(
+            cls=item.cls,
+            arrival=arrival - t0,
+            first_scheduled=None,
+            first_token=chunk_times[0] - t0 if chunk_times else None,
+            finished=end - t0 if ok else None,
+            prompt_tokens=usage["prompt_tokens"] if usage else item.prompt_len,
+            output_tokens=tokens,
+            preemptions=0,
+            inter_token_s=(chunk_times[-1] - chunk_times[0]) / (tokens - 1) if ok and tokens > 1 else None,
+        )
+
+    async def close(self) -> None:
+        await self.client.aclose()

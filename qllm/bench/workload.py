@@ -79,6 +79,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--socket", action="append", metavar="PATH", help="measure a running `qllm serve` (repeatable)"
     )
+    s.add_argument(
+        "--http",
+        action="append",
+        metavar="URL-OR-SOCKET",
+        help="measure a running `qllm serve` through its HTTP API: http://HOST:PORT or the path of its "
+        "HTTP socket (repeatable; with --socket, side by side)",
+    )
     o = parser.add_argument_group("output")
     o.add_argument("--json", metavar="PATH", help="write the results as JSON ('-': stdout); quiet otherwise")
     o.add_argument(
@@ -162,7 +169,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
             await system.close()
     return summarize(rounded({
         "bench": "workload",
-        "mode": "socket" if args.socket else "in-process",
+        "mode": "socket" if args.socket or args.http else "in-process",
         "model": model_info,
         "machine": _machine(load_start),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
@@ -225,10 +232,11 @@ async def _measure(
 
 async def _systems(args: argparse.Namespace) -> tuple[list[Any], dict[str, Any], Any]:
     """The systems to measure, a description of the model, and the model when loaded here."""
-    from qllm.bench.systems import EngineSystem, ServeSystem
+    from qllm.bench.systems import EngineSystem, HttpSystem, ServeSystem
 
-    if args.socket:
-        systems = [await ServeSystem.connect(path) for path in args.socket]
+    if args.socket or args.http:
+        systems = [await ServeSystem.connect(path) for path in args.socket or ()]
+        systems += [await HttpSystem.connect(target) for target in args.http or ()]
         return systems, {"name": systems[0].model, "context": None}, None
     from qllm.models import load_model
     from qllm.policies import available_policies

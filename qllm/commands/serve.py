@@ -8,7 +8,7 @@ import argparse
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "serve",
-        help="serve a model on a Unix socket",
+        help="serve a model on a Unix socket (native protocol and OpenAI-compatible HTTP)",
         description="Serve a model on a Unix socket. Settings come from --config FILE (else "
         "/etc/qllm/qllm.toml when present); options given here override the file.",
     )
@@ -32,6 +32,16 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         metavar="PATH",
         help="socket path (default $XDG_RUNTIME_DIR/qllm.sock, /run/qllm under systemd or for root, else "
         "/tmp/qllm-$UID/qllm.sock; a default directory must be ours and not writable by others)",
+    )
+    p.add_argument(
+        "--http-socket",
+        metavar="PATH",
+        help="Unix socket of the OpenAI-compatible HTTP API (default qllm-http.sock beside --socket; '' for none)",
+    )
+    p.add_argument(
+        "--http-listen",
+        metavar="HOST:PORT",
+        help="also serve HTTP on TCP (':PORT' for loopback); off by default",
     )
     p.add_argument("--socket-mode", metavar="OCTAL", help="socket file permissions (default 0660)")
     p.add_argument("--socket-group", metavar="GROUP", help="group owning the socket file")
@@ -76,6 +86,8 @@ def overrides(args: argparse.Namespace) -> dict:
         },
         "server": {
             "socket": args.socket,
+            "http_socket": args.http_socket,
+            "http_listen": args.http_listen,
             "socket_mode": args.socket_mode,
             "socket_group": args.socket_group,
             "allow_uids": args.allow_uid,
@@ -87,9 +99,9 @@ def overrides(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qllm.config import load_config
     from qllm.logging import configure
-    from qllm.server import run as run_server
+    from qllm.server.app import run as run_server
+    from qllm.server.config import load_config
 
     config = load_config(args.config, overrides(args))
     configure(config.log.level, config.log.format)

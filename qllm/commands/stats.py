@@ -54,7 +54,7 @@ def summary(stats: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     from qllm.client import Client
     from qllm.errors import QllmError
-    from qllm.metrics import render_prometheus
+    from qllm.prometheus import exposition
 
     try:
         with Client(args.socket, timeout=args.timeout, connect_timeout=args.timeout) as client:
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"qllm stats: error ({exc.code}): {exc}", file=sys.stderr)
         return 1
     if args.prometheus:
-        sys.stdout.write(render_prometheus(stats))
+        sys.stdout.write(exposition(stats).decode())
     elif args.json:
         print(json.dumps(stats))
     else:

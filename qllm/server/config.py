@@ -35,6 +35,7 @@ from qllm.protocol import MAX_FRAME_BYTES
 SYSTEM_CONFIG = Path("/etc/qllm/qllm.toml")
 MAX_TIMEOUT = 86400.0  # one day: the bound on every server timeout
 SOCKET_NAME = "qllm.sock"
+HTTP_SOCKET_NAME = "qllm-http.sock"  # beside the native socket unless http_socket says otherwise
 
 
 class ConfigError(ValueError):
@@ -76,6 +77,11 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_outbox_bytes: Annotated[int, Meta(ge=1024)] = 1 << 20  # unread replies before reading pauses
     max_connections: Annotated[int, Meta(ge=1)] = 256
     max_connections_per_uid: Annotated[int, Meta(ge=1)] = 64
+    # HTTP (OpenAI-compatible API, docs/http.md): a Unix socket with the same mode, owner and
+    # allow list (None: qllm-http.sock beside the native socket; "": none), TCP only when given.
+    http_socket: str | None = None
+    http_listen: str | None = None  # HOST:PORT, or :PORT for loopback
+    max_http_requests: Annotated[int, Meta(ge=1)] = 1024  # live HTTP requests before 429
 
     def __post_init__(self) -> None:
         # Normalise the mode once so that the rest of the server sees an int.

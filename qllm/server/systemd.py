@@ -59,6 +59,17 @@ def listen_fds(env: MutableMapping[str, str] | None = None, unset: bool = True) 
     return sockets
 
 
+def listen_fds_named(
+    env: MutableMapping[str, str] | None = None, unset: bool = True
+) -> list[tuple[str, socket.socket]]:
+    """:func:`listen_fds` with each socket's ``FileDescriptorName=`` (``LISTEN_FDNAMES``; ``""``
+    when systemd gave none)."""
+    env = os.environ if env is None else env
+    names = env.get("LISTEN_FDNAMES", "").split(":")
+    sockets = listen_fds(env, unset)
+    return [(names[i] if i < len(names) else "", sock) for i, sock in enumerate(sockets)]
+
+
 def watchdog_interval(env: MutableMapping[str, str] | None = None) -> float | None:
     """Seconds between ``WATCHDOG=1`` pings (half of ``WatchdogSec=``), or None when not enabled."""
     env = os.environ if env is None else env

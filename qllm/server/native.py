@@ -1,7 +1,7 @@
 """One client connection of ``qllm serve``: reads frames, runs its requests, writes replies.
 
 The connection is an actor. Its reader decodes frames and starts one task per ``generate`` (see
-:mod:`qllm.relay`); one writer task owns the socket's write side (see :mod:`qllm.outbox`, which
+:mod:`qllm.server.relay`); one writer task owns the socket's write side (see :mod:`qllm.server.outbox`, which
 also pauses the reader while the client leaves too many replies unread). All of them live in the
 connection's TaskGroup. The reader closes a connection that sends nothing for ``idle_timeout``
 while none of its requests is live, or takes longer than ``frame_timeout`` to finish a frame it
@@ -15,21 +15,38 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import select
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import msgspec
 import structlog
 
 from qllm import protocol as p
-from qllm.listener import Credentials
-from qllm.outbox import Outbox
-from qllm.relay import refusal, relay
-
-if TYPE_CHECKING:
-    from qllm.server import Server
+from qllm.logging import Throttled
+from qllm.server.config import ServerConfig
+from qllm.server.listener import Credentials
+from qllm.server.outbox import Outbox
+from qllm.server.relay import refusal, relay
 
 log = structlog.get_logger()
+
+
+class Host(Protocol):
+    """What a connection needs of the server that accepted it (the server implements it; this
+    module never imports the server)."""
+
+    engine: Any
+    config: ServerConfig
+    errors: Throttled
+    draining: bool
+
+    def admit(self, conn: Connection) -> p.Error | None: ...
+    def release(self, conn: Connection) -> None: ...
+    def welcome(self) -> p.Welcome: ...
+    def health(self, rid: int) -> p.HealthReply: ...
+    def stats_reply(self) -> dict[str, Any]: ...
+    async def encode(self, prompt: str | Sequence[int], chat: bool = False) -> list[int]: ...
+
 
 LINGER_SECONDS = 2.0
 LINGER_BYTES = 1 << 20
@@ -52,7 +69,7 @@ class _HelloProbe(msgspec.Struct):
 class Connection:
     def __init__(
         self,
-        server: Server,
+        server: Host,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         name: str,

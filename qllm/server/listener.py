@@ -14,8 +14,8 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
-from qllm import systemd
-from qllm.config import ServerConfig, default_socket_path, socket_dir_problem
+from qllm.server import systemd
+from qllm.server.config import HTTP_SOCKET_NAME, ServerConfig, default_socket_path, socket_dir_problem
 
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
@@ -130,26 +130,112 @@ def _own_directory(directory: Path) -> None:
         raise ValueError(problem)
 
 
-def open_listener(config: ServerConfig, env: dict[str, str] | None = None) -> Listener:
-    """The socket to serve on: the first one systemd passed, else ``config.socket`` (or the
-    default path) bound with ``config.socket_mode`` and the configured owner and group."""
-    inherited = systemd.listen_fds(env)
-    if inherited:
-        sock = inherited[0]
-        for extra in inherited[1:]:
-            extra.close()
-        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
-            sock.close()
-            raise ValueError("the socket passed by systemd must be a Unix stream socket (ListenStream=PATH)")
-        sock.setblocking(False)
-        return Listener(sock, None, activated=True)
+HTTP_FD_NAME = "http"  # FileDescriptorName= of the HTTP socket under socket activation
 
+
+@dataclass
+class Listeners:
+    """Every socket ``qllm serve`` listens on: the native one and the HTTP ones (Unix, TCP)."""
+
+    native: Listener
+    http: list[Listener]
+
+    def close(self) -> None:
+        for listener in (self.native, *self.http):
+            listener.close()
+
+
+def open_listener(config: ServerConfig, env: dict[str, str] | None = None) -> Listener:
+    """The native socket: the first one systemd passed, else ``config.socket`` (or the default
+    path) bound with ``config.socket_mode`` and the configured owner and group."""
+    return open_listeners(config, env, http=False).native
+
+
+def open_listeners(
+    config: ServerConfig, env: dict[str, str] | None = None, *, http: bool = True
+) -> Listeners:
+    """The native socket and, with ``http``, the HTTP ones: under socket activation the socket
+    named ``http`` (FileDescriptorName=http) is the HTTP one and the first other is the native
+    one; otherwise both Unix sockets are bound here (``http_socket``, by default ``qllm-http.sock``
+    beside the native one, unless ``http_socket = ""``), and TCP only with ``http_listen``."""
+    inherited = systemd.listen_fds_named(env)
+    native_sock = next((sock for name, sock in inherited if name != HTTP_FD_NAME), None)
+    http_sock = next((sock for name, sock in inherited if name == HTTP_FD_NAME), None)
+    for _, extra in inherited:
+        if extra is not native_sock and (extra is not http_sock or not http):
+            extra.close()
+    if inherited and native_sock is None:
+        raise ValueError("systemd passed only an HTTP socket; the native one needs its own ListenStream=")
+    opened: list[Listener] = []
+    try:
+        if native_sock is not None:
+            native = _activated(native_sock)
+        else:
+            native = _bind_unix(_native_path(config, env), config)
+        opened.append(native)
+        if http:
+            if http_sock is not None:
+                opened.append(_activated(http_sock))
+            elif config.http_socket:
+                opened.append(_bind_unix(Path(config.http_socket), config, make_parent=True))
+            elif config.http_socket is None and native.path is not None:
+                opened.append(_bind_unix(native.path.with_name(HTTP_SOCKET_NAME), config))
+            if config.http_listen:
+                opened.append(_bind_tcp(config.http_listen))
+    except BaseException:
+        for listener in opened:
+            listener.close()
+        raise
+    return Listeners(opened[0], opened[1:])
+
+
+def _activated(sock: socket.socket) -> Listener:
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        sock.close()
+        raise ValueError("a socket passed by systemd must be a Unix stream socket (ListenStream=PATH)")
+    sock.setblocking(False)
+    return Listener(sock, None, activated=True)
+
+
+def _native_path(config: ServerConfig, env: dict[str, str] | None) -> Path:
     if config.socket:
         path = Path(config.socket)
         path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-    else:
-        path = default_socket_path(env)
-        _own_directory(path.parent)
+        return path
+    path = default_socket_path(env)
+    _own_directory(path.parent)
+    return path
+
+
+def parse_host_port(value: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[V6]:PORT``, ``:PORT`` or ``PORT`` (loopback when no host)."""
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        host, port = "", value
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        number = int(port)
+    except ValueError:
+        raise ValueError(f"http_listen must be HOST:PORT, got {value!r}") from None
+    if not 0 <= number <= 65535:
+        raise ValueError(f"http_listen: port {number} is out of range")
+    return host, number
+
+
+def _bind_tcp(value: str) -> Listener:
+    host, port = parse_host_port(value)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        sock = socket.create_server((host, port), family=family, backlog=128)
+    except OSError as exc:
+        raise ValueError(f"cannot listen on {value}: {exc.strerror or exc}") from None
+    sock.setblocking(False)
+    return Listener(sock, None, activated=False)
+
+
+def _bind_unix(path: Path, config: ServerConfig, make_parent: bool = False) -> Listener:
+    if make_parent:
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     lock = _lock(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     inode = None

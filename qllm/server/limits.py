@@ -8,9 +8,9 @@ from typing import Any
 import structlog
 
 from qllm import protocol as p
-from qllm.config import ServerConfig
-from qllm.listener import Credentials, allowed
 from qllm.logging import Throttled
+from qllm.server.config import ServerConfig
+from qllm.server.listener import Credentials, allowed
 
 log = structlog.get_logger()
 

@@ -26,12 +26,12 @@ import structlog
 
 import qllm
 from qllm import protocol as p
-from qllm import systemd
-from qllm.config import Config
-from qllm.connection import Connection
-from qllm.limits import ConnectionLimits
-from qllm.listener import Credentials, Listener, open_listener, peer_credentials
 from qllm.logging import Throttled
+from qllm.server import systemd
+from qllm.server.config import Config
+from qllm.server.limits import ConnectionLimits
+from qllm.server.listener import Credentials, Listener, open_listeners, peer_credentials
+from qllm.server.native import Connection
 
 log = structlog.get_logger()
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -59,6 +59,8 @@ class Server:
         self.draining = False
         self.started = time.monotonic()
         self.address = ""
+        self.http_addresses: list[str] = []
+        self.http_front: Any = None
         self.activated = False
         self._connections: dict[Connection, asyncio.Task] = {}
         self._conn_ids = itertools.count(1)
@@ -88,7 +90,7 @@ class Server:
             status="draining" if self.draining else "ok",
             model=self.model_name,
             policy=self.engine.policy.name,
-            live=sum(c.live for c in self._connections),
+            live=sum(c.live for c in self._connections) + (self.http_front.live if self.http_front else 0),
             progress=self.engine.progress,
             uptime=time.monotonic() - self.started,
         )
@@ -96,6 +98,7 @@ class Server:
     def stats(self) -> dict[str, Any]:
         return {
             "address": self.address,
+            "http_addresses": self.http_addresses,
             "connections": len(self._connections),
             "connections_accepted": self._accepted,
             "connections_refused": self.limits.refused,
@@ -124,13 +127,26 @@ class Server:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._tokenize_pool, self._encode_text, prompt, chat)
 
-    def _encode_text(self, prompt: str, chat: bool) -> list[int]:
-        from qllm.generation import encode
+    async def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation through the chat template, on the tokenizer thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tokenize_pool, self._encode_messages, messages)
 
+    def _own_tokenizer(self) -> Any:
         model = self.engine.model
         if self._tokenizer is None and model.tokenizer is not None:
             self._tokenizer = copy.deepcopy(model.tokenizer)
-        return encode(model, prompt, chat=chat, tokenizer=self._tokenizer)
+        return self._tokenizer
+
+    def _encode_messages(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        from qllm.generation import encode_chat
+
+        return encode_chat(self.engine.model, messages, tokenizer=self._own_tokenizer())
+
+    def _encode_text(self, prompt: str, chat: bool) -> list[int]:
+        from qllm.generation import encode
+
+        return encode(self.engine.model, prompt, chat=chat, tokenizer=self._own_tokenizer())
 
     # ------------------------------------------------------------------ connection limits
     def admit(self, conn: Connection) -> p.Error | None:
@@ -152,15 +168,22 @@ class Server:
         self._connections[conn] = task
         task.add_done_callback(lambda _: self._connections.pop(conn, None))
 
-    async def serve(self, listener: Listener, stop: asyncio.Event) -> None:
-        """Serve until ``stop`` is set, then drain and close every connection."""
+    async def serve(self, listener: Listener, stop: asyncio.Event, http: Sequence[Listener] = ()) -> None:
+        """Serve until ``stop`` is set, then drain and close every connection. ``http``: the
+        sockets of the HTTP front end (docs/http.md)."""
+        from qllm.server.http import HttpFront
+
         self.address = listener.address
         self.activated = listener.activated
+        self.http_addresses = [_http_address(h) for h in http]
+        front = self.http_front = HttpFront(self) if http else None
         async with asyncio.TaskGroup() as tg:
             self._tasks = tg
             server = await asyncio.start_unix_server(self._accept, sock=listener.sock, limit=1 << 16)
             watchdog = None
             try:
+                if front is not None:
+                    await front.start([h.sock for h in http])
                 if not stop.is_set():  # a signal during the model load: never announce READY
                     self._set_status(
                         f"serving {self.model_name} ({self.engine.policy.name}) on {self.address}"
@@ -171,6 +194,7 @@ class Server:
                         address=self.address,
                         model=self.model_name,
                         policy=self.engine.policy.name,
+                        http=self.http_addresses,
                     )
                     interval = systemd.watchdog_interval()
                     watchdog = tg.create_task(self.watchdog(interval)) if interval else None
@@ -179,12 +203,16 @@ class Server:
                 self.notify("STOPPING=1")
                 self.draining = True
                 server.close()
-                live = sum(c.live for c in self._connections)
+                if front is not None:
+                    front.stop_accepting()
+                live = sum(c.live for c in self._connections) + (front.live if front else 0)
                 timeout = self.config.drain_timeout
                 self._set_status(f"draining {live} requests (up to {timeout:g} s)")
                 log.info("server_draining", live=live, timeout_s=timeout)
                 await self.engine.drain(timeout)
                 await self._close_connections()
+                if front is not None:
+                    await front.close()
                 if watchdog is not None:
                     watchdog.cancel()
             finally:
@@ -223,6 +251,14 @@ class Server:
             elif not stalled:
                 stalled = True
                 log.warning("watchdog_stalled", progress=heartbeat.last, interval_s=interval)
+
+
+def _http_address(listener: Listener) -> str:
+    name = listener.sock.getsockname()
+    if isinstance(name, tuple):
+        host = f"[{name[0]}]" if ":" in name[0] else name[0]
+        return f"http://{host}:{name[1]}"
+    return f"unix:{listener.address}"
 
 
 class Heartbeat:
@@ -296,17 +332,17 @@ async def serve(config: Config, *, notify: Callable[[str], bool] = systemd.notif
     """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    listener = open_listener(config.server)  # first, so a taken socket fails before the model loads
+    listeners = open_listeners(config.server)  # first, so a taken socket fails before the model loads
     _raise_file_limit(config.server.max_connections)
     try:
         if engine is None:
             engine = _load_engine(config, notify, stop)
-        _install_signals(loop, stop, listener.close)
+        _install_signals(loop, stop, listeners.close)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
         async with engine:
-            await Server(engine, config, notify=notify).serve(listener, stop)
+            await Server(engine, config, notify=notify).serve(listeners.native, stop, listeners.http)
     finally:
-        listener.close()
+        listeners.close()
         for signum in SIGNALS:
             loop.remove_signal_handler(signum)
     notify("STATUS=stopped")

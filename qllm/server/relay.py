@@ -16,7 +16,7 @@ from qllm import protocol as p
 from qllm.errors import QllmError
 
 if TYPE_CHECKING:
-    from qllm.connection import Connection
+    from qllm.server.native import Connection
 
 
 def final_frame(rid: int, result: Any, error: p.ErrorInfo | None) -> p.Final:

@@ -1,0 +1,102 @@
+"""The engine's statistics as prometheus_client metrics.
+
+:class:`StatsCollector` reads a ``stats`` dict (``Engine.stats()`` plus the server's fields, as a
+``stats`` request returns it) at each collection and yields Prometheus metric families. The
+server's ``GET /metrics`` collects the live statistics; ``qllm stats --prometheus`` collects the
+ones it fetched over the socket. Both go through :func:`registry`, so they print the same metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from qllm.metrics import COUNTERS, HISTOGRAMS
+
+PREFIX = "qllm"
+# Per-request histograms whose plain names would clash with the counters of the same name.
+HISTOGRAM_NAMES = {"preemptions": "request_preemptions", "tokens": "request_tokens"}
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+class StatsCollector(Collector):
+    """Prometheus metric families of the ``stats`` dict that ``source`` returns."""
+
+    def __init__(self, source: Callable[[], Mapping[str, Any]]):
+        self.source = source
+
+    def collect(self) -> Iterator[Any]:
+        stats = self.source()
+        metrics = stats.get("metrics", {})
+        classes = [c for c, m in metrics.items() if isinstance(m, Mapping) and "histograms" in m]
+        yield from self._per_class(metrics, classes)
+        yield from self._gauges(stats)
+
+    def _per_class(self, metrics: Mapping[str, Any], classes: list[str]) -> Iterator[Any]:
+        requests = CounterMetricFamily(
+            f"{PREFIX}_requests", "Finished requests by class and status.", labels=["class", "status"]
+        )
+        for c in classes:
+            for status, n in metrics[c]["requests"].items():
+                requests.add_metric([c, status], n)
+        yield requests
+        for counter, help_text in COUNTERS.items():
+            family = CounterMetricFamily(f"{PREFIX}_{counter}", help_text, labels=["class"])
+            for c in classes:
+                family.add_metric([c], metrics[c].get(counter, 0))
+            yield family
+        for name, (help_text, _) in HISTOGRAMS.items():
+            family = HistogramMetricFamily(
+                f"{PREFIX}_{HISTOGRAM_NAMES.get(name, name)}", help_text, labels=["class"]
+            )
+            for c in classes:
+                h = metrics[c]["histograms"].get(name)
+                if h is None:
+                    continue
+                buckets = [(repr(float(bound)), n) for bound, n in h["buckets"]]
+                buckets.append(("+Inf", h["count"]))
+                family.add_metric([c], buckets, h["sum"])
+            yield family
+
+    def _gauges(self, stats: Mapping[str, Any]) -> Iterator[Any]:
+        live = GaugeMetricFamily(
+            f"{PREFIX}_live_requests", "Live requests by class and status.", labels=["class", "status"]
+        )
+        for c, by_status in (stats.get("live") or {}).items():
+            for status, n in by_status.items():
+                live.add_metric([c, status], n)
+        yield live
+        queues = GaugeMetricFamily(
+            f"{PREFIX}_queue_length", "Requests in each kernel queue.", labels=["queue"]
+        )
+        for queue, n in (stats.get("queues") or {}).items():
+            if _number(n):
+                queues.add_metric([str(queue)], n)
+        yield queues
+        for section, what in (("memory", "Tensor manager"), ("kernel", "Kernel"), ("server", "Server")):
+            values = stats.get(section)
+            if not isinstance(values, Mapping):
+                continue
+            for key, value in values.items():
+                if _number(value):
+                    help_text = f"{what}: {key.replace('_', ' ')}."
+                    yield GaugeMetricFamily(f"{PREFIX}_{section}_{key}", help_text, value=value)
+
+
+def registry(source: Callable[[], Mapping[str, Any]]) -> CollectorRegistry:
+    """A registry holding one :class:`StatsCollector` over ``source``."""
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(StatsCollector(source))
+    return reg
+
+
+def exposition(stats: Mapping[str, Any]) -> bytes:
+    """The Prometheus text format (0.0.4) of a ``stats`` dict."""
+    return generate_latest(registry(lambda: stats))

@@ -1,0 +1,248 @@
+"""The OpenAI-compatible request and reply shapes of ``qllm serve``'s HTTP front end.
+
+Requests are decoded into typed msgspec Structs (an unknown field or a wrong type is a clear 400);
+:func:`to_params` checks what qllm does not support and maps the rest onto ``Engine.submit``
+arguments. Replies are plain dicts in the shapes the ``openai`` client reads. See docs/http.md.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+PRIORITY_HEADER = "x-qllm-priority"
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
+
+
+class ApiError(Exception):
+    """An error reply: HTTP status and the OpenAI error object."""
+
+    def __init__(self, status: int, message: str, code: str, type_: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.type = type_
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": str(self), "type": self.type, "code": self.code, "param": None}}
+
+
+def bad_request(message: str, code: str = "invalid_request") -> ApiError:
+    return ApiError(400, message, code)
+
+
+class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
+    include_usage: bool = False
+
+
+class _Sampling(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Fields both endpoints share. Accepted only at their neutral values: ``n``, ``best_of``,
+    penalties, ``logprobs``, ``logit_bias``, ``echo``, ``suffix`` (qllm does not implement them)."""
+
+    model: str | None = None
+    max_tokens: Annotated[int, Meta(ge=1)] | None = None
+    temperature: Annotated[float, Meta(ge=0, le=2)] = 1.0
+    top_p: Annotated[float, Meta(gt=0, le=1)] = 1.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    priority: Literal["ls", "be"] | int | None = None
+    ignore_eos: bool = False  # an extension (as in vLLM): generate max_tokens whatever comes
+    user: str | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    logprobs: Any = None
+
+
+class CompletionRequest(_Sampling, kw_only=True, forbid_unknown_fields=True):
+    prompt: str | list[str | int]
+    best_of: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+
+
+class ChatMessage(msgspec.Struct, kw_only=True):
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+
+class ChatRequest(_Sampling, kw_only=True, forbid_unknown_fields=True):
+    messages: list[ChatMessage]
+    max_completion_tokens: Annotated[int, Meta(ge=1)] | None = None
+    top_logprobs: int | None = None
+
+
+def decode(body: bytes, kind: type[msgspec.Struct]) -> Any:
+    """A request body as ``kind``; ApiError(400) naming what is wrong."""
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as exc:
+        raise bad_request(f"invalid request: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise bad_request(f"the body is not valid JSON: {exc}") from None
+
+
+def priority_of(value: str | int | None, header: str | None) -> tuple[str, int]:
+    """(class, rank) of a request: the header (set by a gateway) wins over the body's field.
+
+    ``"ls"``/``"be"`` name the class (rank 0); an integer is a rank within best-effort, lower
+    first, like vLLM's ``priority``."""
+    if header is not None:
+        header = header.strip().lower()
+        if header in ("ls", "be"):
+            value = header
+        else:
+            try:
+                value = int(header)
+            except ValueError:
+                raise bad_request(
+                    f"header X-Qllm-Priority must be 'ls', 'be' or an integer rank, got {header!r}"
+                ) from None
+    if value is None:
+        return "be", 0
+    if isinstance(value, str):
+        return value, 0
+    return "be", value
+
+
+def _unsupported(req: _Sampling) -> str | None:
+    if req.n != 1:
+        return f"n={req.n} is not supported; qllm returns one choice per request (n=1)"
+    if req.presence_penalty or req.frequency_penalty:
+        return "presence_penalty and frequency_penalty are not supported (leave them at 0)"
+    if req.logit_bias:
+        return "logit_bias is not supported"
+    if req.logprobs not in (None, False, 0):
+        return "logprobs are not supported"
+    if isinstance(req, CompletionRequest):
+        if req.best_of not in (None, 1):
+            return "best_of is not supported (leave it at 1)"
+        if req.echo:
+            return "echo is not supported"
+        if req.suffix:
+            return "suffix is not supported"
+    if isinstance(req, ChatRequest) and req.top_logprobs:
+        return "top_logprobs is not supported"
+    return None
+
+
+def to_params(req: _Sampling, header: str | None, max_tokens_limit: int) -> dict[str, Any]:
+    """``Engine.submit`` keyword arguments of a request (prompt apart); ApiError when unsupported."""
+    problem = _unsupported(req)
+    if problem is not None:
+        raise bad_request(problem, "unsupported_parameter")
+    max_tokens = req.max_tokens
+    if isinstance(req, ChatRequest) and req.max_completion_tokens is not None:
+        max_tokens = req.max_completion_tokens
+    if max_tokens is None:
+        max_tokens = min(DEFAULT_MAX_TOKENS, max_tokens_limit)
+    if max_tokens > max_tokens_limit:
+        raise bad_request(
+            f"max_tokens={max_tokens} exceeds the limit of {max_tokens_limit}", "max_tokens_too_large"
+        )
+    priority, rank = priority_of(req.priority, header)
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    return {
+        "max_tokens": max_tokens,
+        "temperature": req.temperature,
+        "top_p": req.top_p,
+        "seed": req.seed,
+        "stop": tuple(stop),
+        "ignore_eos": req.ignore_eos,
+        "priority": priority,
+        "rank": rank,
+    }
+
+
+def completion_prompt(req: CompletionRequest) -> str | list[int]:
+    """The one prompt of a completion request: text, or token ids."""
+    prompt = req.prompt
+    if isinstance(prompt, str):
+        return prompt
+    if prompt and all(type(t) is int for t in prompt):
+        return prompt
+    if len(prompt) == 1 and isinstance(prompt[0], str):
+        return prompt[0]
+    raise bad_request(
+        "prompt must be one string or one list of token ids (batched prompts are not supported)"
+    )
+
+
+def chat_messages(req: ChatRequest) -> list[dict[str, str]]:
+    """The conversation as the chat template reads it (text parts of a content list joined)."""
+    out = []
+    for m in req.messages:
+        content = m.content
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise bad_request("only text content parts are supported")
+                parts.append(part["text"])
+            content = "".join(parts)
+        out.append({"role": m.role, "content": content or ""})
+    return out
+
+
+FINISH_REASONS = {"stopped": "stop", "length": "length"}
+
+
+class Reply:
+    """Builds the reply objects of one request (ids, timestamps, model name)."""
+
+    def __init__(self, chat: bool, model: str):
+        self.chat = chat
+        self.model = model
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+
+    def _head(self, obj: str) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    @staticmethod
+    def usage(result: Any) -> dict[str, int]:
+        completion = len(result.token_ids)
+        return {
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": result.prompt_tokens + completion,
+        }
+
+    def full(self, result: Any) -> dict[str, Any]:
+        """The non-streaming reply."""
+        finish = FINISH_REASONS.get(result.status, "stop")
+        if self.chat:
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": result.text},
+                "logprobs": None,
+                "finish_reason": finish,
+            }
+            head = self._head("chat.completion")
+        else:
+            choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": finish}
+            head = self._head("text_completion")
+        return {**head, "choices": [choice], "usage": self.usage(result)}
+
+    def chunk(self, text: str | None, finish: str | None = None, role: bool = False) -> dict[str, Any]:
+        """One streamed event: a piece of text, or the finish reason."""
+        if self.chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
+            if text is not None:
+                delta["content"] = text
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return {**self._head("chat.completion.chunk"), "choices": [choice]}
+        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        return {**self._head("text_completion"), "choices": [choice]}
+
+    def usage_chunk(self, result: Any) -> dict[str, Any]:
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        return {**self._head(obj), "choices": [], "usage": self.usage(result)}

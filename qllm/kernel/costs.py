@@ -4,8 +4,8 @@ The dispatcher records the time of every batched op it runs (its kind, its rows 
 it took, hand-off to the compute thread included); policies read predictions through
 :attr:`KernelView.costs <qllm.kernel.view.KernelView.costs>`. One model per kernel, so per device.
 
-Rows are grouped in buckets of ``GRAIN`` (the executor pads batched rows to a multiple of 4, so
-an op over 5 rows costs what one over 8 does). Each bucket keeps an exponentially weighted mean of
+Rows are grouped in buckets of ``GRAIN`` (the executor pads batched rows as probed on the machine,
+often to a multiple of 4 or 16, so nearby row counts cost alike). Each bucket keeps an exponentially weighted mean of
 its op times, so the model follows a machine whose load drifts. A prediction for rows between two
 measured buckets interpolates linearly; past the largest measured bucket it extends the slope of
 the two largest (flat when only one is known), and below the smallest it takes the smallest. That extrapolation is optimistic on

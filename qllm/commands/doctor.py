@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     report = {
         "model": str(args.model),
         "family": model.family,
-        "machine": invariance.machine(),
+        "machine": found.machine if found else invariance.machine(),
         "cache": str(invariance.cache_path()),
         "batch_invariance": found.summary() if found else {"enabled": False, "verified": False},
     }

@@ -275,7 +275,7 @@ class MoEModel:
                 "batch_invariance_unverified",
                 op_kinds=sorted(result.unverified),
                 threads=result.threads,
-                detail="no tested row padding makes these GEMMs batch-invariant here; "
+                detail="no tested row padding makes these op kinds batch-invariant here; "
                 "batched and preempted outputs may differ from solo runs in the last bits",
             )
         self.invariance = result
@@ -337,7 +337,7 @@ class MoEModel:
         self._padding[kind] = padding
         gen = torch.Generator().manual_seed(1)
         flops = self._op_flops.get(kind_name, 1.0)
-        max_rows = int(max(4, min(invariance.MAX_PROBE_ROWS, invariance.PROBE_FLOPS / (3 * flops))))
+        max_rows = invariance.probe_rows(flops)
         # An attention op's rows each come from a request of their own (its own cache): fewer.
         max_rows, windows = (min(max_rows, 24), 48) if kind is OpKind.ATTENTION else (min(max_rows, 64), 192)
         budget = invariance.probe_budget(flops, max_rows)

@@ -201,13 +201,18 @@ def probe_gemm(gemm: Gemm) -> Padding | None:
     """:func:`find_padding` for a traced GEMM, on random rows shaped like its input."""
     x = gemm.rows_in
     gen = torch.Generator().manual_seed(0)
-    max_rows = int(max(4, min(MAX_PROBE_ROWS, PROBE_FLOPS / (3 * gemm.flops_per_row()))))
+    max_rows = probe_rows(gemm.flops_per_row())
 
     def make_rows(n: int) -> torch.Tensor:
         rows = torch.randn(n, *x.shape[1:], generator=gen, dtype=torch.float32)
         return rows.to(dtype=x.dtype, device=x.device)
 
     return find_padding(gemm, make_rows, max_rows, budget_rows=probe_budget(gemm.flops_per_row(), max_rows))
+
+
+def probe_rows(flops_per_row: float) -> int:
+    """Rows in a probe's block: a third of :data:`PROBE_FLOPS` of work, 4 to :data:`MAX_PROBE_ROWS`."""
+    return int(max(4, min(MAX_PROBE_ROWS, PROBE_FLOPS / (3 * max(flops_per_row, 1.0)))))
 
 
 def probe_budget(flops_per_row: float, max_rows: int) -> int:

@@ -133,7 +133,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "decode_tokens": args.decode_tokens,
         "rounds": args.rounds,
         "build_s": build_s,
-        "batch_invariance": first.invariance.summary() if first.invariance else {"enabled": False},
+        "batch_invariance": first.invariance_summary(),
         "tokens_equal": all(r["tokens_equal"] for r in report.values()),
         "ratios": ratios,
         "padding_cost": padding_cost,

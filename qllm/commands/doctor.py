@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         "family": model.family,
         "machine": found.machine if found else invariance.machine(),
         "cache": str(invariance.cache_path()),
-        "batch_invariance": found.summary() if found else {"enabled": False, "verified": False},
+        "batch_invariance": model.invariance_summary(),
     }
     if args.json:
         print(json.dumps(report))

@@ -292,9 +292,7 @@ class Engine:
                 "prefill_chunk": d.prefill_chunk,
                 "op_times": d.op_times.snapshot(),
                 "op_costs": d.costs.snapshot(),
-                "batch_invariance": self.model.invariance.summary()
-                if self.model.invariance is not None
-                else {"enabled": False, "verified": False},
+                "batch_invariance": self.model.invariance_summary(),
             },
             "memory": self._tensors.stats(),
             "metrics": self.metrics.snapshot(),

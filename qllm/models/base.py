@@ -282,6 +282,12 @@ class MoEModel:
         self._calibrated_threads = torch.get_num_threads()
         return result
 
+    def invariance_summary(self) -> dict[str, Any]:
+        """What batch invariance this executor verified, for stats and reports."""
+        if self.invariance is None:
+            return {"enabled": False, "verified": False}
+        return self.invariance.summary()
+
     def signature(self) -> str:
         """The adapter and every weight's name, shape, dtype and layout: what picks GEMM kernels."""
         # Which kernel runs a weight is code: the adapter, qllm's version and the oneDNN routing.

@@ -100,28 +100,36 @@ def stop_index(text: str, stops: Sequence[str]) -> int | None:
     return min(found) if found else None
 
 
-def generation_steps(
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """Yielded by :func:`generation_passes`: run a forward pass of ``token_ids`` (1-D) appended to
+    the request's cache and send back the last row's logits (None when ``logits`` is False)."""
+
+    token_ids: torch.Tensor
+    logits: bool = True
+
+
+def generation_passes(
     model: MoEModel,
     prompt_ids: Sequence[int],
     params: SamplingParams,
-    cache: KVCache | None = None,
     *,
     prefill_chunk: int | None = None,
-) -> Generator[Op | Token, Any, StopReason]:
-    """Prefill then decode one request, yielding ops and tokens; returns why it stopped.
+) -> Generator[Forward | Token, Any, StopReason]:
+    """Prefill then decode one request as forward passes and tokens; returns why it stopped.
 
     With ``prefill_chunk`` the prompt is prefilled that many tokens per forward pass, which bounds
-    how long any single op runs (and so how long an arriving request can wait).
+    how long any single op runs (and so how long an arriving request can wait). The kernel runs the
+    passes of many requests together (qllm/models/passes.py).
     """
-    cache = cache if cache is not None else model.new_cache()
     sampler = Sampler(params)
     eos = frozenset() if params.ignore_eos else eos_ids(model)
     generated: list[int] = []
     prompt = torch.tensor(prompt_ids, dtype=torch.long)
     chunk = prefill_chunk or len(prompt_ids)
     for start in range(0, len(prompt_ids) - chunk, chunk):
-        yield from model.forward(cache, prompt[start : start + chunk], logits=False)
-    logits = yield from model.forward(cache, prompt[(len(prompt_ids) - 1) // chunk * chunk :])
+        yield Forward(prompt[start : start + chunk], logits=False)
+    logits = yield Forward(prompt[(len(prompt_ids) - 1) // chunk * chunk :])
     while True:
         token = sampler(logits)
         generated.append(token)
@@ -132,7 +140,33 @@ def generation_steps(
             return StopReason.STOP
         if len(generated) >= params.max_tokens:
             return StopReason.LENGTH
-        logits = yield from model.forward(cache, torch.tensor([token], dtype=torch.long))
+        logits = yield Forward(torch.tensor([token], dtype=torch.long))
+
+
+def generation_steps(
+    model: MoEModel,
+    prompt_ids: Sequence[int],
+    params: SamplingParams,
+    cache: KVCache | None = None,
+    *,
+    prefill_chunk: int | None = None,
+    moe: str = "expert",
+) -> Generator[Op | Token, Any, StopReason]:
+    """:func:`generation_passes` with each forward pass's ops yielded one by one (see
+    :meth:`MoEModel.forward <qllm.models.base.MoEModel.forward>` for ``moe``)."""
+    cache = cache if cache is not None else model.new_cache()
+    passes = generation_passes(model, prompt_ids, params, prefill_chunk=prefill_chunk)
+    result: Any = None
+    while True:
+        try:
+            item = passes.send(result)
+        except StopIteration as stop:
+            return stop.value
+        if isinstance(item, Token):
+            yield item
+            result = None
+        else:
+            result = yield from model.forward(cache, item.token_ids, logits=item.logits, moe=moe)
 
 
 @dataclass

@@ -16,10 +16,12 @@ if TYPE_CHECKING:
     import torch
 
     from qllm.cache import KVCache
+    from qllm.models.passes import Segment
 
 
 class OpKind(enum.IntEnum):
-    """What an op computes. The order is the order inside one layer."""
+    """What an op computes. The order is the order inside one layer (MOE stands where ROUTER does:
+    it computes a MoE layer's router, experts and shared expert in one op)."""
 
     ATTENTION = 0  # input norm + self-attention of one layer (updates the request's KV cache)
     ROUTER = 1  # post-attention norm + router of one MoE layer
@@ -27,6 +29,7 @@ class OpKind(enum.IntEnum):
     SHARED = 3  # the always-on shared expert of a MoE layer (Qwen2-MoE), on the routed rows
     MLP = 4  # post-attention norm + dense MLP of a layer without experts
     HEAD = 5  # final norm + lm_head on the last row
+    MOE = 6  # post-attention norm, router, every routed expert and the shared expert of a MoE layer
 
 
 @dataclass(slots=True, eq=False)
@@ -34,8 +37,9 @@ class Op:
     """One schedulable step of one request.
 
     ``x`` holds this request's rows ([n, hidden]). For ATTENTION, ``cache`` and ``positions``
-    carry the request's KV cache and the absolute positions of the rows; for EXPERT, ``weight``
-    holds the routing weight of each row.
+    carry the request's KV cache and the absolute positions of the rows (or ``segments``: one
+    cache, positions and row count per request, when the rows are several requests' pass); for
+    EXPERT, ``weight`` holds the routing weight of each row.
     """
 
     kind: OpKind
@@ -45,6 +49,7 @@ class Op:
     weight: torch.Tensor | None = None
     cache: KVCache | None = None
     positions: torch.Tensor | None = None
+    segments: list[Segment] | None = None  # ATTENTION over several requests' rows (a pass)
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -36,9 +36,12 @@ class Reference:
     ops: int
 
 
-def isolated(model: MoEModel, prompt_ids: Sequence[int], params: SamplingParams, chunk: int) -> Reference:
-    """Run one request alone through ``generation_steps`` with ``prefill_chunk=chunk``."""
-    steps = generation_steps(model, list(prompt_ids), params, prefill_chunk=chunk)
+def isolated(
+    model: MoEModel, prompt_ids: Sequence[int], params: SamplingParams, chunk: int, moe: str = "layer"
+) -> Reference:
+    """Run one request alone through ``generation_steps`` with ``prefill_chunk=chunk``, its MoE
+    layers at granularity ``moe`` (the engine's default is ``layer``)."""
+    steps = generation_steps(model, list(prompt_ids), params, prefill_chunk=chunk, moe=moe)
     tokens: list[int] = []
     ops = 0
     result = None

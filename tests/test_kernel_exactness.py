@@ -28,6 +28,7 @@ from qllm.policies import load_policy
 from qllm.sampling import SamplingParams
 
 POLICIES = ("fcfs", "qllm", "priority-aging", "cohort")
+MOE = st.sampled_from(["layer", "expert"])  # one grouped op per MoE layer, or one op per expert
 
 
 @dataclass(frozen=True)
@@ -76,14 +77,26 @@ schedules = st.lists(specs, min_size=1, max_size=4)
 
 
 async def serve(
-    model, policy: str, schedule: list[Spec], *, chunk: int, max_batch: int, budget: int | None = None
+    model,
+    policy: str,
+    schedule: list[Spec],
+    *,
+    chunk: int,
+    max_batch: int,
+    budget: int | None = None,
+    moe: str = "layer",
 ):
     """Run ``schedule`` on an engine; results, streamed chunks and specs by id, the recorder, stats, logs."""
     recorder = Recorder(load_policy(policy))
     handles: dict[str, object] = {}
     by_id: dict[str, Spec] = {}
     async with qllm.Engine(
-        model=model, policy=recorder, prefill_chunk=chunk, max_batch=max_batch, memory_budget=budget
+        model=model,
+        policy=recorder,
+        prefill_chunk=chunk,
+        max_batch=max_batch,
+        memory_budget=budget,
+        moe_granularity=moe,
     ) as engine:
 
         def submit(spec: Spec) -> None:
@@ -113,10 +126,10 @@ async def serve(
 
 @pytest.mark.parametrize("policy", POLICIES)
 @settings(deadline=None, max_examples=8, suppress_health_check=[HealthCheck.too_slow])
-@given(schedule=schedules, chunk=st.sampled_from([2, 5, 128]), max_batch=st.sampled_from([2, 32]))
-def test_every_request_equals_its_isolated_run(tiny, policy, schedule, chunk, max_batch):
+@given(schedule=schedules, chunk=st.sampled_from([2, 5, 128]), max_batch=st.sampled_from([2, 32]), moe=MOE)
+def test_every_request_equals_its_isolated_run(tiny, policy, schedule, chunk, max_batch, moe):
     results, streamed, by_id, recorder, stats, logs = run(
-        serve(tiny, policy, schedule, chunk=chunk, max_batch=max_batch)
+        serve(tiny, policy, schedule, chunk=chunk, max_batch=max_batch, moe=moe)
     )
 
     # Nothing lost or duplicated: one result and one canonical log line per submitted request.
@@ -131,7 +144,7 @@ def test_every_request_equals_its_isolated_run(tiny, policy, schedule, chunk, ma
 
     for rid, result in results.items():
         spec = by_id[rid]
-        ref = isolated(tiny, spec.prompt, spec.params, chunk)
+        ref = isolated(tiny, spec.prompt, spec.params, chunk, moe)
         assert result.id == rid
         assert result.token_ids == ref.token_ids, f"{rid} {spec}"
         assert result.text == ref.text
@@ -209,20 +222,20 @@ def stateful(request):
 
 @pytest.mark.parametrize("policy", POLICIES)
 @settings(deadline=None, max_examples=4, suppress_health_check=[HealthCheck.too_slow])
-@given(schedule=schedules, chunk=st.sampled_from([2, 5, 128]), max_batch=st.sampled_from([2, 32]))
+@given(schedule=schedules, chunk=st.sampled_from([2, 5, 128]), max_batch=st.sampled_from([2, 32]), moe=MOE)
 def test_latent_and_linear_attention_requests_equal_their_isolated_runs(
-    stateful, policy, schedule, chunk, max_batch
+    stateful, policy, schedule, chunk, max_batch, moe
 ):
     """The same property for latent-attention and linear-attention state, under a memory budget
     small enough that suspended requests' caches are offloaded (compacted on CPU) and restored."""
     results, streamed, by_id, recorder, stats, _ = run(
-        serve(stateful, policy, schedule, chunk=chunk, max_batch=max_batch, budget=4096)
+        serve(stateful, policy, schedule, chunk=chunk, max_batch=max_batch, budget=4096, moe=moe)
     )
 
     assert len(results) == len(schedule)
     for rid, result in results.items():
         spec = by_id[rid]
-        ref = isolated(stateful, spec.prompt, spec.params, chunk)
+        ref = isolated(stateful, spec.prompt, spec.params, chunk, moe)
         assert result.token_ids == ref.token_ids, f"{rid} {spec}"
         assert result.status == ref.status
         assert recorder.ops_of(rid) == ref.ops

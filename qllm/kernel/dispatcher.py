@@ -1,30 +1,44 @@
-"""The dispatcher actor: collects pending ops, asks the policy, runs one batch at a time.
+"""The dispatcher actor: asks the policy which requests run next, and runs them as one pass.
 
-Its mailbox receives arrivals and cancellations. Between two batches it drains the mailbox, so a
-request that arrives while an op computes is considered at the very next decision: an LS request
-waits at most one op. Requests are generators (see :mod:`qllm.generation`): the dispatcher resumes
-each with its op's result until it yields its next op, a token, or finishes.
+Its mailbox receives arrivals and cancellations. Each request is a generator of forward passes and
+tokens (:func:`qllm.generation.generation_passes`); the compute of a forward pass runs in a
+:class:`~qllm.models.passes.Pass` that holds the rows of every request the policy batched together,
+stepped one op at a time. At each decision the policy picks requests at one op; the dispatcher
+merges the passes they are in (splitting a pass when the policy took only part of it, starting a
+new pass for requests between passes) and runs its next op.
+
+**Decisions cost microseconds.** When the policy declares its choice steady (:meth:`Policy.steady`)
+and the pass holds every live request, the pass advances without asking again until something
+changes: an arrival, a cancellation, a finished pass. In ``thread`` compute mode the worker then
+runs the pass's ops back to back, with no hand-off between them.
+
+**A request that arrives waits at most one expert.** :meth:`post` raises a flag that the worker
+polls between ops and between the experts of a grouped MoE op, which then stops early (the rest
+of that layer runs expert by expert, so the policy can interleave the newcomer).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import structlog
+import torch
 
-from qllm.generation import decode, finish_text, generation_steps, stop_index
+from qllm.generation import Forward, decode, finish_text, generation_passes, stop_index
 from qllm.kernel.compute import Compute
 from qllm.kernel.costs import OpCosts
 from qllm.kernel.request import Request, RequestResult, RequestStatus
 from qllm.kernel.tensors import TensorManager
 from qllm.kernel.view import CostView, KernelView, MemoryView, RequestView
 from qllm.logging import Throttled
-from qllm.models.base import MoEModel
-from qllm.ops import OpKind, Token
+from qllm.models.base import MOE_GRANULARITIES, MoEModel
+from qllm.models.passes import Partial, Pass
+from qllm.ops import Op, OpKind, Token
 from qllm.policies import Policy
 
 log = structlog.get_logger()
@@ -46,6 +60,30 @@ class _Cancel:
 
 
 _STOP = object()
+_BOUNDARY = Op(OpKind.ATTENTION, 0, torch.empty(0))
+"""What a request between forward passes waits on: the first op of its next pass."""
+
+
+class Overhead:
+    """Wall time outside ops: from the end of one batched op to the start of the next, while the
+    kernel stays busy (decisions, resuming generators, hand-off to the compute thread)."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.samples: deque[float] = deque(maxlen=size)  # the most recent gaps
+        self.count = 0
+
+    def extend(self, gaps: list[float]) -> None:
+        self.samples.extend(gaps)
+        self.count += len(gaps)
+
+    def snapshot(self) -> dict[str, float | int | None]:
+        ordered = sorted(self.samples)
+        n = len(ordered)
+        return {
+            "count": self.count,
+            "median_s": ordered[n // 2] if n else None,
+            "p99_s": ordered[min(n - 1, int(0.99 * n))] if n else None,
+        }
 
 
 class OpTimes:
@@ -70,7 +108,7 @@ class OpTimes:
 
 
 class Dispatcher:
-    """Owns every live request; the only place that advances request generators."""
+    """Owns every live request; the only place that advances request generators and passes."""
 
     def __init__(
         self,
@@ -82,8 +120,11 @@ class Dispatcher:
         *,
         max_batch: int,
         prefill_chunk: int,
+        moe_granularity: str = "layer",
         on_finish: Any = None,
     ):
+        if moe_granularity not in MOE_GRANULARITIES:
+            raise ValueError(f"moe_granularity must be one of {', '.join(MOE_GRANULARITIES)}, got {moe_granularity!r}")
         self.model = model
         self.policy = policy
         self.fallback = fallback
@@ -91,28 +132,39 @@ class Dispatcher:
         self.compute = compute
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
+        self.moe_granularity = moe_granularity
         self.on_finish = on_finish
         self.mailbox: asyncio.Queue = asyncio.Queue()
         self.waiting: list[Request] = []
         self.live: dict[str, Request] = {}
         self.views: dict[str, RequestView] = {}
-        self.in_flight: set[str] = set()
+        self.in_flight: Sequence[Any] = ()
         self.progress = 0
         self.batches = 0
         self.ops = 0
         self.rows = 0
         self.policy_errors = 0
+        self.decisions = 0
         self.op_times = OpTimes()
+        self.overhead = Overhead()
         self.failures = Throttled(log)  # a client can make requests fail at will: bound the log
         self.costs = OpCosts()  # the cost model policies read through KernelView.costs
         self._cost_view = CostView(self.costs)
+        self._steady: Pass | None = None  # the pass that advances without a decision
+        self._changed = True  # something happened since the last decision
+        self._interrupt = False  # a message arrived: the worker stops at the next op or expert
+        self._last_end: float | None = None  # perf_counter() at the end of the last op (None: idle since)
 
     # ---------------------------------------------------------------- mailbox
     def post(self, message: Any) -> None:
         self.mailbox.put_nowait(message)
+        self._interrupt = True
 
     def stop(self) -> None:
         self.post(_STOP)
+
+    def _interrupted(self) -> bool:
+        return self._interrupt
 
     @property
     def busy(self) -> bool:
@@ -125,8 +177,10 @@ class Dispatcher:
                 if not self.busy or stopping:
                     if stopping and not self.busy:
                         return
+                    self._last_end = None  # waiting for work: the gap to the next op is idle time
                     message = await self.mailbox.get()
                     stopping |= self._handle(message)
+                self._interrupt = False
                 while not self.mailbox.empty():
                     stopping |= self._handle(self.mailbox.get_nowait())
                 await self._step()
@@ -135,6 +189,7 @@ class Dispatcher:
                 self._finish(request, RequestStatus.FINISHED_ABORTED, "engine stopped")
 
     def _handle(self, message: Any) -> bool:
+        self._changed = True
         if message is _STOP:
             return True
         if isinstance(message, _Cancel):
@@ -151,11 +206,12 @@ class Dispatcher:
 
     def _admit(self, request: Request) -> None:
         request.cache = self.model.new_cache()
-        request.steps = generation_steps(
-            self.model, request.prompt_ids, request.params, request.cache, prefill_chunk=self.prefill_chunk
+        request.steps = generation_passes(
+            self.model, request.prompt_ids, request.params, prefill_chunk=self.prefill_chunk
         )
         self.tensors.register(request.id, request.cache)
         self.live[request.id] = request
+        self._changed = True
         self._advance(request, None)
 
     def _cancel(self, request_id: str, reason: str) -> None:
@@ -165,9 +221,25 @@ class Dispatcher:
         # The mailbox is read between batches only, so a cancelled request never has an op computing.
         self._finish(request, RequestStatus.FINISHED_ABORTED, reason)
 
+    def _leave_pass(self, request: Request) -> None:
+        """Take ``request``'s rows out of its pass; the others stay together, where they were."""
+        group = request.group
+        request.join(None)
+        if group is None or group.done:
+            return
+        others = [i for i, s in enumerate(group.segments) if s.owner is not request]
+        if others:
+            rest, _ = group.split(others)
+            for segment in rest.segments:
+                segment.owner.join(rest, segment)
+        if self._steady is group:
+            self._steady = None
+
     def _finish(self, request: Request, status: RequestStatus, error: str | None = None) -> None:
         if request.finish_time is not None:
             return
+        self._changed = True
+        self._leave_pass(request)
         request.status = status
         request.error = (
             error if status in (RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_ERROR) else None
@@ -176,6 +248,7 @@ class Dispatcher:
         if request.steps is not None:
             request.steps.close()
         request.pending = None
+        request.forward = None
         self.live.pop(request.id, None)
         if request in self.waiting:
             self.waiting.remove(request)
@@ -210,7 +283,7 @@ class Dispatcher:
 
     # ---------------------------------------------------------------- stepping
     def _advance(self, request: Request, result: Any) -> None:
-        """Resume the request's generator until it yields its next op or finishes."""
+        """Resume the request's generator until it asks for its next forward pass or finishes."""
         steps = request.steps
         try:
             while True:
@@ -219,9 +292,9 @@ class Dispatcher:
                     self._emit(request, item.token_id)
                     result = None
                     continue
-                request.pending = item
-                # Every forward pass (a decode step or a prefill chunk) starts with layer 0's attention.
-                request.at_boundary = item.kind is OpKind.ATTENTION and item.layer == 0
+                request.forward = item
+                request.pending = _BOUNDARY
+                request.at_boundary = True
                 return
         except StopIteration as stop:
             status = (
@@ -229,13 +302,16 @@ class Dispatcher:
             )
             self._finish(request, status)
         except Exception as exc:
-            error = f"{type(exc).__name__}: {exc}"
-            # One line per distinct error every few seconds, with a traceback (never local
-            # variables: they would hold the prompt), and never the request's content.
-            self.failures.error(
-                "request_failed", error[:200], request_id=request.id, error=error[:1000], exc_info=True
-            )
-            self._finish(request, RequestStatus.FINISHED_ERROR, error)
+            self._fail(request, exc)
+
+    def _fail(self, request: Request, exc: BaseException) -> None:
+        error = f"{type(exc).__name__}: {exc}"
+        # One line per distinct error every few seconds, with a traceback (never local
+        # variables: they would hold the prompt), and never the request's content.
+        self.failures.error(
+            "request_failed", error[:200], request_id=request.id, error=error[:1000], exc_info=exc
+        )
+        self._finish(request, RequestStatus.FINISHED_ERROR, error)
 
     def _emit(self, request: Request, token_id: int) -> None:
         now = time.monotonic()
@@ -255,12 +331,13 @@ class Dispatcher:
         request.events.put_nowait(StreamChunk(token_id, delta, len(request.token_ids) - 1))
 
     def _view(self) -> KernelView:
-        ready = [self.views[r.id] for r in self.live.values() if r.pending is not None]
+        views = self.views
+        live = [views[rid] for rid in self.live]
         return KernelView(
             now=time.monotonic(),
-            ready=ready,
-            waiting=[self.views[r.id] for r in self.waiting],
-            live=[self.views[rid] for rid in self.live],
+            ready=live,  # every admitted request waits on an op: its pass's or its next pass's first
+            waiting=[views[r.id] for r in self.waiting],
+            live=list(live),
             max_batch=self.max_batch,
             memory=MemoryView(
                 self.tensors.budget_bytes, self.tensors.resident_bytes, self.tensors.offloaded_bytes
@@ -298,8 +375,7 @@ class Dispatcher:
             held[r.client] += 1
         return sorted(ordered, key=lambda r: (self._precedence(r), turns[r.id]))
 
-    def _select(self) -> list[Request]:
-        view = self._view()
+    def _select(self, view: KernelView) -> list[Request]:
         if not view.ready:
             return []
         chosen = self._call_policy("select", view)
@@ -327,45 +403,172 @@ class Dispatcher:
             return None
         return requests
 
-    async def _step(self) -> None:
-        self._admit_waiting()
-        batch = self._select()
-        if not batch:
-            return
-        now = time.monotonic()
-        self._account_preemption(batch, now)
-        ids = [r.id for r in batch]
-        self.tensors.before_run(ids)
-        ops = [r.pending for r in batch]
-        self.in_flight = set(ids)
-        started = time.perf_counter()
+    def _steady_choice(self, batch: list[Request]) -> bool:
         try:
-            results = await self.compute(self.model.run, ops)
+            return bool(self.policy.steady([self.views[r.id] for r in batch]))
+        except Exception:
+            self.policy_errors += 1
+            log.exception("policy_error", policy=self.policy.name, method="steady")
+            return False
+
+    async def _step(self) -> None:
+        group = None if self._changed else self._steady
+        if group is None or group.done:
+            self._steady = None
+            self._admit_waiting()
+            group = self._decide()
+            if group is None:
+                return
+        self._changed = False
+        await self._execute(group)
+
+    def _decide(self) -> Pass | None:
+        """Ask the policy; the chosen requests become one pass (None: nothing to run)."""
+        batch = self._select(self._view())
+        if not batch:
+            return None
+        self.decisions += 1
+        self._account_preemption(batch, time.monotonic())
+        self.tensors.before_run([r.id for r in batch])
+        try:
+            group = self._form(batch)
+        except Exception as exc:  # starting a pass embeds its tokens: a failure fails its requests
+            for request in batch:
+                self._fail(request, exc)
+            return None
+        if group.done:  # requests with nothing left to compute in this pass (all rows past it)
+            self._complete(group)
+            return None
+        if len(group.segments) == len(self.live) and self._steady_choice(batch):
+            self._steady = group
+        return group
+
+    def _form(self, batch: list[Request]) -> Pass:
+        """One pass of the batch's rows: their passes merged (split where only part of one was
+        chosen), with a new pass for requests between passes."""
+        groups: dict[int, tuple[Pass, list[Request]]] = {}
+        fresh: list[Request] = []
+        for request in batch:
+            if request.group is None:
+                fresh.append(request)
+            else:
+                groups.setdefault(id(request.group), (request.group, []))[1].append(request)
+        parts = []
+        for group, members in groups.values():
+            if len(members) == len(group.segments):
+                parts.append(group)
+                continue
+            chosen = {id(m) for m in members}
+            kept, rest = group.split([i for i, s in enumerate(group.segments) if id(s.owner) in chosen])
+            for segment in rest.segments:
+                segment.owner.join(rest, segment)
+            parts.append(kept)
+        if fresh:
+            parts.append(
+                Pass.start(
+                    self.model,
+                    [(r.cache, r.forward.token_ids, r.forward.logits, r) for r in fresh],
+                    split_moe=self.moe_granularity == "expert",
+                )
+            )
+        group = Pass.merge(parts)
+        for segment in group.segments:
+            if segment.owner.group is not group:
+                segment.owner.join(group, segment)
+        return group
+
+    async def _execute(self, group: Pass) -> None:
+        """Run the pass's next op; a steady pass keeps going (in ``thread`` mode, op after op on the
+        worker) until it completes or a message arrives."""
+        steady = self._steady is group
+        max_ops = 1 if not steady or self.compute.mode == "loop" else 1 << 30
+        times: list[tuple[OpKind, int, float, bool]] = []
+        gaps: list[float] = []
+        model, stop = self.model, self._interrupted
+
+        def work() -> None:
+            op = group.pending
+            while True:
+                start = time.perf_counter()
+                if self._last_end is not None:
+                    gaps.append(start - self._last_end)
+                (result,) = model.run([op], stop)
+                self._last_end = end = time.perf_counter()
+                times.append((op.kind, op.rows, end - start, isinstance(result, Partial)))
+                op = group.advance(result)
+                if op is None or len(times) >= max_ops or self._interrupt or group.through:
+                    return
+
+        self.in_flight = group.segments
+        # Only what arrives while the op computes stops it: a message posted during the decision
+        # (a policy callback that submits) is read at the next decision like any other.
+        self._interrupt = False
+        error: BaseException | None = None
+        try:
+            await self.compute(work)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            results = None
-            error = f"{type(exc).__name__}: {exc}"
-            self.failures.error(
-                "batch_failed", error[:200], op=repr(ops[0]), requests=ids, error=error[:1000], exc_info=True
-            )
+            error = exc
         finally:
-            self.in_flight = set()
-        seconds = time.perf_counter() - started
-        rows = sum(op.rows for op in ops)
-        self.op_times.record(ops[0].kind, seconds)
-        if results is not None:
-            self.costs.record(ops[0].kind, rows, seconds)
-        self.batches += 1
-        self.ops += len(ops)
-        self.rows += rows
-        self.progress += 1
-        for i, request in enumerate(batch):
-            request.ops_done += 1
-            if results is None:
-                self._finish(request, RequestStatus.FINISHED_ERROR, error)
-            else:
-                self._advance(request, results[i])
+            self.in_flight = ()
+        members = len(group.segments)
+        for kind, rows, seconds, partial in times:
+            self.op_times.record(kind, seconds)
+            if not partial:  # a MoE op stopped early says nothing of the whole op's cost
+                self.costs.record(kind, rows, seconds)
+            self.rows += rows
+        self.overhead.extend(gaps)
+        self.batches += len(times)
+        self.ops += len(times) * members
+        self.progress += len(times)
+        if error is not None:
+            self._steady = None
+            message = f"{type(error).__name__}: {error}"
+            self.failures.error(
+                "batch_failed",
+                message[:200],
+                op=repr(group.pending),
+                requests=[s.owner.id for s in group.segments],
+                error=message[:1000],
+                exc_info=error,
+            )
+            owners = group.owners
+            for request in owners:
+                request.join(None)
+            for request in owners:
+                self._finish(request, RequestStatus.FINISHED_ERROR, message)
+        elif group.done:
+            self._complete(group)
+        elif group.through:
+            self._release(group)
+        if self._steady is not group:
+            self._after_decision()
+
+    def _complete(self, group: Pass) -> None:
+        """The pass is through: hand each request its logits (it samples, emits, asks for more)."""
+        self._changed = True
+        if self._steady is group:
+            self._steady = None
+        for segment, logits in zip(group.segments, group.logits):
+            request = segment.owner
+            request.join(None)
+            if request.finish_time is None:
+                self._advance(request, logits)
+
+    def _release(self, group: Pass) -> None:
+        """Requests through with a pass before its head (prefill chunks that want no logits) leave
+        it: they start their next pass while the others compute the head."""
+        self._changed = True
+        self._steady = None
+        kept, through = group.split([i for i, s in enumerate(group.segments) if s.logits])
+        for segment in kept.segments:
+            segment.owner.join(kept, segment)
+        for segment in through.segments:
+            segment.owner.join(None)
+            self._advance(segment.owner, None)
+
+    def _after_decision(self) -> None:
         self.tensors.enforce({r.id for r in self.live.values() if r.status is RequestStatus.RUNNING})
         if self.tensors.has_offloaded:  # bring back what the policy will likely run next
             view = self._view()

@@ -19,7 +19,7 @@ from qllm.kernel.request import PriorityClass, Request, RequestResult
 from qllm.kernel.tensors import TensorManager
 from qllm.metrics import Metrics
 from qllm.models import load_model
-from qllm.models.base import MoEModel
+from qllm.models.base import MOE_GRANULARITIES, MoEModel
 from qllm.policies import DEFAULT_POLICY, Policy, load_policy
 from qllm.sampling import SamplingParams
 
@@ -71,11 +71,14 @@ class Engine:
         batch_invariant: bool = True,
         compute: str = "thread",
         threads: int | None = None,
+        moe_granularity: str = "layer",
     ):
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         if prefill_chunk < 1:
             raise ValueError("prefill_chunk must be >= 1")
+        if moe_granularity not in MOE_GRANULARITIES:
+            raise ValueError(f"moe_granularity must be one of {', '.join(MOE_GRANULARITIES)}, got {moe_granularity!r}")
         if memory_budget is not None and memory_budget < 0:
             raise ValueError("memory_budget must be >= 0 bytes")
         if threads is not None:
@@ -101,6 +104,7 @@ class Engine:
             self._compute,
             max_batch=max_batch,
             prefill_chunk=prefill_chunk,
+            moe_granularity=moe_granularity,
             on_finish=self._finished,
         )
         self._group: asyncio.TaskGroup | None = None
@@ -288,6 +292,9 @@ class Engine:
                 "rows": d.rows,
                 "policy_errors": d.policy_errors,
                 "compute": self._compute.mode,
+                "moe_granularity": d.moe_granularity,
+                "decisions": d.decisions,
+                "overhead": d.overhead.snapshot(),
                 "max_batch": d.max_batch,
                 "prefill_chunk": d.prefill_chunk,
                 "op_times": d.op_times.snapshot(),

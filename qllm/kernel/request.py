@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qllm.cache import KVCache
+from qllm.generation import Forward
+from qllm.models.passes import Pass, Segment
 from qllm.ops import Op, Token
 from qllm.sampling import SamplingParams
 
@@ -99,13 +101,58 @@ class Request:
     error: str | None = None
     streamed_text: str = ""
     # Execution state, owned by the dispatcher.
-    steps: Generator[Op | Token, Any, Any] | None = None
+    steps: Generator[Forward | Token, Any, Any] | None = None
     cache: KVCache | None = None
-    pending: Op | None = None
-    at_boundary: bool = True  # pending op starts a new forward pass (an iteration boundary)
-    ops_done: int = 0
+    forward: Forward | None = None  # its current forward pass (waiting to start when group is None)
+    group: Pass | None = None  # the pass it is in the middle of
+    segment: Segment | None = None  # its rows in that pass
+    own_op: Op | None = None  # pending op when not in a pass
+    own_boundary: bool = True
+    ops_base: int = 0  # ops run before joining the current pass
+    joined_at: int = 0  # the pass's op count when this request joined it
     events: asyncio.Queue | None = None  # token ids, then None when finished
     done: asyncio.Future | None = None
+
+    @property
+    def pending(self) -> Op | None:
+        """The op this request waits on: its pass's pending op, or the start of its next pass."""
+        group = self.group
+        return self.own_op if group is None else group.pending_of(self.segment)
+
+    @pending.setter
+    def pending(self, op: Op | None) -> None:
+        self.own_op = op
+
+    @property
+    def at_boundary(self) -> bool:
+        """Its pending op starts a new forward pass (an iteration boundary)."""
+        group = self.group
+        return self.own_boundary if group is None else group.at_start
+
+    @at_boundary.setter
+    def at_boundary(self, value: bool) -> None:
+        self.own_boundary = value
+
+    @property
+    def ops_done(self) -> int:
+        group = self.group
+        return self.ops_base + (0 if group is None else group.ops_run - self.joined_at)
+
+    @property
+    def rows(self) -> int:
+        """Rows of its pending op that are its own (the new tokens of its forward pass)."""
+        if self.forward is not None:
+            return int(self.forward.token_ids.shape[0])
+        op = self.pending
+        return 0 if op is None else op.rows
+
+    def join(self, group: Pass | None, segment: Segment | None = None) -> None:
+        """Move to pass ``group`` as its ``segment`` (None: out of any pass), keeping the count of ops run."""
+        if self.group is not None:
+            self.ops_base += self.group.ops_run - self.joined_at
+        self.group = group
+        self.segment = segment
+        self.joined_at = 0 if group is None else group.ops_run
 
     @property
     def phase(self) -> Phase:

@@ -58,12 +58,13 @@ class RequestView:
         if op is None:
             return (1 << 30, 0, 0)
         layer = op.layer if op.layer >= 0 else 1 << 20
-        return (layer, int(op.kind), op.expert)
+        kind = OpKind.ROUTER if op.kind is OpKind.MOE else op.kind  # both start a MoE layer
+        return (layer, int(kind), op.expert)
 
     @property
     def rows(self) -> int:
-        op = self._r.pending
-        return 0 if op is None else op.rows
+        """Rows of the pending op that are this request's own (its new tokens)."""
+        return self._r.rows
 
     @property
     def sort_key(self) -> tuple[int, int, float, int]:

@@ -25,9 +25,14 @@ from qllm import __version__ as qllm_version
 from qllm.cache import KVCache
 from qllm.models import gemm, invariance
 from qllm.models.gemm import linear
+from qllm.models.passes import Partial, Pass
 from qllm.ops import Op, OpKind
 
 log = structlog.get_logger()
+
+MOE_GRANULARITIES = ("layer", "expert")
+"""How a MoE layer runs: one grouped op (``layer``) or the router, each expert and the shared
+expert as ops of their own (``expert``)."""
 
 
 def _pad(x: torch.Tensor, multiple: int, minimum: int = 0) -> torch.Tensor:
@@ -90,7 +95,11 @@ class MoEModel:
             OpKind.SHARED: self._run_shared,
             OpKind.MLP: self._run_mlp,
             OpKind.HEAD: self._run_head,
+            OpKind.MOE: self._run_moe,
         }
+        # A family's output transforms, applied per request by a pass (None: the identity).
+        self.routed_out_hook = None if type(self).routed_out is MoEModel.routed_out else self.routed_out
+        self.mlp_out_hook = None if type(self).mlp_out is MoEModel.mlp_out else self.mlp_out
 
     # ------------------------------------------------------------------ family hooks
     @classmethod
@@ -206,60 +215,60 @@ class MoEModel:
             return self.body.embed_tokens(token_ids.to(self.device))
 
     def forward(
-        self, cache: KVCache, token_ids: torch.Tensor, *, logits: bool = True
+        self, cache: KVCache, token_ids: torch.Tensor, *, logits: bool = True, moe: str = "expert"
     ) -> Generator[Op, Any, torch.Tensor | None]:
         """Forward pass of ``token_ids`` (1-D) appended to ``cache``; returns the last row's logits
         (None with ``logits=False``, for all but the last chunk of a chunked prefill).
 
-        Yields an op at each schedulable step and expects that op's result back.
+        Yields an op at each schedulable step and expects that op's result back: attention, then
+        per MoE layer the router, each expert and the shared expert (``moe="expert"``) or one
+        grouped op (``moe="layer"``). A one-segment :class:`~qllm.models.passes.Pass`.
         """
-        start = cache.length()
-        positions = torch.arange(start, start + token_ids.shape[0], device=self.device)
-        h = self.embed(token_ids)
-        for i, block in enumerate(self.moe_blocks):
-            residual = h
-            h = h + (yield Op(OpKind.ATTENTION, i, h, cache=cache, positions=positions))
-            mlp_in = residual if self.parallel_mlp else h
-            if block is None:
-                h = h + (yield Op(OpKind.MLP, i, mlp_in))
-                continue
-            x, weights, experts = yield Op(OpKind.ROUTER, i, mlp_in)
-            out = yield from self._moe(i, block, x, weights, experts)
-            h = h + self.mlp_out(self.layers[i], out)
-        if not logits:
-            return None
-        out = yield Op(OpKind.HEAD, -1, h[-1:])
-        return out[0]
-
-    def _moe(self, i, block, x, weights, experts) -> Generator[Op, Any, torch.Tensor]:
-        # Sum in ascending expert order, as transformers does, whatever order ops run in.
-        out = torch.zeros_like(x)
-        if x.shape[0] == 1:  # a decode step: the same sums without the row bookkeeping
-            chosen = experts[0].tolist()
-            for slot in sorted(range(len(chosen)), key=chosen.__getitem__):
-                out += yield Op(OpKind.EXPERT, i, x, expert=chosen[slot], weight=weights[0, slot : slot + 1])
-            out = self.routed_out(block, out)
-            if self.has_shared(block):
-                out = out + (yield Op(OpKind.SHARED, i, x))
-            return out
-        for e in torch.unique(experts).tolist():
-            rows, slots = (experts == e).nonzero(as_tuple=True)
-            y = yield Op(OpKind.EXPERT, i, x[rows], expert=e, weight=weights[rows, slots])
-            # index_put_ adds like index_add_ (rows are unique per expert) without index_add_'s
-            # CPU parallel region, which costs milliseconds per call when cores are contended.
-            out.index_put_((rows,), y, accumulate=True)
-        out = self.routed_out(block, out)
-        if self.has_shared(block):
-            out = out + (yield Op(OpKind.SHARED, i, x))
-        return out
+        if moe not in MOE_GRANULARITIES:
+            raise ValueError(f"moe must be one of {', '.join(MOE_GRANULARITIES)}, got {moe!r}")
+        run = Pass.start(self, [(cache, token_ids, logits, None)], split_moe=moe == "expert")
+        op = run.pending
+        while op is not None:
+            op = run.advance((yield op))
+        return run.logits[0]
 
     # ------------------------------------------------------------------ kernel side
-    def run(self, ops: list[Op]) -> list[Any]:
-        """Compute ops that share one key as a single batched call; one result per op."""
+    def run(self, ops: list[Op], stop: Callable[[], bool] | None = None) -> list[Any]:
+        """Compute ops that share one key as a single batched call; one result per op.
+
+        ``stop``, polled between experts of a grouped MoE op: when it returns True the op ends
+        early with a :class:`~qllm.models.passes.Partial` per op (the rest runs expert by expert).
+        """
         if self.batch_invariant and self._calibrated_threads != torch.get_num_threads():
             self.calibrate()  # kernels split rows differently at another thread count
+        kind = ops[0].kind
         with torch.no_grad():
-            return self._runners[ops[0].kind](ops)
+            if kind is OpKind.MOE:
+                return self._run_moe(ops, stop)
+            if kind is OpKind.ATTENTION and any(op.segments for op in ops):
+                return self._run_segmented(ops)
+            return self._runners[kind](ops)
+
+    def _run_segmented(self, ops: list[Op]) -> list[torch.Tensor]:
+        """An attention op over passes: each request's rows as an op of its own (its cache)."""
+        flat: list[Op] = []
+        counts: list[int] = []
+        for op in ops:
+            if not op.segments:
+                flat.append(op)
+                counts.append(1)
+                continue
+            start = 0
+            for s in op.segments:
+                flat.append(Op(OpKind.ATTENTION, op.layer, op.x[start : start + s.rows], cache=s.cache, positions=s.positions))
+                start += s.rows
+            counts.append(len(op.segments))
+        results = self._runners[OpKind.ATTENTION](flat)
+        out, i = [], 0
+        for n in counts:
+            out.append(results[i] if n == 1 else torch.cat(results[i : i + n]))
+            i += n
+        return out
 
     def calibrate(self, cache: invariance.ProbeCache | None = None) -> invariance.Calibration:
         """Find, on this machine and at the thread count in force, the row padding of each op kind
@@ -375,8 +384,9 @@ class MoEModel:
             self._padding[kind] = saved
         return True
 
-    def _rows(self, ops: list[Op]) -> tuple[torch.Tensor, list[int]]:
-        padding = self._padding[ops[0].kind]
+    def _rows(self, ops: list[Op], kind: OpKind | None = None) -> tuple[torch.Tensor, list[int]]:
+        """The ops' rows in one tensor, padded as op kind ``kind`` (default: the ops') is; their sizes."""
+        padding = self._padding[kind or ops[0].kind]
         if len(ops) == 1:
             x = ops[0].x
             return _pad(x, *padding), [x.shape[0]]
@@ -444,6 +454,32 @@ class MoEModel:
     def _run_shared(self, ops: list[Op]) -> list[torch.Tensor]:
         x, sizes = self._rows(ops)
         return self._split(self.shared(self.moe_blocks[ops[0].layer], x), sizes)
+
+    def _run_moe(self, ops: list[Op], stop: Callable[[], bool] | None = None) -> list[Any]:
+        """A MoE layer in one op: router, each routed expert on its rows (ascending, summed as the
+        per-expert ops sum), then the shared expert. The same calls as ROUTER, EXPERT and SHARED
+        ops, so each row's result is the same bits as theirs. Result per op: ``(routed, shared)``
+        (``shared`` None without a shared expert), or a :class:`Partial` when ``stop`` fired."""
+        layer = ops[0].layer
+        block = self.moe_blocks[layer]
+        xr, sizes = self._rows(ops, OpKind.ROUTER)
+        n = sum(sizes)
+        xr = self.mlp_norm(self.layers[layer])(xr)
+        weights, indices = self.route(block, xr)
+        x, weights, indices = xr[:n], weights[:n], indices[:n]
+        out = torch.zeros_like(x)
+        experts = torch.unique(indices).tolist()
+        for j, e in enumerate(experts):
+            rows, slots = (indices == e).nonzero(as_tuple=True)
+            y = self._run_expert([Op(OpKind.EXPERT, layer, x[rows], expert=e, weight=weights[rows, slots])])[0]
+            out.index_put_((rows,), y, accumulate=True)
+            if stop is not None and j + 1 < len(experts) and stop():
+                parts = zip(*(self._split(t, sizes) for t in (x, weights, indices, out)))
+                return [Partial(*p, next_expert=experts[j + 1]) for p in parts]
+        shared = self._run_shared([Op(OpKind.SHARED, layer, x)])[0] if self.has_shared(block) else None
+        outs = self._split(out, sizes)
+        shareds = self._split(shared, sizes) if shared is not None else [None] * len(sizes)
+        return list(zip(outs, shareds))
 
     def _run_mlp(self, ops: list[Op]) -> list[torch.Tensor]:
         layer = self.layers[ops[0].layer]

@@ -47,6 +47,15 @@ class Policy:
         key = min(same_class, key=lambda r: r.progress_key).op_key
         return batch_for(key, same_class, ordered, kernel.max_batch)
 
+    def steady(self, batch: Sequence[RequestView]) -> bool:
+        """Would this policy choose the same requests again at their next op, as long as nothing
+        arrives, finishes or is admitted? Asked after :meth:`select` when its batch holds every
+        live request; if True the kernel advances the batch op after op without asking until
+        something changes (decisions then cost nothing). Default False: asked at every op, as
+        policies written for API version 1 expect. Return True only for a choice that depends on
+        which requests are ready and where, not on the time or on what ran before."""
+        return False
+
     def precedence(self, request: RequestView) -> tuple:
         """How this policy ranks requests against each other (smaller runs first).
 

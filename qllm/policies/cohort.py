@@ -78,6 +78,11 @@ class CohortPolicy(Policy):
             self.solo_s[r.id] = self.solo_s.get(r.id, 0.0) + (kernel.costs.predict(r.op_kind, r.rows) or 0.0)
         return batch
 
+    def steady(self, batch: Sequence[RequestView]) -> bool:
+        # Without an LS request waiting for its first token, every ready request is one cohort,
+        # chosen whole at each op. With one, the budget decides at each op who rides along.
+        return not self.leads(batch)
+
     def on_finish(self, request: RequestView, kernel: KernelView) -> None:
         self.solo_s.pop(request.id, None)
 

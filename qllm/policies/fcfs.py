@@ -26,6 +26,9 @@ class FCFSPolicy(Policy):
         key = min(ordered, key=lambda r: r.progress_key).op_key
         return batch_for(key, ordered, (), kernel.max_batch)
 
+    def steady(self, batch: Sequence[RequestView]) -> bool:
+        return True  # every ready request at the op furthest behind: the same batch at its next op
+
     def precedence(self, request: RequestView) -> tuple:
         return ()  # all requests are equal: nothing is ever preempted
 

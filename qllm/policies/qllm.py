@@ -55,3 +55,8 @@ class QLLMPolicy(Policy):
             return []
         key = min(primary, key=lambda r: r.progress_key).op_key
         return batch_for(key, primary, fill, kernel.max_batch)
+
+    def steady(self, batch: Sequence[RequestView]) -> bool:
+        # Queues change only when a pass ends (prefill to decode) or requests come and go, so a
+        # batch that took every ready request is chosen again at its next op.
+        return True

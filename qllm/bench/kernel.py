@@ -32,7 +32,9 @@ POLICIES = ("fcfs", "qllm", "priority-aging", "cohort")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="small-random", help="preset name or model directory (default small-random)")
+    parser.add_argument(
+        "--model", default="small-random", help="preset name or model directory (default small-random)"
+    )
     parser.add_argument("--policies", default=",".join(POLICIES), help="comma-separated policies to compare")
     parser.add_argument("--be", type=int, default=16, help="best-effort requests in flight (default 16)")
     parser.add_argument("--be-prompt", type=int, default=32, help="BE prompt tokens (default 32)")
@@ -40,13 +42,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ls", type=int, default=8, help="latency-sensitive requests (default 8)")
     parser.add_argument("--ls-prompt", type=int, default=16, help="LS prompt tokens (default 16)")
     parser.add_argument("--ls-tokens", type=int, default=4, help="LS output tokens (default 4)")
-    parser.add_argument("--ls-interval", type=float, default=0.5, help="seconds between LS arrivals (default 0.5)")
-    parser.add_argument("--ls-start", type=float, default=0.5, help="first LS arrival after the BE load starts (s)")
-    parser.add_argument("--batch", type=int, default=32, help="static batch size for the decode comparison (default 32)")
-    parser.add_argument("--batch-tokens", type=int, default=16, help="tokens per request in the batch comparison")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of the batch and placement comparisons (default 2)")
+    parser.add_argument(
+        "--ls-interval", type=float, default=0.5, help="seconds between LS arrivals (default 0.5)"
+    )
+    parser.add_argument(
+        "--ls-start", type=float, default=0.5, help="first LS arrival after the BE load starts (s)"
+    )
+    parser.add_argument(
+        "--batch", type=int, default=32, help="static batch size for the decode comparison (default 32)"
+    )
+    parser.add_argument(
+        "--batch-tokens", type=int, default=16, help="tokens per request in the batch comparison"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="rounds of the batch and placement comparisons (default 2)"
+    )
     parser.add_argument("--prefill-chunk", type=int, default=128, help="engine prefill chunk (default 128)")
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip: policies,batch32,placement")
+    parser.add_argument(
+        "--skip", default="", help="comma-separated parts to skip: policies,batch32,placement"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompts (default 0)")
 
 
@@ -175,7 +189,9 @@ async def _batch_decode(model: Any, prompts: list[list[int]], args) -> dict[str,
         return time.perf_counter() - t, out[:, ids.shape[1] :]
 
     same = None
-    async with Engine(model=model, policy="fcfs", max_batch=len(prompts), prefill_chunk=args.prefill_chunk) as engine:
+    async with Engine(
+        model=model, policy="fcfs", max_batch=len(prompts), prefill_chunk=args.prefill_chunk
+    ) as engine:
         for _ in range(args.rounds):
             handles = [engine.submit(p, max_tokens=n, ignore_eos=True) for p in prompts]
             results = [await h.result() for h in handles]

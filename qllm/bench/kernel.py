@@ -8,7 +8,8 @@ Prints one JSON object with three parts, all measured side by side in one run:
   the isolated LS TTFT (the same LS request alone on the idle engine), BE tokens/s and its ratio
   to ``fcfs``, and the op durations seen (the one-expert-op yardstick of the preemption latency).
 - ``batch32``: decode tokens/s of 32 requests batched by the engine versus transformers
-  ``model.generate`` with a static batch of 32 (same prompts, greedy, fixed length), alternating.
+  ``model.generate`` with a static batch of 32 (same prompts, greedy, fixed length), alternating;
+  beside it ``single``: the same comparison for one request (a batch of 1, the first prompt).
 - ``placement``: compute in a worker thread versus inline on the event loop: BE throughput and
   the event loop's lag (how late a 1 ms timer fires) while computing; medians over ``--rounds``
   alternating runs.
@@ -110,7 +111,9 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
             if base and base["be_tokens_per_s"]:
                 result["be_tokens_per_s_vs_fcfs"] = result["be_tokens_per_s"] / base["be_tokens_per_s"]
     if "batch32" not in skip:
-        out["batch32"] = await _batch_decode(model, [prompt(args.be_prompt) for _ in range(args.batch)], args)
+        prompts = [prompt(args.be_prompt) for _ in range(args.batch)]
+        out["batch32"] = await _batch_decode(model, prompts, args)
+        out["single"] = await _batch_decode(model, prompts[:1], args)
     if "placement" not in skip:
         rounds: dict[str, list[dict[str, Any]]] = {"thread": [], "loop": []}
         for i in range(args.rounds):  # alternate, the order reversed each round, so drift hits both

@@ -197,6 +197,7 @@ def cell(
     be_ttft=1.0,
     all_ttft=1.0,
     rps=1.0,
+    tps=100.0,
     p99=None,
 ):
     return {
@@ -207,7 +208,7 @@ def cell(
                    "slo_attainment": slo, "queue_p99_s": 0.01},
             "be": {"tokens_per_s": be_tps, "requests_per_s": be_tps / 10, "turnaround_mean_s": be_turn,
                    "ttft_mean_s": be_ttft},
-            "all": {"ttft_mean_s": all_ttft, "requests_per_s": rps},
+            "all": {"ttft_mean_s": all_ttft, "requests_per_s": rps, "tokens_per_s": tps},
         },
     }  # fmt: skip
 
@@ -259,6 +260,33 @@ def test_headline_without_baseline_or_peer_leaves_figures_empty():
         headline(SYSTEMS, CELLS, isolated_p99=None, ls_share=0.2)["fcfs_vs_transformers_cb_normalized"]
         is None
     )
+
+
+def test_throughput_vs_transformers_cb_is_the_worst_rate_of_all_requests_tokens():
+    # fcfs against the peer in output tokens/s of LS and BE together: 1.2x at rate 1, 0.9x at rate 2;
+    # the candidates' figures play no part
+    tps = {("fcfs", 1.0): 120.0, ("fcfs", 2.0): 90.0, ("transformers-cb", 1.0): 100.0,
+           ("transformers-cb", 2.0): 100.0, ("qllm", 1.0): 500.0, ("qllm", 2.0): 1.0}  # fmt: skip
+    cells = [{**c, "metrics": {**c["metrics"], "all": {**c["metrics"]["all"], "tokens_per_s": tps.get((c["system"], c["rate"]))}}}
+             for c in CELLS]  # fmt: skip
+    h = headline(SYSTEMS, cells, isolated_p99=0.2, ls_share=0.2)
+    assert h["throughput_vs_transformers_cb_by_rate"] == pytest.approx([1.2, 0.9])
+    assert h["throughput_vs_transformers_cb"] == pytest.approx(0.9)
+    (target,) = [t for t in targets(h) if t["name"] == "throughput_vs_transformers_cb"]
+    assert target["target"] == ">= 1.0" and target["met"] is False
+    faster = [c if c["system"] != "fcfs" else cell(c["system"], c["rate"], ls_ttft=1.0, be_tps=1.0, slo=1.0, tps=150.0)
+              for c in cells]  # fmt: skip
+    h = headline(SYSTEMS, faster, isolated_p99=0.2, ls_share=0.2)
+    assert h["throughput_vs_transformers_cb"] == pytest.approx(1.5)
+    assert {t["name"]: t["met"] for t in targets(h)}["throughput_vs_transformers_cb"] is True
+
+
+@pytest.mark.parametrize("names", [("fcfs", "qllm"), ("qllm", "transformers-cb")])
+def test_throughput_vs_transformers_cb_needs_both_fcfs_and_the_peer(names):
+    systems = [s for s in SYSTEMS if s["name"] in names]
+    h = headline(systems, [c for c in CELLS if c["system"] in names], isolated_p99=0.2, ls_share=0.2)
+    assert h["throughput_vs_transformers_cb"] is None and h["throughput_vs_transformers_cb_by_rate"] is None
+    assert {t["name"]: t["met"] for t in targets(h)}["throughput_vs_transformers_cb"] is None
 
 
 def test_targets_say_met_missed_or_not_measured():
@@ -313,7 +341,12 @@ def test_bench_on_tiny_writes_the_json_shape(tmp_path):
     assert result["isolated"]["requests"] == 2
     assert result["peer_isolated"]["transformers-cb"]["requests"] == 2
     assert h["fcfs_vs_transformers_cb_normalized"] is not None
-    assert {t["name"] for t in result["targets"]} >= {"ls_ttft_ratio_mean", "fcfs_vs_transformers_cb"}
+    assert h["throughput_vs_transformers_cb"] > 0 and len(h["throughput_vs_transformers_cb_by_rate"]) == 2
+    assert {t["name"] for t in result["targets"]} >= {
+        "ls_ttft_ratio_mean",
+        "fcfs_vs_transformers_cb",
+        "throughput_vs_transformers_cb",
+    }
 
     for c in result["cells"]:  # the qllm engines report the kernel's batched ops
         assert (c["kernel"] is None) == (c["system"] == "transformers-cb")

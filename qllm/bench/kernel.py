@@ -1,6 +1,6 @@
-"""Kernel benchmark: LS latency under BE load per policy, batch-32 decode, compute placement.
+"""Kernel benchmark: LS latency under BE load per policy, batch decode, time outside ops, placement.
 
-Prints one JSON object with three parts, all measured side by side in one run:
+Prints one JSON object with four parts, all measured side by side in one run:
 
 - ``policies``: for each policy, ``--be`` best-effort requests are put in flight and ``--ls``
   latency-sensitive requests arrive among them, ``--ls-interval`` seconds apart. Reported: LS TTFT
@@ -8,7 +8,13 @@ Prints one JSON object with three parts, all measured side by side in one run:
   the isolated LS TTFT (the same LS request alone on the idle engine), BE tokens/s and its ratio
   to ``fcfs``, and the op durations seen (the one-expert-op yardstick of the preemption latency).
 - ``batch32``: decode tokens/s of 32 requests batched by the engine versus transformers
-  ``model.generate`` with a static batch of 32 (same prompts, greedy, fixed length), alternating.
+  ``model.generate`` with a static batch of 32 (same prompts, greedy, fixed length), alternating;
+  beside it ``single``: the same comparison for one request (a batch of 1, the first prompt).
+- ``overhead``: ``--overhead-requests`` BE requests on an idle engine under ``fcfs`` and under the
+  default policy (compute mode the engine's default): the time the kernel spends between one
+  batched op and the next while busy (median/p99 in us and the number of gaps, from the kernel's
+  ``overhead`` stats; None where the kernel does not report them), wall time, tokens/s and the
+  share of the wall time spent inside ops.
 - ``placement``: compute in a worker thread versus inline on the event loop: BE throughput and
   the event loop's lag (how late a 1 ms timer fires) while computing; medians over ``--rounds``
   alternating runs.
@@ -29,10 +35,14 @@ from qllm.bench.stats import percentile as _pct
 from qllm.bench.stats import rounded as _round
 
 POLICIES = ("fcfs", "qllm", "priority-aging", "cohort")
+PARTS = ("policies", "batch32", "overhead", "placement")
+"""The parts of the benchmark, in the order they run (``--skip`` names them)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="small-random", help="preset name or model directory (default small-random)")
+    parser.add_argument(
+        "--model", default="small-random", help="preset name or model directory (default small-random)"
+    )
     parser.add_argument("--policies", default=",".join(POLICIES), help="comma-separated policies to compare")
     parser.add_argument("--be", type=int, default=16, help="best-effort requests in flight (default 16)")
     parser.add_argument("--be-prompt", type=int, default=32, help="BE prompt tokens (default 32)")
@@ -40,17 +50,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ls", type=int, default=8, help="latency-sensitive requests (default 8)")
     parser.add_argument("--ls-prompt", type=int, default=16, help="LS prompt tokens (default 16)")
     parser.add_argument("--ls-tokens", type=int, default=4, help="LS output tokens (default 4)")
-    parser.add_argument("--ls-interval", type=float, default=0.5, help="seconds between LS arrivals (default 0.5)")
-    parser.add_argument("--ls-start", type=float, default=0.5, help="first LS arrival after the BE load starts (s)")
-    parser.add_argument("--batch", type=int, default=32, help="static batch size for the decode comparison (default 32)")
-    parser.add_argument("--batch-tokens", type=int, default=16, help="tokens per request in the batch comparison")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of the batch and placement comparisons (default 2)")
+    parser.add_argument(
+        "--ls-interval", type=float, default=0.5, help="seconds between LS arrivals (default 0.5)"
+    )
+    parser.add_argument(
+        "--ls-start", type=float, default=0.5, help="first LS arrival after the BE load starts (s)"
+    )
+    parser.add_argument(
+        "--batch", type=int, default=32, help="static batch size for the decode comparison (default 32)"
+    )
+    parser.add_argument(
+        "--batch-tokens", type=int, default=16, help="tokens per request in the batch comparison"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="rounds of the batch and placement comparisons (default 2)"
+    )
     parser.add_argument("--prefill-chunk", type=int, default=128, help="engine prefill chunk (default 128)")
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip: policies,batch32,placement")
+    parser.add_argument(
+        "--overhead-requests", type=int, default=32, help="BE requests of the overhead part (default 32)"
+    )
+    parser.add_argument(
+        "--skip",
+        default="",
+        help=f"comma-separated parts to skip: {','.join(PARTS)} (single runs with batch32)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompts (default 0)")
 
 
 def run(args: argparse.Namespace) -> int:
+    unknown = set(filter(None, args.skip.split(","))) - set(PARTS)
+    if unknown:
+        raise ValueError(f"--skip: unknown parts {sorted(unknown)}; choose from {','.join(PARTS)}")
+    if args.overhead_requests < 1:
+        raise ValueError("--overhead-requests must be at least 1")
     import structlog
 
     structlog.configure(
@@ -85,7 +117,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
         "workload": {
             "be": args.be, "be_prompt": args.be_prompt, "be_tokens": args.be_tokens,
             "ls": args.ls, "ls_prompt": args.ls_prompt, "ls_tokens": args.ls_tokens,
-            "ls_interval_s": args.ls_interval,
+            "ls_interval_s": args.ls_interval, "overhead_requests": args.overhead_requests,
         },
     }  # fmt: skip
     if "policies" not in skip:
@@ -96,7 +128,13 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
             if base and base["be_tokens_per_s"]:
                 result["be_tokens_per_s_vs_fcfs"] = result["be_tokens_per_s"] / base["be_tokens_per_s"]
     if "batch32" not in skip:
-        out["batch32"] = await _batch_decode(model, [prompt(args.be_prompt) for _ in range(args.batch)], args)
+        prompts = [prompt(args.be_prompt) for _ in range(args.batch)]
+        out["batch32"] = await _batch_decode(model, prompts, args)
+        out["single"] = await _batch_decode(model, prompts[:1], args)
+    if "overhead" not in skip:
+        out["overhead"] = await _overheads(
+            model, [prompt(args.be_prompt) for _ in range(args.overhead_requests)], args
+        )
     if "placement" not in skip:
         rounds: dict[str, list[dict[str, Any]]] = {"thread": [], "loop": []}
         for i in range(args.rounds):  # alternate, the order reversed each round, so drift hits both
@@ -175,7 +213,9 @@ async def _batch_decode(model: Any, prompts: list[list[int]], args) -> dict[str,
         return time.perf_counter() - t, out[:, ids.shape[1] :]
 
     same = None
-    async with Engine(model=model, policy="fcfs", max_batch=len(prompts), prefill_chunk=args.prefill_chunk) as engine:
+    async with Engine(
+        model=model, policy="fcfs", max_batch=len(prompts), prefill_chunk=args.prefill_chunk
+    ) as engine:
         for _ in range(args.rounds):
             handles = [engine.submit(p, max_tokens=n, ignore_eos=True) for p in prompts]
             results = [await h.result() for h in handles]
@@ -196,6 +236,54 @@ async def _batch_decode(model: Any, prompts: list[list[int]], args) -> dict[str,
         "tokens_equal": same,
         "note": "transformers decode time = generate(n) - generate(1); engine = first to last token",
     }
+
+
+async def _overheads(model: Any, prompts: list[list[int]], args) -> dict[str, Any]:
+    """The overhead part: ``fcfs`` and the default policy, each on a fresh engine."""
+    from qllm.kernel.engine import Engine
+    from qllm.policies import DEFAULT_POLICY
+
+    # First use of each shape on this model, on an engine of its own: the measured engines' stats
+    # then hold the measured requests only.
+    async with Engine(model=model, policy="fcfs", prefill_chunk=args.prefill_chunk) as engine:
+        await asyncio.gather(
+            *(engine.generate(p, max_tokens=2, ignore_eos=True, priority="be") for p in prompts)
+        )
+    return {
+        policy: await _overhead(model, policy, prompts, args) | {"default_policy": policy == DEFAULT_POLICY}
+        for policy in dict.fromkeys(("fcfs", DEFAULT_POLICY))
+    }
+
+
+async def _overhead(model: Any, policy: str, prompts: list[list[int]], args) -> dict[str, Any]:
+    from qllm.kernel.engine import Engine
+
+    engine = Engine(model=model, policy=policy, prefill_chunk=args.prefill_chunk)
+    async with engine:
+        start = time.perf_counter()
+        handles = [
+            engine.submit(p, max_tokens=args.be_tokens, ignore_eos=True, priority="be") for p in prompts
+        ]
+        results = [await h.result() for h in handles]
+        wall = time.perf_counter() - start
+        kernel = engine.stats()["kernel"]
+    gaps = kernel.get("overhead") or {}  # {"count", "median_s", "p99_s"} where the kernel reports it
+    in_op = sum(op["count"] * op["mean_s"] for op in kernel["op_times"].values())
+    return {
+        "compute": kernel["compute"],
+        "overhead_median_us": _us(gaps.get("median_s")),
+        "overhead_p99_us": _us(gaps.get("p99_s")),
+        "overhead_count": gaps.get("count"),
+        "wall_s": wall,
+        "tokens_per_s": sum(len(r.token_ids) for r in results) / wall,
+        "in_op_s": in_op,
+        "in_op_over_wall": in_op / wall,
+        "all_completed": all(r.status == "length" for r in results),
+    }
+
+
+def _us(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1e6
 
 
 async def _placement(model: Any, prompts, args, mode: str) -> dict[str, Any]:

@@ -15,6 +15,7 @@ COLUMNS = (
     ("BE ttft", "be", "ttft_mean_s", "{:.3g}s"),
     ("BE turn", "be", "turnaround_mean_s", "{:.3g}s"),
     ("BE tok/s", "be", "tokens_per_s", "{:.3g}"),
+    ("tok/s", "all", "tokens_per_s", "{:.3g}"),
     ("req/s", "all", "requests_per_s", "{:.3g}"),
     ("preempt", "all", "preemptions", "{}"),
     ("done", "all", "completed", "{}"),
@@ -69,6 +70,7 @@ def _order(result: dict[str, Any], name: str) -> int:
 
 def _headline(h: dict[str, Any]) -> str:
     x = "{:.3g}x"
+    by_rate = ", ".join(_fmt(v, x) for v in h.get("throughput_vs_transformers_cb_by_rate") or []) or "-"
     lines = [
         f"headline (baseline {h['baseline']}, best policy {h['best_policy']}, peer {h['peer']})",
         f"  LS TTFT fcfs / {h['best_policy']}: mean {_fmt(h['ls_ttft_ratio_mean'], x)}, max {_fmt(h['ls_ttft_ratio_max'], x)}",
@@ -79,6 +81,8 @@ def _headline(h: dict[str, Any]) -> str:
         f"BE TTFT vs fcfs (mean) {_fmt(h.get('be_ttft_ratio_mean'), x)}",
         f"  fcfs TTFT / transformers-cb TTFT (mean over rates) {_fmt(h['fcfs_vs_transformers_cb'], x)}; "
         f"each in units of its own idle TTFT {_fmt(h.get('fcfs_vs_transformers_cb_normalized'), x)}",
+        f"  fcfs tok/s / transformers-cb tok/s, all requests (min over rates) "
+        f"{_fmt(h.get('throughput_vs_transformers_cb'), x)}; by rate {by_rate}",
         "  SLO held up to: "
         + ", ".join(f"{k} {_fmt(v, '{:g} req/s')}" for k, v in h["slo_max_rate"].items())
         + f"  (LS alone saturates at ~{_fmt(h['ls_saturation_rate'], '{:.3g} req/s')})",

@@ -94,6 +94,8 @@ def headline(
     the same executor's). With it, ``fcfs_vs_transformers_cb_normalized`` compares the two FCFS
     schedulers with each one's TTFT in units of its own idle TTFT, so that a difference in raw
     compute speed (kernels) cancels out and queueing is what remains.
+    ``throughput_vs_transformers_cb`` is fcfs output tokens/s of all requests (LS and BE) over the
+    peer's at each rate (``_by_rate``), its minimum over rates: raw serving speed, kernels included.
     """
     rates = sorted({c["rate"] for c in cells})
     names = [s["name"] for s in systems]
@@ -105,17 +107,21 @@ def headline(
     best = max(by_policy, key=lambda c: by_policy[c]["ls_ttft_ratio_mean"] or 0.0, default=None)
     figures = by_policy.get(best, {})
 
-    peer_ratio = normalized = None
+    peer_ratio = normalized = throughput = None
     if base and peer:
         idle = idle_ttft or {}
 
         def ttft(system: str, r: float) -> float | None:
             return _value(cells, system, r, "all", "ttft_mean_s")
 
+        def tokens(system: str, r: float) -> float | None:
+            return _value(cells, system, r, "all", "tokens_per_s")
+
         peer_ratio = _over_rates(rates, lambda r: ratio(ttft(base, r), ttft(peer, r)))
         normalized = _over_rates(
             rates, lambda r: ratio(ratio(ttft(base, r), idle.get(base)), ratio(ttft(peer, r), idle.get(peer)))
         )
+        throughput = _over_rates(rates, lambda r: ratio(tokens(base, r), tokens(peer, r)))
     # The machine's capacity is at least the best completion rate seen; LS alone saturates it at
     # ``capacity / ls_share`` total requests/s (a lower bound when no run was saturated).
     capacity = max((c["metrics"]["all"]["requests_per_s"] or 0.0 for c in cells), default=0.0)
@@ -138,6 +144,8 @@ def headline(
         "fcfs_vs_transformers_cb": _agg(peer_ratio, mean) if peer_ratio else None,
         "fcfs_vs_transformers_cb_by_rate": peer_ratio,
         "fcfs_vs_transformers_cb_normalized": _agg(normalized, mean) if normalized else None,
+        "throughput_vs_transformers_cb": _agg(throughput, min) if throughput else None,
+        "throughput_vs_transformers_cb_by_rate": throughput,
         "capacity_requests_per_s": capacity or None,
         "ls_saturation_rate": ls_saturation,
         "slo_rate_over_ls_saturation": ratio(slo_rates.get(best), ls_saturation) if best else None,
@@ -154,6 +162,7 @@ TARGETS = (
     ("be_throughput_ratio", ">=", 1.0, "comparable or slightly higher"),
     ("be_turnaround_ratio_mean", "<=", 1.2, "1.38x mean, 2.04x peak"),
     ("fcfs_vs_transformers_cb", "within", (0.9, 1.1), "baseline is TGI"),
+    ("throughput_vs_transformers_cb", ">=", 1.0, "not reported"),
 )
 
 

@@ -6,7 +6,10 @@ batching (the external peer). Systems alternate within each rate, in an order ro
 rate, so that drift of the machine hits all alike. Reported per system, rate and class: TTFT
 mean/p50/p99, turnaround mean/p99, LS SLO attainment, requests/s and tokens/s, preemptions and
 queueing (arrival to first compute: for LS under a preemptive policy, the preemption latency);
-then a ``headline`` of ratios over rates and the targets of the benchmark, met or missed.
+then a ``headline`` of ratios over rates and the targets of the benchmark, met or missed. Among
+them ``throughput_vs_transformers_cb``: output tokens/s of all requests (LS and BE) under ``fcfs``
+divided by the peer's at the same rate, the minimum over rates (``_by_rate``: each rate's; None
+when the peer or fcfs was not run), with the target >= 1.
 
 The LS SLO is on TTFT: ``--slo-k`` times the single-request decode step measured first on the
 idle machine (10, as the paper), or ``--slo`` seconds. ``--socket PATH`` (repeatable) measures

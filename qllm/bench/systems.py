@@ -76,22 +76,29 @@ class EngineSystem:
 
     kind = "engine"
 
-    def __init__(self, model: Any, policy: str, *, max_batch: int, prefill_chunk: int):
+    def __init__(
+        self, model: Any, policy: str, *, max_batch: int, prefill_chunk: int, moe_granularity: str = "layer"
+    ):
         self.model = model
         self.policy = policy
         self.name = policy
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
+        self.moe_granularity = moe_granularity
         self.last_stats: dict[str, Any] | None = None  # the kernel's counters of the last replay
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "policy": self.policy}
+        return {"name": self.name, "kind": self.kind, "policy": self.policy, "moe_granularity": self.moe_granularity}
 
     async def run(self, items, *, slo_s=None, timeout=None, on_done=None) -> list[Record]:
         from qllm.kernel.engine import Engine
 
         engine = Engine(
-            model=self.model, policy=self.policy, max_batch=self.max_batch, prefill_chunk=self.prefill_chunk
+            model=self.model,
+            policy=self.policy,
+            max_batch=self.max_batch,
+            prefill_chunk=self.prefill_chunk,
+            moe_granularity=self.moe_granularity,
         )
 
         async def submit(item: Item, t0: float):

@@ -67,6 +67,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     s.add_argument("--prefill-chunk", type=int, default=128, help="prefill chunk tokens (default 128)")
     s.add_argument(
+        "--moe-granularity",
+        choices=["layer", "expert"],
+        default="layer",
+        help="qllm systems: a MoE layer as one grouped op (layer, default) or one op per expert",
+    )
+    s.add_argument(
         "--slo-k", type=float, default=10.0, help="LS TTFT SLO in single-request decode steps (default 10)"
     )
     s.add_argument("--slo", type=float, help="LS TTFT SLO in seconds (overrides --slo-k)")
@@ -181,7 +187,8 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
             "rates": rates, "capacity_probe_requests_per_s": capacity,
             "requests_per_rate": _requests(args), "duration_s": args.duration, "trace": args.trace,
             "ls_share": args.ls_share, "seed": args.seed, "lengths": lengths.__dict__,
-            "max_batch": args.max_batch, "prefill_chunk": args.prefill_chunk, "timeout_s": args.timeout,
+            "max_batch": args.max_batch, "prefill_chunk": args.prefill_chunk,
+            "moe_granularity": args.moe_granularity, "timeout_s": args.timeout,
         },
         "slo": {"decode_step_s": decode_step, "k": None if args.slo is not None else args.slo_k, "ttft_s": slo,
                 "measured_on": probe.name},
@@ -256,7 +263,13 @@ async def _systems(args: argparse.Namespace) -> tuple[list[Any], dict[str, Any],
                                           max_len=args.max_prompt + args.max_output))  # fmt: skip
         else:
             systems.append(
-                EngineSystem(model, name, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk)
+                EngineSystem(
+                    model,
+                    name,
+                    max_batch=args.max_batch,
+                    prefill_chunk=args.prefill_chunk,
+                    moe_granularity=args.moe_granularity,
+                )
             )
     return systems, {"name": str(args.model), "family": model.family, "context": context}, model
 

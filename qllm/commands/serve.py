@@ -24,6 +24,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("--max-batch", type=int, metavar="N", help="most requests in one batched op (default 32)")
     p.add_argument(
+        "--moe-granularity",
+        choices=["layer", "expert"],
+        help="a MoE layer as one grouped op that stops between experts when a request arrives "
+        "(layer, the default) or as one op per expert (expert)",
+    )
+    p.add_argument(
         "--threads", type=int, metavar="N", help="torch intra-op threads (default: torch's, one per core); "
         "1 avoids OpenMP contention on a busy small machine"
     )
@@ -82,6 +88,7 @@ def overrides(args: argparse.Namespace) -> dict:
             "device": args.device,
             "memory_budget": args.memory_budget,
             "max_batch": args.max_batch,
+            "moe_granularity": args.moe_granularity,
             "threads": args.threads,
         },
         "server": {

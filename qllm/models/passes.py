@@ -330,6 +330,8 @@ class Pass:
         part.todo, part.expert_rows = [], None
         if part.stage is Stage.EXPERT:
             part._plan_experts(self.todo[0])
+        elif part.stage is Stage.HEAD and not any(s.logits for s in part.segments):
+            part.stage, part.logits = Stage.DONE, [None] * len(part.segments)  # nothing to compute
         part.pending = part._op()
         return part
 

@@ -361,6 +361,7 @@ def _build_engine(config: Config, notify: Callable[[str], bool]) -> Any:
         memory_budget=e.memory_budget,
         max_batch=e.max_batch,
         prefill_chunk=e.prefill_chunk,
+        moe_granularity=e.moe_granularity,
         threads=e.threads,
     )
 

@@ -52,6 +52,9 @@ class EngineConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     memory_budget: Annotated[int, Meta(ge=0)] | None = None
     max_batch: Annotated[int, Meta(ge=1)] = 32
     prefill_chunk: Annotated[int, Meta(ge=1)] = 128
+    # A MoE layer as one grouped op, stopped between experts when a request arrives ("layer"), or
+    # one op per expert ("expert", the research system's granularity): docs/architecture.md.
+    moe_granularity: Literal["layer", "expert"] = "layer"
     threads: Annotated[int, Meta(ge=1)] | None = None  # torch intra-op threads; None: torch's default
 
 

@@ -406,11 +406,25 @@ class MoEModel:
         window, chunk, sinks = self.sliding_window(attn), self.attention_chunk(attn), self.attention_sinks(attn)
         outs = []
         per_request = [(ops[0], q, k, v)] if len(ops) == 1 else zip(ops, q.split(sizes), k.split(sizes), v.split(sizes))
-        for op, qi, ki, vi in per_request:
-            keys, values = op.cache.append(ops[0].layer, ki.transpose(0, 1), vi.transpose(0, 1))
-            keys, values = self.expand_kv(attn, keys, values)
-            out = _attend(qi.transpose(0, 1), keys, values, attn.scaling, window, chunk=chunk, sinks=sinks)
-            outs.append(out.transpose(0, 1))
+        threads = torch.get_num_threads()
+        current = threads
+        try:
+            for op, qi, ki, vi in per_request:
+                # The request's own size picks the thread count of all its work (expand_kv may
+                # run GEMMs), so it is computed the same way in any batch.
+                wanted = 1 if _small_attention(qi, op.cache.length(ops[0].layer) + qi.shape[0]) else threads
+                if wanted != current:
+                    torch.set_num_threads(wanted)
+                    current = wanted
+                keys, values = op.cache.append(ops[0].layer, ki.transpose(0, 1), vi.transpose(0, 1))
+                keys, values = self.expand_kv(attn, keys, values)
+                out = _attend(
+                    qi.transpose(0, 1), keys, values, attn.scaling, window, chunk=chunk, sinks=sinks
+                )
+                outs.append(out.transpose(0, 1))
+        finally:
+            if current != threads:
+                torch.set_num_threads(threads)
         o = (outs[0] if len(outs) == 1 else torch.cat(outs)).reshape(n, -1)
         return self._split(self.attn_out(layer, _pad(o, *self._padding[OpKind.ATTENTION]), x), sizes)
 
@@ -461,6 +475,19 @@ def _by_row(results: list[Any]) -> list[torch.Tensor]:
     if isinstance(first, torch.Tensor):
         return [torch.cat(results)]
     return [torch.cat([r[i] for r in results]) for i in range(len(first))]
+
+
+SERIAL_ATTENTION_MACS = 1 << 21
+"""A request's attention with at most this many multiply-adds (queries x keys x query heads x
+head dim; 2M is a decode step of 16 heads of 64 over 2048 keys) runs on one thread."""
+
+
+def _small_attention(q: torch.Tensor, keys: int) -> bool:
+    """Whether the attention of queries ``q`` ``[n, Hq, D]`` over ``keys`` keys is small enough to
+    compute on one thread: a parallel region costs tens of microseconds on idle cores and up to a
+    scheduler time slice (milliseconds) when another process holds one, far more than the second
+    thread saves on a decode step. Depends only on the request's own shapes."""
+    return q.shape[0] * q.shape[1] * q.shape[2] * keys <= SERIAL_ATTENTION_MACS
 
 
 def _attend(

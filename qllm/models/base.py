@@ -418,10 +418,7 @@ class MoEModel:
                     current = wanted
                 keys, values = op.cache.append(ops[0].layer, ki.transpose(0, 1), vi.transpose(0, 1))
                 keys, values = self.expand_kv(attn, keys, values)
-                out = _attend(
-                    qi.transpose(0, 1), keys, values, attn.scaling, window, chunk=chunk, sinks=sinks
-                )
-                outs.append(out.transpose(0, 1))
+                outs.append(_attend(qi, keys, values, attn.scaling, window, chunk=chunk, sinks=sinks))
         finally:
             if current != threads:
                 torch.set_num_threads(threads)
@@ -500,12 +497,13 @@ def _attend(
     chunk: int | None = None,
     sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal attention of one request: q ``[Hq, n, D]`` over its keys/values ``[Hkv, T, D]``.
+    """Causal attention of one request's query rows ``q`` ``[n, Hq, D]`` over its keys/values
+    ``[Hkv, T, D]``: each row's heads' outputs ``[n, Hkv, Hq // Hkv, Dv]``, grouped by KV head.
 
     ``window``: a query sees only its last ``window`` keys; ``chunk``: only keys of its own
     ``chunk``-long block of positions; ``sinks`` ``[Hq]``: one extra logit per head in the softmax,
     whose probability mass is dropped (attends to nothing)."""
-    n, total = q.shape[1], k.shape[1]
+    n, total, kv_heads = q.shape[0], k.shape[1], k.shape[0]
     past = total - n
     mask = None
     causal = False
@@ -520,12 +518,28 @@ def _attend(
             mask &= kpos // chunk == qpos // chunk
     elif n > 1:
         causal = True
+    if n == 1:
+        # A decode step: the query heads that share a KV head attend as the rows of one query
+        # block ([Hkv, group, D]; the mask, one row, applies to each), so the kernel runs one
+        # work item and one small GEMM per KV head rather than one per query head.
+        q = q.reshape(kv_heads, -1, q.shape[-1])
+    else:
+        q = q.transpose(0, 1)  # [Hq, n, D]
     if sinks is not None:
-        return _attend_with_sinks(q, k, v, scale, mask, sinks)
-    out = F.scaled_dot_product_attention(
-        q[None], k[None], v[None], attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=q.shape[0] != k.shape[0]
-    )
-    return out[0]
+        out = _attend_with_sinks(q, k, v, scale, mask, sinks)
+    else:
+        out = F.scaled_dot_product_attention(
+            q[None],
+            k[None],
+            v[None],
+            attn_mask=mask,
+            is_causal=causal,
+            scale=scale,
+            enable_gqa=q.shape[0] != kv_heads,
+        )[0]
+    if n == 1:
+        return out[None]  # [1, Hkv, group, Dv]
+    return out.transpose(0, 1).view(n, kv_heads, -1, out.shape[-1])
 
 
 def _attend_with_sinks(
@@ -536,13 +550,16 @@ def _attend_with_sinks(
     mask: torch.Tensor | None,
     sinks: torch.Tensor,
 ) -> torch.Tensor:
+    """:func:`_attend` with sink logits: q ``[Hq, n, D]``, or for one query ``[Hkv, group, D]``
+    (each KV head's query heads as rows); returns q's shape with v's width."""
     group = q.shape[0] // k.shape[0]
     if group > 1:
         k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)
     logits = torch.matmul(q, k.transpose(1, 2)) * scale
     if mask is not None:
         logits = logits.masked_fill(~mask, float("-inf"))
-    sink = sinks.to(logits.dtype)[:, None, None].expand(-1, q.shape[1], 1)
+    # Per head: [Hq, 1, 1] broadcast over a head's queries, or [Hkv, group, 1] for grouped rows.
+    sink = sinks.to(logits.dtype).view(q.shape[0], -1, 1).expand(-1, q.shape[1], 1)
     combined = torch.cat([logits, sink], dim=-1)
     combined = combined - combined.amax(dim=-1, keepdim=True)
     probs = torch.softmax(combined, dim=-1)[..., :-1]

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from qllm import __version__ as qllm_version
-from qllm.cache import KVCache
+from qllm.cache import KVCache, append_all
 from qllm.models import gemm, invariance
 from qllm.models.gemm import linear
 from qllm.ops import Op, OpKind
@@ -405,18 +405,23 @@ class MoEModel:
         q, k = self.rotary(attn, q, k, cos, sin)
         window, chunk, sinks = self.sliding_window(attn), self.attention_chunk(attn), self.attention_sinks(attn)
         outs = []
-        per_request = [(ops[0], q, k, v)] if len(ops) == 1 else zip(ops, q.split(sizes), k.split(sizes), v.split(sizes))
+        queries = [q] if len(ops) == 1 else q.split(sizes)
+        filled = append_all(
+            [op.cache for op in ops],
+            ops[0].layer,
+            k.transpose(0, 1).split(sizes, dim=1),
+            v.transpose(0, 1).split(sizes, dim=1),
+        )
         threads = torch.get_num_threads()
         current = threads
         try:
-            for op, qi, ki, vi in per_request:
+            for qi, (keys, values) in zip(queries, filled):
                 # The request's own size picks the thread count of all its work (expand_kv may
                 # run GEMMs), so it is computed the same way in any batch.
-                wanted = 1 if _small_attention(qi, op.cache.length(ops[0].layer) + qi.shape[0]) else threads
+                wanted = 1 if _small_attention(qi, keys.shape[1]) else threads
                 if wanted != current:
                     torch.set_num_threads(wanted)
                     current = wanted
-                keys, values = op.cache.append(ops[0].layer, ki.transpose(0, 1), vi.transpose(0, 1))
                 keys, values = self.expand_kv(attn, keys, values)
                 outs.append(_attend(qi, keys, values, attn.scaling, window, chunk=chunk, sinks=sinks))
         finally:

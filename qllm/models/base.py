@@ -525,26 +525,26 @@ def _attend(
         causal = True
     if n == 1:
         # A decode step: the query heads that share a KV head attend as the rows of one query
-        # block ([Hkv, group, D]; the mask, one row, applies to each), so the kernel runs one
+        # block ([1, Hkv, group, D]; the mask, one row, applies to each), so the kernel runs one
         # work item and one small GEMM per KV head rather than one per query head.
-        q = q.reshape(kv_heads, -1, q.shape[-1])
+        q = q.reshape(1, kv_heads, -1, q.shape[-1])
     else:
-        q = q.transpose(0, 1)  # [Hq, n, D]
+        q = q.transpose(0, 1)[None]  # [1, Hq, n, D]
     if sinks is not None:
-        out = _attend_with_sinks(q, k, v, scale, mask, sinks)
+        out = _attend_with_sinks(q[0], k, v, scale, mask, sinks)[None]
     else:
         out = F.scaled_dot_product_attention(
-            q[None],
+            q,
             k[None],
             v[None],
             attn_mask=mask,
             is_causal=causal,
             scale=scale,
-            enable_gqa=q.shape[0] != kv_heads,
-        )[0]
+            enable_gqa=q.shape[1] != kv_heads,
+        )
     if n == 1:
-        return out[None]  # [1, Hkv, group, Dv]
-    return out.transpose(0, 1).view(n, kv_heads, -1, out.shape[-1])
+        return out  # [1, Hkv, group, Dv]
+    return out[0].transpose(0, 1).view(n, kv_heads, -1, out.shape[-1])
 
 
 def _attend_with_sinks(

@@ -488,8 +488,9 @@ def _small_attention(q: torch.Tensor, keys: int) -> bool:
     """Whether the attention of queries ``q`` ``[n, Hq, D]`` over ``keys`` keys is small enough to
     compute on one thread: a parallel region costs tens of microseconds on idle cores and up to a
     scheduler time slice (milliseconds) when another process holds one, far more than the second
-    thread saves on a decode step. Depends only on the request's own shapes."""
-    return q.shape[0] * q.shape[1] * q.shape[2] * keys <= SERIAL_ATTENTION_MACS
+    thread saves on a decode step. Depends only on the request's own shapes (and device: the
+    thread count only concerns CPU kernels)."""
+    return q.device.type == "cpu" and q.shape[0] * q.shape[1] * q.shape[2] * keys <= SERIAL_ATTENTION_MACS
 
 
 def _attend(

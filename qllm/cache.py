@@ -3,6 +3,8 @@ the fixed-size recurrent state of each linear-attention layer."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 
@@ -15,7 +17,9 @@ class KVCache:
     (qllm/kernel/tensors.py) offloads and restores the buffers.
     """
 
-    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device
+    ):
         self.num_layers = num_layers
         self.kv_heads = kv_heads
         self.head_dim = head_dim
@@ -28,10 +32,19 @@ class KVCache:
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append ``k``/``v`` ([kv_heads, n, head_dim]) to ``layer``; return all keys and values so far."""
-        n = k.shape[1]
+        (keys, new_k), (values, new_v) = self._extend(layer, k, v)
+        new_k.copy_(k)
+        new_v.copy_(v)
+        return keys, values
+
+    def _extend(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """Grow ``layer`` by ``k``'s length, uninitialised: (all keys, the new keys' slots) and the
+        same for values; the caller fills the slots."""
         start = self.lengths[layer]
-        end = start + n
-        buf_k = self.keys[layer]
+        end = start + k.shape[1]
+        buf_k, buf_v = self.keys[layer], self.values[layer]
         if buf_k is None or buf_k.shape[1] < end:
             capacity = max(16, end, 2 * (0 if buf_k is None else buf_k.shape[1]))
             # Shaped as what is appended: a layer may have its own head count (MiMo-V2-Flash).
@@ -39,12 +52,11 @@ class KVCache:
             new_v = torch.empty(v.shape[0], capacity, v.shape[2], dtype=self.dtype, device=self.device)
             if buf_k is not None:
                 new_k[:, :start] = buf_k[:, :start]
-                new_v[:, :start] = self.values[layer][:, :start]
-            self.keys[layer], self.values[layer] = new_k, new_v
-        self.keys[layer][:, start:end] = k
-        self.values[layer][:, start:end] = v
+                new_v[:, :start] = buf_v[:, :start]
+            self.keys[layer], self.values[layer] = buf_k, buf_v = new_k, new_v
         self.lengths[layer] = end
-        return self.keys[layer][:, :end], self.values[layer][:, :end]
+        keys, values = buf_k[:, :end], buf_v[:, :end]
+        return (keys, keys[:, start:]), (values, values[:, start:])
 
     def state(self, layer: int) -> list[torch.Tensor] | None:
         """The recurrent state tensors of linear-attention ``layer`` (None before its first token)."""
@@ -70,3 +82,18 @@ class KVCache:
         self.values = [None] * self.num_layers
         self.lengths = [0] * self.num_layers
         self.states = [None] * self.num_layers
+
+
+def append_all(
+    caches: Sequence[KVCache], layer: int, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:meth:`KVCache.append` of each cache's ``keys``/``values`` to ``layer``, with one copy call
+    for them all (a decode step's copies are tiny: the per-call cost is most of their time)."""
+    filled, slots, rows = [], [], []
+    for cache, k, v in zip(caches, keys, values):
+        (all_k, new_k), (all_v, new_v) = cache._extend(layer, k, v)
+        filled.append((all_k, all_v))
+        slots += (new_k, new_v)
+        rows += (k, v)
+    torch._foreach_copy_(slots, rows)
+    return filled

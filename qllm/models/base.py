@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from qllm import __version__ as qllm_version
-from qllm.cache import KVCache
+from qllm.cache import KVCache, append_all
 from qllm.models import gemm, invariance
 from qllm.models.gemm import linear
 from qllm.models.passes import Partial, Pass
@@ -415,12 +415,28 @@ class MoEModel:
         q, k = self.rotary(attn, q, k, cos, sin)
         window, chunk, sinks = self.sliding_window(attn), self.attention_chunk(attn), self.attention_sinks(attn)
         outs = []
-        per_request = [(ops[0], q, k, v)] if len(ops) == 1 else zip(ops, q.split(sizes), k.split(sizes), v.split(sizes))
-        for op, qi, ki, vi in per_request:
-            keys, values = op.cache.append(ops[0].layer, ki.transpose(0, 1), vi.transpose(0, 1))
-            keys, values = self.expand_kv(attn, keys, values)
-            out = _attend(qi.transpose(0, 1), keys, values, attn.scaling, window, chunk=chunk, sinks=sinks)
-            outs.append(out.transpose(0, 1))
+        queries = [q] if len(ops) == 1 else q.split(sizes)
+        filled = append_all(
+            [op.cache for op in ops],
+            ops[0].layer,
+            k.transpose(0, 1).split(sizes, dim=1),
+            v.transpose(0, 1).split(sizes, dim=1),
+        )
+        threads = torch.get_num_threads()
+        current = threads
+        try:
+            for qi, (keys, values) in zip(queries, filled):
+                # The request's own size picks the thread count of all its work (expand_kv may
+                # run GEMMs), so it is computed the same way in any batch.
+                wanted = 1 if _small_attention(qi, keys.shape[1]) else threads
+                if wanted != current:
+                    torch.set_num_threads(wanted)
+                    current = wanted
+                keys, values = self.expand_kv(attn, keys, values)
+                outs.append(_attend(qi, keys, values, attn.scaling, window, chunk=chunk, sinks=sinks))
+        finally:
+            if current != threads:
+                torch.set_num_threads(threads)
         o = (outs[0] if len(outs) == 1 else torch.cat(outs)).reshape(n, -1)
         return self._split(self.attn_out(layer, _pad(o, *self._padding[OpKind.ATTENTION]), x), sizes)
 
@@ -499,6 +515,20 @@ def _by_row(results: list[Any]) -> list[torch.Tensor]:
     return [torch.cat([r[i] for r in results]) for i in range(len(first))]
 
 
+SERIAL_ATTENTION_MACS = 1 << 21
+"""A request's attention with at most this many multiply-adds (queries x keys x query heads x
+head dim; 2M is a decode step of 16 heads of 64 over 2048 keys) runs on one thread."""
+
+
+def _small_attention(q: torch.Tensor, keys: int) -> bool:
+    """Whether the attention of queries ``q`` ``[n, Hq, D]`` over ``keys`` keys is small enough to
+    compute on one thread: a parallel region costs tens of microseconds on idle cores and up to a
+    scheduler time slice (milliseconds) when another process holds one, far more than the second
+    thread saves on a decode step. Depends only on the request's own shapes (and device: the
+    thread count only concerns CPU kernels)."""
+    return q.device.type == "cpu" and q.shape[0] * q.shape[1] * q.shape[2] * keys <= SERIAL_ATTENTION_MACS
+
+
 def _attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -509,12 +539,13 @@ def _attend(
     chunk: int | None = None,
     sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal attention of one request: q ``[Hq, n, D]`` over its keys/values ``[Hkv, T, D]``.
+    """Causal attention of one request's query rows ``q`` ``[n, Hq, D]`` over its keys/values
+    ``[Hkv, T, D]``: each row's heads' outputs ``[n, Hkv, Hq // Hkv, Dv]``, grouped by KV head.
 
     ``window``: a query sees only its last ``window`` keys; ``chunk``: only keys of its own
     ``chunk``-long block of positions; ``sinks`` ``[Hq]``: one extra logit per head in the softmax,
     whose probability mass is dropped (attends to nothing)."""
-    n, total = q.shape[1], k.shape[1]
+    n, total, kv_heads = q.shape[0], k.shape[1], k.shape[0]
     past = total - n
     mask = None
     causal = False
@@ -529,12 +560,28 @@ def _attend(
             mask &= kpos // chunk == qpos // chunk
     elif n > 1:
         causal = True
+    if n == 1:
+        # A decode step: the query heads that share a KV head attend as the rows of one query
+        # block ([1, Hkv, group, D]; the mask, one row, applies to each), so the kernel runs one
+        # work item and one small GEMM per KV head rather than one per query head.
+        q = q.reshape(1, kv_heads, -1, q.shape[-1])
+    else:
+        q = q.transpose(0, 1)[None]  # [1, Hq, n, D]
     if sinks is not None:
-        return _attend_with_sinks(q, k, v, scale, mask, sinks)
-    out = F.scaled_dot_product_attention(
-        q[None], k[None], v[None], attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=q.shape[0] != k.shape[0]
-    )
-    return out[0]
+        out = _attend_with_sinks(q[0], k, v, scale, mask, sinks)[None]
+    else:
+        out = F.scaled_dot_product_attention(
+            q,
+            k[None],
+            v[None],
+            attn_mask=mask,
+            is_causal=causal,
+            scale=scale,
+            enable_gqa=q.shape[1] != kv_heads,
+        )
+    if n == 1:
+        return out  # [1, Hkv, group, Dv]
+    return out[0].transpose(0, 1).view(n, kv_heads, -1, out.shape[-1])
 
 
 def _attend_with_sinks(
@@ -545,13 +592,16 @@ def _attend_with_sinks(
     mask: torch.Tensor | None,
     sinks: torch.Tensor,
 ) -> torch.Tensor:
+    """:func:`_attend` with sink logits: q ``[Hq, n, D]``, or for one query ``[Hkv, group, D]``
+    (each KV head's query heads as rows); returns q's shape with v's width."""
     group = q.shape[0] // k.shape[0]
     if group > 1:
         k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)
     logits = torch.matmul(q, k.transpose(1, 2)) * scale
     if mask is not None:
         logits = logits.masked_fill(~mask, float("-inf"))
-    sink = sinks.to(logits.dtype)[:, None, None].expand(-1, q.shape[1], 1)
+    # Per head: [Hq, 1, 1] broadcast over a head's queries, or [Hkv, group, 1] for grouped rows.
+    sink = sinks.to(logits.dtype).view(q.shape[0], -1, 1).expand(-1, q.shape[1], 1)
     combined = torch.cat([logits, sink], dim=-1)
     combined = combined - combined.amax(dim=-1, keepdim=True)
     probs = torch.softmax(combined, dim=-1)[..., :-1]

@@ -99,6 +99,9 @@ class Recorder(Policy):
     def admit(self, request: RequestView, kernel: KernelView) -> bool:
         return self.inner.admit(request, kernel)
 
+    def steady(self, batch: Sequence[RequestView]) -> bool:
+        return False  # asked at every op, so that every batch is recorded
+
     def precedence(self, request: RequestView) -> tuple:
         return self.inner.precedence(request)
 

@@ -220,11 +220,11 @@ async def test_a_failing_batch_errors_its_requests_and_the_kernel_goes_on(tiny, 
     run = tiny.run
     calls = {"n": 0}
 
-    def flaky(ops):
+    def flaky(ops, stop=None):
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("device fell over")
-        return run(ops)
+        return run(ops, stop)
 
     monkeypatch.setattr(tiny, "run", flaky)
     async with qllm.Engine(model=tiny, policy="fcfs") as engine:

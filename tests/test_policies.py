@@ -281,7 +281,7 @@ def test_recorder_wraps_the_whole_policy_api():
 
 
 # ---------------------------------------------------------------- preemption on a live engine
-BE_PROMPT = list(range(100, 140))  # 40 tokens: 5 prefill chunks of 8
+BE_PROMPT = list(range(100, 140))  # 40 tokens: 5 prefill chunks of 8, 9 ops each (4 layers + head)
 LS_PROMPT = [7, 8, 9, 10, 11]
 
 
@@ -302,7 +302,7 @@ async def be_then_ls(model, policy: str, ls_after: int):
 
 
 @pytest.mark.parametrize("policy", ["qllm", "priority-aging", "cohort"])
-@pytest.mark.parametrize("ls_after", [20, 200], ids=["mid-prefill", "mid-decode"])
+@pytest.mark.parametrize("ls_after", [20, 100], ids=["mid-prefill", "mid-decode"])
 async def test_ls_preempts_running_be_within_one_op(tiny, policy, ls_after):
     ls, be, recorder = await be_then_ls(tiny, policy, ls_after)
 
@@ -313,7 +313,7 @@ async def test_ls_preempts_running_be_within_one_op(tiny, policy, ls_after):
     assert be.token_ids == greedy(tiny, BE_PROMPT, 12, 8)
 
 
-@pytest.mark.parametrize("ls_after", [20, 200], ids=["mid-prefill", "mid-decode"])
+@pytest.mark.parametrize("ls_after", [20, 100], ids=["mid-prefill", "mid-decode"])
 async def test_fcfs_never_preempts(tiny, ls_after):
     ls, be, recorder = await be_then_ls(tiny, "fcfs", ls_after)
 
@@ -349,6 +349,7 @@ LAW = {  # seconds of a batched op: fixed + per row (padded like the executor)
     OpKind.ROUTER: (0.001, 0.00005),
     OpKind.EXPERT: (0.002, 0.0001),
     OpKind.HEAD: (0.005, 0.0),
+    OpKind.MOE: (0.004, 0.0002),
 }
 
 
@@ -360,8 +361,8 @@ class OpClock:
         self.now = 0.0
         self.ops: list[tuple[OpKind, int, float]] = []  # (kind, rows, seconds) of each batched op
 
-    def run(self, ops):
-        results = self.model_run(ops)
+    def run(self, ops, stop=None):
+        results = self.model_run(ops, stop)
         fixed, per_row = LAW[ops[0].kind]
         seconds = fixed + per_row * bucket(sum(op.rows for op in ops))
         self.ops.append((ops[0].kind, sum(op.rows for op in ops), seconds))
@@ -404,7 +405,7 @@ async def test_cohort_ls_op_with_riders_is_predicted_and_measured_within_the_bud
     )
     recorder = BudgetRecorder(CohortPolicy(stretch=1.2))
     be_prompts = [list(range(10, 10 + n)) for n in (3, 5, 8, 11, 14, 6)]
-    async with qllm.Engine(model=tiny, policy=recorder, prefill_chunk=16) as engine:
+    async with qllm.Engine(model=tiny, policy=recorder, prefill_chunk=16, moe_granularity="expert") as engine:
 
         def submit_ls():
             handles.append(engine.submit(LS_PROMPT, max_tokens=3, priority="ls", ignore_eos=True))
@@ -452,11 +453,11 @@ class Feeder(Recorder):
             self.feed()
 
 
-async def sustained_ls(model, policy: str, cap: int):
+async def sustained_ls(model, policy: str, cap: int, moe: str = "layer"):
     """A short BE request under a stream of LS requests (2 always live, at most ``cap``)."""
     engine_ref: list = []
     feeder = Feeder(load_policy(policy), engine_ref, cap=cap)
-    async with qllm.Engine(model=model, policy=feeder, prefill_chunk=8) as engine:
+    async with qllm.Engine(model=model, policy=feeder, prefill_chunk=8, moe_granularity=moe) as engine:
         engine_ref.append(engine)
         be = engine.submit([3, 4, 5, 6], max_tokens=4, priority="be", ignore_eos=True)
         for _ in range(feeder.ls_live):
@@ -481,8 +482,9 @@ async def test_be_finishes_under_sustained_ls_load(tiny, policy):
 async def test_qllm_starves_be_while_ls_is_always_ready(tiny):
     """``qllm`` runs BE only when no LS work is ready (or riding along at the very same op), so with
     LS always ready the BE request produces nothing until the LS stream ends: the starvation the
-    paper names, which ``priority-aging`` bounds."""
-    be, ls, feeder = await sustained_ls(tiny, "qllm", cap=8)
+    paper names, which ``priority-aging`` bounds. At the paper's granularity, one op per expert:
+    with grouped MoE ops a BE request at the LS requests' op rides along at every op of the pass."""
+    be, ls, feeder = await sustained_ls(tiny, "qllm", cap=8, moe="expert")
 
     assert len(ls) == feeder.cap
     last_ls = max(r.finished for r in ls)

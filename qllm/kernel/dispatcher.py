@@ -228,12 +228,13 @@ class Dispatcher:
         if group is None or group.done:
             return
         others = [i for i, s in enumerate(group.segments) if s.owner is not request]
+        if self._steady is group:
+            self._steady = None
         if others:
             rest, _ = group.split(others)
             for segment in rest.segments:
                 segment.owner.join(rest, segment)
-        if self._steady is group:
-            self._steady = None
+            self._settle(rest)
 
     def _finish(self, request: Request, status: RequestStatus, error: str | None = None) -> None:
         if request.finish_time is not None:
@@ -436,8 +437,7 @@ class Dispatcher:
             for request in batch:
                 self._fail(request, exc)
             return None
-        if group.done:  # requests with nothing left to compute in this pass (all rows past it)
-            self._complete(group)
+        if self._settle(group):  # nothing left to compute for these requests in this pass
             return None
         if len(group.segments) == len(self.live) and self._steady_choice(batch):
             self._steady = group
@@ -462,6 +462,7 @@ class Dispatcher:
             kept, rest = group.split([i for i, s in enumerate(group.segments) if id(s.owner) in chosen])
             for segment in rest.segments:
                 segment.owner.join(rest, segment)
+            self._settle(rest)
             parts.append(kept)
         if fresh:
             parts.append(
@@ -555,6 +556,17 @@ class Dispatcher:
             request.join(None)
             if request.finish_time is None:
                 self._advance(request, logits)
+
+    def _settle(self, group: Pass) -> bool:
+        """A pass that split off with nothing left to compute (a prefill chunk past its last
+        expert, or at the head without wanting logits) lets its requests go; True if it did."""
+        if group.done:
+            self._complete(group)
+            return True
+        if group.through:
+            self._release(group)
+            return True
+        return False
 
     def _release(self, group: Pass) -> None:
         """Requests through with a pass before its head (prefill chunks that want no logits) leave

@@ -50,6 +50,7 @@ class Op:
     cache: KVCache | None = None
     positions: torch.Tensor | None = None
     segments: list[Segment] | None = None  # ATTENTION over several requests' rows (a pass)
+    residual: torch.Tensor | None = None  # when set, the op returns residual + its output (a pass)
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -241,13 +241,20 @@ class MoEModel:
         """
         if self.batch_invariant and self._calibrated_threads != torch.get_num_threads():
             self.calibrate()  # kernels split rows differently at another thread count
+        return self._compute(ops, stop)
+
+    def _compute(self, ops: list[Op], stop: Callable[[], bool] | None = None) -> list[Any]:
         kind = ops[0].kind
         with torch.no_grad():
             if kind is OpKind.MOE:
                 return self._run_moe(ops, stop)
             if kind is OpKind.ATTENTION and any(op.segments for op in ops):
-                return self._run_segmented(ops)
-            return self._runners[kind](ops)
+                results = self._run_segmented(ops)
+            else:
+                results = self._runners[kind](ops)
+            if ops[0].residual is not None:  # the residual add, while the output is in cache
+                results = [op.residual + r for op, r in zip(ops, results)]
+            return results
 
     def _run_segmented(self, ops: list[Op]) -> list[torch.Tensor]:
         """An attention op over passes: each request's rows as an op of its own (its cache)."""
@@ -324,7 +331,7 @@ class MoEModel:
                 while True:
                     results = []
                     traced = invariance.trace_gemms(
-                        functools.partial(lambda op, out: out.extend(self._runners[op.kind]([op])), op, results),
+                        functools.partial(lambda op, out: out.extend(self._compute([op])), op, results),
                         op.x.shape[0],
                     )
                     for call in traced:
@@ -475,7 +482,8 @@ class MoEModel:
         """A MoE layer in one op: router, each routed expert on its rows (ascending, summed as the
         per-expert ops sum), then the shared expert. The same calls as ROUTER, EXPERT and SHARED
         ops, so each row's result is the same bits as theirs. Result per op: ``(routed, shared)``
-        (``shared`` None without a shared expert), or a :class:`Partial` when ``stop`` fired."""
+        (``shared`` None without a shared expert); ``residual + routed + shared`` for an op with a
+        residual; a :class:`Partial` when ``stop`` fired."""
         layer = ops[0].layer
         block = self.moe_blocks[layer]
         xr, sizes = self._rows(ops, OpKind.ROUTER)
@@ -495,6 +503,8 @@ class MoEModel:
         shared = self._run_shared([Op(OpKind.SHARED, layer, x)])[0] if self.has_shared(block) else None
         outs = self._split(out, sizes)
         shareds = self._split(shared, sizes) if shared is not None else [None] * len(sizes)
+        if ops[0].residual is not None:  # residual + (routed + shared), as the pass would add them
+            return [op.residual + (o if s is None else o + s) for op, o, s in zip(ops, outs, shareds)]
         return list(zip(outs, shareds))
 
     def _run_mlp(self, ops: list[Op]) -> list[torch.Tensor]:

@@ -163,21 +163,24 @@ class Pass:
         model = self.model
         if stage is Stage.ATTENTION:
             residual = self.h
-            self.h = self.h + result
+            self.h = result  # the op added the residual
             self.mlp_in = residual if model.parallel_mlp else self.h
             if model.moe_blocks[self.layer] is None:
                 self.stage = Stage.MLP
             else:
                 self.stage = Stage.ROUTER if self.split_moe else Stage.MOE
         elif stage is Stage.MLP:
-            self.h = self.h + result
+            self.h = result  # the op added the residual
             self._next_layer()
         elif stage is Stage.MOE:
             if isinstance(result, Partial):
                 self.x, self.weights, self.indices, self.out = result.x, result.weights, result.indices, result.out
                 self._plan_experts(result.next_expert)
-            else:
+            elif isinstance(result, tuple):
                 self._finish_moe(*result)
+            else:
+                self.h = result  # the op added the residual (no per-request output transform)
+                self._next_layer()
         elif stage is Stage.ROUTER:
             self.x, self.weights, self.indices = result
             self.out = torch.zeros_like(self.x)
@@ -189,14 +192,8 @@ class Pass:
         elif stage is Stage.SHARED:
             self._finish_moe(self.out, result)
         elif stage is Stage.HEAD:
-            self.logits = []
-            j = 0
-            for s in self.segments:
-                if s.logits:
-                    self.logits.append(result[j])
-                    j += 1
-                else:
-                    self.logits.append(None)
+            rows = iter(result.unbind(0))
+            self.logits = [next(rows) if s.logits else None for s in self.segments]
             self.stage = Stage.DONE
         self.pending = self._op()
         return self.pending
@@ -280,10 +277,12 @@ class Pass:
         if stage is Stage.ATTENTION:
             if len(self.segments) == 1:
                 s = self.segments[0]
-                return Op(OpKind.ATTENTION, layer, self.h, cache=s.cache, positions=s.positions)
-            return Op(OpKind.ATTENTION, layer, self.h, segments=self.segments)
+                return Op(OpKind.ATTENTION, layer, self.h, cache=s.cache, positions=s.positions, residual=self.h)
+            return Op(OpKind.ATTENTION, layer, self.h, segments=self.segments, residual=self.h)
         if stage is Stage.MOE:
-            return Op(OpKind.MOE, layer, self.mlp_in)
+            model = self.model
+            fused = model.routed_out_hook is None and model.mlp_out_hook is None
+            return Op(OpKind.MOE, layer, self.mlp_in, residual=self.h if fused else None)
         if stage is Stage.ROUTER:
             return Op(OpKind.ROUTER, layer, self.mlp_in)
         if stage is Stage.EXPERT:
@@ -292,7 +291,7 @@ class Pass:
         if stage is Stage.SHARED:
             return Op(OpKind.SHARED, layer, self.x)
         if stage is Stage.MLP:
-            return Op(OpKind.MLP, layer, self.mlp_in)
+            return Op(OpKind.MLP, layer, self.mlp_in, residual=self.h)  # the dense MLP applies mlp_out itself
         if stage is Stage.HEAD:
             if len(self.segments) == 1:
                 return Op(OpKind.HEAD, -1, self.h[-1:])

@@ -24,7 +24,16 @@ from qllm.ops import OpKind, Token
 PROMPTS = [[5, 17, 99, 3, 42, 7, 11], [8, 1, 64], [120, 33, 2, 90, 14], [77], [3, 3, 3, 3]]
 CHUNK = 3  # prompts longer than this prefill in chunks, some of them without logits
 MAX_TOKENS = 5
-CHECKED = ["tiny", "qwen2_moe", "qwen3_moe", "afmoe", "cohere2_moe", "llama4_text", "deepseek_v3", "qwen3_next"]
+CHECKED = [
+    "tiny",
+    "qwen2_moe",
+    "qwen3_moe",
+    "afmoe",
+    "cohere2_moe",
+    "llama4_text",
+    "deepseek_v3",
+    "qwen3_next",
+]
 
 
 @pytest.fixture(scope="module", params=CHECKED)
@@ -99,7 +108,9 @@ class Schedule:
             move = rng.random()
             if self.between and (not self.passes or move < 0.25):
                 chosen = rng.sample(sorted(self.between), rng.randint(1, len(self.between)))
-                parts = [(self.caches[i], self.between[i].token_ids, self.between[i].logits, i) for i in chosen]
+                parts = [
+                    (self.caches[i], self.between[i].token_ids, self.between[i].logits, i) for i in chosen
+                ]
                 for i in chosen:
                     del self.between[i]
                 self.passes.append(Pass.start(self.model, parts, split_moe=rng.random() < 0.5))
@@ -167,7 +178,10 @@ def test_random_pass_schedules_give_each_request_its_solo_logits(executor, threa
 
 def test_grouped_and_per_expert_moe_give_the_same_bits(executor):
     for prompt in PROMPTS:
-        (grouped_tokens, grouped), (split_tokens, split) = solo(executor, prompt, "layer"), solo(executor, prompt, "expert")
+        (grouped_tokens, grouped), (split_tokens, split) = (
+            solo(executor, prompt, "layer"),
+            solo(executor, prompt, "expert"),
+        )
         assert grouped_tokens == split_tokens
         assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(grouped, split))
 

@@ -22,14 +22,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter, deque
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
 import torch
 
-from qllm.generation import Forward, decode, finish_text, generation_passes, stop_index
+from qllm.generation import decode, finish_text, generation_passes, stop_index
 from qllm.kernel.compute import Compute
 from qllm.kernel.costs import OpCosts
 from qllm.kernel.request import Request, RequestResult, RequestStatus
@@ -124,7 +124,9 @@ class Dispatcher:
         on_finish: Any = None,
     ):
         if moe_granularity not in MOE_GRANULARITIES:
-            raise ValueError(f"moe_granularity must be one of {', '.join(MOE_GRANULARITIES)}, got {moe_granularity!r}")
+            raise ValueError(
+                f"moe_granularity must be one of {', '.join(MOE_GRANULARITIES)}, got {moe_granularity!r}"
+            )
         self.model = model
         self.policy = policy
         self.fallback = fallback

@@ -78,7 +78,9 @@ class Engine:
         if prefill_chunk < 1:
             raise ValueError("prefill_chunk must be >= 1")
         if moe_granularity not in MOE_GRANULARITIES:
-            raise ValueError(f"moe_granularity must be one of {', '.join(MOE_GRANULARITIES)}, got {moe_granularity!r}")
+            raise ValueError(
+                f"moe_granularity must be one of {', '.join(MOE_GRANULARITIES)}, got {moe_granularity!r}"
+            )
         if memory_budget is not None and memory_budget < 0:
             raise ValueError("memory_budget must be >= 0 bytes")
         if threads is not None:
@@ -87,7 +89,9 @@ class Engine:
             torch.set_num_threads(threads)  # process-wide: torch's intra-op thread pool
         self.policy = load_policy(policy)
         if isinstance(model, MoEModel) and device is not None and torch.device(device) != model.device:
-            raise ValueError(f"the model is loaded on {model.device}, not on {device}; load it there or omit device")
+            raise ValueError(
+                f"the model is loaded on {model.device}, not on {device}; load it there or omit device"
+            )
         self.model: MoEModel = load_model(
             model, dtype=dtype, device=device or "cpu", batch_invariant=batch_invariant
         )

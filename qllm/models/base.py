@@ -130,7 +130,11 @@ class MoEModel:
         return q, k, v
 
     def sliding_window(self, attn: torch.nn.Module) -> int | None:
-        window = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(self.config, "sliding_window", None)
+        window = (
+            attn.sliding_window
+            if hasattr(attn, "sliding_window")
+            else getattr(self.config, "sliding_window", None)
+        )
         return window or None
 
     def attention_chunk(self, attn: torch.nn.Module) -> int | None:
@@ -184,7 +188,9 @@ class MoEModel:
         """The MoE block's (or dense MLP's) contribution to the residual from its output ``y`` (row-wise)."""
         return y
 
-    def rotary_embedding(self, i: int, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def rotary_embedding(
+        self, i: int, x: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotary ``cos, sin`` ``[N, rotary_dim]`` for layer ``i`` at ``positions``."""
         cos, sin = self.body.rotary_emb(x, positions[None])
         return cos[0], sin[0]
@@ -267,7 +273,15 @@ class MoEModel:
                 continue
             start = 0
             for s in op.segments:
-                flat.append(Op(OpKind.ATTENTION, op.layer, op.x[start : start + s.rows], cache=s.cache, positions=s.positions))
+                flat.append(
+                    Op(
+                        OpKind.ATTENTION,
+                        op.layer,
+                        op.x[start : start + s.rows],
+                        cache=s.cache,
+                        positions=s.positions,
+                    )
+                )
                 start += s.rows
             counts.append(len(op.segments))
         results = self._runners[OpKind.ATTENTION](flat)
@@ -379,7 +393,11 @@ class MoEModel:
                                 for i in range(x.shape[0])
                             ]
                         else:
-                            weight = None if t.weight is None else t.weight.new_ones((x.shape[0], *t.weight.shape[1:]))
+                            weight = (
+                                None
+                                if t.weight is None
+                                else t.weight.new_ones((x.shape[0], *t.weight.shape[1:]))
+                            )
                             ops = [Op(kind, t.layer, x, expert=t.expert, weight=weight)]
                         return _by_row(self._runners[kind](ops))
 
@@ -420,7 +438,11 @@ class MoEModel:
             parts = [self.rotary_embedding(ops[0].layer, v, op.positions) for op in ops]
             cos, sin = torch.cat([c for c, _ in parts]), torch.cat([s for _, s in parts])
         q, k = self.rotary(attn, q, k, cos, sin)
-        window, chunk, sinks = self.sliding_window(attn), self.attention_chunk(attn), self.attention_sinks(attn)
+        window, chunk, sinks = (
+            self.sliding_window(attn),
+            self.attention_chunk(attn),
+            self.attention_sinks(attn),
+        )
         outs = []
         queries = [q] if len(ops) == 1 else q.split(sizes)
         filled = append_all(
@@ -469,7 +491,9 @@ class MoEModel:
         if self.weighted_expert_input:
             w = ops[0].weight if len(ops) == 1 else torch.cat([op.weight for op in ops])
             w = torch.cat([w.to(x.dtype), w.new_zeros(x.shape[0] - w.shape[0], dtype=x.dtype)])
-            return self._split(self.expert(self.moe_blocks[ops[0].layer], ops[0].expert, x * w[:, None]), sizes)
+            return self._split(
+                self.expert(self.moe_blocks[ops[0].layer], ops[0].expert, x * w[:, None]), sizes
+            )
         y = self.expert(self.moe_blocks[ops[0].layer], ops[0].expert, x)[: sum(sizes)]
         w = ops[0].weight if len(ops) == 1 else torch.cat([op.weight for op in ops])
         return self._split((y * w[:, None]).to(y.dtype), sizes)
@@ -495,7 +519,9 @@ class MoEModel:
         experts = torch.unique(indices).tolist()
         for j, e in enumerate(experts):
             rows, slots = (indices == e).nonzero(as_tuple=True)
-            y = self._run_expert([Op(OpKind.EXPERT, layer, x[rows], expert=e, weight=weights[rows, slots])])[0]
+            y = self._run_expert([Op(OpKind.EXPERT, layer, x[rows], expert=e, weight=weights[rows, slots])])[
+                0
+            ]
             out.index_put_((rows,), y, accumulate=True)
             if stop is not None and j + 1 < len(experts) and stop():
                 parts = zip(*(self._split(t, sizes) for t in (x, weights, indices, out)))

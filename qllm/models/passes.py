@@ -76,22 +76,22 @@ class Pass:
     """One forward pass of several segments (see the module doc). Drive it with :meth:`advance`."""
 
     __slots__ = (
+        "expert_rows",
+        "h",
+        "indices",
+        "layer",
+        "logits",
+        "mlp_in",
         "model",
+        "ops_run",
+        "out",
+        "pending",
         "segments",
         "split_moe",
-        "layer",
         "stage",
-        "h",
-        "mlp_in",
-        "x",
-        "weights",
-        "indices",
-        "out",
         "todo",
-        "expert_rows",
-        "logits",
-        "pending",
-        "ops_run",
+        "weights",
+        "x",
     )
 
     def __init__(self, model: MoEModel, segments: list[Segment], h: torch.Tensor, *, split_moe: bool = False):
@@ -174,7 +174,12 @@ class Pass:
             self._next_layer()
         elif stage is Stage.MOE:
             if isinstance(result, Partial):
-                self.x, self.weights, self.indices, self.out = result.x, result.weights, result.indices, result.out
+                self.x, self.weights, self.indices, self.out = (
+                    result.x,
+                    result.weights,
+                    result.indices,
+                    result.out,
+                )
                 self._plan_experts(result.next_expert)
             elif isinstance(result, tuple):
                 self._finish_moe(*result)
@@ -277,7 +282,9 @@ class Pass:
         if stage is Stage.ATTENTION:
             if len(self.segments) == 1:
                 s = self.segments[0]
-                return Op(OpKind.ATTENTION, layer, self.h, cache=s.cache, positions=s.positions, residual=self.h)
+                return Op(
+                    OpKind.ATTENTION, layer, self.h, cache=s.cache, positions=s.positions, residual=self.h
+                )
             return Op(OpKind.ATTENTION, layer, self.h, segments=self.segments, residual=self.h)
         if stage is Stage.MOE:
             model = self.model
@@ -287,7 +294,9 @@ class Pass:
             return Op(OpKind.ROUTER, layer, self.mlp_in)
         if stage is Stage.EXPERT:
             rows, slots = self.expert_rows
-            return Op(OpKind.EXPERT, layer, self.x[rows], expert=self.todo[0], weight=self.weights[rows, slots])
+            return Op(
+                OpKind.EXPERT, layer, self.x[rows], expert=self.todo[0], weight=self.weights[rows, slots]
+            )
         if stage is Stage.SHARED:
             return Op(OpKind.SHARED, layer, self.x)
         if stage is Stage.MLP:
@@ -316,7 +325,10 @@ class Pass:
             starts.append(start)
             start += s.rows
         rows = torch.cat(
-            [torch.arange(starts[i], starts[i] + self.segments[i].rows, device=self.h.device) for i in indices]
+            [
+                torch.arange(starts[i], starts[i] + self.segments[i].rows, device=self.h.device)
+                for i in indices
+            ]
         )
         part = Pass.__new__(Pass)
         part.model, part.split_moe = self.model, self.split_moe

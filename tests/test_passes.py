@@ -163,7 +163,7 @@ class Schedule:
 def test_random_pass_schedules_give_each_request_its_solo_logits(executor, threads):
     with torch_threads(threads):
         alone = [solo(executor, p, "expert") for p in PROMPTS]
-        for seed in range(3):
+        for seed in range(2):
             schedule = Schedule(executor, random.Random(seed))
             schedule.run()
             for i, (tokens, logits) in enumerate(alone):

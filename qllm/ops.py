@@ -9,8 +9,8 @@ each request gets the same result as when its op runs alone.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
@@ -51,7 +51,6 @@ class Op:
     positions: torch.Tensor | None = None
     segments: list[Segment] | None = None  # ATTENTION over several requests' rows (a pass)
     residual: torch.Tensor | None = None  # when set, the op returns residual + its output (a pass)
-    meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def key(self) -> tuple[int, int, int]:

@@ -485,7 +485,7 @@ class Dispatcher:
         worker) until it completes or a message arrives."""
         steady = self._steady is group
         max_ops = 1 if not steady or self.compute.mode == "loop" else 1 << 30
-        times: list[tuple[OpKind, int, float, bool]] = []
+        times: list[tuple[Op, float, bool]] = []
         gaps: list[float] = []
         model, stop = self.model, self._interrupted
 
@@ -497,7 +497,7 @@ class Dispatcher:
                     gaps.append(start - self._last_end)
                 (result,) = model.run([op], stop)
                 self._last_end = end = time.perf_counter()
-                times.append((op.kind, op.rows, end - start, isinstance(result, Partial)))
+                times.append((op, end - start, result.__class__ is Partial))
                 op = group.advance(result)
                 if op is None or len(times) >= max_ops or self._interrupt or group.through:
                     return
@@ -516,7 +516,8 @@ class Dispatcher:
         finally:
             self.in_flight = ()
         members = len(group.segments)
-        for kind, rows, seconds, partial in times:
+        for op, seconds, partial in times:
+            kind, rows = op.kind, op.rows
             self.op_times.record(kind, seconds)
             if not partial:  # a MoE op stopped early says nothing of the whole op's cost
                 self.costs.record(kind, rows, seconds)

@@ -21,3 +21,21 @@ def tiny():
     from qllm.models import load_model
 
     return load_model("tiny")
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|endoftext|>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+"""A chat template for the tiny tokenizer: ``<|endoftext|>role: content`` per message."""
+
+
+@pytest.fixture(scope="session")
+def chat_model(tiny):
+    """The tiny preset with a chat template (a copy: ``tiny`` itself has none)."""
+    import copy
+
+    model = copy.copy(tiny)
+    model.tokenizer = copy.deepcopy(tiny.tokenizer)
+    model.tokenizer.chat_template = CHAT_TEMPLATE
+    return model

@@ -1,7 +1,5 @@
 """Chat prompts: a text prompt wrapped in the tokenizer's chat template, in process and on the wire."""
 
-import copy
-
 import msgspec
 import pytest
 
@@ -9,19 +7,6 @@ from qllm import protocol
 from qllm.errors import InvalidRequest
 from qllm.generation import encode
 from qllm.kernel.engine import Engine
-
-TEMPLATE = (
-    "{% for m in messages %}<|endoftext|>user: {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
-)
-
-
-@pytest.fixture(scope="module")
-def chat_model(tiny):
-    model = copy.copy(tiny)
-    model.tokenizer = copy.deepcopy(tiny.tokenizer)
-    model.tokenizer.chat_template = TEMPLATE
-    return model
 
 
 def test_chat_wraps_the_prompt_in_the_template(chat_model):

@@ -4,7 +4,6 @@ transport on the Unix socket, and on loopback TCP), raw httpx, and curl."""
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import os
 import shutil
@@ -15,19 +14,6 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from serving import running_server
 from structlog.testing import capture_logs
-
-TEMPLATE = (
-    "{% for m in messages %}<|endoftext|>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
-)
-
-
-@pytest.fixture(scope="module")
-def chat_model(tiny):
-    model = copy.copy(tiny)
-    model.tokenizer = copy.deepcopy(tiny.tokenizer)
-    model.tokenizer.chat_template = TEMPLATE
-    return model
 
 
 def _uds(running) -> str:

@@ -36,7 +36,7 @@ from qllm.kernel.request import Request, RequestResult, RequestStatus
 from qllm.kernel.tensors import TensorManager
 from qllm.kernel.view import CostView, KernelView, MemoryView, RequestView
 from qllm.logging import Throttled
-from qllm.models.base import MOE_GRANULARITIES, MoEModel
+from qllm.models.base import MoEModel
 from qllm.models.passes import Partial, Pass
 from qllm.ops import Op, OpKind, Token
 from qllm.policies import Policy
@@ -120,13 +120,9 @@ class Dispatcher:
         *,
         max_batch: int,
         prefill_chunk: int,
-        moe_granularity: str = "layer",
+        moe_granularity: str = "layer",  # checked by the Engine, before the model loads
         on_finish: Any = None,
     ):
-        if moe_granularity not in MOE_GRANULARITIES:
-            raise ValueError(
-                f"moe_granularity must be one of {', '.join(MOE_GRANULARITIES)}, got {moe_granularity!r}"
-            )
         self.model = model
         self.policy = policy
         self.fallback = fallback

@@ -100,6 +100,8 @@ class MoEModel:
         # A family's output transforms, applied per request by a pass (None: the identity).
         self.routed_out_hook = None if type(self).routed_out is MoEModel.routed_out else self.routed_out
         self.mlp_out_hook = None if type(self).mlp_out is MoEModel.mlp_out else self.mlp_out
+        # Without them a grouped MoE op can return the new residual stream itself.
+        self.moe_adds_residual = self.routed_out_hook is None and self.mlp_out_hook is None
 
     # ------------------------------------------------------------------ family hooks
     @classmethod
@@ -479,11 +481,18 @@ class MoEModel:
         self._rotary_memo = (positions, cos, sin)
         return cos, sin
 
+    def _route(self, ops: list[Op]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+        """Post-attention norm and router over the ops' rows (padded as ROUTER ops are): the normed
+        rows, routing weights and expert indices of the real rows, and each op's row count."""
+        layer = ops[0].layer
+        x, sizes = self._rows(ops, OpKind.ROUTER)
+        x = self.mlp_norm(self.layers[layer])(x)
+        weights, indices = self.route(self.moe_blocks[layer], x)
+        n = sum(sizes)
+        return x[:n], weights[:n], indices[:n], sizes
+
     def _run_router(self, ops: list[Op]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        layer = self.layers[ops[0].layer]
-        x, sizes = self._rows(ops)
-        x = self.mlp_norm(layer)(x)
-        weights, indices = self.route(self.moe_blocks[ops[0].layer], x)
+        x, weights, indices, sizes = self._route(ops)
         return list(zip(self._split(x, sizes), self._split(weights, sizes), self._split(indices, sizes)))
 
     def _run_expert(self, ops: list[Op]) -> list[torch.Tensor]:
@@ -510,11 +519,7 @@ class MoEModel:
         residual; a :class:`Partial` when ``stop`` fired."""
         layer = ops[0].layer
         block = self.moe_blocks[layer]
-        xr, sizes = self._rows(ops, OpKind.ROUTER)
-        n = sum(sizes)
-        xr = self.mlp_norm(self.layers[layer])(xr)
-        weights, indices = self.route(block, xr)
-        x, weights, indices = xr[:n], weights[:n], indices[:n]
+        x, weights, indices, sizes = self._route(ops)
         out = torch.zeros_like(x)
         experts = torch.unique(indices).tolist()
         for j, e in enumerate(experts):

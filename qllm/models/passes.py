@@ -287,9 +287,9 @@ class Pass:
                 )
             return Op(OpKind.ATTENTION, layer, self.h, segments=self.segments, residual=self.h)
         if stage is Stage.MOE:
-            model = self.model
-            fused = model.routed_out_hook is None and model.mlp_out_hook is None
-            return Op(OpKind.MOE, layer, self.mlp_in, residual=self.h if fused else None)
+            return Op(
+                OpKind.MOE, layer, self.mlp_in, residual=self.h if self.model.moe_adds_residual else None
+            )
         if stage is Stage.ROUTER:
             return Op(OpKind.ROUTER, layer, self.mlp_in)
         if stage is Stage.EXPERT:

@@ -103,3 +103,25 @@ def test_all_onednn_model_stays_batch_invariant_at_its_probed_padding(tiny, monk
 
 def _tensors(result) -> list[torch.Tensor]:
     return [result] if isinstance(result, torch.Tensor) else list(result)
+
+
+needs_packing = pytest.mark.skipif(not gemm.PACK, reason="this torch build cannot pack weights for oneDNN")
+
+
+@needs_packing
+def test_packed_weight_follows_changes_to_the_weight():
+    """A weight changed in place, or given new data, is packed again: results follow the weight."""
+    weight, b = make_weight(*SHAPES[1])
+    fused = torch.stack([weight, weight * 2])  # like a fused expert weight: a view per expert
+    x = torch.randn(3, SHAPES[1][0], generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        first = gemm.linear(x, fused[1], b)
+        assert gemm.packed(fused[1]) is gemm.packed(fused[1])  # packed once, then reused
+        assert gemm.packed(fused[0]) is not gemm.packed(fused[1])  # one per view
+        assert torch.allclose(first, F.linear(x, fused[1], b), rtol=1e-5, atol=1e-5)
+        fused[1].mul_(-1)  # in place
+        assert torch.allclose(gemm.linear(x, fused[1], b), -first + 2 * b, rtol=1e-5, atol=1e-5)
+        param = torch.nn.Parameter(weight.clone(), requires_grad=False)
+        before = gemm.linear(x, param, b)
+        param.data = weight * 3  # new data under the same parameter
+        assert torch.allclose(gemm.linear(x, param, b), 3 * before - 2 * b, rtol=1e-4, atol=1e-4)

@@ -328,6 +328,8 @@ class MoEModel:
             qllm_version,
             gemm.ONEDNN,
             gemm.ONEDNN_MIN_WEIGHT,
+            gemm.PACK,
+            gemm.PACK_BATCH,
         ]
         for name, t in [*self.hf.named_parameters(), *self.hf.named_buffers()]:
             parts.append(f"{name}:{tuple(t.shape)}:{t.dtype}:{t.stride()}")

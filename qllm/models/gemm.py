@@ -4,28 +4,42 @@ Batch invariance (a row's result does not depend on how many rows share the call
 call to run the same GEMM code path; the executor pads rows to counts that the probe of this
 machine's kernels found invariant (qllm/models/invariance.py). For MKL's GEMM that is typically a
 multiple of 4 or 16 rows (it depends on the CPU and the thread count), and a GEMM of 4 rows costs
-about twice the matrix-vector product that transformers runs for a lone decode row. oneDNN's matmul
-typically computes a row the same way in every call of 2 rows or more, and its small-row GEMMs are
-faster. Measured on an AMD EPYC (one thread, a 4096x1024 float32 weight not in cache), per call:
+several times the matrix-vector product that transformers runs for a lone decode row.
 
-=============  =======  =======  =======
-rows           1        2        4
-MKL            1.1 ms   (n/a)    2.1 ms
-oneDNN         0.95 ms  1.3 ms   1.5 ms
-=============  =======  =======  =======
+oneDNN's matmul on a weight in its own layout ("packed" once, with a batch-size hint) is both
+faster and uniform: on the machines measured it computes a lone row exactly as it computes that
+row in a batch of any size, so the probe finds no padding needed at all. Measured on a 2-core AMD
+EPYC (2 threads, float32), per call, milliseconds (``scripts/gemm_bench.py`` prints the table for
+the machine it runs on):
 
-:func:`linear` therefore uses oneDNN for large float32 weights on CPU and ``F.linear`` otherwise
-(for small weights oneDNN's per-call overhead outweighs the gain). The choice depends only on the
-weight, never on the rows, so each weight always runs one kernel and invariance holds. The two
-kernels round differently (about 1e-6 relative), well inside the executor's exactness bound.
-tests/test_gemm.py checks the invariance (at the probed padding) and the closeness on the machine
-it runs on.
+==========================  ======  ======  ======  ======
+weight, rows                1       2       4       32
+4096x1024 ``F.linear``      1.1     2.9     5.0     6.0
+4096x1024 oneDNN            0.58    1.4     1.8     3.7
+4096x1024 oneDNN, packed    0.57    0.82    1.1     3.5
+32000x1024 ``F.linear``     12.7    30.9    47.5    80.1
+32000x1024 oneDNN, packed   9.6     9.9     12.2    25.7
+==========================  ======  ======  ======  ======
+
+:func:`linear` therefore uses oneDNN with packed weights for large float32 weights on CPU and
+``F.linear`` otherwise (for small weights oneDNN's per-call overhead outweighs the gain). The
+choice depends only on the weight, never on the rows, so each weight always runs one kernel and
+invariance holds. The kernels round differently (about 1e-6 relative), well inside the
+executor's exactness bound. tests/test_gemm.py checks the invariance (at the probed padding) and
+the closeness on the machine it runs on.
+
+A packed weight is a second copy of the weight, made on first use and kept while the weight lives;
+a weight changed in place (or given new data) is packed again. ``QLLM_PACK_WEIGHTS=0`` in the
+environment turns packing off (half the memory of the large weights, slower small batches).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 ONEDNN_MIN_WEIGHT = 1 << 18
 """Weights with at least this many elements (1 MiB in float32) use oneDNN where it is available."""
@@ -40,6 +54,46 @@ def _onednn_linear_available() -> bool:
 
 ONEDNN = _onednn_linear_available()
 """Whether this torch build has oneDNN's fused linear (x86 and most aarch64 CPU builds)."""
+
+
+PACK_BATCH = 32
+"""oneDNN's batch-size hint for the packed layout (a hint for speed; the probe decides invariance)."""
+
+PACK = (
+    ONEDNN
+    and os.environ.get("QLLM_PACK_WEIGHTS", "1") != "0"
+    and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+)
+"""Whether :func:`linear` packs oneDNN weights (see the module's docstring)."""
+
+_packed: WeakIdKeyDictionary = WeakIdKeyDictionary()
+"""base weight -> ((version, data pointer), {view coordinates: packed weight})"""
+
+
+def packed(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` in oneDNN's layout, packed on first use and cached while ``weight``'s storage
+    lives unchanged (views of one tensor, such as one expert's slice of a fused expert weight, are
+    cached under that tensor)."""
+    global PACK
+    base = weight if weight._base is None else weight._base
+    try:
+        stamp = (base._version, base.data_ptr())
+    except RuntimeError:  # an inference tensor has no version counter: do not cache it
+        return weight
+    entry = _packed.get(base)
+    if entry is None or entry[0] != stamp:
+        entry = _packed[base] = (stamp, {})
+    key = (weight.storage_offset(), weight.shape, weight.stride())
+    views = entry[1]
+    out = views.get(key)
+    if out is None:
+        try:
+            out = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH)
+        except RuntimeError:  # this build cannot pack: compute with the weight as it is, from now on
+            PACK = False
+            return weight
+        views[key] = out
+    return out
 
 
 def uses_onednn(weight: torch.Tensor) -> bool:
@@ -58,5 +112,6 @@ def uses_onednn(weight: torch.Tensor) -> bool:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight.T + bias`` for rows ``x`` ``[N, in]``, as ``F.linear``, with the kernel chosen by the weight."""
     if x.dim() == 2 and x.dtype == weight.dtype and uses_onednn(weight):
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
+        w = packed(weight) if PACK else weight
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, bias, "none", [], "")
     return F.linear(x, weight, bias)

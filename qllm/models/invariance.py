@@ -88,7 +88,8 @@ class Gemm:
         for i, a in enumerate(self.args):
             if isinstance(a, torch.Tensor):
                 shape = ("N", *a.shape[1:]) if i == self.row_arg else tuple(a.shape)
-                parts.append(f"{shape}:{a.dtype}:{a.stride()}:{a.device.type}")
+                layout = a.stride() if a.layout is torch.strided else a.layout  # packed: no strides
+                parts.append(f"{shape}:{a.dtype}:{layout}:{a.device.type}")
             else:
                 parts.append(repr(a))
         return "|".join(parts)

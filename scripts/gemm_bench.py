@@ -1,0 +1,81 @@
+"""Time of one matrix product per kernel the executor could use, on this machine, side by side.
+
+For each weight shape and row count: ``F.linear``, oneDNN on the weight as it is, and oneDNN on the
+weight packed in its own layout (what :func:`qllm.models.gemm.linear` runs for large float32
+weights). Calls alternate between kernels so that a noisy machine slows all alike. Also reports,
+per kernel, the row counts at which a row's result equals its result alone (bit for bit): the
+padding the executor's probe would need. Prints JSON; milliseconds are medians per call.
+
+    .venv/bin/python scripts/gemm_bench.py --shapes 4096x1024 1024x2048 32000x1024 --rows 1 2 4 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from qllm.models import gemm
+
+
+def kernels(weight: torch.Tensor) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    out: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"F.linear": lambda x: F.linear(x, weight)}
+    if gemm.ONEDNN:
+        out["onednn"] = lambda x: torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+    if gemm.PACK:
+        packed = gemm.packed(weight)
+        out["onednn_packed"] = lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    return out
+
+
+def median_ms(f: Callable[[], object], calls: int) -> float:
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", nargs="+", default=["4096x1024", "1024x2048", "32000x1024"],
+                        help="weight shapes, out x in")  # fmt: skip
+    parser.add_argument("--rows", nargs="+", type=int, default=[1, 2, 4, 8, 32, 64])
+    parser.add_argument("--calls", type=int, default=20, help="timed calls per kernel and row count")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    gen = torch.Generator().manual_seed(0)
+    result: dict[str, object] = {"threads": args.threads, "torch": torch.__version__, "shapes": {}}
+    for spec in args.shapes:
+        out_features, in_features = (int(n) for n in spec.split("x"))
+        weight = torch.randn(out_features, in_features, generator=gen) / in_features**0.5
+        calls = kernels(weight)
+        x = torch.randn(max(args.rows), in_features, generator=gen)
+        ms: dict[str, dict[int, list[float]]] = {name: {n: [] for n in args.rows} for name in calls}
+        for f in calls.values():
+            f(x[:2])  # warm up
+        for _ in range(3):  # alternate kernels
+            for name, f in calls.items():
+                for n in args.rows:
+                    ms[name][n].append(median_ms(lambda f=f, rows=x[:n]: f(rows), max(1, args.calls // 3)))
+        same_as_alone = {}
+        for name, f in calls.items():
+            alone = f(x[:1])[0]
+            same_as_alone[name] = [n for n in args.rows if torch.equal(f(x[:n])[0], alone)]
+        result["shapes"][spec] = {
+            "ms": {name: {n: round(min(v), 3) for n, v in rows.items()} for name, rows in ms.items()},
+            "rows_where_row_equals_alone": same_as_alone,
+        }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

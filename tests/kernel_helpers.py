@@ -105,6 +105,9 @@ class Recorder(Policy):
     def precedence(self, request: RequestView) -> tuple:
         return self.inner.precedence(request)
 
+    def interrupts(self, request: RequestView) -> bool:
+        return self.inner.interrupts(request)
+
     def on_arrival(self, request: RequestView, kernel: KernelView) -> None:
         self.inner.on_arrival(request, kernel)
 

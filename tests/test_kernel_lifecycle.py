@@ -249,3 +249,32 @@ async def test_threads_sets_torchs_intra_op_pool_and_rejects_nonsense(tiny):
         torch.set_num_threads(before)
     with pytest.raises(ValueError, match="threads"):
         qllm.Engine(model=tiny, threads=0)
+
+
+class InterruptsRaise(Recorder):
+    def interrupts(self, request):
+        raise RuntimeError("broken interrupts hook")
+
+
+async def test_an_arrival_stops_the_op_in_flight_only_when_the_policy_says_so(tiny):
+    """Under ``cohort`` a best-effort arrival leaves a grouped MoE op running whole (it would not
+    run before that pass ends); an LS arrival, a cancellation, or a policy whose hook raises stop
+    it at the next expert. Every request still gets its result."""
+    policies = {"cohort": load_policy("cohort"), "raising": InterruptsRaise(load_policy("cohort"))}
+    for name, policy in policies.items():
+        async with qllm.Engine(model=tiny, policy=policy) as engine:
+            dispatcher = engine._dispatcher
+            dispatcher._interrupt = False  # as when an op starts
+            be = engine.submit([3, 4, 5], max_tokens=2, ignore_eos=True)
+            assert dispatcher._interrupt is (name == "raising")
+            dispatcher._interrupt = False
+            ls = engine.submit([6, 7], max_tokens=2, priority="ls", ignore_eos=True)
+            assert dispatcher._interrupt
+            dispatcher._interrupt = False
+            engine.cancel(be.id)
+            assert dispatcher._interrupt
+            assert len((await ls.result()).token_ids) == 2
+            assert (await be.result()).status in ("aborted", "length")
+            assert engine.stats()["kernel"]["policy_errors"] == (
+                2 if name == "raising" else 0
+            )  # one per arrival

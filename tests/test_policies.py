@@ -247,12 +247,60 @@ def test_cohort_ls_that_reached_the_cohort_advances_with_it_within_its_slack():
     assert policy.slack_s(ls, late) < 0.010 and ids(policy.select(late)) == ["ls", "be-e4"]
 
 
-def test_cohort_ls_requests_converge_the_one_furthest_behind_first():
+def test_cohort_oldest_ls_leads_and_newer_ones_within_a_layer_join_it():
+    # A newer LS request a few layers behind waits: catching up would cost the oldest its slack.
     old = make_request("ls-old", "ls", op=(OpKind.EXPERT, 2, 1), arrival=1.0, at_boundary=False)
     new = make_request("ls-new", "ls", op=ATTN0, arrival=2.0)
-    assert ids(CohortPolicy().select(make_kernel([new, old]))) == ["ls-new"]
+    policy = CohortPolicy()
+    policy.layers = 8
+    assert ids(policy.select(make_kernel([new, old]))) == ["ls-old"]
+    # Less than a layer behind, it catches up whatever the slack: the two then run as one batch.
+    near = make_request("ls-old", "ls", op=(OpKind.ATTENTION, 1, -1), arrival=1.0, at_boundary=False)
+    assert ids(policy.select(make_kernel([new, near], now=5.0))) == ["ls-new"]
+    # A better-ranked LS request leads whatever its age.
     urgent = make_request("ls-urgent", "ls", op=(OpKind.EXPERT, 2, 1), rank=-1, at_boundary=False)
     assert ids(CohortPolicy().select(make_kernel([new, old, urgent]))) == ["ls-urgent", "ls-old"]
+
+
+def test_cohort_slack_covers_the_whole_pass_of_the_lead():
+    """With grouped MoE ops measured, the lead's slack is ``stretch`` times its whole pass alone
+    (predicted), less the time since it arrived and the rest of its pass alone: it can be spent
+    at the start, on riders and on a cohort that catches up."""
+    costs = linear_costs(OpKind.MOE, 0.010, 0.0)  # every MoE op: 10 ms
+    for n in (4, 8, 16, 32, 64):
+        costs.record(OpKind.ATTENTION, n, 0.005)
+    costs.record(OpKind.HEAD, 1, 0.010)
+    policy = CohortPolicy(stretch=1.3)
+    policy.layers = 8
+    ls = make_request("ls", "ls", op=ATTN0, arrival=0.0, rows=4)
+    kernel = make_kernel([ls], now=0.010, costs=costs)
+    # 8 layers x 15 ms + 10 ms head = 130 ms alone: 1.3 x 130 - 10 - 130 = 29 ms.
+    assert policy.remaining_s(ls, kernel) == pytest.approx(0.130)
+    assert policy.slack_s(ls, kernel) == pytest.approx(0.029)
+    # A cohort that starts its next pass (at boundary) just behind the lead catches up first ...
+    lead = make_request("ls", "ls", op=(OpKind.MOE, 0, -1), arrival=0.0, rows=4, at_boundary=False)
+    policy.solo_s["ls"] = 0.005
+    cohort = [make_request(f"be{i}", decode=True, op=ATTN0) for i in range(3)]
+    assert ids(policy.select(make_kernel([lead, *cohort], now=0.015, costs=costs))) == ["be0", "be1", "be2"]
+    # ... and not once the lead is out of slack.
+    assert ids(policy.select(make_kernel([lead, *cohort], now=0.060, costs=costs))) == ["ls"]
+
+
+def test_cohort_riders_never_take_more_than_the_slack():
+    costs = linear_costs(OpKind.EXPERT, 0.001, 0.0001)
+    policy = CohortPolicy(stretch=1.3)
+    kernel = make_kernel([], costs=costs)
+    alone = costs.predict(OpKind.EXPERT, 4)
+    assert policy.budget_s(OpKind.EXPERT, 4, kernel) == pytest.approx(1.3 * alone)
+    assert policy.budget_s(OpKind.EXPERT, 4, kernel, slack=0.0001) == pytest.approx(alone + 0.0001)
+    assert policy.budget_s(OpKind.EXPERT, 4, kernel, slack=-1.0) == pytest.approx(alone)
+
+
+def test_cohort_and_fcfs_let_best_effort_arrivals_leave_the_op_in_flight_running():
+    ls, be = make_request("ls", "ls"), make_request("be")
+    assert CohortPolicy().interrupts(ls) and not CohortPolicy().interrupts(be)
+    assert not load_policy("fcfs").interrupts(ls)
+    assert load_policy("qllm").interrupts(be)  # Algorithm 1 looks at every arrival at once
 
 
 def test_cohort_left_behind_requests_rejoin_at_the_step_boundary():

@@ -88,7 +88,12 @@ class EngineSystem:
         self.last_stats: dict[str, Any] | None = None  # the kernel's counters of the last replay
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "policy": self.policy, "moe_granularity": self.moe_granularity}
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "policy": self.policy,
+            "moe_granularity": self.moe_granularity,
+        }
 
     async def run(self, items, *, slo_s=None, timeout=None, on_done=None) -> list[Record]:
         from qllm.kernel.engine import Engine

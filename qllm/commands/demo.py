@@ -39,8 +39,12 @@ JOBS = (
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("demo", help="serve a model and run a mixed LS/BE demo through the client", description=__doc__)
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"preset name or model directory (default {DEFAULT_MODEL})")
+    p = sub.add_parser(
+        "demo", help="serve a model and run a mixed LS/BE demo through the client", description=__doc__
+    )
+    p.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"preset name or model directory (default {DEFAULT_MODEL})"
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype")
     p.add_argument("--policy", default="cohort", help="scheduling policy (default cohort)")
     p.add_argument("--be", type=int, default=6, help="best-effort jobs in flight (default 6)")
@@ -86,7 +90,10 @@ async def _demo(args: argparse.Namespace) -> int:
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(str(notify_path))
         notify.setblocking(False)
-        _say(args, f"starting qllm serve --model {args.model} --policy {args.policy} (first use of a preset may convert it once) ...")
+        _say(
+            args,
+            f"starting qllm serve --model {args.model} --policy {args.policy} (first use of a preset may convert it once) ...",
+        )
         started = time.monotonic()
         server = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "qllm", "serve", "--socket", str(path), "--model", args.model,
@@ -145,7 +152,10 @@ async def _workload(path: Path, args: argparse.Namespace) -> dict:
             )
             for job in jobs
         ]
-        _say(args, f"{len(be)} best-effort jobs in flight ({args.be_tokens} tokens each); now the LS questions:")
+        _say(
+            args,
+            f"{len(be)} best-effort jobs in flight ({args.be_tokens} tokens each); now the LS questions:",
+        )
         await asyncio.sleep(0.5)
         answers = []
         for i in range(args.ls):
@@ -156,7 +166,10 @@ async def _workload(path: Path, args: argparse.Namespace) -> dict:
                     _say(args, chunk.text.replace("\n", " "), end="")
                 final = await stream.final()
             answers.append(final)
-            _say(args, f"\n     (first token after {final.timings.ttft * 1e3:.0f} ms, {len(final.token_ids)} tokens)")
+            _say(
+                args,
+                f"\n     (first token after {final.timings.ttft * 1e3:.0f} ms, {len(final.token_ids)} tokens)",
+            )
         be_results = await asyncio.gather(*be)
         if be_results:
             sample = be_results[0]

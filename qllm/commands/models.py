@@ -17,17 +17,23 @@ def run(args: argparse.Namespace) -> int:
     from qllm.models.presets import PRESETS
 
     if args.json:
-        print(json.dumps({
-            "presets": {p.name: p.description for p in PRESETS.values()},
-            "families": {f.family: list(f.model_types) for f in FAMILIES},
-            "model_types": len(supported_model_types()),
-            "refused": REFUSED,
-        }))
+        print(
+            json.dumps(
+                {
+                    "presets": {p.name: p.description for p in PRESETS.values()},
+                    "families": {f.family: list(f.model_types) for f in FAMILIES},
+                    "model_types": len(supported_model_types()),
+                    "refused": REFUSED,
+                }
+            )
+        )
         return 0
     print("presets (use with --model NAME):")
     for p in PRESETS.values():
         print(f"  {p.name:<14} {p.description}")
-    print(f"families ({len(supported_model_types())} config.json model_types of a local --model DIR run exactly):")
+    print(
+        f"families ({len(supported_model_types())} config.json model_types of a local --model DIR run exactly):"
+    )
     for f in FAMILIES:
         print(f"  {f.family:<14} {', '.join(f.model_types)}")
     print("refused (model_type: reason):")

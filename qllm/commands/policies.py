@@ -27,7 +27,15 @@ def run(args: argparse.Namespace) -> int:
             status = "ok"
         except PolicyError as exc:
             summary, status = str(exc), "error"
-        rows.append({"name": name, "target": ep.value, "default": name == DEFAULT_POLICY, "status": status, "summary": summary})
+        rows.append(
+            {
+                "name": name,
+                "target": ep.value,
+                "default": name == DEFAULT_POLICY,
+                "status": status,
+                "summary": summary,
+            }
+        )
     if args.json:
         print(json.dumps({"default": DEFAULT_POLICY, "policies": rows}))
         return 0

@@ -30,8 +30,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "(layer, the default) or as one op per expert (expert)",
     )
     p.add_argument(
-        "--threads", type=int, metavar="N", help="torch intra-op threads (default: torch's, one per core); "
-        "1 avoids OpenMP contention on a busy small machine"
+        "--threads",
+        type=int,
+        metavar="N",
+        help="torch intra-op threads (default: torch's, one per core); "
+        "1 avoids OpenMP contention on a busy small machine",
     )
     p.add_argument(
         "--socket",

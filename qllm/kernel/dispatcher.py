@@ -14,7 +14,9 @@ runs the pass's ops back to back, with no hand-off between them.
 
 **A request that arrives waits at most one expert.** :meth:`post` raises a flag that the worker
 polls between ops and between the experts of a grouped MoE op, which then stops early (the rest
-of that layer runs expert by expert, so the policy can interleave the newcomer).
+of that layer runs expert by expert, so the policy can interleave the newcomer). Cancellations
+always raise it; an arrival raises it when the policy says it should (:meth:`Policy.interrupts`):
+a best-effort newcomer that would not run before the pass in flight ends leaves it running whole.
 """
 
 from __future__ import annotations
@@ -156,7 +158,17 @@ class Dispatcher:
     # ---------------------------------------------------------------- mailbox
     def post(self, message: Any) -> None:
         self.mailbox.put_nowait(message)
-        self._interrupt = True
+        if not self._interrupt:
+            self._interrupt = not isinstance(message, Request) or self._interrupts(message)
+
+    def _interrupts(self, request: Request) -> bool:
+        """Whether the policy wants ``request``'s arrival to stop the op in flight (on error: yes)."""
+        try:
+            return bool(self.policy.interrupts(RequestView(request)))
+        except Exception:
+            self.policy_errors += 1
+            log.exception("policy_error", policy=self.policy.name, method="interrupts")
+            return True
 
     def stop(self) -> None:
         self.post(_STOP)

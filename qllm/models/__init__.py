@@ -47,7 +47,39 @@ from qllm.models.qwen3_next import Qwen3Next
 from qllm.models.refused import REFUSED
 from qllm.models.solar_open import SolarOpen
 
-FAMILIES: tuple[type[MoEModel], ...] = (Mixtral, Qwen3Moe, Qwen2Moe, Olmoe, Glm4Moe, Dots1, Ernie45Moe, SolarOpen, ExaoneMoe, HunyuanV1Moe, MiniMaxM2, Phimoe, Kolibri1, FlexOlmo, Afmoe, Mellum, Laguna, Cohere2Moe, HYV3, GraniteMoe, GptOss, Llama4, Dbrx, DeepseekV3, DeepseekV2, Glm4MoeLite, Mistral4, Qwen3Next, Qwen35Moe, GraniteMoeSwa, MiMoV2Flash)
+FAMILIES: tuple[type[MoEModel], ...] = (
+    Mixtral,
+    Qwen3Moe,
+    Qwen2Moe,
+    Olmoe,
+    Glm4Moe,
+    Dots1,
+    Ernie45Moe,
+    SolarOpen,
+    ExaoneMoe,
+    HunyuanV1Moe,
+    MiniMaxM2,
+    Phimoe,
+    Kolibri1,
+    FlexOlmo,
+    Afmoe,
+    Mellum,
+    Laguna,
+    Cohere2Moe,
+    HYV3,
+    GraniteMoe,
+    GptOss,
+    Llama4,
+    Dbrx,
+    DeepseekV3,
+    DeepseekV2,
+    Glm4MoeLite,
+    Mistral4,
+    Qwen3Next,
+    Qwen35Moe,
+    GraniteMoeSwa,
+    MiMoV2Flash,
+)
 """Adapters tried in order by :func:`adapter_for`."""
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -110,7 +142,9 @@ def load_model(
     if hasattr(spec, "config") and hasattr(spec, "model"):
         return _executor(spec, None, batch_invariant)
     if not isinstance(spec, (str, Path)):
-        raise ModelLoadError(f"cannot load a model from {type(spec).__name__}; pass a preset name or a directory")
+        raise ModelLoadError(
+            f"cannot load a model from {type(spec).__name__}; pass a preset name or a directory"
+        )
     from qllm.models.presets import PRESETS
 
     torch_dtype = resolve_dtype(dtype)
@@ -176,7 +210,9 @@ def load_directory(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     from qllm.models.presets import PRESETS
 
     if not path.exists():
-        raise _bad_directory(f"model {str(path)!r} is neither a preset ({', '.join(PRESETS)}) nor an existing directory")
+        raise _bad_directory(
+            f"model {str(path)!r} is neither a preset ({', '.join(PRESETS)}) nor an existing directory"
+        )
     if not path.is_dir():
         raise _bad_directory(f"model path {str(path)!r} is not a directory")
     config_file = path / "config.json"
@@ -200,7 +236,9 @@ def load_directory(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
 
     quantization = _dequantize_on_load(raw, path)
     try:
-        model = _causal_lm_class(raw).from_pretrained(path, dtype=dtype, local_files_only=True, **quantization)
+        model = _causal_lm_class(raw).from_pretrained(
+            path, dtype=dtype, local_files_only=True, **quantization
+        )
         if quantization:
             model.to(dtype)  # dequantized experts come out in bfloat16
     except Exception as exc:  # transformers raises many types for a broken checkpoint

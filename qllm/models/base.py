@@ -102,6 +102,7 @@ class MoEModel:
         self.mlp_out_hook = None if type(self).mlp_out is MoEModel.mlp_out else self.mlp_out
         # Without them a grouped MoE op can return the new residual stream itself.
         self.moe_adds_residual = self.routed_out_hook is None and self.mlp_out_hook is None
+        gemm.pack_all(self.hf)  # now, not in the middle of the first requests' ops
 
     # ------------------------------------------------------------------ family hooks
     @classmethod

@@ -25,7 +25,10 @@ class Cohere2Moe(MoEModel):
 
     def mlp_out(self, layer: torch.nn.Module, y: torch.Tensor) -> torch.Tensor:
         block = layer.mlp
-        if getattr(block, "num_shared_experts", 0) > 0 and block.shared_expert_combination_strategy == "average":
+        if (
+            getattr(block, "num_shared_experts", 0) > 0
+            and block.shared_expert_combination_strategy == "average"
+        ):
             return y / 2
         return y
 

@@ -96,6 +96,21 @@ def packed(weight: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def pack_all(module: torch.nn.Module) -> int:
+    """Pack every weight of ``module`` that :func:`linear` would pack: 2-D weights, and each
+    expert's slice of fused 3-D expert weights. Returns how many were packed."""
+    if not PACK:
+        return 0
+    count = 0
+    with torch.no_grad():
+        for weight in module.parameters():
+            for view in [weight] if weight.dim() == 2 else list(weight) if weight.dim() == 3 else []:
+                if uses_onednn(view):
+                    packed(view)
+                    count += 1
+    return count
+
+
 def uses_onednn(weight: torch.Tensor) -> bool:
     """Whether :func:`linear` computes with ``weight`` through oneDNN."""
     return (

@@ -14,7 +14,9 @@ class GraniteMoe(MoEModel):
 
     def __init__(self, model, tokenizer=None, **kwargs):
         super().__init__(model, tokenizer, **kwargs)
-        self.shared_mlps = {layer.block_sparse_moe: getattr(layer, "shared_mlp", None) for layer in self.layers}
+        self.shared_mlps = {
+            layer.block_sparse_moe: getattr(layer, "shared_mlp", None) for layer in self.layers
+        }
 
     def moe_block(self, layer: torch.nn.Module) -> torch.nn.Module:
         return layer.block_sparse_moe

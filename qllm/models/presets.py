@@ -29,7 +29,10 @@ def tiny_tokenizer() -> Any:
     path = resources.files("qllm.models") / "data" / TINY_TOKENIZER
     with resources.as_file(path) as file:
         return PreTrainedTokenizerFast(
-            tokenizer_file=str(file), eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<|pad|>"
+            tokenizer_file=str(file),
+            eos_token="<|endoftext|>",
+            bos_token="<|endoftext|>",
+            pad_token="<|pad|>",
         )
 
 
@@ -95,7 +98,9 @@ def build_smollm2_moe(dtype: torch.dtype) -> tuple[Any, Any]:
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
-        Preset("tiny", "random Mixtral-shaped, ~1.8M params, 512-token BPE; builds in <1 s (tests)", build_tiny),
+        Preset(
+            "tiny", "random Mixtral-shaped, ~1.8M params, 512-token BPE; builds in <1 s (tests)", build_tiny
+        ),
         Preset(
             "small-random",
             "random Mixtral-shaped, ~0.5B params (hidden 1024, 8 layers, 8 experts top-2); benchmarks",

@@ -54,7 +54,9 @@ def load_policy(spec: str | type[Policy] | Policy | None = None) -> Policy:
         return _instantiate(obj, repr(spec))
     registered = available_policies()
     if spec not in registered:
-        raise PolicyError(f"unknown policy {spec!r}; available: {', '.join(sorted(registered))} or module:Class")
+        raise PolicyError(
+            f"unknown policy {spec!r}; available: {', '.join(sorted(registered))} or module:Class"
+        )
     try:
         obj = registered[spec].load()
     except Exception as exc:  # a broken plugin must not take the server down with an odd error

@@ -56,6 +56,13 @@ class Policy:
         which requests are ready and where, not on the time or on what ran before."""
         return False
 
+    def interrupts(self, request: RequestView) -> bool:
+        """Should this arriving request stop the op in flight (a grouped MoE op stops at its next
+        expert), so that the policy is asked at once? Return False for arrivals this policy would
+        not run before the batch in flight ends its pass: they are then admitted at the next
+        decision, and the grouped op keeps its speed. Default True: every arrival interrupts."""
+        return True
+
     def precedence(self, request: RequestView) -> tuple:
         """How this policy ranks requests against each other (smaller runs first).
 

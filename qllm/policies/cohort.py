@@ -1,8 +1,8 @@
 """``cohort`` (default): LS first within a latency budget; best-effort work rides along and stays whole.
 
-- **An LS request waiting for its first token leads**: of those, the one furthest behind (with
-  every such LS request at the same op), so that they converge. Its op runs next, and every other ready request at that op rides along,
-  LS decode first, then BE (decode rows and prefill chunks alike), for as long as the op's
+- **An LS request waiting for its first token leads**: of those, the oldest (with every such LS
+  request at the same op); newer ones catch up with it within its slack (below). Its op runs
+  next, and every other ready request at that op rides along, LS decode first, then BE (decode rows and prefill chunks alike), for as long as the op's
   predicted time (the kernel's cost model, :attr:`KernelView.costs`) stays within ``stretch``
   times the predicted time of the LS rows alone. Riding is what makes preemption cheap for
   best-effort work: the weights an LS op reads anyway serve the BE rows too.
@@ -10,7 +10,9 @@
   budget. Once the lead is less than a layer ahead of requests in the middle of their pass (the
   cohort, spread over the experts of a layer), those run first, so that the lead and the cohort
   meet at each op, as long as the lead's slack allows: ``stretch`` times the predicted time of its
-  own ops so far, minus the time since it arrived. Out of slack, the lead runs on alone.
+  own ops so far, minus the time since it arrived. Newer LS requests behind it catch up the same
+  way. Out of slack, the lead runs on alone, so that a stream of LS arrivals never holds back
+  the oldest one.
 - **Without LS work every ready request is one cohort**, stepped like an iteration-level batch at
   op granularity: requests in the middle of a pass run before requests at a pass boundary, the op
   furthest behind first. So requests left behind (ridden past, or cut by the budget) rejoin the
@@ -62,26 +64,60 @@ class CohortPolicy(Policy):
         leads = self.leads(ready)
         if not leads:
             return self.members(min(ready, key=cohort_position).op_key, ready, kernel)
-        lead = min(leads, key=lambda r: r.progress_key)  # the others wait, so all converge
-        behind = self.reached(lead, ready)
-        if behind:  # the lead reached the cohort: the part of it still behind runs first, in budget
-            batch = self.members(min(behind, key=lambda r: r.progress_key).op_key, ready, kernel)
-            if self._predict(batch, kernel) <= self.slack_s(lead, kernel):
-                return batch
-        primary = [r for r in leads if r.op_key == lead.op_key][: kernel.max_batch]
-        chosen = {r.id for r in primary}
-        riders = fair_order(
-            (r for r in ready if r.op_key == lead.op_key and r.id not in chosen), key=lambda r: r.sort_key
-        )
-        batch = self.fill(primary, riders, kernel)
-        for r in primary:
-            self.solo_s[r.id] = self.solo_s.get(r.id, 0.0) + (kernel.costs.predict(r.op_kind, r.rows) or 0.0)
+        lead = leads[0]  # the oldest: a newer LS request never delays it beyond its slack
+        slack = self.slack_s(lead, kernel)
+        batch = self.catch_up(lead, leads, ready, kernel, slack)
+        if not batch:
+            primary = [r for r in leads if r.op_key == lead.op_key][: kernel.max_batch]
+            chosen = {r.id for r in primary}
+            riders = fair_order(
+                (r for r in ready if r.op_key == lead.op_key and r.id not in chosen), key=lambda r: r.sort_key
+            )
+            batch = self.fill(primary, riders, kernel, slack)
+        for r in batch:
+            if r.is_ls and r.phase is Phase.PREFILL:
+                self.solo_s[r.id] = self.solo_s.get(r.id, 0.0) + (
+                    kernel.costs.predict(r.op_kind, r.rows) or 0.0
+                )
         return batch
+
+    def catch_up(
+        self,
+        lead: RequestView,
+        leads: Sequence[RequestView],
+        ready: Sequence[RequestView],
+        kernel: KernelView,
+        slack: float,
+    ) -> list[RequestView]:
+        """The batch that lets requests behind ``lead`` catch up with it, within ``lead``'s slack
+        (empty: ``lead`` runs on). Behind it: the cohort it reached (see :meth:`reached`) and newer
+        LS requests still waiting for their first token. The op furthest behind runs, with the
+        ready requests at it that fit the slack, most urgent first."""
+        reached = self.reached(lead, ready)
+        # Newer LS requests less than a layer behind join the lead whatever its slack: they cost
+        # it at most a layer of their ops, and save themselves its whole pass.
+        close = [r for r in reached if r.is_ls and r.phase is Phase.PREFILL and r.rank == lead.rank]
+        if close:
+            key = min(close, key=lambda r: r.progress_key).op_key
+            primary = [r for r in close if r.op_key == key]
+            others = [r for r in self.members(key, ready, kernel) if r not in primary]
+            return self._fit(primary, others, kernel, slack)
+        behind = {r.id: r for r in reached}
+        behind.update((r.id, r) for r in leads if r.progress_key < lead.progress_key)
+        if not behind or slack <= 0:
+            return []
+        key = min(behind.values(), key=lambda r: r.progress_key).op_key
+        return self._fit([], self.members(key, ready, kernel), kernel, slack)
 
     def steady(self, batch: Sequence[RequestView]) -> bool:
         # Without an LS request waiting for its first token, every ready request is one cohort,
         # chosen whole at each op. With one, the budget decides at each op who rides along.
         return not self.leads(batch)
+
+    def interrupts(self, request: RequestView) -> bool:
+        # Best-effort newcomers start at a pass boundary, after the cohort's pass: only an LS
+        # arrival changes what runs before then.
+        return request.is_ls
 
     def on_finish(self, request: RequestView, kernel: KernelView) -> None:
         self.solo_s.pop(request.id, None)
@@ -99,49 +135,81 @@ class CohortPolicy(Policy):
         return self.layers if r.op_kind is OpKind.HEAD else r.progress_key[0]
 
     def reached(self, lead: RequestView, ready: Sequence[RequestView]) -> list[RequestView]:
-        """Requests in the middle of a pass, behind ``lead`` by less than a layer: the cohort that
-        ``lead`` caught up with (within a layer, requests sit at different experts)."""
+        """Requests behind ``lead`` by less than a layer: the cohort that ``lead`` caught up with
+        (within a layer, requests sit at different experts; at ``lead``'s first layer, requests
+        that start their next pass are that close too)."""
         layer = self._layer(lead)
-        return [
-            r
-            for r in ready
-            if not r.at_boundary and r.progress_key < lead.progress_key and self._layer(r) >= layer - 1
-        ]
+        return [r for r in ready if r.progress_key < lead.progress_key and self._layer(r) >= layer - 1]
+
+    def remaining_s(self, lead: RequestView, kernel: KernelView) -> float | None:
+        """Predicted time of ``lead``'s ops alone from its next op through its pass's head (None:
+        op kinds of its pass not measured yet, e.g. with per-expert MoE ops)."""
+        kind, rows = lead.op_kind, lead.rows
+        if kind is OpKind.HEAD:
+            return kernel.costs.predict(kind, rows)
+        attention = kernel.costs.predict(OpKind.ATTENTION, rows)
+        moe = kernel.costs.predict(OpKind.MOE, rows)
+        if attention is None or moe is None or kind not in (OpKind.ATTENTION, OpKind.MOE):
+            return None
+        layers = max(self.layers - lead.progress_key[0], 1)
+        head = kernel.costs.predict(OpKind.HEAD, 1) or 0.0
+        return layers * (attention + moe) - (attention if kind is OpKind.MOE else 0.0) + head
 
     def slack_s(self, lead: RequestView, kernel: KernelView) -> float:
-        """What ``lead`` may still spend waiting: ``stretch`` times the predicted time of its own ops
-        so far and of its next one, less the time since it arrived and its next op alone."""
+        """What ``lead`` may still spend on others (riders, requests catching up): ``stretch``
+        times the predicted time of its pass alone (its ops so far and the rest of the pass), less
+        the time since it arrived and the rest of its pass alone. When the rest of the pass cannot
+        be predicted yet, its next op stands for it."""
         own = kernel.costs.predict(lead.op_kind, lead.rows)
         if own is None:
             return 0.0
-        return self.stretch * (self.solo_s.get(lead.id, 0.0) + own) - (kernel.now - lead.arrival) - own
+        rest = self.remaining_s(lead, kernel)
+        rest = own if rest is None else max(rest, own)
+        return self.stretch * (self.solo_s.get(lead.id, 0.0) + rest) - (kernel.now - lead.arrival) - rest
 
     def _predict(self, batch: Sequence[RequestView], kernel: KernelView) -> float:
         predicted = kernel.costs.predict(batch[0].op_kind, sum(r.rows for r in batch))
         return float("inf") if predicted is None else predicted
 
-    def budget_s(self, kind: OpKind, lead_rows: int, kernel: KernelView) -> float | None:
-        """Longest predicted time an op led by ``lead_rows`` LS rows may take (None: not measured yet)."""
+    def budget_s(
+        self, kind: OpKind, lead_rows: int, kernel: KernelView, slack: float = float("inf")
+    ) -> float | None:
+        """Longest predicted time an op led by ``lead_rows`` LS rows may take: ``stretch`` times
+        the LS rows alone, and never more than the lead's ``slack`` over that (None: not measured)."""
         alone = kernel.costs.predict(kind, lead_rows)
-        return None if alone is None else self.stretch * alone
+        return None if alone is None else alone + max(0.0, min((self.stretch - 1) * alone, slack))
 
     def fill(
-        self, primary: list[RequestView], riders: Sequence[RequestView], kernel: KernelView
+        self,
+        primary: list[RequestView],
+        riders: Sequence[RequestView],
+        kernel: KernelView,
+        slack: float = float("inf"),
     ) -> list[RequestView]:
-        """``primary`` plus the riders that keep the op's predicted time within the budget, in order.
+        """``primary`` plus the riders that keep the op's predicted time within the budget
+        (:meth:`budget_s`), in order.
 
         Before the kernel has measured an op of this kind, every rider comes along: the first
         measurement teaches the model.
         """
         kind = primary[0].op_kind
-        rows = sum(r.rows for r in primary)
-        budget = self.budget_s(kind, rows, kernel)
-        batch = list(primary)
-        for r in riders:
+        budget = self.budget_s(kind, sum(r.rows for r in primary), kernel, slack)
+        if budget is None:
+            return [*primary, *riders][: kernel.max_batch]
+        return self._fit(primary, riders, kernel, budget)
+
+    def _fit(
+        self, batch: list[RequestView], candidates: Sequence[RequestView], kernel: KernelView, budget: float
+    ) -> list[RequestView]:
+        """``batch`` plus the candidates, in order, that keep its predicted time within ``budget``."""
+        batch = list(batch)
+        rows = sum(r.rows for r in batch)
+        for r in candidates:
             if len(batch) >= kernel.max_batch:
                 break
-            if budget is not None and (kernel.costs.predict(kind, rows + r.rows) or 0.0) > budget:
-                continue  # a smaller rider further on may still fit
+            predicted = kernel.costs.predict(r.op_kind, rows + r.rows)
+            if predicted is None or predicted > budget:
+                continue  # a smaller one further on may still fit
             batch.append(r)
             rows += r.rows
         return batch

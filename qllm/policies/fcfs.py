@@ -29,6 +29,9 @@ class FCFSPolicy(Policy):
     def steady(self, batch: Sequence[RequestView]) -> bool:
         return True  # every ready request at the op furthest behind: the same batch at its next op
 
+    def interrupts(self, request: RequestView) -> bool:
+        return False  # a newcomer joins at the next iteration boundary, whatever its class
+
     def precedence(self, request: RequestView) -> tuple:
         return ()  # all requests are equal: nothing is ever preempted
 

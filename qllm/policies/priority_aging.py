@@ -23,7 +23,9 @@ from qllm.policies.qllm import algorithm1, queues
 class PriorityAgingPolicy(Policy):
     name = "priority-aging"
 
-    def __init__(self, be_share: float = 0.1, max_wait_s: float = 2.0, window_s: float = 2.0, fill_rows: int = 4):
+    def __init__(
+        self, be_share: float = 0.1, max_wait_s: float = 2.0, window_s: float = 2.0, fill_rows: int = 4
+    ):
         if not 0 <= be_share < 1:
             raise ValueError("be_share must be in [0, 1)")
         self.be_share = be_share

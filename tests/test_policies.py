@@ -662,6 +662,18 @@ async def test_batch_over_max_batch_is_logged_and_the_default_decides(tiny):
     assert max(op["count"] for op in stats["kernel"]["op_times"].values()) > 0
 
 
+async def test_when_the_fallback_fails_too_the_kernel_still_decides(tiny, monkeypatch):
+    """A policy and a fallback that both give invalid batches do not stall the kernel: a last
+    resort (the op furthest behind, every request at it) decides, and every request finishes."""
+    prompt = [40, 41, 42, 43]
+    async with qllm.Engine(model=tiny, policy=BadBatch("too-many"), max_batch=2) as engine:
+        monkeypatch.setattr(engine._dispatcher.fallback, "select", lambda kernel: list(kernel.ready))
+        handles = [engine.submit(prompt, max_tokens=3, priority="ls", ignore_eos=True) for _ in range(3)]
+        async with asyncio.timeout(60):
+            results = [await h.result() for h in handles]
+    assert all(r.token_ids == greedy(tiny, prompt, 3) for r in results)
+
+
 # ---------------------------------------------------------------- loading
 def test_builtin_policies_are_registered_entry_points():
     registered = available_policies()

@@ -62,6 +62,8 @@ class _Cancel:
 
 
 _STOP = object()
+_LAST_RESORT = Policy()
+"""Decides when both the policy and the fallback fail: the op furthest behind, every request at it."""
 _BOUNDARY = Op(OpKind.ATTENTION, 0, torch.empty(0))
 """What a request between forward passes waits on: the first op of its next pass."""
 
@@ -400,8 +402,10 @@ class Dispatcher:
             log.error(
                 "policy_bad_batch", policy=self.policy.name, batch=[getattr(r, "id", r) for r in chosen]
             )
-            batch = self._validate(self.fallback.select(view), view) or []
-        return batch
+            batch = self._validate(self.fallback.select(view), view) or self._validate(
+                _LAST_RESORT.select(view), view
+            )
+        return batch or []
 
     def _validate(self, chosen: Any, view: KernelView) -> list[Request] | None:
         if not chosen:
@@ -429,6 +433,7 @@ class Dispatcher:
             self._admit_waiting()
             group = self._decide()
             if group is None:
+                await asyncio.sleep(0)  # let the loop run (arrivals, cancellations) before retrying
                 return
         self._changed = False
         await self._execute(group)

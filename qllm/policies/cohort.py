@@ -99,7 +99,7 @@ class CohortPolicy(Policy):
         close = [r for r in reached if r.is_ls and r.phase is Phase.PREFILL and r.rank == lead.rank]
         if close:
             key = min(close, key=lambda r: r.progress_key).op_key
-            primary = [r for r in close if r.op_key == key]
+            primary = [r for r in close if r.op_key == key][: kernel.max_batch]
             others = [r for r in self.members(key, ready, kernel) if r not in primary]
             return self._fit(primary, others, kernel, slack)
         behind = {r.id: r for r in reached}

@@ -34,7 +34,7 @@ def test_a_bucket_predicts_its_smoothed_mean():
 def test_between_buckets_it_interpolates_and_past_them_it_extends_the_slope():
     costs = OpCosts()
     costs.record(OpKind.ATTENTION, 4, 0.010)
-    assert costs.predict(OpKind.ATTENTION, 40) == pytest.approx(0.010)  # one point: flat
+    assert costs.predict(OpKind.ATTENTION, 40) == pytest.approx(0.100)  # one point: proportional
     costs.record(OpKind.ATTENTION, 20, 0.018)
     assert costs.predict(OpKind.ATTENTION, 12) == pytest.approx(0.014)
     assert costs.predict(OpKind.ATTENTION, 36) == pytest.approx(0.026)

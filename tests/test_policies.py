@@ -204,8 +204,16 @@ def test_cohort_riders_stop_at_the_latency_budget():
     budget = policy.budget_s(OpKind.EXPERT, 4, kernel)
     assert budget == pytest.approx(1.3 * 0.0014)
     assert costs.predict(OpKind.EXPERT, rows) <= budget < costs.predict(OpKind.EXPERT, rows + 1)
-    # Before anything is measured, every rider comes along (the first op teaches the model).
-    assert len(policy.select(make_kernel([big, *small, ls]))) == 8
+    # Before anything is measured, the LS rows run alone (their time teaches the model) ...
+    assert ids(policy.select(make_kernel([big, *small, ls]))) == ["ls"]
+    # ... and with one bucket measured, time is taken as proportional to rows: at stretch 2, the
+    # 4 LS rows take 4 more (the 8-row chunk does not fit), at 1.3 none.
+    one = OpCosts()
+    one.record(OpKind.EXPERT, 4, 0.002)
+    assert ids(CohortPolicy(stretch=2).select(make_kernel([big, *small, ls], costs=one))) == [
+        "ls", "be0", "be1", "be2", "be3"
+    ]  # fmt: skip
+    assert ids(policy.select(make_kernel([big, *small, ls], costs=one))) == ["ls"]
 
 
 def test_cohort_ls_runs_alone_until_it_reaches_the_cohort():
@@ -215,7 +223,8 @@ def test_cohort_ls_runs_alone_until_it_reaches_the_cohort():
     ls = make_request("ls", "ls", op=ATTN0, arrival=9.0)
     assert ids(policy.select(make_kernel([*cohort, ls]))) == ["ls"]
     ls_at_3 = make_request("ls", "ls", op=(OpKind.EXPERT, 3, 1), arrival=9.0, at_boundary=False)
-    assert ids(policy.select(make_kernel([*cohort, ls_at_3]))) == ["ls", "be0", "be1", "be2"]
+    flat = linear_costs(OpKind.EXPERT, 0.002, 0.0)  # riders cost nothing here
+    assert ids(policy.select(make_kernel([*cohort, ls_at_3], costs=flat))) == ["ls", "be0", "be1", "be2"]
     assert ids(policy.select(make_kernel(cohort))) == ["be0", "be1", "be2"]
 
 
@@ -259,7 +268,8 @@ def test_cohort_oldest_ls_leads_and_newer_ones_within_a_layer_join_it():
     assert ids(policy.select(make_kernel([new, near], now=5.0))) == ["ls-new"]
     # A better-ranked LS request leads whatever its age.
     urgent = make_request("ls-urgent", "ls", op=(OpKind.EXPERT, 2, 1), rank=-1, at_boundary=False)
-    assert ids(CohortPolicy().select(make_kernel([new, old, urgent]))) == ["ls-urgent", "ls-old"]
+    flat = linear_costs(OpKind.EXPERT, 0.002, 0.0)  # riders cost nothing here
+    assert ids(CohortPolicy().select(make_kernel([new, old, urgent], costs=flat))) == ["ls-urgent", "ls-old"]
 
 
 def test_cohort_slack_covers_the_whole_pass_of_the_lead():
@@ -317,7 +327,8 @@ def test_cohort_is_the_default_and_keeps_max_batch():
     assert DEFAULT_POLICY == "cohort"
     ls = make_request("ls", "ls", op=EXPERT0)
     be = [make_request(f"be{i}", op=EXPERT0, arrival=i) for i in range(5)]
-    assert ids(CohortPolicy().select(make_kernel([*be, ls], max_batch=3))) == ["ls", "be0", "be1"]
+    flat = linear_costs(OpKind.EXPERT, 0.002, 0.0)  # riders cost nothing here
+    assert ids(CohortPolicy().select(make_kernel([*be, ls], max_batch=3, costs=flat))) == ["ls", "be0", "be1"]
     assert ids(CohortPolicy().select(make_kernel(be, max_batch=3))) == ["be0", "be1", "be2"]
     with pytest.raises(ValueError, match="stretch"):
         CohortPolicy(stretch=0.5)

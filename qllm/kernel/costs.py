@@ -8,8 +8,9 @@ Rows are grouped in buckets of ``GRAIN`` (the executor pads batched rows as prob
 often to a multiple of 4 or 16, so nearby row counts cost alike). Each bucket keeps an exponentially weighted mean of
 its op times, so the model follows a machine whose load drifts. A prediction for rows between two
 measured buckets interpolates linearly; past the largest measured bucket it extends the slope of
-the two largest (flat when only one is known), and below the smallest it takes the smallest. That extrapolation is optimistic on
-purpose: a policy that trusts it tries the larger batch once, and the measured time corrects it.
+the two largest, and below the smallest it takes the smallest. With a single bucket known, time is
+taken as proportional to rows (the most a larger batch could cost): a policy that trusts it keeps
+an LS op's riders few until a larger batch (a best-effort step, say) has been measured.
 Predictions never decrease with rows (a noisy small bucket does not make more rows look cheaper).
 """
 
@@ -76,7 +77,8 @@ class OpCosts:
         if above:  # smaller than anything measured: the smallest bucket's time
             return above[0][1]
         if len(points) == 1:
-            return points[0][1]
+            size, seconds = points[0]
+            return seconds * x / size
         (x0, y0), (x1, y1) = points[-2], points[-1]
         return y1 + (y1 - y0) * (x - x1) / (x1 - x0)
 

@@ -189,13 +189,13 @@ class CohortPolicy(Policy):
         """``primary`` plus the riders that keep the op's predicted time within the budget
         (:meth:`budget_s`), in order.
 
-        Before the kernel has measured an op of this kind, every rider comes along: the first
-        measurement teaches the model.
+        Before the kernel has measured an op of this kind, the LS rows run alone: their time
+        teaches the model, and riders are not bet on an op of unknown cost.
         """
         kind = primary[0].op_kind
         budget = self.budget_s(kind, sum(r.rows for r in primary), kernel, slack)
         if budget is None:
-            return [*primary, *riders][: kernel.max_batch]
+            return list(primary)
         return self._fit(primary, riders, kernel, budget)
 
     def _fit(

@@ -190,11 +190,13 @@ class CohortPolicy(Policy):
         (:meth:`budget_s`), in order.
 
         Before the kernel has measured an op of this kind, the LS rows run alone: their time
-        teaches the model, and riders are not bet on an op of unknown cost.
+        teaches the model, and riders are not bet on an op of unknown cost. A lead out of slack
+        runs alone too (the cost model, flattened where noise made more rows look cheaper, would
+        otherwise call some riders free).
         """
         kind = primary[0].op_kind
         budget = self.budget_s(kind, sum(r.rows for r in primary), kernel, slack)
-        if budget is None:
+        if budget is None or slack <= 0:  # a lead out of slack takes nobody along
             return list(primary)
         return self._fit(primary, riders, kernel, budget)
 

@@ -24,7 +24,9 @@ def executor_vs_transformers(model) -> dict:
     prompt = model.tokenizer.encode("The experts of this layer run on the GPU")
     ids = torch.tensor([prompt], device="cuda")
     with torch.no_grad():
-        ref = model.hf.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)[0, len(prompt):].tolist()
+        ref = model.hf.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)[
+            0, len(prompt) :
+        ].tolist()
         ref_logits = model.hf(ids).logits[0, -1]
     steps = generation_steps(model, prompt, SamplingParams(max_tokens=16, ignore_eos=True))
     tokens, result, first_logits = [], None, None

@@ -190,8 +190,20 @@ async def test_sigterm_under_load_every_request_gets_a_final_frame(tmp_path):
     env.pop("WATCHDOG_PID", None)
     stderr = open(tmp_path / "stderr", "wb")  # noqa: SIM115 - closed below
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "qllm", "serve", "--config", str(tmp_path / "qllm.toml"),
-        "--socket", str(sock_path), "--drain-timeout", "4", "--threads", "1", env=env, stderr=stderr,
+        sys.executable,
+        "-m",
+        "qllm",
+        "serve",
+        "--config",
+        str(tmp_path / "qllm.toml"),
+        "--socket",
+        str(sock_path),
+        "--drain-timeout",
+        "4",
+        "--threads",
+        "1",
+        env=env,
+        stderr=stderr,
     )  # fmt: skip  (one thread: OpenMP's spinning threads make a busy 2-core machine miss the drain)
     notes: list[str] = []
     seen = asyncio.Event()

@@ -192,7 +192,13 @@ CASES = [
     Case(
         "phimoe",
         "phimoe",
-        dict(num_local_experts=8, num_experts_per_tok=2, attention_bias=True, lm_head_bias=True, sliding_window=6),
+        dict(
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            attention_bias=True,
+            lm_head_bias=True,
+            sliding_window=6,
+        ),
     ),
     Case(
         "kolibri1",
@@ -266,7 +272,9 @@ CASES = [
     Case(
         "laguna-channel-gate",
         "laguna",
-        dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16, gating="per-channel"),
+        dict(
+            num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16, gating="per-channel"
+        ),
         ROUTED | {OpKind.SHARED, OpKind.MLP},
     ),
     Case(
@@ -441,7 +449,12 @@ CASES = [
         ),
         ROUTED | {OpKind.MLP},
     ),
-    Case("hunyuan_v1_moe", "hunyuan_v1_moe", dict(num_experts=8, moe_topk=2, head_dim=12), ROUTED | {OpKind.SHARED}),
+    Case(
+        "hunyuan_v1_moe",
+        "hunyuan_v1_moe",
+        dict(num_experts=8, moe_topk=2, head_dim=12),
+        ROUTED | {OpKind.SHARED},
+    ),
     Case(
         "llama4_text",
         "llama4_text",

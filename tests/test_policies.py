@@ -673,6 +673,7 @@ async def test_batch_over_max_batch_is_logged_and_the_default_decides(tiny):
     assert max(op["count"] for op in stats["kernel"]["op_times"].values()) > 0
 
 
+@pytest.mark.timeout(120, method="signal")  # a kernel that spins starves the loop: only a signal stops it
 async def test_when_the_fallback_fails_too_the_kernel_still_decides(tiny, monkeypatch):
     """A policy and a fallback that both give invalid batches do not stall the kernel: a last
     resort (the op furthest behind, every request at it) decides, and every request finishes."""

@@ -161,16 +161,10 @@ class Dispatcher:
     def post(self, message: Any) -> None:
         self.mailbox.put_nowait(message)
         if not self._interrupt:
-            self._interrupt = not isinstance(message, Request) or self._interrupts(message)
-
-    def _interrupts(self, request: Request) -> bool:
-        """Whether the policy wants ``request``'s arrival to stop the op in flight (on error: yes)."""
-        try:
-            return bool(self.policy.interrupts(RequestView(request)))
-        except Exception:
-            self.policy_errors += 1
-            log.exception("policy_error", policy=self.policy.name, method="interrupts")
-            return True
+            # A policy whose hook fails is interrupted by every arrival, as before the hook existed.
+            self._interrupt = not isinstance(message, Request) or self._ask(
+                "interrupts", True, RequestView(message)
+            )
 
     def stop(self) -> None:
         self.post(_STOP)
@@ -418,13 +412,15 @@ class Dispatcher:
             return None
         return requests
 
-    def _steady_choice(self, batch: list[Request]) -> bool:
+    def _ask(self, method: str, default: bool, *args: Any) -> bool:
+        """A yes/no hook of the policy; ``default`` when it raises. Unlike :meth:`_call_policy` the
+        fallback is not asked: a broken policy is then asked at every op and sees every arrival."""
         try:
-            return bool(self.policy.steady([self.views[r.id] for r in batch]))
+            return bool(getattr(self.policy, method)(*args))
         except Exception:
             self.policy_errors += 1
-            log.exception("policy_error", policy=self.policy.name, method="steady")
-            return False
+            log.exception("policy_error", policy=self.policy.name, method=method)
+            return default
 
     async def _step(self) -> None:
         group = None if self._changed else self._steady
@@ -454,7 +450,9 @@ class Dispatcher:
             return None
         if self._settle(group):  # nothing left to compute for these requests in this pass
             return None
-        if len(group.segments) == len(self.live) and self._steady_choice(batch):
+        if len(group.segments) == len(self.live) and self._ask(
+            "steady", False, [self.views[r.id] for r in batch]
+        ):
             self._steady = group
         return group
 

@@ -28,8 +28,9 @@ invariance holds. The kernels round differently (about 1e-6 relative), well insi
 executor's exactness bound. tests/test_gemm.py checks the invariance (at the probed padding) and
 the closeness on the machine it runs on.
 
-A packed weight is a second copy of the weight, made on first use and kept while the weight lives;
-a weight changed in place (or given new data) is packed again. ``QLLM_PACK_WEIGHTS=0`` in the
+A packed weight is a second copy of the weight, made when the model loads (or on the first use of
+a weight not seen then) and kept while the weight lives; a weight changed in place (or given new
+data) is packed again. ``QLLM_PACK_WEIGHTS=0`` in the
 environment turns packing off (half the memory of the large weights, slower small batches).
 """
 
@@ -73,8 +74,8 @@ _packed: WeakIdKeyDictionary = WeakIdKeyDictionary()
 def packed(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` in oneDNN's layout, packed on first use and cached while ``weight``'s storage
     lives unchanged (views of one tensor, such as one expert's slice of a fused expert weight, are
-    cached under that tensor)."""
-    global PACK
+    cached under that tensor). A weight oneDNN cannot pack runs unpacked, always: each weight keeps
+    one kernel, as invariance needs."""
     base = weight if weight._base is None else weight._base
     try:
         stamp = (base._version, base.data_ptr())
@@ -85,15 +86,13 @@ def packed(weight: torch.Tensor) -> torch.Tensor:
         entry = _packed[base] = (stamp, {})
     key = (weight.storage_offset(), weight.shape, weight.stride())
     views = entry[1]
-    out = views.get(key)
-    if out is None:
+    if key not in views:
         try:
-            out = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH)
-        except RuntimeError:  # this build cannot pack: compute with the weight as it is, from now on
-            PACK = False
-            return weight
-        views[key] = out
-    return out
+            views[key] = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH)
+        except RuntimeError:  # oneDNN cannot pack this weight: it always runs as it is
+            views[key] = None
+    out = views[key]
+    return weight if out is None else out
 
 
 def pack_all(module: torch.nn.Module) -> int:

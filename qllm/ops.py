@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     import torch
 
     from qllm.cache import KVCache
-    from qllm.models.passes import Segment
+    from qllm.models.passes import Partial, Segment
 
 
 class OpKind(enum.IntEnum):
@@ -51,6 +51,7 @@ class Op:
     positions: torch.Tensor | None = None
     segments: list[Segment] | None = None  # ATTENTION over several requests' rows (a pass)
     residual: torch.Tensor | None = None  # when set, the op returns residual + its output (a pass)
+    partial: Partial | None = None  # a resumed MOE op: routing and partial sums; ``expert``: where
 
     @property
     def key(self) -> tuple[int, int, int]:
@@ -62,7 +63,7 @@ class Op:
         return int(self.x.shape[0])
 
     def __repr__(self) -> str:
-        extra = f" expert={self.expert}" if self.kind == OpKind.EXPERT else ""
+        extra = f" expert={self.expert}" if self.kind == OpKind.EXPERT or self.partial is not None else ""
         return f"Op({self.kind.name} layer={self.layer}{extra} rows={self.rows})"
 
 

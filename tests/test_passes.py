@@ -85,7 +85,7 @@ class Schedule:
         self.between: dict[int, Forward] = {}
         self.passes: list[Pass] = []
         self.kinds: set[OpKind] = set()
-        self.partials = self.splits = self.merges = 0
+        self.partials = self.resumed = self.splits = self.merges = 0
         for i in range(len(PROMPTS)):
             self.resume(i, None)
 
@@ -128,7 +128,13 @@ class Schedule:
         calls = iter(range(budget + 1))
         (result,) = self.model.run([op], stop=lambda: next(calls, budget) >= budget)
         self.partials += isinstance(result, Partial)
+        self.resumed += op.partial is not None
         p.advance(result)
+        self.settle(p)
+
+    def settle(self, p: Pass) -> None:
+        """A complete pass hands each request its logits (a split can complete a part: prefill
+        chunks at the head that want no logits)."""
         if p.done:
             self.passes.remove(p)
             for segment, logits in zip(p.segments, p.logits):
@@ -142,8 +148,11 @@ class Schedule:
         p = self.rng.choice(candidates)
         keep = self.rng.sample(range(len(p.segments)), self.rng.randint(1, len(p.segments) - 1))
         self.passes.remove(p)
-        self.passes.extend(p.split(keep))
+        parts = p.split(keep)
+        self.passes.extend(parts)
         self.splits += 1
+        for part in parts:
+            self.settle(part)
 
     def merge(self) -> None:
         by_key: dict[tuple, list[Pass]] = {}
@@ -171,8 +180,8 @@ def test_random_pass_schedules_give_each_request_its_solo_logits(executor, threa
                 assert len(schedule.logits[i]) == len(logits)
                 for a, b in zip(logits, schedule.logits[i]):
                     assert (a is None and b is None) or torch.equal(a, b), f"request {i}, seed {seed}"
-            # The schedules exercised what they claim to: splits, merges, stopped MoE ops.
-            assert schedule.splits and schedule.merges
+            # The schedules exercised what they claim to: splits, merges, stopped MoE ops resumed.
+            assert schedule.splits and schedule.merges and schedule.partials and schedule.resumed
     assert executor.invariance.verified
 
 
@@ -186,9 +195,10 @@ def test_grouped_and_per_expert_moe_give_the_same_bits(executor):
         assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(grouped, split))
 
 
-def test_a_stopped_moe_op_resumes_expert_by_expert(tiny):
+def test_a_stopped_moe_op_resumes_as_one_grouped_op(tiny):
     """A grouped MoE op that stops after its first expert returns the routing and partial sums;
-    the pass then runs the remaining experts one op each and ends where the grouped op would."""
+    the pass then resumes the layer as one grouped op from the next expert (stoppable again) and
+    ends where the uninterrupted op would, bit for bit."""
     cache_a, cache_b = tiny.new_cache(), tiny.new_cache()
     ids = torch.tensor([5, 17, 99, 3])
     whole = Pass.start(tiny, [(cache_a, ids, True, None)])
@@ -200,9 +210,16 @@ def test_a_stopped_moe_op_resumes_expert_by_expert(tiny):
     (partial,) = tiny.run([cut.pending], stop=lambda: True)
     assert isinstance(partial, Partial)
     cut.advance(partial)
-    assert cut.stage is Stage.EXPERT and cut.pending.expert == partial.next_expert
-    while cut.stage is not Stage.ATTENTION:
-        cut.advance(tiny.run([cut.pending])[0])
+    resumed = cut.pending
+    assert cut.stage is Stage.MOE and resumed.kind is OpKind.MOE and resumed.expert == partial.next_expert
+    assert resumed.key != whole.pending.key  # only ops stopped at the same expert batch together
+    stops = 0
+    while cut.stage is Stage.MOE:
+        (result,) = tiny.run([cut.pending], stop=lambda: True)
+        stops += isinstance(result, Partial)
+        cut.advance(result)
+    assert stops >= 1  # the resumed op stopped again, and resumed again
+    assert cut.stage is Stage.ATTENTION
     whole.advance(full)
     assert cut.layer == whole.layer == 1
     assert torch.equal(cut.h, whole.h)

@@ -14,7 +14,8 @@ runs the pass's ops back to back, with no hand-off between them.
 
 **A request that arrives waits at most one expert.** :meth:`post` raises a flag that the worker
 polls between ops and between the experts of a grouped MoE op, which then stops early (the rest
-of that layer runs expert by expert, so the policy can interleave the newcomer). Cancellations
+of that layer is one grouped op again, run when the policy chooses it, so the policy can run the
+newcomer first). Cancellations
 always raise it; an arrival raises it when the policy says it should (:meth:`Policy.interrupts`):
 a best-effort newcomer that would not run before the pass in flight ends leaves it running whole.
 """
@@ -530,7 +531,7 @@ class Dispatcher:
         for op, seconds, partial in times:
             kind, rows = op.kind, op.rows
             self.op_times.record(kind, seconds)
-            if not partial:  # a MoE op stopped early says nothing of the whole op's cost
+            if not partial and op.partial is None:  # only whole MoE ops tell a MoE op's cost
                 self.costs.record(kind, rows, seconds)
             self.rows += rows
         self.overhead.extend(gaps)

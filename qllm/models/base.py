@@ -246,7 +246,7 @@ class MoEModel:
         """Compute ops that share one key as a single batched call; one result per op.
 
         ``stop``, polled between experts of a grouped MoE op: when it returns True the op ends
-        early with a :class:`~qllm.models.passes.Partial` per op (the rest runs expert by expert).
+        early with a :class:`~qllm.models.passes.Partial` per op (the pass resumes it as one op).
         """
         if self.batch_invariant and self._calibrated_threads != torch.get_num_threads():
             self.calibrate()  # kernels split rows differently at another thread count
@@ -519,12 +519,25 @@ class MoEModel:
         per-expert ops sum), then the shared expert. The same calls as ROUTER, EXPERT and SHARED
         ops, so each row's result is the same bits as theirs. Result per op: ``(routed, shared)``
         (``shared`` None without a shared expert); ``residual + routed + shared`` for an op with a
-        residual; a :class:`Partial` when ``stop`` fired."""
+        residual; a :class:`Partial` when ``stop`` fired. An op with :attr:`Op.partial` set resumes
+        such a stopped op: routing and partial sums as it left them, experts from ``expert`` on."""
         layer = ops[0].layer
         block = self.moe_blocks[layer]
-        x, weights, indices, sizes = self._route(ops)
-        out = torch.zeros_like(x)
-        experts = torch.unique(indices).tolist()
+        first = ops[0].partial
+        if first is None:
+            x, weights, indices, sizes = self._route(ops)
+            out = torch.zeros_like(x)
+            experts = torch.unique(indices).tolist()
+        else:  # resuming stopped ops: their routing and partial sums, from their next expert on
+            parts = [op.partial for op in ops]
+            if len(parts) == 1:  # the sums accumulate in place: the pass's own tensor stays as it was
+                x, weights, indices, out = first.x, first.weights, first.indices, first.out.clone()
+            else:
+                x, weights, indices, out = (
+                    torch.cat([getattr(p, name) for p in parts]) for name in ("x", "weights", "indices", "out")
+                )
+            sizes = [op.rows for op in ops]
+            experts = [e for e in torch.unique(indices).tolist() if e >= first.next_expert]
         for j, e in enumerate(experts):
             rows, slots = (indices == e).nonzero(as_tuple=True)
             y = self._run_expert([Op(OpKind.EXPERT, layer, x[rows], expert=e, weight=weights[rows, slots])])[

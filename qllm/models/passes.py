@@ -46,7 +46,8 @@ class Segment:
 @dataclass(slots=True, eq=False)
 class Partial:
     """Result of a grouped MoE op stopped between experts: the routing, the experts' partial sums,
-    and the first expert not yet computed (the rest run as per-expert ops)."""
+    and the first expert not yet computed. The pass resumes the layer from there as one grouped
+    op again (stoppable like the first), carrying this state in :attr:`Op.partial`."""
 
     x: torch.Tensor
     weights: torch.Tensor
@@ -86,6 +87,7 @@ class Pass:
         "ops_run",
         "out",
         "pending",
+        "resume",
         "segments",
         "split_moe",
         "stage",
@@ -107,6 +109,7 @@ class Pass:
         self.indices: torch.Tensor | None = None
         self.out: torch.Tensor | None = None
         self.todo: list[int] = []  # experts of the layer in progress still to compute, ascending
+        self.resume = -1  # a stopped grouped MoE op: the first expert its resumed op computes
         self.expert_rows: tuple[torch.Tensor, torch.Tensor] | None = None
         self.logits: list[torch.Tensor | None] | None = None
         self.ops_run = 0
@@ -173,14 +176,14 @@ class Pass:
             self.h = result  # the op added the residual
             self._next_layer()
         elif stage is Stage.MOE:
-            if isinstance(result, Partial):
+            if isinstance(result, Partial):  # the rest of the layer: one grouped op again
                 self.x, self.weights, self.indices, self.out = (
                     result.x,
                     result.weights,
                     result.indices,
                     result.out,
                 )
-                self._plan_experts(result.next_expert)
+                self.resume = result.next_expert
             elif isinstance(result, tuple):
                 self._finish_moe(*result)
             else:
@@ -268,6 +271,8 @@ class Pass:
 
     def _next_layer(self) -> None:
         self.mlp_in = None
+        self.x = self.weights = self.indices = self.out = None
+        self.resume = -1
         self.layer += 1
         if self.layer < self.model.num_layers:
             self.stage = Stage.ATTENTION
@@ -287,9 +292,11 @@ class Pass:
                 )
             return Op(OpKind.ATTENTION, layer, self.h, segments=self.segments, residual=self.h)
         if stage is Stage.MOE:
-            return Op(
-                OpKind.MOE, layer, self.mlp_in, residual=self.h if self.model.moe_adds_residual else None
-            )
+            residual = self.h if self.model.moe_adds_residual else None
+            if self.resume >= 0:
+                partial = Partial(self.x, self.weights, self.indices, self.out, self.resume)
+                return Op(OpKind.MOE, layer, self.x, expert=self.resume, residual=residual, partial=partial)
+            return Op(OpKind.MOE, layer, self.mlp_in, residual=residual)
         if stage is Stage.ROUTER:
             return Op(OpKind.ROUTER, layer, self.mlp_in)
         if stage is Stage.EXPERT:
@@ -332,7 +339,7 @@ class Pass:
         )
         part = Pass.__new__(Pass)
         part.model, part.split_moe = self.model, self.split_moe
-        part.layer, part.stage, part.ops_run = self.layer, self.stage, 0
+        part.layer, part.stage, part.ops_run, part.resume = self.layer, self.stage, 0, self.resume
         part.segments = [self.segments[i] for i in indices]
         for name in _ROW_STATE:
             value = getattr(self, name)
@@ -352,11 +359,11 @@ class Pass:
         if len(passes) == 1:
             return passes[0]
         first = passes[0]
-        if any((p.stage, p.layer) != (first.stage, first.layer) for p in passes):
+        if any((p.stage, p.layer, p.resume) != (first.stage, first.layer, first.resume) for p in passes):
             raise ValueError("only passes at the same op merge")
         merged = Pass.__new__(Pass)
         merged.model, merged.split_moe = first.model, first.split_moe
-        merged.layer, merged.stage = first.layer, first.stage
+        merged.layer, merged.stage, merged.resume = first.layer, first.stage, first.resume
         merged.ops_run = 0
         merged.segments = [s for p in passes for s in p.segments]
         for name in _ROW_STATE:

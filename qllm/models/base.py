@@ -534,7 +534,8 @@ class MoEModel:
                 x, weights, indices, out = first.x, first.weights, first.indices, first.out.clone()
             else:
                 x, weights, indices, out = (
-                    torch.cat([getattr(p, name) for p in parts]) for name in ("x", "weights", "indices", "out")
+                    torch.cat([getattr(p, name) for p in parts])
+                    for name in ("x", "weights", "indices", "out")
                 )
             sizes = [op.rows for op in ops]
             experts = [e for e in torch.unique(indices).tolist() if e >= first.next_expert]

@@ -323,6 +323,30 @@ def test_cohort_left_behind_requests_rejoin_at_the_step_boundary():
     assert ids(CohortPolicy().select(make_kernel([*at_boundary, ls_decode]))) == ["lsd", "be0", "be1"]
 
 
+def test_cohort_runs_at_most_max_batch_requests_per_step_and_parks_the_newest_best_effort():
+    """LS requests are admitted beyond max_batch: then the newest best-effort requests wait where
+    they stand, rather than the cohort running each op twice (max_batch rows, then the rest)."""
+    policy = CohortPolicy()
+    moe2 = (OpKind.MOE, 2, -1)
+    be = [make_request(f"be{i}", decode=True, op=moe2, at_boundary=False, arrival=i) for i in range(4)]
+    ls_decode = make_request("lsd", "ls", decode=True, op=moe2, at_boundary=False, arrival=9.0)
+    everyone = [*be, ls_decode]
+    kernel = make_kernel(everyone, max_batch=4)
+    assert ids(policy.runnable(kernel)) == ["be0", "be1", "be2", "lsd"]
+    assert ids(policy.select(kernel)) == ["lsd", "be0", "be1", "be2"]
+    for r in (ls_decode, *be[:3]):  # the batch ran its op: the parked request is furthest behind ...
+        r._r.pending = Op(OpKind.ATTENTION, 3, torch.zeros(1, 4))
+    # ... and still waits: the cohort goes on whole instead of trailing it as a one-row op.
+    assert ids(policy.select(kernel)) == ["lsd", "be0", "be1", "be2"]
+    # Mid-pass best-effort requests come before those at a pass boundary; a newcomer waiting for
+    # its first token is always runnable; with room, nobody waits.
+    fresh = make_request("fresh", decode=True, op=ATTN0, arrival=-1.0)
+    assert "fresh" not in ids(policy.runnable(make_kernel([fresh, *everyone], max_batch=5)))
+    ls = make_request("ls", "ls", op=ATTN0, rows=3, arrival=30.0)
+    assert "ls" in ids(policy.runnable(make_kernel([*everyone, ls], max_batch=4)))
+    assert len(policy.runnable(make_kernel(everyone, max_batch=5))) == 5
+
+
 def test_cohort_is_the_default_and_keeps_max_batch():
     assert DEFAULT_POLICY == "cohort"
     ls = make_request("ls", "ls", op=EXPERT0)

@@ -2,9 +2,10 @@
 
 - **An LS request waiting for its first token leads**: of those, the oldest (with every such LS
   request at the same op); newer ones catch up with it within its slack (below). Its op runs
-  next, and every other ready request at that op rides along, LS decode first, then BE (decode rows and prefill chunks alike), for as long as the op's
-  predicted time (the kernel's cost model, :attr:`KernelView.costs`) stays within ``stretch``
-  times the predicted time of the LS rows alone. Riding is what makes preemption cheap for
+  next, and every other ready request at that op rides along, LS decode first, then BE (decode
+  rows and prefill chunks alike), for as long as the op's predicted time (the kernel's cost
+  model, :attr:`KernelView.costs`) stays within ``stretch`` times the predicted time of the LS
+  rows alone. Riding is what makes preemption cheap for
   best-effort work: the weights an LS op reads anyway serve the BE rows too.
 - **It runs alone only until it reaches the cohort, then they advance together**, within its
   budget. Once the lead is less than a layer ahead of requests in the middle of their pass (the
@@ -17,6 +18,10 @@
   op granularity: requests in the middle of a pass run before requests at a pass boundary, the op
   furthest behind first. So requests left behind (ridden past, or cut by the budget) rejoin the
   cohort at the next step boundary instead of trailing as small batches.
+- **At most ``max_batch`` requests run per step.** LS requests are admitted beyond ``max_batch``;
+  the best-effort requests beyond it then wait at their pass boundary until requests finish
+  (:meth:`CohortPolicy.runnable`), so that the cohort stays one batch instead of running each op
+  twice (once for ``max_batch`` requests, once for the rest).
 
 The budget follows from the LS target, a first token within 1.5x the time alone: ``stretch``
 (1.3) is spent on riders and on waiting for the cohort; the rest is left for the op in flight when
@@ -26,6 +31,7 @@ the request arrives.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 from qllm.kernel.request import Phase
 from qllm.kernel.view import KernelView, RequestView
@@ -56,9 +62,11 @@ class CohortPolicy(Policy):
         return sorted((r for r in urgent if r.rank == rank), key=lambda r: (r.arrival, r.seq))
 
     def select(self, kernel: KernelView) -> Sequence[RequestView]:
-        ready = kernel.ready
+        ready = self.runnable(kernel)
         if not ready:
             return []
+        if len(ready) != len(kernel.ready):
+            kernel = replace(kernel, ready=ready)
         layers = (r.progress_key[0] + 1 for r in ready if r.op_kind is not OpKind.HEAD)
         self.layers = max(self.layers, *layers, 0)
         leads = self.leads(ready)
@@ -80,6 +88,30 @@ class CohortPolicy(Policy):
                     kernel.costs.predict(r.op_kind, r.rows) or 0.0
                 )
         return batch
+
+    def runnable(self, kernel: KernelView) -> Sequence[RequestView]:
+        """The ready requests this step may run: all of them, or when more than ``max_batch`` are
+        live (LS requests are admitted beyond it), the first ``max_batch`` of: LS requests waiting
+        for their first token (oldest first), LS requests decoding, best-effort requests in the
+        middle of a pass, best-effort requests at a pass boundary (clients in turn). The others
+        wait where they stand, at a pass boundary as a rule, until requests finish: else the cohort
+        would run every op twice, once for ``max_batch`` requests and once for the excess."""
+        ready = kernel.ready
+        if len(ready) <= kernel.max_batch:
+            return ready
+        order = [
+            *sorted(
+                (r for r in ready if r.is_ls and r.phase is Phase.PREFILL),
+                key=lambda r: (r.rank, r.arrival, r.seq),
+            ),
+            *fair_order(
+                (r for r in ready if r.is_ls and r.phase is not Phase.PREFILL), key=lambda r: r.sort_key
+            ),
+            *fair_order((r for r in ready if not r.is_ls and not r.at_boundary), key=lambda r: r.sort_key),
+            *fair_order((r for r in ready if not r.is_ls and r.at_boundary), key=lambda r: r.sort_key),
+        ]
+        keep = {r.id for r in order[: kernel.max_batch]}
+        return [r for r in ready if r.id in keep]
 
     def catch_up(
         self,

@@ -15,9 +15,9 @@ runs the pass's ops back to back, with no hand-off between them.
 **A request that arrives waits at most one expert.** :meth:`post` raises a flag that the worker
 polls between ops and between the experts of a grouped MoE op, which then stops early (the rest
 of that layer is one grouped op again, run when the policy chooses it, so the policy can run the
-newcomer first). Cancellations
-always raise it; an arrival raises it when the policy says it should (:meth:`Policy.interrupts`):
-a best-effort newcomer that would not run before the pass in flight ends leaves it running whole.
+newcomer first). Cancellations always raise it; an arrival raises it when the policy says it
+should (:meth:`Policy.interrupts`): a best-effort newcomer that would not run before the pass in
+flight ends leaves it running whole.
 """
 
 from __future__ import annotations

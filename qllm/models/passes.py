@@ -252,7 +252,6 @@ class Pass:
         if shared is not None:
             out = out + shared
         self.h = self.h + self._per_segment(model.mlp_out_hook, model.layers[layer], out)
-        self.x = self.weights = self.indices = self.out = None
         self._next_layer()
 
     def _per_segment(self, hook: Any, module: Any, y: torch.Tensor) -> torch.Tensor:
@@ -271,7 +270,7 @@ class Pass:
 
     def _next_layer(self) -> None:
         self.mlp_in = None
-        self.x = self.weights = self.indices = self.out = None
+        self.x = self.weights = self.indices = self.out = None  # the MoE state of the layer done
         self.resume = -1
         self.layer += 1
         if self.layer < self.model.num_layers:

@@ -5,8 +5,8 @@
   next, and every other ready request at that op rides along, LS decode first, then BE (decode
   rows and prefill chunks alike), for as long as the op's predicted time (the kernel's cost
   model, :attr:`KernelView.costs`) stays within ``stretch`` times the predicted time of the LS
-  rows alone. Riding is what makes preemption cheap for
-  best-effort work: the weights an LS op reads anyway serve the BE rows too.
+  rows alone. Riding is what makes preemption cheap for best-effort work: the weights an LS op
+  reads anyway serve the BE rows too.
 - **It runs alone only until it reaches the cohort, then they advance together**, within its
   budget. Once the lead is less than a layer ahead of requests in the middle of their pass (the
   cohort, spread over the experts of a layer), those run first, so that the lead and the cohort
@@ -198,10 +198,6 @@ class CohortPolicy(Policy):
         rest = self.remaining_s(lead, kernel)
         rest = own if rest is None else max(rest, own)
         return self.stretch * (self.solo_s.get(lead.id, 0.0) + rest) - (kernel.now - lead.arrival) - rest
-
-    def _predict(self, batch: Sequence[RequestView], kernel: KernelView) -> float:
-        predicted = kernel.costs.predict(batch[0].op_kind, sum(r.rows for r in batch))
-        return float("inf") if predicted is None else predicted
 
     def budget_s(
         self, kind: OpKind, lead_rows: int, kernel: KernelView, slack: float = float("inf")

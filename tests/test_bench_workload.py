@@ -60,6 +60,64 @@ def test_requests_and_duration_bound_the_workload():
         trace.poisson(0.0, requests=3)
 
 
+def _workload_args(**over):
+    import argparse
+
+    from qllm.bench.workload import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--requests", "40", "--ls-share", "0.3", "--seed", "3"])
+    return argparse.Namespace(**{**vars(args), **over})
+
+
+def test_only_class_keeps_that_class_at_the_same_arrival_times():
+    from qllm.bench.workload import _workload
+
+    full = _workload(_workload_args(), WIDE, None)(4.0)
+    ls = _workload(_workload_args(only_class="ls"), WIDE, None)(4.0)
+    be = _workload(_workload_args(only_class="be"), WIDE, None)(4.0)
+    assert ls == [i for i in full if i.cls == "ls"] and be == [i for i in full if i.cls == "be"]
+    assert ls and be and len(ls) + len(be) == len(full) == 40
+
+
+class _Alone:
+    """A system whose lone runs take TTFTs from a script, one per run."""
+
+    name = "alone"
+
+    def __init__(self, ttfts):
+        self.ttfts = list(ttfts)
+        self.runs = []
+
+    async def run(self, items, slo_s=None, timeout=None):
+        (item,) = items
+        self.runs.append(item)
+        ttft = self.ttfts.pop(0)
+        return [Record("ls", 0.0, 0.0, ttft, ttft + 0.1, item.prompt_len, 1, 0)]
+
+
+def test_isolated_yardstick_is_each_ls_requests_median_over_tries():
+    import asyncio
+
+    from qllm.bench import probes
+
+    items = trace.poisson(1.0, requests=12, ls_share=0.5, lengths=WIDE, seed=2)
+    ls = [i for i in items if i.cls == "ls"]
+    # One slow run per request (a page fault, a timer tick) does not set its yardstick.
+    script = [t for k in range(len(ls)) for t in (0.1 + k / 100, 9.0, 0.1 + k / 100)]
+    system = _Alone(script)
+    result = asyncio.run(probes.isolated(system, items, None, slo=1.0, timeout=10.0, tries=3))
+    assert [r.prompt for r in system.runs] == [i.prompt for i in ls for _ in range(3)]
+    assert all(r.arrival_s == 0.0 for r in system.runs)
+    assert result["requests"] == len(ls) and result["tries"] == 3
+    assert result["ttft_s"] == pytest.approx([0.1 + k / 100 for k in range(len(ls))])
+    few = asyncio.run(probes.isolated(_Alone([0.2] * 2), items, 2, slo=1.0, timeout=10.0, tries=1))
+    assert few["requests"] == 2 and few["ttft_p99_s"] == pytest.approx(0.2)
+    with pytest.raises(ValueError):
+        asyncio.run(probes.isolated(_Alone([]), items, None, slo=1.0, timeout=10.0, tries=0))
+
+
 def test_lengths_have_the_scaled_sharegpt_means_and_respect_caps():
     items = trace.poisson(1.0, requests=5000, lengths=WIDE, seed=3)
     assert statistics.fmean(i.prompt_len for i in items) == pytest.approx(

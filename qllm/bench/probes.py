@@ -35,16 +35,26 @@ async def decode_step(system: Any) -> float:
     return statistics.median(s for s in steps if s is not None)
 
 
-async def isolated(system: Any, items: list[Item], n: int, slo: float, timeout: float) -> dict[str, Any]:
-    """TTFT of the workload's first ``n`` LS requests, each alone on the idle system."""
+async def isolated(
+    system: Any, items: list[Item], n: int | None, slo: float, timeout: float, tries: int = 3
+) -> dict[str, Any]:
+    """TTFT of the workload's LS requests (the first ``n``; None: all of them), each alone on the
+    idle system: the median of ``tries`` runs, so that one slow run does not set the yardstick."""
+    if tries < 1:
+        raise ValueError("tries must be >= 1")
     ttfts = []
     for item in [i for i in items if i.cls == "ls"][:n]:
-        (record,) = await system.run([replace(item, arrival_s=0.0)], slo_s=slo, timeout=timeout)
-        if record.ttft is not None:
-            ttfts.append(record.ttft)
+        runs = []
+        for _ in range(tries):
+            (record,) = await system.run([replace(item, arrival_s=0.0)], slo_s=slo, timeout=timeout)
+            if record.ttft is not None:
+                runs.append(record.ttft)
+        if runs:
+            ttfts.append(statistics.median(runs))
     return {
         "measured_on": system.name,
         "requests": len(ttfts),
+        "tries": tries,
         "ttft_s": ttfts,
         "ttft_mean_s": mean(ttfts),
         "ttft_p50_s": percentile(ttfts, 0.5),

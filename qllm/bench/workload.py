@@ -53,6 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
     g.add_argument(
+        "--only-class",
+        choices=["ls", "be"],
+        help="keep only this class's requests of the workload, at the same arrival times: "
+        "'ls' gives the LS latency that LS requests alone cause each other (no BE work)",
+    )
+    g.add_argument(
         "--trace", metavar="PATH", help="replay a JSON Lines trace instead (rescaled to --rates if given)"
     )
     g.add_argument(
@@ -77,7 +83,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     s.add_argument("--slo", type=float, help="LS TTFT SLO in seconds (overrides --slo-k)")
     s.add_argument(
-        "--isolated", type=int, default=8, help="LS requests timed alone on the idle engine (default 8)"
+        "--isolated",
+        type=int,
+        help="LS requests timed alone on the idle engine, the yardstick of LS TTFT p99 / isolated "
+        "(default: every LS request of the workload)",
+    )
+    s.add_argument(
+        "--isolated-tries",
+        type=int,
+        default=3,
+        help="runs of each isolated LS request; its TTFT is their median (default 3)",
     )
     s.add_argument(
         "--timeout",
@@ -164,14 +179,17 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
         probe = probes.yardstick_system(systems)
         decode_step = await probes.decode_step(probe)
         slo = args.slo if args.slo is not None else args.slo_k * decode_step
-        isolated = await probes.isolated(probe, workload(1.0), args.isolated, slo, args.timeout)
+        rates, capacity = await _rates(args, systems, workload)
+        # The same LS requests as the measured ones: the highest rate's workload holds every other
+        # rate's (one seeded sequence, faster), also when --duration bounds it.
+        alone = workload(max(rates))
+        isolated = await probes.isolated(probe, alone, args.isolated, slo, args.timeout, args.isolated_tries)
         peer_idle = {}
         for peer in (s for s in systems if s.kind == "peer"):  # its own yardsticks, same requests
             peer_idle[peer.name] = await probes.isolated(
-                peer, workload(1.0), args.isolated, slo, args.timeout
+                peer, alone, args.isolated, slo, args.timeout, args.isolated_tries
             )
             peer_idle[peer.name]["decode_step_s"] = await probes.decode_step(peer)
-        rates, capacity = await _rates(args, systems, workload)
         cells = await _measure(systems, {r: workload(r) for r in rates}, slo, args)
     finally:
         for system in systems:
@@ -186,7 +204,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
         "config": {
             "rates": rates, "capacity_probe_requests_per_s": capacity,
             "requests_per_rate": _requests(args), "duration_s": args.duration, "trace": args.trace,
-            "ls_share": args.ls_share, "seed": args.seed, "lengths": lengths.__dict__,
+            "ls_share": args.ls_share, "only_class": args.only_class, "seed": args.seed, "lengths": lengths.__dict__,
             "max_batch": args.max_batch, "prefill_chunk": args.prefill_chunk,
             "moe_granularity": args.moe_granularity, "timeout_s": args.timeout,
         },
@@ -286,7 +304,15 @@ def _system_names(spec: str | None, registered: dict) -> list[str]:
 
 
 def _workload(args: argparse.Namespace, lengths: Any, model: Any):
-    """rate -> items: the seeded Poisson workload or the trace, rescaled to the rate."""
+    """rate -> items: the seeded Poisson workload or the trace, rescaled to the rate (with
+    ``--only-class``, that class's requests of it)."""
+    workload = _full_workload(args, lengths, model)
+    if not getattr(args, "only_class", None):
+        return workload
+    return lambda rate: [i for i in workload(rate) if i.cls == args.only_class]
+
+
+def _full_workload(args: argparse.Namespace, lengths: Any, model: Any):
     from qllm.bench import trace
 
     requests = _requests(args)

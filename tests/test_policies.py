@@ -762,6 +762,22 @@ def test_wrong_api_version_and_failing_init_are_rejected():
         load_policy(Broken)
 
 
+def test_policy_options_reach_the_constructor():
+    assert load_policy("cohort:stretch=2").stretch == 2
+    assert load_policy("cohort").stretch == 1.3
+    aging = load_policy("qllm.policies.priority_aging:PriorityAgingPolicy:be_share=0.25:fill_rows=8")
+    assert (aging.name, aging.be_share, aging.fill_rows) == ("priority-aging", 0.25, 8)
+    # Options are checked against the constructor: a typo is named with what it takes.
+    with pytest.raises(PolicyError, match=r"policy 'cohort:strech=2' has no option 'strech'; it takes: stretch"):
+        load_policy("cohort:strech=2")
+    with pytest.raises(PolicyError, match="failed to initialise: stretch must be >= 1"):
+        load_policy("cohort:stretch=0.5")
+    with pytest.raises(PolicyError, match="bad policy spec"):
+        load_policy("cohort:stretch=2:qllm.policies.cohort")
+    with pytest.raises(PolicyError, match="bad policy option"):
+        load_policy("cohort:stretch=1:stretch=2")
+
+
 def test_engine_rejects_a_bad_policy_before_loading_the_model():
     with pytest.raises(PolicyError, match="unknown policy"):
         qllm.Engine(model="no-such-model-either", policy="nope")

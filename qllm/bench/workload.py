@@ -67,7 +67,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-prompt", type=int, default=64, help="cap on prompt tokens (default 64)")
     g.add_argument("--max-output", type=int, default=48, help="cap on output tokens (default 48)")
     s = parser.add_argument_group("systems and SLO")
-    s.add_argument("--systems", help=f"comma-separated: qllm policies and/or {PEER} (default: all)")
+    s.add_argument(
+        "--systems",
+        help=f"comma-separated: qllm policies (NAME or module:Class, options as :key=value, e.g. "
+        f"cohort:stretch=2) and/or {PEER} (default: all)",
+    )
     s.add_argument(
         "--max-batch", type=int, default=32, help="most requests per batch, every system (default 32)"
     )

@@ -16,7 +16,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--config", metavar="FILE", help="TOML settings file (default /etc/qllm/qllm.toml if present)"
     )
     p.add_argument("--model", help="preset name or model directory (default tiny)")
-    p.add_argument("--policy", help="scheduling policy name or module:Class (default cohort)")
+    p.add_argument(
+        "--policy",
+        help="scheduling policy name or module:Class, options after it as :key=value "
+        "(e.g. cohort:stretch=2; default cohort)",
+    )
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="weights dtype (default float32)")
     p.add_argument("--device", help="torch device (default cpu)")
     p.add_argument(

@@ -1,12 +1,17 @@
 """Scheduling policies: the plugin interface and the loader.
 
 Policies are found through the entry-point group ``qllm.policies`` (built-in ones included), or
-given as ``"module:Class"``, a :class:`Policy` subclass or an instance.
+given as ``"module:Class"``, a :class:`Policy` subclass or an instance. A spec string may end in
+options for the policy's constructor, each ``:key=value`` (``"cohort:stretch=2"``,
+``"mypkg.sched:Edf:slack_s=0.2:strict=true"``): values are read as Python literals (numbers,
+``true``/``false``, quoted or bare strings).
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
+import inspect
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
@@ -22,14 +27,17 @@ def available_policies() -> dict[str, EntryPoint]:
     return {ep.name: ep for ep in entry_points(group=GROUP)}
 
 
-def _instantiate(obj: Any, origin: str) -> Policy:
-    if isinstance(obj, Policy):
+def _instantiate(obj: Any, origin: str, options: dict[str, Any] | None = None) -> Policy:
+    if isinstance(obj, Policy) and not options:
         policy = obj
     elif isinstance(obj, type) and issubclass(obj, Policy):
+        _check_options(obj, origin, options or {})
         try:
-            policy = obj()
+            policy = obj(**(options or {}))
         except Exception as exc:
             raise PolicyError(f"policy {origin} failed to initialise: {exc}") from exc
+    elif isinstance(obj, Policy):
+        raise PolicyError(f"policy {origin} is an instance: it takes no options")
     else:
         raise PolicyError(f"policy {origin} is not a qllm.policies.Policy subclass or instance")
     if getattr(policy, "api_version", None) != API_VERSION:
@@ -40,28 +48,79 @@ def _instantiate(obj: Any, origin: str) -> Policy:
     return policy
 
 
+def _check_options(cls: type[Policy], origin: str, options: dict[str, Any]) -> None:
+    """Options the constructor of ``cls`` does not take are named, with those it does."""
+    if not options:
+        return
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):  # no signature to check against: the call will tell
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    takes = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = sorted(set(options) - set(takes))
+    if unknown:
+        raise PolicyError(
+            f"policy {origin} has no option {', '.join(map(repr, unknown))}; "
+            f"it takes: {', '.join(takes) or 'none'}"
+        )
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"name:key=value:..."`` (or ``"module:Class:key=value:..."``) as the policy reference and
+    its options."""
+    parts = spec.split(":")
+    ref = [p for p in parts if "=" not in p]
+    opts = [p for p in parts if "=" in p]
+    if not ref or not ref[0] or len(ref) > 2 or parts[: len(ref)] != ref:
+        raise PolicyError(f"bad policy spec {spec!r}: use NAME or module:Class, then :key=value options")
+    options: dict[str, Any] = {}
+    for item in opts:
+        key, _, text = item.partition("=")
+        key = key.strip()
+        if not key.isidentifier() or key in options:
+            raise PolicyError(f"bad policy option {item!r} in {spec!r}")
+        options[key] = _literal(text.strip())
+    return ":".join(ref), options
+
+
+def _literal(text: str) -> Any:
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare word: a string
+
+
 def load_policy(spec: str | type[Policy] | Policy | None = None) -> Policy:
-    """A policy instance from a registered name, ``"module:Class"``, a class or an instance."""
+    """A policy instance from a registered name, ``"module:Class"`` (either with ``:key=value``
+    options for its constructor), a class or an instance."""
     spec = DEFAULT_POLICY if spec is None else spec
     if not isinstance(spec, str):
         return _instantiate(spec, repr(spec))
-    if ":" in spec:
-        module_name, _, attr = spec.partition(":")
+    ref, options = parse_spec(spec)
+    if ":" in ref:
+        module_name, _, attr = ref.partition(":")
         try:
             obj = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as exc:
-            raise PolicyError(f"cannot import policy {spec!r}: {exc}") from exc
-        return _instantiate(obj, repr(spec))
+            raise PolicyError(f"cannot import policy {ref!r}: {exc}") from exc
+        return _instantiate(obj, repr(spec), options)
     registered = available_policies()
-    if spec not in registered:
+    if ref not in registered:
         raise PolicyError(
-            f"unknown policy {spec!r}; available: {', '.join(sorted(registered))} or module:Class"
+            f"unknown policy {ref!r}; available: {', '.join(sorted(registered))} or module:Class"
         )
     try:
-        obj = registered[spec].load()
+        obj = registered[ref].load()
     except Exception as exc:  # a broken plugin must not take the server down with an odd error
-        raise PolicyError(f"policy plugin {spec!r} failed to load: {exc}") from exc
-    return _instantiate(obj, repr(spec))
+        raise PolicyError(f"policy plugin {ref!r} failed to load: {exc}") from exc
+    return _instantiate(obj, repr(spec), options)
 
 
-__all__ = ["API_VERSION", "DEFAULT_POLICY", "GROUP", "Policy", "available_policies", "load_policy"]
+__all__ = ["API_VERSION", "DEFAULT_POLICY", "GROUP", "Policy", "available_policies", "load_policy", "parse_spec"]

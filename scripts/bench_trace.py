@@ -14,6 +14,7 @@ rate; the isolated-LS probes are left out):
     .venv/bin/python scripts/bench_trace.py --trace /tmp/trace.json -- \\
         --systems fcfs,cohort --ls-share 0.3 --max-batch 16 --seed 11 --rates 6
 
+``--summarize`` prints that again from a trace written earlier, without running anything.
 The bench's own JSON (``--json``) and report are written as usual. Wrapping costs a few
 microseconds an op, the same for every system.
 """
@@ -147,14 +148,22 @@ def slowest(evs: list[dict], n: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trace", required=True, help="where to write the trace (JSON)")
+    parser.add_argument(
+        "--summarize", action="store_true", help="read the trace written earlier at --trace instead of running"
+    )
     parser.add_argument("--slowest", type=int, default=0, help="show the N slowest LS first tokens per cell")
     parser.add_argument("bench", nargs=argparse.REMAINDER, help="-- then qllm bench's arguments")
     args = parser.parse_args()
     bench_args = args.bench[1:] if args.bench[:1] == ["--"] else args.bench
-    instrument()
-    rc = bench_main(bench_args)
-    with open(args.trace, "w") as f:
-        json.dump(EVENTS, f)
+    if args.summarize:
+        with open(args.trace) as f:
+            EVENTS[:] = json.load(f)
+        rc = 0
+    else:
+        instrument()
+        rc = bench_main(bench_args)
+        with open(args.trace, "w") as f:
+            json.dump(EVENTS, f)
     result = []
     for i, (policy, evs) in enumerate(cells(EVENTS)):
         entry = {"cell": i} | summary(policy, evs)

@@ -187,7 +187,7 @@ def test_cohort_ls_prefill_leads_and_ready_rows_at_its_op_ride_along():
     ls_d = make_request("lsd", "ls", decode=True, op=EXPERT0, arrival=9.0)
     behind = make_request("be-behind", op=ATTN0, arrival=0.0)  # another op: waits
     kernel = make_kernel([*be_d, be_p, ls_d, behind, ls], costs=linear_costs(OpKind.EXPERT, 0.002, 0.0))
-    assert ids(CohortPolicy().select(kernel)) == ["ls", "lsd", "bed0", "bep", "bed1", "bed2"]
+    assert ids(CohortPolicy(stretch=1.3).select(kernel)) == ["ls", "lsd", "bed0", "bep", "bed1", "bed2"]
 
 
 def test_cohort_riders_stop_at_the_latency_budget():
@@ -217,7 +217,7 @@ def test_cohort_riders_stop_at_the_latency_budget():
 
 
 def test_cohort_ls_runs_alone_until_it_reaches_the_cohort():
-    policy = CohortPolicy()
+    policy = CohortPolicy(stretch=1.3)
     policy.layers = 8
     cohort = [make_request(f"be{i}", op=(OpKind.EXPERT, 3, 1), at_boundary=False) for i in range(3)]
     ls = make_request("ls", "ls", op=ATTN0, arrival=9.0)
@@ -260,7 +260,7 @@ def test_cohort_oldest_ls_leads_and_newer_ones_within_a_layer_join_it():
     # A newer LS request a few layers behind waits: catching up would cost the oldest its slack.
     old = make_request("ls-old", "ls", op=(OpKind.EXPERT, 2, 1), arrival=1.0, at_boundary=False)
     new = make_request("ls-new", "ls", op=ATTN0, arrival=2.0)
-    policy = CohortPolicy()
+    policy = CohortPolicy(stretch=1.3)
     policy.layers = 8
     assert ids(policy.select(make_kernel([new, old]))) == ["ls-old"]
     # Less than a layer behind, it catches up whatever the slack: the two then run as one batch.
@@ -269,7 +269,7 @@ def test_cohort_oldest_ls_leads_and_newer_ones_within_a_layer_join_it():
     # A better-ranked LS request leads whatever its age.
     urgent = make_request("ls-urgent", "ls", op=(OpKind.EXPERT, 2, 1), rank=-1, at_boundary=False)
     flat = linear_costs(OpKind.EXPERT, 0.002, 0.0)  # riders cost nothing here
-    assert ids(CohortPolicy().select(make_kernel([new, old, urgent], costs=flat))) == ["ls-urgent", "ls-old"]
+    assert ids(CohortPolicy(stretch=1.3).select(make_kernel([new, old, urgent], costs=flat))) == ["ls-urgent", "ls-old"]
 
 
 def test_cohort_slack_covers_the_whole_pass_of_the_lead():
@@ -308,7 +308,7 @@ def test_cohort_riders_never_take_more_than_the_slack():
 
 def test_cohort_and_fcfs_let_best_effort_arrivals_leave_the_op_in_flight_running():
     ls, be = make_request("ls", "ls"), make_request("be")
-    assert CohortPolicy().interrupts(ls) and not CohortPolicy().interrupts(be)
+    assert CohortPolicy(stretch=1.3).interrupts(ls) and not CohortPolicy(stretch=1.3).interrupts(be)
     assert not load_policy("fcfs").interrupts(ls)
     assert load_policy("qllm").interrupts(be)  # Algorithm 1 looks at every arrival at once
 
@@ -319,14 +319,14 @@ def test_cohort_left_behind_requests_rejoin_at_the_step_boundary():
     at_boundary = [make_request(f"be{i}", decode=True, op=ATTN0) for i in range(2)]
     behind = make_request("late", decode=True, op=(OpKind.EXPERT, 2, 5), at_boundary=False)
     ls_decode = make_request("lsd", "ls", decode=True, op=ATTN0)
-    assert ids(CohortPolicy().select(make_kernel([*at_boundary, ls_decode, behind]))) == ["late"]
-    assert ids(CohortPolicy().select(make_kernel([*at_boundary, ls_decode]))) == ["lsd", "be0", "be1"]
+    assert ids(CohortPolicy(stretch=1.3).select(make_kernel([*at_boundary, ls_decode, behind]))) == ["late"]
+    assert ids(CohortPolicy(stretch=1.3).select(make_kernel([*at_boundary, ls_decode]))) == ["lsd", "be0", "be1"]
 
 
 def test_cohort_runs_at_most_max_batch_requests_per_step_and_parks_the_newest_best_effort():
     """LS requests are admitted beyond max_batch: then the newest best-effort requests wait where
     they stand, rather than the cohort running each op twice (max_batch rows, then the rest)."""
-    policy = CohortPolicy()
+    policy = CohortPolicy(stretch=1.3)
     moe2 = (OpKind.MOE, 2, -1)
     be = [make_request(f"be{i}", decode=True, op=moe2, at_boundary=False, arrival=i) for i in range(4)]
     ls_decode = make_request("lsd", "ls", decode=True, op=moe2, at_boundary=False, arrival=9.0)
@@ -352,8 +352,8 @@ def test_cohort_is_the_default_and_keeps_max_batch():
     ls = make_request("ls", "ls", op=EXPERT0)
     be = [make_request(f"be{i}", op=EXPERT0, arrival=i) for i in range(5)]
     flat = linear_costs(OpKind.EXPERT, 0.002, 0.0)  # riders cost nothing here
-    assert ids(CohortPolicy().select(make_kernel([*be, ls], max_batch=3, costs=flat))) == ["ls", "be0", "be1"]
-    assert ids(CohortPolicy().select(make_kernel(be, max_batch=3))) == ["be0", "be1", "be2"]
+    assert ids(CohortPolicy(stretch=1.3).select(make_kernel([*be, ls], max_batch=3, costs=flat))) == ["ls", "be0", "be1"]
+    assert ids(CohortPolicy(stretch=1.3).select(make_kernel(be, max_batch=3))) == ["be0", "be1", "be2"]
     with pytest.raises(ValueError, match="stretch"):
         CohortPolicy(stretch=0.5)
 
@@ -764,7 +764,7 @@ def test_wrong_api_version_and_failing_init_are_rejected():
 
 def test_policy_options_reach_the_constructor():
     assert load_policy("cohort:stretch=2").stretch == 2
-    assert load_policy("cohort").stretch == 1.3
+    assert load_policy("cohort").stretch == 1.0
     aging = load_policy("qllm.policies.priority_aging:PriorityAgingPolicy:be_share=0.25:fill_rows=8")
     assert (aging.name, aging.be_share, aging.fill_rows) == ("priority-aging", 0.25, 8)
     # Options are checked against the constructor: a typo is named with what it takes.

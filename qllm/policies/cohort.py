@@ -23,9 +23,15 @@
   (:meth:`CohortPolicy.runnable`), so that the cohort stays one batch instead of running each op
   twice (once for ``max_batch`` requests, once for the rest).
 
-The budget follows from the LS target, a first token within 1.5x the time alone: ``stretch``
-(1.3) is spent on riders and on waiting for the cohort; the rest is left for the op in flight when
-the request arrives.
+``stretch`` (default 1.0, an option: ``--policy cohort:stretch=1.3``) is the budget: an LS request
+waiting for its first token may spend ``stretch - 1`` times its own time on riders and on waiting
+for the cohort. At 1.0 it spends nothing: LS prefill runs alone (LS requests within a layer of
+each other still batch), and the best-effort cohort waits whole instead of being split by riders.
+Measured side by side on a 2-core CPU (docs/benchmarks.md, run N), 1.0 gave an LS TTFT p99 of
+1.3-1.6x the isolated one against 1.5-2.4x at 1.3, for about the same best-effort throughput:
+on a CPU a MoE op's time grows with the experts its rows use, so riders cost an LS op far more
+than their rows suggest. On hardware where extra rows are nearly free, a larger ``stretch`` lets
+best-effort work ride.
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ def cohort_position(r: RequestView) -> tuple:
 class CohortPolicy(Policy):
     name = "cohort"
 
-    def __init__(self, stretch: float = 1.3):
+    def __init__(self, stretch: float = 1.0):
         if stretch < 1:
             raise ValueError("stretch must be >= 1 (the LS op's own time is the least it can take)")
         self.stretch = stretch

@@ -269,7 +269,10 @@ def test_cohort_oldest_ls_leads_and_newer_ones_within_a_layer_join_it():
     # A better-ranked LS request leads whatever its age.
     urgent = make_request("ls-urgent", "ls", op=(OpKind.EXPERT, 2, 1), rank=-1, at_boundary=False)
     flat = linear_costs(OpKind.EXPERT, 0.002, 0.0)  # riders cost nothing here
-    assert ids(CohortPolicy(stretch=1.3).select(make_kernel([new, old, urgent], costs=flat))) == ["ls-urgent", "ls-old"]
+    assert ids(CohortPolicy(stretch=1.3).select(make_kernel([new, old, urgent], costs=flat))) == [
+        "ls-urgent",
+        "ls-old",
+    ]
 
 
 def test_cohort_slack_covers_the_whole_pass_of_the_lead():
@@ -320,7 +323,11 @@ def test_cohort_left_behind_requests_rejoin_at_the_step_boundary():
     behind = make_request("late", decode=True, op=(OpKind.EXPERT, 2, 5), at_boundary=False)
     ls_decode = make_request("lsd", "ls", decode=True, op=ATTN0)
     assert ids(CohortPolicy(stretch=1.3).select(make_kernel([*at_boundary, ls_decode, behind]))) == ["late"]
-    assert ids(CohortPolicy(stretch=1.3).select(make_kernel([*at_boundary, ls_decode]))) == ["lsd", "be0", "be1"]
+    assert ids(CohortPolicy(stretch=1.3).select(make_kernel([*at_boundary, ls_decode]))) == [
+        "lsd",
+        "be0",
+        "be1",
+    ]
 
 
 def test_cohort_runs_at_most_max_batch_requests_per_step_and_parks_the_newest_best_effort():
@@ -352,7 +359,11 @@ def test_cohort_is_the_default_and_keeps_max_batch():
     ls = make_request("ls", "ls", op=EXPERT0)
     be = [make_request(f"be{i}", op=EXPERT0, arrival=i) for i in range(5)]
     flat = linear_costs(OpKind.EXPERT, 0.002, 0.0)  # riders cost nothing here
-    assert ids(CohortPolicy(stretch=1.3).select(make_kernel([*be, ls], max_batch=3, costs=flat))) == ["ls", "be0", "be1"]
+    assert ids(CohortPolicy(stretch=1.3).select(make_kernel([*be, ls], max_batch=3, costs=flat))) == [
+        "ls",
+        "be0",
+        "be1",
+    ]
     assert ids(CohortPolicy(stretch=1.3).select(make_kernel(be, max_batch=3))) == ["be0", "be1", "be2"]
     with pytest.raises(ValueError, match="stretch"):
         CohortPolicy(stretch=0.5)
@@ -768,7 +779,9 @@ def test_policy_options_reach_the_constructor():
     aging = load_policy("qllm.policies.priority_aging:PriorityAgingPolicy:be_share=0.25:fill_rows=8")
     assert (aging.name, aging.be_share, aging.fill_rows) == ("priority-aging", 0.25, 8)
     # Options are checked against the constructor: a typo is named with what it takes.
-    with pytest.raises(PolicyError, match=r"policy 'cohort:strech=2' has no option 'strech'; it takes: stretch"):
+    with pytest.raises(
+        PolicyError, match=r"policy 'cohort:strech=2' has no option 'strech'; it takes: stretch"
+    ):
         load_policy("cohort:strech=2")
     with pytest.raises(PolicyError, match="failed to initialise: stretch must be >= 1"):
         load_policy("cohort:stretch=0.5")

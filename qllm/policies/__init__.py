@@ -123,4 +123,12 @@ def load_policy(spec: str | type[Policy] | Policy | None = None) -> Policy:
     return _instantiate(obj, repr(spec), options)
 
 
-__all__ = ["API_VERSION", "DEFAULT_POLICY", "GROUP", "Policy", "available_policies", "load_policy", "parse_spec"]
+__all__ = [
+    "API_VERSION",
+    "DEFAULT_POLICY",
+    "GROUP",
+    "Policy",
+    "available_policies",
+    "load_policy",
+    "parse_spec",
+]

@@ -416,6 +416,7 @@ def test_bench_on_tiny_writes_the_json_shape(tmp_path):
     )
     assert report.returncode == 0, report.stderr[-3000:]
     assert "transformers-cb" in report.stdout and "ls_ttft_ratio_mean" in report.stdout
+    assert "(2 requests, median of 3 runs each)" in report.stdout  # what the LS yardstick is
 
 
 @pytest.mark.slow  # a server and a client process: 20-60 s on a busy 2-core machine

@@ -47,10 +47,12 @@ def table(result: dict[str, Any]) -> str:
     slo, iso, cfg = result["slo"], result["isolated"], result["config"]
     parts = [
         f"model {result['model'].get('name')}  mode {result['mode']}  max_batch {cfg['max_batch']}  "
-        f"LS share {cfg['ls_share']:.0%}  seed {cfg['seed']}",
+        f"LS share {cfg['ls_share']:.0%}  seed {cfg['seed']}"
+        + (f"  {cfg['only_class'].upper()} requests only" if cfg.get("only_class") else ""),
         f"LS TTFT SLO {slo['ttft_s']:.3g}s (single-request decode step {slo['decode_step_s']:.3g}s"
         + (f" x {slo['k']:g})" if slo.get("k") else ")")
-        + f"  isolated LS TTFT mean {_fmt(iso['ttft_mean_s'], '{:.3g}s')} p99 {_fmt(iso['ttft_p99_s'], '{:.3g}s')}",
+        + f"  isolated LS TTFT mean {_fmt(iso['ttft_mean_s'], '{:.3g}s')} p99 {_fmt(iso['ttft_p99_s'], '{:.3g}s')}"
+        + f" ({iso['requests']} requests, {_tries(iso.get('tries', 1))})",
         "",
         _grid(rows),
         "",
@@ -108,3 +110,7 @@ def _targets(targets: list[dict[str, Any]]) -> str:
         met = t.get("note") or {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
         rows.append([t["name"], t["target"], _fmt(t["value"], "{:.3g}"), met, t["paper"]])
     return _grid(rows)
+
+
+def _tries(tries: int) -> str:
+    return "one run each" if tries == 1 else f"median of {tries} runs each"

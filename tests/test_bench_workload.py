@@ -479,3 +479,51 @@ def test_bench_http_mode_measures_a_running_server(tmp_path):
     (cell,) = result["cells"]
     assert cell["metrics"]["all"]["requests"] == 5 and cell["metrics"]["all"]["completed"] == 5
     assert all(r[3] is not None and r[3] >= r[1] for r in cell["records"])  # first token after arrival
+
+
+# ------------------------------------------------------------------ --repeat
+def test_repeated_runs_combine_as_medians_with_their_range():
+    from qllm.bench.repeat import median_tree, spread_tree
+
+    heads = [
+        {"be": 0.8, "by_rate": [1.0, 2.0], "held": {"a": True}, "slo_max": None, "best": "x"},
+        {"be": 0.9, "by_rate": [3.0, 1.0], "held": {"a": False}, "slo_max": 6.0, "best": "y"},
+        {"be": 1.3, "by_rate": [2.0, 5.0], "held": {"a": True}, "slo_max": None, "best": "x"},
+    ]
+    assert median_tree(heads) == {
+        "be": 0.9, "by_rate": [2.0, 2.0], "held": {"a": True}, "slo_max": None, "best": "x"
+    }  # fmt: skip
+    assert spread_tree(heads) == {
+        "be": [0.8, 1.3],
+        "by_rate": [[1.0, 3.0], [1.0, 5.0]],
+        "slo_max": [6.0, 6.0],
+    }
+    # A figure that most runs measured takes the median of those.
+    assert median_tree([{"v": None}, {"v": 2.0}, {"v": 4.0}]) == {"v": 3.0}
+
+
+def test_bench_repeat_writes_every_run_and_the_medians(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "qllm", "bench", "--model", "tiny", "--rates", "30", "--requests", "4",
+           "--systems", "fcfs,cohort", "--isolated", "1", "--isolated-tries", "1", "--repeat", "2",
+           "--max-batch", "8", "--json", str(out)]  # fmt: skip
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": ""}
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["repeat"] == 2 and len(result["runs"]) == 2
+    for run in result["runs"]:
+        assert len(run["cells"]) == 2 and all(c["metrics"]["all"]["completed"] == 4 for c in run["cells"])
+    values = [r["headline"]["by_policy"]["cohort"]["be_turnaround_ratio_mean"] for r in result["runs"]]
+    assert result["headline"]["by_policy"]["cohort"]["be_turnaround_ratio_mean"] == pytest.approx(
+        statistics.median(values), rel=1e-4
+    )
+    assert result["spread"]["by_policy"]["cohort"]["be_turnaround_ratio_mean"] == pytest.approx(
+        [min(values), max(values)], rel=1e-4
+    )
+    report = subprocess.run(
+        [sys.executable, "-m", "qllm.bench", "--report", str(out)], capture_output=True, text=True
+    )
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert "2 runs of" in report.stdout and "median" in report.stdout

@@ -114,6 +114,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="measure a running `qllm serve` through its HTTP API: http://HOST:PORT or the path of its "
         "HTTP socket (repeatable; with --socket, side by side)",
     )
+    s.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run the whole benchmark this many times in a row and report each figure's median "
+        "and range over the runs (default 1)",
+    )
     o = parser.add_argument_group("output")
     o.add_argument("--json", metavar="PATH", help="write the results as JSON ('-': stdout); quiet otherwise")
     o.add_argument(
@@ -126,16 +133,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qllm.bench import report
+    from qllm.bench import repeat, report
 
     if args.report:
         with open(args.report, encoding="utf-8") as f:
             result = summarize(json.load(f))
     else:
+        if args.repeat < 1:
+            raise ValueError("--repeat must be >= 1")
         _quiet_logs()
         import uvloop
 
-        result = uvloop.run(_main(args))
+        runs = [uvloop.run(_main(args)) for _ in range(args.repeat)]
+        result = runs[0] if len(runs) == 1 else repeat.combine(runs)
     if args.json and not args.report:
         text = json.dumps(result)
         if args.json == "-":
@@ -144,11 +154,12 @@ def run(args: argparse.Namespace) -> int:
             with open(args.json, "w", encoding="utf-8") as f:
                 f.write(text + "\n")
     if not args.json or args.report:
-        print(report.table(result))
+        print(repeat.table(result) if "runs" in result else report.table(result))
     if args.plots:
         from qllm.bench import plots
 
-        written = plots.write(result, args.plots, cdf_rate=args.cdf_rate)
+        shown = result["runs"][0] if "runs" in result else result  # --repeat: the first run's
+        written = plots.write(shown, args.plots, cdf_rate=args.cdf_rate)
         print(f"plots: {', '.join(written)}" if written else plots.MISSING, file=sys.stderr)
     return 0
 
@@ -229,6 +240,10 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     from qllm.bench.stats import rounded
     from qllm.bench.summary import headline, targets
 
+    if "runs" in result:  # --repeat: each run brought up to date, then combined again
+        from qllm.bench.repeat import combine
+
+        return combine([summarize(r) for r in result["runs"]])
     isolated = result["isolated"]
     idle = {s["name"]: isolated["ttft_mean_s"] for s in result["systems"] if s["kind"] != "peer"}
     idle.update({name: peer["ttft_mean_s"] for name, peer in result.get("peer_isolated", {}).items()})

@@ -1,0 +1,136 @@
+"""``qllm bench --repeat N``: the same benchmark N times in a row, its figures as medians.
+
+On a small, shared machine one run's ratios move by 10-25% from run to run (docs/benchmarks.md),
+more than many changes move them. Repeating the whole run (yardsticks, rates, every system) and
+reporting each figure's median with its range over runs tells a change from that noise.
+
+The combined result keeps every run whole under ``runs``; ``headline`` holds the median of each
+numeric figure over the runs (element by element for per-rate lists), the most common value of
+each other one (a flag such as "SLO held at every rate" counts as held when most runs held it),
+``spread`` the ``[min, max]`` of each numeric figure, and ``targets`` the targets judged on the
+medians.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+from typing import Any
+
+FIGURES = (
+    ("LS p99 / isolated", "ls_ttft_p99_over_isolated"),
+    ("BE tok/s (min)", "be_throughput_ratio"),
+    ("BE turn (mean)", "be_turnaround_ratio_mean"),
+    ("BE ttft (mean)", "be_ttft_ratio_mean"),
+)
+"""The policy figures the report shows per run and as median [min-max]."""
+
+
+def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from ``runs`` (each a whole ``qllm bench`` result, summarized)."""
+    from qllm.bench.stats import rounded
+    from qllm.bench.summary import targets
+
+    if not runs:
+        raise ValueError("no runs to combine")
+    heads = [r["headline"] for r in runs]
+    head = median_tree(heads)
+    return {
+        "bench": "workload",
+        "repeat": len(runs),
+        "config": runs[0]["config"],
+        "model": runs[0]["model"],
+        "headline": rounded(head),
+        "spread": rounded(spread_tree(heads)),
+        "targets": rounded(targets(head)),
+        "runs": runs,
+    }
+
+
+def median_tree(trees: list[Any]) -> Any:
+    """Leaf by leaf over trees of one shape: the median of numbers (None where no run has one),
+    lists element by element, the most common value of anything else."""
+    first = trees[0]
+    if isinstance(first, dict):
+        keys = [k for k in first if all(isinstance(t, dict) and k in t for t in trees)]
+        return {k: median_tree([t[k] for t in trees]) for k in keys}
+    if isinstance(first, list) and all(isinstance(t, list) and len(t) == len(first) for t in trees):
+        return [median_tree(list(column)) for column in zip(*trees)]
+    if all(_number(t) or t is None for t in trees) and any(_number(t) for t in trees):
+        numbers = [t for t in trees if t is not None]
+        # None (say, "held the SLO at no rate") stands when most runs say it.
+        return statistics.median(numbers) if len(numbers) * 2 >= len(trees) else None
+    keys = [repr(t) for t in trees]
+    return trees[keys.index(Counter(keys).most_common(1)[0][0])]
+
+
+def spread_tree(trees: list[Any]) -> Any:
+    """``[min, max]`` of every numeric leaf (and per-rate list element) over trees of one shape;
+    other leaves are left out."""
+    first = trees[0]
+    if isinstance(first, dict):
+        out = {}
+        for k in first:
+            if all(isinstance(t, dict) and k in t for t in trees):
+                sub = spread_tree([t[k] for t in trees])
+                if sub is not None:
+                    out[k] = sub
+        return out or None
+    if isinstance(first, list) and all(isinstance(t, list) and len(t) == len(first) for t in trees):
+        columns = [spread_tree(list(c)) for c in zip(*trees)]
+        return columns if any(c is not None for c in columns) else None
+    values = [t for t in trees if _number(t)]
+    return [min(values), max(values)] if values else None
+
+
+def table(result: dict[str, Any]) -> str:
+    """The report of a repeated run: each run's policy figures, then median [min-max], then the
+    targets judged on the medians."""
+    from qllm.bench.report import _grid, _targets
+
+    x = "{:.3g}x"
+    head, spread = result["headline"], result.get("spread") or {}
+    policies = list(head.get("by_policy", {}))
+    rows = [["run", "policy vs fcfs", *(name for name, _ in FIGURES), "SLO held", "tok/s vs transformers-cb"]]
+    for i, run in enumerate(result["runs"], 1):
+        h = run["headline"]
+        for name in policies:
+            f = h.get("by_policy", {}).get(name, {})
+            held = h.get("slo_held_at_every_rate", {}).get(name)
+            rows.append([str(i), name, *(_fmt(f.get(k), x) for _, k in FIGURES), _yes(held),
+                         _fmt(h.get("throughput_vs_transformers_cb"), x)])  # fmt: skip
+    for name in policies:
+        f, s = head["by_policy"][name], (spread.get("by_policy") or {}).get(name) or {}
+        held = sum(bool(r["headline"].get("slo_held_at_every_rate", {}).get(name)) for r in result["runs"])
+        rows.append(["median", name, *(_ranged(f.get(k), s.get(k)) for _, k in FIGURES),
+                     f"{held}/{len(result['runs'])}",
+                     _ranged(head.get("throughput_vs_transformers_cb"), spread.get("throughput_vs_transformers_cb"))])  # fmt: skip
+    cfg = result["config"]
+    return "\n".join([
+        f"{result['repeat']} runs of: max_batch {cfg['max_batch']}  LS share {cfg['ls_share']:.0%}  seed {cfg['seed']}"
+        "  (each run's own tables: qllm bench --report on its JSON)",
+        "",
+        _grid(rows),
+        "",
+        _targets(result["targets"]),
+    ])  # fmt: skip
+
+
+def _fmt(value: Any, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def _ranged(value: Any, span: Any) -> str:
+    if value is None:
+        return "-"
+    if not span:
+        return f"{value:.3g}x"
+    return f"{value:.3g}x [{span[0]:.3g}-{span[1]:.3g}]"
+
+
+def _yes(flag: Any) -> str:
+    return "-" if flag is None else "yes" if flag else "no"
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

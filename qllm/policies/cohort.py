@@ -25,8 +25,9 @@
 
 ``stretch`` (default 1.0, an option: ``--policy cohort:stretch=1.3``) is the budget: an LS request
 waiting for its first token may spend ``stretch - 1`` times its own time on riders and on waiting
-for the cohort. At 1.0 it spends nothing: LS prefill runs alone (LS requests within a layer of
-each other still batch), and the best-effort cohort waits whole instead of being split by riders.
+for the cohort. At 1.0 it spends only what it gained by running faster than the cost model
+predicted: LS prefill runs alone as a rule (LS requests within a layer of each other still
+batch), and the best-effort cohort waits whole instead of being split by riders.
 Measured side by side on a 2-core CPU (docs/benchmarks.md, run N), 1.0 gave an LS TTFT p99 of
 1.3-1.6x the isolated one against 1.5-2.4x at 1.3, for about the same best-effort throughput:
 on a CPU a MoE op's time grows with the experts its rows use, so riders cost an LS op far more

@@ -48,45 +48,53 @@ def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def median_tree(trees: list[Any]) -> Any:
-    """Leaf by leaf over trees of one shape: the median of numbers (None where no run has one),
-    lists element by element, the most common value of anything else."""
-    first = trees[0]
-    if isinstance(first, dict):
-        keys = [k for k in first if all(isinstance(t, dict) and k in t for t in trees)]
-        return {k: median_tree([t[k] for t in trees]) for k in keys}
-    if isinstance(first, list) and all(isinstance(t, list) and len(t) == len(first) for t in trees):
-        return [median_tree(list(column)) for column in zip(*trees)]
-    if all(_number(t) or t is None for t in trees) and any(_number(t) for t in trees):
-        numbers = [t for t in trees if t is not None]
-        # None (say, "held the SLO at no rate") stands when most runs say it.
-        return statistics.median(numbers) if len(numbers) * 2 >= len(trees) else None
-    keys = [repr(t) for t in trees]
-    return trees[keys.index(Counter(keys).most_common(1)[0][0])]
+    """Leaf by leaf over trees of one shape: the median of numbers (None where most runs have
+    none), lists element by element, the most common value of anything else."""
+    return _zip_trees(trees, _median_leaf, prune=False)
 
 
 def spread_tree(trees: list[Any]) -> Any:
     """``[min, max]`` of every numeric leaf (and per-rate list element) over trees of one shape;
     other leaves are left out."""
+    return _zip_trees(trees, _spread_leaf, prune=True)
+
+
+def _zip_trees(trees: list[Any], leaf: Any, prune: bool) -> Any:
+    """``leaf`` of each position that every tree has (dict keys of all, lists of one length);
+    with ``prune``, positions (and whole branches) where ``leaf`` gives None are left out."""
     first = trees[0]
     if isinstance(first, dict):
         out = {}
         for k in first:
             if all(isinstance(t, dict) and k in t for t in trees):
-                sub = spread_tree([t[k] for t in trees])
-                if sub is not None:
-                    out[k] = sub
-        return out or None
+                value = _zip_trees([t[k] for t in trees], leaf, prune)
+                if value is not None or not prune:
+                    out[k] = value
+        return out if out or not prune else None
     if isinstance(first, list) and all(isinstance(t, list) and len(t) == len(first) for t in trees):
-        columns = [spread_tree(list(c)) for c in zip(*trees)]
-        return columns if any(c is not None for c in columns) else None
-    values = [t for t in trees if _number(t)]
-    return [min(values), max(values)] if values else None
+        columns = [_zip_trees(list(c), leaf, prune) for c in zip(*trees)]
+        return None if prune and all(c is None for c in columns) else columns
+    return leaf(trees)
+
+
+def _median_leaf(values: list[Any]) -> Any:
+    if all(_number(v) or v is None for v in values) and any(_number(v) for v in values):
+        numbers = [v for v in values if v is not None]
+        # None (say, "held the SLO at no rate") stands when most runs say it.
+        return statistics.median(numbers) if len(numbers) * 2 >= len(values) else None
+    keys = [repr(v) for v in values]
+    return values[keys.index(Counter(keys).most_common(1)[0][0])]
+
+
+def _spread_leaf(values: list[Any]) -> list[float] | None:
+    numbers = [v for v in values if _number(v)]
+    return [min(numbers), max(numbers)] if numbers else None
 
 
 def table(result: dict[str, Any]) -> str:
     """The report of a repeated run: each run's policy figures, then median [min-max], then the
     targets judged on the medians."""
-    from qllm.bench.report import _grid, _targets
+    from qllm.bench.report import _fmt, _grid, _targets
 
     x = "{:.3g}x"
     head, spread = result["headline"], result.get("spread") or {}
@@ -114,10 +122,6 @@ def table(result: dict[str, Any]) -> str:
         "",
         _targets(result["targets"]),
     ])  # fmt: skip
-
-
-def _fmt(value: Any, fmt: str) -> str:
-    return "-" if value is None else fmt.format(value)
 
 
 def _ranged(value: Any, span: Any) -> str:

@@ -326,7 +326,7 @@ def _workload(args: argparse.Namespace, lengths: Any, model: Any):
     """rate -> items: the seeded Poisson workload or the trace, rescaled to the rate (with
     ``--only-class``, that class's requests of it)."""
     workload = _full_workload(args, lengths, model)
-    if not getattr(args, "only_class", None):
+    if not args.only_class:
         return workload
     return lambda rate: [i for i in workload(rate) if i.cls == args.only_class]
 

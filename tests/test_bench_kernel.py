@@ -12,7 +12,7 @@ from qllm.kernel.engine import Engine
 from qllm.policies import DEFAULT_POLICY
 
 TINY = ["--model", "tiny", "--be-prompt", "4", "--be-tokens", "3", "--batch", "2", "--batch-tokens", "3",
-        "--rounds", "1", "--overhead-requests", "3"]  # fmt: skip
+        "--rounds", "1", "--single-rounds", "3", "--overhead-requests", "3"]  # fmt: skip
 DECODE_KEYS = {"engine_decode_tokens_per_s", "transformers_decode_tokens_per_s", "ratio", "tokens_equal"}
 OVERHEAD_KEYS = {"overhead_median_us", "overhead_p99_us", "overhead_count", "wall_s", "tokens_per_s",
                  "in_op_s", "in_op_over_wall"}  # fmt: skip
@@ -36,6 +36,9 @@ def test_batch_and_single_decode_against_transformers_and_time_outside_ops(capsy
         assert decode.keys() >= DECODE_KEYS and decode["batch"] == batch
         assert decode["engine_decode_tokens_per_s"] > 0 and decode["transformers_decode_tokens_per_s"] > 0
         assert decode["tokens_equal"] is True  # same weights, greedy, EOS ignored
+        low, high = decode["ratio_min_max"]
+        assert low <= decode["ratio"] <= high  # the median of the rounds' ratios
+    assert report["batch32"]["rounds"] == 1 and report["single"]["rounds"] == 3
     assert set(report["overhead"]) == {"fcfs", DEFAULT_POLICY}
     for policy, figures in report["overhead"].items():
         assert figures.keys() >= OVERHEAD_KEYS, policy
@@ -77,3 +80,5 @@ def test_rejects_unknown_parts_and_nonsense_sizes(capsys):
     assert "overheads" in capsys.readouterr().err
     assert main(["bench", "kernel", "--model", "tiny", "--overhead-requests", "0"]) == 2
     assert "--overhead-requests" in capsys.readouterr().err
+    assert main(["bench", "kernel", "--model", "tiny", "--single-rounds", "0"]) == 2
+    assert "--single-rounds" in capsys.readouterr().err

@@ -125,3 +125,51 @@ def test_packed_weight_follows_changes_to_the_weight():
         before = gemm.linear(x, param, b)
         param.data = weight * 3  # new data under the same parameter
         assert torch.allclose(gemm.linear(x, param, b), 3 * before - 2 * b, rtol=1e-4, atol=1e-4)
+
+
+@needs_packing
+@pytest.mark.parametrize("threads", THREADS, ids=lambda n: f"{n}threads")
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_projections_of_one_input_run_as_one_batch_invariant_gemm(bias, threads):
+    """Query, key and value projections in one call: each output is its projection's (close to
+    ``F.linear``), a row's results do not depend on its batch mates at the probed padding, and the
+    fused weight follows changes to any of its parts."""
+    (q, bq), (k, bk), (v, bv) = (make_weight(512, n) for n in (512, 128, 128))
+    weights = (q, k, v)
+    biases = (bq, bk, bv) if bias else (None, None, None)
+    gen = torch.Generator().manual_seed(2)
+    rng = random.Random(1)
+    with torch_threads(threads), torch.no_grad():
+        x = torch.randn(5, 512, generator=gen)
+        outs = gemm.linear_cat(x, weights, biases)
+        assert [o.shape for o in outs] == [(5, 512), (5, 128), (5, 128)]
+        for out, w, b in zip(outs, weights, biases):
+            assert torch.allclose(out, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+        def fused(rows: torch.Tensor) -> torch.Tensor:
+            return torch.cat(gemm.linear_cat(rows, weights, biases), dim=-1)
+
+        padding = invariance.find_padding(fused, lambda n: torch.randn(n, 512, generator=gen), 64)
+        assert padding is not None, "the fused projection is batch-invariant at no tested padding here"
+        for _ in range(8):
+            row = torch.randn(1, 512, generator=gen)
+            alone = fused(_pad(row, *padding))[0]
+            size, batch = rng.randint(2, 40), torch.randn(40, 512, generator=gen)
+            offset = rng.randrange(size)
+            batch[offset] = row[0]
+            assert torch.equal(fused(_pad(batch[:size], *padding))[offset], alone)
+
+        before = gemm.linear_cat(x, weights, biases)[1]
+        k.mul_(-1)  # one part changed in place: the fused weight is built again
+        after = gemm.linear_cat(x, weights, biases)[1]
+        expected = -before + 2 * bk if bias else -before
+        assert torch.allclose(after, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_projections_run_separately_where_weights_are_not_packed(monkeypatch):
+    monkeypatch.setattr(gemm, "PACK", False)
+    weights = tuple(make_weight(512, n)[0] for n in (512, 128))
+    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        outs = gemm.linear_cat(x, weights, (None, None))
+        assert all(torch.equal(o, gemm.linear(x, w)) for o, w in zip(outs, weights))

@@ -65,6 +65,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rounds", type=int, default=2, help="rounds of the batch and placement comparisons (default 2)"
     )
+    parser.add_argument(
+        "--single-rounds",
+        type=int,
+        default=6,
+        help="rounds of the single-request decode comparison (default 6; a round takes seconds)",
+    )
     parser.add_argument("--prefill-chunk", type=int, default=128, help="engine prefill chunk (default 128)")
     parser.add_argument(
         "--overhead-requests", type=int, default=32, help="BE requests of the overhead part (default 32)"
@@ -83,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--skip: unknown parts {sorted(unknown)}; choose from {','.join(PARTS)}")
     if args.overhead_requests < 1:
         raise ValueError("--overhead-requests must be at least 1")
+    if args.rounds < 1 or args.single_rounds < 1:
+        raise ValueError("--rounds and --single-rounds must be at least 1")
     import structlog
 
     structlog.configure(
@@ -129,8 +137,8 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
                 result["be_tokens_per_s_vs_fcfs"] = result["be_tokens_per_s"] / base["be_tokens_per_s"]
     if "batch32" not in skip:
         prompts = [prompt(args.be_prompt) for _ in range(args.batch)]
-        out["batch32"] = await _batch_decode(model, prompts, args)
-        out["single"] = await _batch_decode(model, prompts[:1], args)
+        out["batch32"] = await _batch_decode(model, prompts, args, args.rounds)
+        out["single"] = await _batch_decode(model, prompts[:1], args, args.single_rounds)
     if "overhead" not in skip:
         out["overhead"] = await _overheads(
             model, [prompt(args.be_prompt) for _ in range(args.overhead_requests)], args
@@ -194,14 +202,16 @@ async def _mixed(model: Any, policy: str, be_prompts, ls_prompts, args) -> dict[
     }
 
 
-async def _batch_decode(model: Any, prompts: list[list[int]], args) -> dict[str, Any]:
+async def _batch_decode(model: Any, prompts: list[list[int]], args, rounds: int) -> dict[str, Any]:
+    """Decode tokens/s of the engine and of ``model.generate`` on ``prompts``, ``rounds`` rounds
+    after an unmeasured warm-up of both, alternating which goes first; the ratio is the median of
+    the rounds' ratios (each round's two runs are seconds apart, so drift of the machine cancels)."""
     import torch
 
     from qllm.kernel.engine import Engine
 
     n = args.batch_tokens
     ids = torch.tensor(prompts)
-    engine_rates, hf_rates = [], []
 
     def hf_generate(tokens: int) -> tuple[float, torch.Tensor]:
         t = time.perf_counter()
@@ -212,29 +222,46 @@ async def _batch_decode(model: Any, prompts: list[list[int]], args) -> dict[str,
             )  # fmt: skip
         return time.perf_counter() - t, out[:, ids.shape[1] :]
 
-    same = None
+    def hf_rate() -> tuple[float, torch.Tensor]:
+        t1, _ = hf_generate(1)
+        tn, out = hf_generate(n)
+        return len(prompts) * (n - 1) / max(tn - t1, 1e-9), out
+
+    async def engine_rate() -> tuple[float, list[list[int]]]:
+        handles = [engine.submit(p, max_tokens=n, ignore_eos=True) for p in prompts]
+        results = [await h.result() for h in handles]
+        first = max(r.first_token for r in results)
+        last = max(r.finished for r in results)
+        return len(prompts) * (n - 1) / (last - first), [r.token_ids for r in results]
+
+    engine_rates, hf_rates, same = [], [], True
     async with Engine(
         model=model, policy="fcfs", max_batch=len(prompts), prefill_chunk=args.prefill_chunk
     ) as engine:
-        for _ in range(args.rounds):
-            handles = [engine.submit(p, max_tokens=n, ignore_eos=True) for p in prompts]
-            results = [await h.result() for h in handles]
-            first = max(r.first_token for r in results)
-            last = max(r.finished for r in results)
-            engine_rates.append(len(prompts) * (n - 1) / (last - first))
-            t1, _ = hf_generate(1)
-            tn, out = hf_generate(n)
-            hf_rates.append(len(prompts) * (n - 1) / max(tn - t1, 1e-9))
-            same = out.tolist() == [r.token_ids for r in results]
-    e, h = statistics.median(engine_rates), statistics.median(hf_rates)
+        await asyncio.gather(*(engine.generate(p, max_tokens=2, ignore_eos=True) for p in prompts))
+        hf_generate(2)
+        for i in range(rounds):
+            if i % 2:
+                h, out = hf_rate()
+                e, tokens = await engine_rate()
+            else:
+                e, tokens = await engine_rate()
+                h, out = hf_rate()
+            engine_rates.append(e)
+            hf_rates.append(h)
+            same = same and out.tolist() == tokens
+    ratios = [e / h for e, h in zip(engine_rates, hf_rates)]
     return {
         "batch": len(prompts),
         "tokens_per_request": n,
-        "engine_decode_tokens_per_s": e,
-        "transformers_decode_tokens_per_s": h,
-        "ratio": e / h,
+        "rounds": rounds,
+        "engine_decode_tokens_per_s": statistics.median(engine_rates),
+        "transformers_decode_tokens_per_s": statistics.median(hf_rates),
+        "ratio": statistics.median(ratios),
+        "ratio_min_max": [min(ratios), max(ratios)],
         "tokens_equal": same,
-        "note": "transformers decode time = generate(n) - generate(1); engine = first to last token",
+        "note": "transformers decode time = generate(n) - generate(1); engine = first to last token; "
+        "ratio = median over rounds of engine / transformers",
     }
 
 

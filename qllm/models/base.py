@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from qllm import __version__ as qllm_version
 from qllm.cache import KVCache, append_all
 from qllm.models import gemm, invariance
-from qllm.models.gemm import linear
+from qllm.models.gemm import linear, linear_cat
 from qllm.models.passes import Partial, Pass
 from qllm.ops import Op, OpKind
 
@@ -125,9 +125,11 @@ class MoEModel:
     def qkv(self, attn: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Query, key, value of rows ``x`` before rotary: ``[N, heads, head_dim]`` each."""
         n = x.shape[0]
-        q = linear(x, attn.q_proj.weight, attn.q_proj.bias).view(n, -1, self.head_dim)
-        k = linear(x, attn.k_proj.weight, attn.k_proj.bias).view(n, -1, self.head_dim)
-        v = linear(x, attn.v_proj.weight, attn.v_proj.bias).view(n, -1, self.head_dim)
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+        q, k, v = (
+            t.view(n, -1, self.head_dim)
+            for t in linear_cat(x, tuple(p.weight for p in projections), tuple(p.bias for p in projections))
+        )
         if hasattr(attn, "q_norm"):  # per-head norm (Qwen3-MoE)
             q, k = attn.q_norm(q), attn.k_norm(k)
         return q, k, v
@@ -527,7 +529,7 @@ class MoEModel:
         if first is None:
             x, weights, indices, sizes = self._route(ops)
             out = torch.zeros_like(x)
-            experts = torch.unique(indices).tolist()
+            start = 0
         else:  # resuming stopped ops: their routing and partial sums, from their next expert on
             parts = [op.partial for op in ops]
             if len(parts) == 1:  # the sums accumulate in place: the pass's own tensor stays as it was
@@ -538,16 +540,23 @@ class MoEModel:
                     for name in ("x", "weights", "indices", "out")
                 )
             sizes = [op.rows for op in ops]
-            experts = [e for e in torch.unique(indices).tolist() if e >= first.next_expert]
-        for j, e in enumerate(experts):
-            rows, slots = (indices == e).nonzero(as_tuple=True)
-            y = self._run_expert([Op(OpKind.EXPERT, layer, x[rows], expert=e, weight=weights[rows, slots])])[
-                0
-            ]
-            out.index_put_((rows,), y, accumulate=True)
+            start = first.next_expert
+        experts = _expert_rows(indices.tolist(), start)
+        for j, (e, rows, slots) in enumerate(experts):
+            if len(rows) == 1:  # a lone row: views, no gather or scatter (the same sums)
+                r, s = rows[0], slots[0]
+                y = self._run_expert(
+                    [Op(OpKind.EXPERT, layer, x[r : r + 1], expert=e, weight=weights[r, s : s + 1])]
+                )
+                out[r : r + 1] += y[0]
+            else:
+                at = torch.tensor(rows, device=x.device)
+                w = weights[at, torch.tensor(slots, device=x.device)]
+                y = self._run_expert([Op(OpKind.EXPERT, layer, x.index_select(0, at), expert=e, weight=w)])
+                out.index_put_((at,), y[0], accumulate=True)
             if stop is not None and j + 1 < len(experts) and stop():
                 parts = zip(*(self._split(t, sizes) for t in (x, weights, indices, out)))
-                return [Partial(*p, next_expert=experts[j + 1]) for p in parts]
+                return [Partial(*p, next_expert=experts[j + 1][0]) for p in parts]
         shared = self._run_shared([Op(OpKind.SHARED, layer, x)])[0] if self.has_shared(block) else None
         outs = self._split(out, sizes)
         shareds = self._split(shared, sizes) if shared is not None else [None] * len(sizes)
@@ -563,6 +572,19 @@ class MoEModel:
     def _run_head(self, ops: list[Op]) -> list[torch.Tensor]:
         x, sizes = self._rows(ops)
         return self._split(self.logits(x), sizes)
+
+
+def _expert_rows(indices: list[list[int]], start: int = 0) -> list[tuple[int, list[int], list[int]]]:
+    """The experts that rows routed to (``indices``: each row's top-k), ascending from ``start``:
+    ``(expert, rows, slots)``: the rows in order, each with the top-k slot that chose the expert."""
+    chosen: dict[int, tuple[list[int], list[int]]] = {}
+    for row, picks in enumerate(indices):
+        for slot, e in enumerate(picks):
+            if e >= start:
+                rows, slots = chosen.setdefault(e, ([], []))
+                rows.append(row)
+                slots.append(slot)
+    return [(e, *chosen[e]) for e in sorted(chosen)]
 
 
 def _by_row(results: list[Any]) -> list[torch.Tensor]:

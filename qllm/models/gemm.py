@@ -28,6 +28,9 @@ invariance holds. The kernels round differently (about 1e-6 relative), well insi
 executor's exactness bound. tests/test_gemm.py checks the invariance (at the probed padding) and
 the closeness on the machine it runs on.
 
+:func:`linear_cat` runs projections of one input (a layer's query, key and value) as one GEMM
+over their packed concatenation: one call, one stream through the weights.
+
 A packed weight is a second copy of the weight, made when the model loads (or on the first use of
 a weight not seen then) and kept while the weight lives; a weight changed in place (or given new
 data) is packed again. ``QLLM_PACK_WEIGHTS=0`` in the
@@ -108,6 +111,62 @@ def pack_all(module: torch.nn.Module) -> int:
                     packed(view)
                     count += 1
     return count
+
+
+_fused: WeakIdKeyDictionary = WeakIdKeyDictionary()
+"""first weight -> (stamps of all the weights, their concatenation as :func:`linear` runs it)"""
+
+
+def _stamp(weight: torch.Tensor) -> tuple[int, int] | None:
+    base = weight if weight._base is None else weight._base
+    try:
+        return base._version, weight.data_ptr()
+    except RuntimeError:  # an inference tensor has no version counter
+        return None
+
+
+def linear_cat(
+    x: torch.Tensor, weights: tuple[torch.Tensor, ...], biases: tuple[torch.Tensor | None, ...]
+) -> list[torch.Tensor]:
+    """:func:`linear` of rows ``x`` with each of ``weights`` (projections of one input, such as a
+    layer's query, key and value), as one GEMM over their concatenation where oneDNN packs it.
+
+    One call reads the weights in one stream and pays one call's overhead; each output element is
+    still its own dot product over ``x``'s row. The concatenation is packed once and cached while
+    every weight is unchanged (the separate packed copies are dropped: they would only cost
+    memory). Elsewhere each weight runs on its own, exactly as :func:`linear`."""
+    stamps = tuple(_stamp(w) for w in weights)
+    fusable = (
+        PACK
+        and x.dim() == 2
+        and not torch.is_grad_enabled()
+        and None not in stamps
+        and all(w.dim() == 2 and w.shape[1] == weights[0].shape[1] and w.dtype == x.dtype for w in weights)
+        and (all(b is None for b in biases) or all(b is not None for b in biases))
+    )
+    if fusable:
+        entry = _fused.get(weights[0])
+        if entry is None or entry[0] != stamps:
+            entry = _fused[weights[0]] = (stamps, _pack_cat(weights))
+        if entry[1] is not None:
+            bias = None if biases[0] is None else torch.cat(biases)
+            y = torch.ops.mkldnn._linear_pointwise(x.contiguous(), entry[1], bias, "none", [], "")
+            return list(y.split([w.shape[0] for w in weights], dim=-1))
+    return [linear(x, w, b) for w, b in zip(weights, biases)]
+
+
+def _pack_cat(weights: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+    """The weights' concatenation packed for oneDNN, or None where it does not run there."""
+    cat = torch.cat(weights)
+    if not uses_onednn(cat):
+        return None
+    try:
+        fused = torch.ops.mkldnn._reorder_linear_weight(cat, PACK_BATCH)
+    except RuntimeError:  # oneDNN cannot pack it: the weights run separately
+        return None
+    for w in weights:
+        _packed.pop(w if w._base is None else w._base, None)
+    return fused
 
 
 def uses_onednn(weight: torch.Tensor) -> bool:

@@ -2,9 +2,9 @@
 
 Runs ``qllm bench`` with the arguments after ``--``, with the kernel instrumented from outside (the
 dispatcher's hooks and ``MoEModel.run`` are wrapped in this process; the tree is not changed),
-writes the trace as JSON and prints, for each engine of a qllm system that saw a best-effort
-request, in the order they ran (the bench's warm-up and probes first, then one cell per system and
-rate; the isolated-LS probes are left out):
+writes the trace as JSON and prints, for each engine of a qllm system that served more than one
+request, in the order they ran (the bench's warm-up and capacity probe first, then one cell per
+system and rate; the lone-request probes, decode step and isolated LS TTFT, are left out):
 
 - the time spent in ops, their count, and the span from the first op to the last;
 - that time split by who was in the op (LS requests only, best-effort only, both) and by rows;
@@ -89,14 +89,15 @@ def instrument() -> None:
 
 
 def cells(events: list[dict]) -> list[tuple[str, list[dict]]]:
-    """Events per engine that saw a best-effort arrival, in the order the engines ran."""
+    """Events per engine that served more than one request (a lone-request probe is no cell), in
+    the order the engines ran."""
     by_engine: dict[int, list[dict]] = defaultdict(list)
     for e in events:
         by_engine[e["engine"]].append(e)
     out = []
     for evs in by_engine.values():
         ops = [e for e in evs if e["e"] == "op"]
-        if ops and any(e["e"] == "arrive" and not e["ls"] for e in evs):
+        if ops and sum(e["e"] == "arrive" for e in evs) > 1:
             out.append((ops[0]["policy"], evs))
     return out
 
@@ -149,7 +150,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trace", required=True, help="where to write the trace (JSON)")
     parser.add_argument(
-        "--summarize", action="store_true", help="read the trace written earlier at --trace instead of running"
+        "--summarize",
+        action="store_true",
+        help="read the trace written earlier at --trace instead of running",
     )
     parser.add_argument("--slowest", type=int, default=0, help="show the N slowest LS first tokens per cell")
     parser.add_argument("bench", nargs=argparse.REMAINDER, help="-- then qllm bench's arguments")

@@ -527,3 +527,30 @@ def test_bench_repeat_writes_every_run_and_the_medians(tmp_path):
     )
     assert report.returncode == 0, report.stderr[-3000:]
     assert "2 runs of" in report.stdout and "median" in report.stdout
+
+
+def test_bench_trace_keeps_every_cell_and_leaves_out_lone_request_probes():
+    """scripts/bench_trace.py prints a cell per engine that served several requests, LS-only
+    ones included (``--only-class ls``); the lone-request yardstick probes are not cells."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "bench_trace.py"
+    spec = importlib.util.spec_from_file_location("bench_trace", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def engine(n: int, ids: list[tuple[str, bool]]) -> list[dict]:
+        arrivals = [{"e": "arrive", "engine": n, "t": 0.0, "id": i, "ls": ls, "prompt": 3} for i, ls in ids]
+        op = {"e": "op", "engine": n, "policy": "cohort", "t": 0.0, "s": 0.01, "kind": "MOE", "layer": 0,
+              "expert": -1, "rows": len(ids), "members": [(i, ls, True) for i, ls in ids]}  # fmt: skip
+        return [*arrivals, op]
+
+    events = [
+        *engine(0, [("req-1", True)]),  # an isolated-LS probe
+        *engine(1, [("req-2", True), ("req-3", True)]),  # a cell of LS requests only
+        *engine(2, [("req-4", True), ("req-5", False), ("req-6", False)]),  # a mixed cell
+    ]
+    cells = module.cells(events)
+    assert [len([e for e in evs if e["e"] == "arrive"]) for _, evs in cells] == [2, 3]
+    assert module.summary(*cells[0])["by_members"]["ls-only"]["ops"] == 1

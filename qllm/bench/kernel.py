@@ -8,8 +8,10 @@ Prints one JSON object with four parts, all measured side by side in one run:
   the isolated LS TTFT (the same LS request alone on the idle engine), BE tokens/s and its ratio
   to ``fcfs``, and the op durations seen (the one-expert-op yardstick of the preemption latency).
 - ``batch32``: decode tokens/s of 32 requests batched by the engine versus transformers
-  ``model.generate`` with a static batch of 32 (same prompts, greedy, fixed length), alternating;
-  beside it ``single``: the same comparison for one request (a batch of 1, the first prompt).
+  ``model.generate`` with a static batch of 32 (same prompts, greedy, fixed length), after a
+  warm-up of both, in ``--rounds`` rounds that alternate which side goes first; ``ratio`` is the
+  median of the rounds' ratios (``ratio_min_max`` their range). Beside it ``single``: the same
+  comparison for one request (a batch of 1, the first prompt), over ``--single-rounds`` rounds.
 - ``overhead``: ``--overhead-requests`` BE requests on an idle engine under ``fcfs`` and under the
   default policy (compute mode the engine's default): the time the kernel spends between one
   batched op and the next while busy (median/p99 in us and the number of gaps, from the kernel's

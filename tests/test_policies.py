@@ -275,6 +275,31 @@ def test_cohort_oldest_ls_leads_and_newer_ones_within_a_layer_join_it():
     ]
 
 
+def test_cohort_pairs_lets_an_early_second_ls_request_catch_up_and_a_late_one_wait():
+    """With ``pairs``, the next LS request catches up with the lead where the two passes are then
+    predicted to end with a lower worse ratio to each one's pass alone; else it waits its turn."""
+    costs = linear_costs(OpKind.MOE, 0.008, 0.0005)  # 10 ms at 4 rows, 12 ms at 8
+    for n in (4, 8, 16, 32, 64):
+        costs.record(OpKind.ATTENTION, n, 0.005)
+    costs.record(OpKind.HEAD, 1, 0.010)
+
+    def decide(pairs: bool, layer: int, now: float) -> list[str]:
+        second = make_request("ls-new", "ls", op=ATTN0, arrival=now - 0.005, rows=4)
+        policy = CohortPolicy(pairs=pairs)
+        policy.layers = 8
+        lead = make_request("ls-old", "ls", op=(OpKind.ATTENTION, layer, -1), rows=4, at_boundary=False)
+        policy.solo_s["ls-old"] = layer * 0.015  # its ops so far, alone
+        return ids(policy.select(make_kernel([second, lead], now=now, costs=costs)))
+
+    # The second arrived 5 ms ago. Lead 2 layers in: waiting would give the second 1.81x its
+    # pass alone; catching up 30 ms and sharing 6 layers (17 ms each) ends both at 1.32x at worst.
+    assert decide(pairs=True, layer=2, now=0.030) == ["ls-new"]
+    assert decide(pairs=False, layer=2, now=0.030) == ["ls-old"]
+    # Lead 7 layers in: catching up would cost it 105 ms (1.82x); the second waits (1.23x).
+    assert decide(pairs=True, layer=7, now=0.105) == ["ls-old"]
+    assert CohortPolicy().pairs is False and load_policy("cohort:pairs=true").pairs is True
+
+
 def test_cohort_slack_covers_the_whole_pass_of_the_lead():
     """With grouped MoE ops measured, the lead's slack is ``stretch`` times its whole pass alone
     (predicted), less the time since it arrived and the rest of its pass alone: it can be spent

@@ -55,10 +55,11 @@ def cohort_position(r: RequestView) -> tuple:
 class CohortPolicy(Policy):
     name = "cohort"
 
-    def __init__(self, stretch: float = 1.0):
+    def __init__(self, stretch: float = 1.0, pairs: bool = False):
         if stretch < 1:
             raise ValueError("stretch must be >= 1 (the LS op's own time is the least it can take)")
         self.stretch = stretch
+        self.pairs = pairs  # the next LS request catches up with the lead where that lowers the worse ratio
         self.layers = 0  # layers of the model, as seen in the ops so far
         self.solo_s: dict[str, float] = {}  # LS request -> predicted time of its ops run so far, alone
 
@@ -141,6 +142,10 @@ class CohortPolicy(Policy):
             primary = [r for r in close if r.op_key == key][: kernel.max_batch]
             others = [r for r in self.members(key, ready, kernel) if r not in primary]
             return self._fit(primary, others, kernel, slack)
+        if self.pairs:
+            second = next((r for r in leads[1:] if r.progress_key < lead.progress_key), None)
+            if second is not None and self.pair_gains(lead, second, kernel):
+                return [r for r in leads if r.op_key == second.op_key][: kernel.max_batch]
         behind = {r.id: r for r in reached}
         behind.update((r.id, r) for r in leads if r.progress_key < lead.progress_key)
         if not behind or slack <= 0:
@@ -193,6 +198,45 @@ class CohortPolicy(Policy):
         layers = max(self.layers - lead.progress_key[0], 1)
         head = kernel.costs.predict(OpKind.HEAD, 1) or 0.0
         return layers * (attention + moe) - (attention if kind is OpKind.MOE else 0.0) + head
+
+    def rest_s(self, kind: OpKind, layer: int, rows: int, kernel: KernelView) -> float | None:
+        """Predicted time of a pass's ops of ``rows`` rows alone, from op ``kind`` of ``layer``
+        through the head (None: an op kind not measured yet)."""
+        head = kernel.costs.predict(OpKind.HEAD, 1)
+        if kind is OpKind.HEAD:
+            return head
+        attention = kernel.costs.predict(OpKind.ATTENTION, rows)
+        moe = kernel.costs.predict(OpKind.MOE, rows)
+        if attention is None or moe is None or head is None or kind not in (OpKind.ATTENTION, OpKind.MOE):
+            return None
+        layers = max(self.layers - layer, 1)
+        return layers * (attention + moe) - (attention if kind is OpKind.MOE else 0.0) + head
+
+    def pair_gains(self, lead: RequestView, second: RequestView, kernel: KernelView) -> bool:
+        """Whether ``second`` (an LS request behind ``lead``, both waiting for their first token)
+        catching up with ``lead`` alone and then sharing its ops is predicted to end the two
+        passes with a lower worse ratio of TTFT to the request's own pass alone than ``lead``
+        finishing first. Catching up costs ``lead`` the time ``second`` takes to reach it, and
+        shared ops take longer; waiting costs ``second`` the rest of ``lead``'s pass."""
+        layer, kind = self._layer(lead), lead.op_kind
+        lead_rest = self.rest_s(kind, layer, lead.rows, kernel)
+        second_rest = self.rest_s(second.op_kind, self._layer(second), second.rows, kernel)
+        second_from_lead = self.rest_s(kind, layer, second.rows, kernel)
+        shared = self.rest_s(kind, layer, lead.rows + second.rows, kernel)
+        if None in (lead_rest, second_rest, second_from_lead, shared):
+            return False
+        now = kernel.now
+        lead_alone = self.solo_s.get(lead.id, 0.0) + lead_rest
+        second_alone = self.solo_s.get(second.id, 0.0) + second_rest
+        if lead_alone <= 0 or second_alone <= 0:
+            return False
+        one_by_one = max(
+            (now + lead_rest - lead.arrival) / lead_alone,
+            (now + lead_rest + second_rest - second.arrival) / second_alone,
+        )
+        end = now + (second_rest - second_from_lead) + shared
+        together = max((end - lead.arrival) / lead_alone, (end - second.arrival) / second_alone)
+        return together < one_by_one
 
     def slack_s(self, lead: RequestView, kernel: KernelView) -> float:
         """What ``lead`` may still spend on others (riders, requests catching up): ``stretch``

@@ -28,6 +28,11 @@ waiting for its first token may spend ``stretch - 1`` times its own time on ride
 for the cohort. At 1.0 it spends only what it gained by running faster than the cost model
 predicted: LS prefill runs alone as a rule (LS requests within a layer of each other still
 batch), and the best-effort cohort waits whole instead of being split by riders.
+``pairs`` (default off, ``--policy cohort:pairs=true``): the next LS request waiting for its first
+token catches up with the lead alone, then shares its ops, where the cost model predicts a lower
+worse ratio of TTFT to each one's pass alone than the lead finishing first. On a 2-core CPU it
+made the LS tail worse (docs/benchmarks.md, run S): shared ops cost more than their rows predict.
+
 Measured side by side on a 2-core CPU (docs/benchmarks.md, run N), 1.0 gave an LS TTFT p99 of
 1.3-1.6x the isolated one against 1.5-2.4x at 1.3, for about the same best-effort throughput:
 on a CPU a MoE op's time grows with the experts its rows use, so riders cost an LS op far more

@@ -79,10 +79,8 @@ def packed(weight: torch.Tensor) -> torch.Tensor:
     lives unchanged (views of one tensor, such as one expert's slice of a fused expert weight, are
     cached under that tensor). A weight oneDNN cannot pack runs unpacked, always: each weight keeps
     one kernel, as invariance needs."""
-    base = weight if weight._base is None else weight._base
-    try:
-        stamp = (base._version, base.data_ptr())
-    except RuntimeError:  # an inference tensor has no version counter: do not cache it
+    base, stamp = _base(weight), _stamp(weight)
+    if stamp is None:  # an inference tensor has no version counter: do not cache it
         return weight
     entry = _packed.get(base)
     if entry is None or entry[0] != stamp:
@@ -117,11 +115,18 @@ _fused: WeakIdKeyDictionary = WeakIdKeyDictionary()
 """first weight -> (stamps of all the weights, their concatenation as :func:`linear` runs it)"""
 
 
+def _base(weight: torch.Tensor) -> torch.Tensor:
+    """The tensor that owns ``weight``'s storage (``weight`` itself unless it is a view)."""
+    return weight if weight._base is None else weight._base
+
+
 def _stamp(weight: torch.Tensor) -> tuple[int, int] | None:
-    base = weight if weight._base is None else weight._base
+    """``(version, data pointer)`` of ``weight``'s base: it changes when the weight is changed in
+    place or given new data. None for an inference tensor, which has no version counter."""
+    base = _base(weight)
     try:
-        return base._version, weight.data_ptr()
-    except RuntimeError:  # an inference tensor has no version counter
+        return base._version, base.data_ptr()
+    except RuntimeError:
         return None
 
 
@@ -165,7 +170,7 @@ def _pack_cat(weights: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
     except RuntimeError:  # oneDNN cannot pack it: the weights run separately
         return None
     for w in weights:
-        _packed.pop(w if w._base is None else w._base, None)
+        _packed.pop(_base(w), None)
     return fused
 
 

@@ -193,28 +193,20 @@ class CohortPolicy(Policy):
     def remaining_s(self, lead: RequestView, kernel: KernelView) -> float | None:
         """Predicted time of ``lead``'s ops alone from its next op through its pass's head (None:
         op kinds of its pass not measured yet, e.g. with per-expert MoE ops)."""
-        kind, rows = lead.op_kind, lead.rows
+        return self.rest_s(lead.op_kind, lead.progress_key[0], lead.rows, kernel)
+
+    def rest_s(self, kind: OpKind, layer: int, rows: int, kernel: KernelView) -> float | None:
+        """Predicted time of a pass's ops of ``rows`` rows alone, from op ``kind`` of ``layer``
+        through the head (None: attention or MoE ops not measured yet; an unmeasured head counts
+        as nothing)."""
         if kind is OpKind.HEAD:
             return kernel.costs.predict(kind, rows)
         attention = kernel.costs.predict(OpKind.ATTENTION, rows)
         moe = kernel.costs.predict(OpKind.MOE, rows)
         if attention is None or moe is None or kind not in (OpKind.ATTENTION, OpKind.MOE):
             return None
-        layers = max(self.layers - lead.progress_key[0], 1)
-        head = kernel.costs.predict(OpKind.HEAD, 1) or 0.0
-        return layers * (attention + moe) - (attention if kind is OpKind.MOE else 0.0) + head
-
-    def rest_s(self, kind: OpKind, layer: int, rows: int, kernel: KernelView) -> float | None:
-        """Predicted time of a pass's ops of ``rows`` rows alone, from op ``kind`` of ``layer``
-        through the head (None: an op kind not measured yet)."""
-        head = kernel.costs.predict(OpKind.HEAD, 1)
-        if kind is OpKind.HEAD:
-            return head
-        attention = kernel.costs.predict(OpKind.ATTENTION, rows)
-        moe = kernel.costs.predict(OpKind.MOE, rows)
-        if attention is None or moe is None or head is None or kind not in (OpKind.ATTENTION, OpKind.MOE):
-            return None
         layers = max(self.layers - layer, 1)
+        head = kernel.costs.predict(OpKind.HEAD, 1) or 0.0
         return layers * (attention + moe) - (attention if kind is OpKind.MOE else 0.0) + head
 
     def pair_gains(self, lead: RequestView, second: RequestView, kernel: KernelView) -> bool:
@@ -228,7 +220,7 @@ class CohortPolicy(Policy):
         second_rest = self.rest_s(second.op_kind, self._layer(second), second.rows, kernel)
         second_from_lead = self.rest_s(kind, layer, second.rows, kernel)
         shared = self.rest_s(kind, layer, lead.rows + second.rows, kernel)
-        if None in (lead_rest, second_rest, second_from_lead, shared):
+        if None in (lead_rest, second_rest, second_from_lead, shared, kernel.costs.predict(OpKind.HEAD, 1)):
             return False
         now = kernel.now
         lead_alone = self.solo_s.get(lead.id, 0.0) + lead_rest

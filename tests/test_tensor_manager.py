@@ -15,6 +15,7 @@ from kernel_helpers import Recorder, greedy
 import qllm
 from qllm.cache import KVCache
 from qllm.kernel.tensors import TensorManager
+from qllm.kernel.view import MemoryView
 from qllm.models import load_model
 from qllm.policies import load_policy
 
@@ -61,6 +62,20 @@ def test_accounting_follows_register_and_release():
     tm.release("a")  # releasing twice is harmless
     tm.release("b")
     assert tm.resident_bytes == 0 and tm.stats()["requests"] == 0
+
+
+def test_policy_memory_view_reads_the_tensor_manager_when_asked():
+    tm = TensorManager("cpu", 1 << 20)
+    view = MemoryView.of(tm)
+    assert (view.budget_bytes, view.resident_bytes, view.offloaded_bytes) == (1 << 20, 0, 0)
+    a = filled_cache(10)
+    tm.register("a", a)  # after the view was made: a policy holding it sees the current figure
+    assert view.resident_bytes == tm.resident_bytes == a.nbytes > 0
+    tm.release("a")
+    assert view.resident_bytes == 0
+    fixed = MemoryView(None, 5, 7)  # from numbers (tests, plugins): a snapshot
+    assert (fixed.budget_bytes, fixed.resident_bytes, fixed.offloaded_bytes) == (None, 5, 7)
+    assert "resident_bytes=5" in repr(fixed)
 
 
 def hybrid_cache(tokens: int, device: str = "cpu", seed: int = 0) -> KVCache:

@@ -347,9 +347,7 @@ class Dispatcher:
             waiting=[views[r.id] for r in self.waiting],
             live=list(live),
             max_batch=self.max_batch,
-            memory=MemoryView(
-                self.tensors.budget_bytes, self.tensors.resident_bytes, self.tensors.offloaded_bytes
-            ),
+            memory=MemoryView.of(self.tensors),
             costs=self._cost_view,
         )
 

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from qllm.kernel.costs import OpCosts
 from qllm.kernel.request import Phase, PriorityClass, Request, RequestStatus
 from qllm.ops import OpKind
+
+if TYPE_CHECKING:
+    from qllm.kernel.tensors import TensorManager
 
 
 class RequestView:
@@ -75,11 +79,43 @@ class RequestView:
         return f"<RequestView {self.id} {self.priority_class} {self.phase} {self.status.label} op={self._r.pending}>"
 
 
-@dataclass(frozen=True)
 class MemoryView:
-    budget_bytes: int | None
-    resident_bytes: int
-    offloaded_bytes: int
+    """The kernel's memory: the budget, and the bytes of request state resident and offloaded.
+
+    Built from numbers (``MemoryView(budget, resident, offloaded)``, a fixed snapshot) or with
+    :meth:`of` from the tensor manager, whose figures it reads when a policy asks (summing every
+    cache's buffers costs time at each decision, and most policies never ask)."""
+
+    __slots__ = ("_budget", "_offloaded", "_resident", "_tensors")
+
+    def __init__(self, budget_bytes: int | None, resident_bytes: int, offloaded_bytes: int):
+        self._budget, self._resident, self._offloaded = budget_bytes, resident_bytes, offloaded_bytes
+        self._tensors = None
+
+    @classmethod
+    def of(cls, tensors: TensorManager) -> MemoryView:
+        """A live view of ``tensors``: each figure read when asked."""
+        view = cls(tensors.budget_bytes, 0, 0)
+        view._tensors = tensors
+        return view
+
+    @property
+    def budget_bytes(self) -> int | None:
+        return self._budget
+
+    @property
+    def resident_bytes(self) -> int:
+        return self._resident if self._tensors is None else self._tensors.resident_bytes
+
+    @property
+    def offloaded_bytes(self) -> int:
+        return self._offloaded if self._tensors is None else self._tensors.offloaded_bytes
+
+    def __repr__(self) -> str:
+        return (
+            f"MemoryView(budget_bytes={self.budget_bytes}, resident_bytes={self.resident_bytes}, "
+            f"offloaded_bytes={self.offloaded_bytes})"
+        )
 
 
 class CostView:

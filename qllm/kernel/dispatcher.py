@@ -32,7 +32,7 @@ from typing import Any
 import structlog
 import torch
 
-from qllm.generation import decode, finish_text, generation_passes, stop_index
+from qllm.generation import TextDecoder, finish_text, generation_passes, stop_index
 from qllm.kernel.compute import Compute
 from qllm.kernel.costs import OpCosts
 from qllm.kernel.request import Request, RequestResult, RequestStatus
@@ -327,7 +327,9 @@ class Dispatcher:
             request.first_token = now
         request.token_times.append(now)
         request.token_ids.append(token_id)
-        text = decode(self.model, request.token_ids)
+        if request.text is None:
+            request.text = TextDecoder(self.model)
+        text = request.text.push(token_id)
         stops = request.params.stop
         cut = stop_index(text, stops) if stops else None
         if cut is not None:

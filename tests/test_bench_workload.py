@@ -502,6 +502,41 @@ def test_repeated_runs_combine_as_medians_with_their_range():
     assert median_tree([{"v": None}, {"v": 2.0}, {"v": 4.0}]) == {"v": 3.0}
 
 
+def test_per_rate_median_takes_each_rates_median_before_the_worst_rate():
+    # Noise that hits a different rate in each run drags every run's least ratio down; the
+    # median at each rate does not follow it.
+    from qllm.bench.repeat import median_tree, per_rate_median
+
+    def run(be: list[float], turn: list[float], p99: list[float]) -> dict:
+        return {"by_policy": {"cohort": {
+            "be_throughput_ratio": min(be), "be_throughput_ratio_by_rate": be,
+            "be_turnaround_ratio_by_rate": turn, "ls_ttft_p99_over_isolated": max(p99),
+            "ls_ttft_p99_over_isolated_by_rate": p99,
+        }}}  # fmt: skip
+
+    heads = [
+        run([0.8, 1.0], [1.0, 1.2], [1.2, 2.0]),
+        run([1.0, 0.8], [1.4, 1.2], [2.0, 1.2]),
+        run([1.0, 1.0], [1.2, 1.2], [1.2, 1.3]),
+    ]
+    head = median_tree(heads)
+    assert head["by_policy"]["cohort"]["be_throughput_ratio"] == 0.8  # the median of the runs' least
+    assert per_rate_median(head) == {
+        "cohort": {
+            "be_throughput_ratio": 1.0,
+            "be_turnaround_ratio_mean": 1.2,
+            "ls_ttft_p99_over_isolated": 1.3,
+        }
+    }
+    assert per_rate_median({"by_policy": {"cohort": {"be_throughput_ratio_by_rate": [None]}}}) == {
+        "cohort": {
+            "be_throughput_ratio": None,
+            "be_turnaround_ratio_mean": None,
+            "ls_ttft_p99_over_isolated": None,
+        }
+    }
+
+
 def test_bench_repeat_writes_every_run_and_the_medians(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "qllm", "bench", "--model", "tiny", "--rates", "30", "--requests", "4",
@@ -527,6 +562,10 @@ def test_bench_repeat_writes_every_run_and_the_medians(tmp_path):
     )
     assert report.returncode == 0, report.stderr[-3000:]
     assert "2 runs of" in report.stdout and "median" in report.stdout
+    pooled = result["per_rate_median"]["cohort"]
+    by_rate = result["headline"]["by_policy"]["cohort"]["be_throughput_ratio_by_rate"]
+    assert pooled["be_throughput_ratio"] == pytest.approx(min(by_rate), rel=1e-4)
+    assert "per-rate median" in report.stdout
 
 
 def test_bench_trace_keeps_every_cell_and_leaves_out_lone_request_probes():

@@ -63,6 +63,9 @@ def _policy_figures(cells, base: str, system: str, rates, isolated_p99: float | 
         rates, lambda r: ratio(_value(cells, system, r, "ls", "ttft_p99_s"), isolated_p99)
     )
     return {
+        "be_throughput_ratio_by_rate": be_tokens,
+        "be_turnaround_ratio_by_rate": be_turnaround,
+        "ls_ttft_p99_over_isolated_by_rate": p99_over_isolated,
         "ls_ttft_ratio_by_rate": ttft,
         "ls_ttft_ratio_mean": _agg(ttft, mean),
         "ls_ttft_ratio_max": _agg(ttft, max),

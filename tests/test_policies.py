@@ -324,6 +324,36 @@ def test_cohort_slack_covers_the_whole_pass_of_the_lead():
     assert ids(policy.select(make_kernel([lead, *cohort], now=0.060, costs=costs))) == ["ls"]
 
 
+def test_cohort_tail_lets_a_short_ls_request_take_riders_up_to_a_long_ones_pass_alone():
+    """With ``tail``, an LS request may take as long as the recent long LS requests' passes alone
+    (their 90th percentile, predicted): a short one lets the cohort ride its ops, a long one
+    still runs alone, and without ``tail`` the short one runs alone too."""
+    costs = linear_costs(OpKind.MOE, 0.002, 0.001)  # 6 ms at 4 rows, 66 ms at 64
+    for n in (4, 8, 16, 32, 64):
+        costs.record(OpKind.ATTENTION, n, 0.001 + 0.0001 * n)
+    costs.record(OpKind.HEAD, 1, 0.010)
+    cohort = [make_request(f"be{i}", decode=True, op=ATTN0, arrival=0.1 * i) for i in range(8)]
+
+    def first_batch(policy: CohortPolicy, rows: int, rid: str, now: float) -> list[str]:
+        ls = make_request(rid, "ls", op=ATTN0, arrival=now, rows=rows)
+        batch = ids(policy.select(make_kernel([*cohort, ls], now=now, costs=costs)))
+        policy.on_finish(ls, make_kernel([], costs=costs))
+        return batch
+
+    policy = CohortPolicy(tail=True)
+    policy.layers = 8
+    for i in range(9):  # long LS requests: each alone (its own pass is the tail)
+        assert first_batch(policy, 64, f"long{i}", now=1.0 + i) == [f"long{i}"]
+    # 8 layers of (66 + 7.4) ms + 10 ms head: the tail of recent passes alone is 597 ms.
+    assert max(policy.passes) == pytest.approx(8 * (0.066 + 0.0074) + 0.010)
+    # A short LS request (4 rows: 8 x 7.4 ms + 10 ms alone) takes the cohort along at its first op.
+    assert first_batch(policy, 4, "short", now=20.0) == ["short", *ids(cohort)]
+    plain = CohortPolicy()
+    plain.layers = 8
+    assert first_batch(plain, 4, "short", now=20.0) == ["short"]
+    assert load_policy("cohort:tail=true").tail is True and CohortPolicy().tail is False
+
+
 def test_cohort_riders_never_take_more_than_the_slack():
     costs = linear_costs(OpKind.EXPERT, 0.001, 0.0001)
     policy = CohortPolicy(stretch=1.3)

@@ -42,6 +42,7 @@ best-effort work ride.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -50,6 +51,11 @@ from qllm.kernel.view import KernelView, RequestView
 from qllm.ops import OpKind
 from qllm.policies.base import Policy
 from qllm.policies.fair import fair_order, fair_share
+
+TAIL_WINDOW = 64
+"""With ``tail``: how many recent LS requests' passes alone make the floor."""
+TAIL_QUANTILE = 0.9
+"""With ``tail``: which quantile of them is the floor."""
 
 
 def cohort_position(r: RequestView) -> tuple:
@@ -60,13 +66,16 @@ def cohort_position(r: RequestView) -> tuple:
 class CohortPolicy(Policy):
     name = "cohort"
 
-    def __init__(self, stretch: float = 1.0, pairs: bool = False):
+    def __init__(self, stretch: float = 1.0, pairs: bool = False, tail: bool = False):
         if stretch < 1:
             raise ValueError("stretch must be >= 1 (the LS op's own time is the least it can take)")
         self.stretch = stretch
         self.pairs = pairs  # the next LS request catches up with the lead where that lowers the worse ratio
+        self.tail = tail  # an LS request's budget is the tail of LS passes alone, not its own pass
         self.layers = 0  # layers of the model, as seen in the ops so far
         self.solo_s: dict[str, float] = {}  # LS request -> predicted time of its ops run so far, alone
+        self.passes: deque[float] = deque(maxlen=TAIL_WINDOW)  # recent LS passes alone, predicted (tail)
+        self.floor_s: dict[str, float] = {}  # LS request -> the tail of LS passes when it first led (tail)
 
     def leads(self, ready: Sequence[RequestView]) -> list[RequestView]:
         """LS requests still waiting for their first token, of the best rank, oldest first."""
@@ -86,6 +95,8 @@ class CohortPolicy(Policy):
         if not leads:
             return self.members(min(ready, key=cohort_position).op_key, ready, kernel)
         lead = leads[0]  # the oldest: a newer LS request never delays it beyond its slack
+        if self.tail:
+            self.note_passes(leads, kernel)
         slack = self.slack_s(lead, kernel)
         batch = self.catch_up(lead, leads, ready, kernel, slack)
         if not batch:
@@ -170,6 +181,21 @@ class CohortPolicy(Policy):
 
     def on_finish(self, request: RequestView, kernel: KernelView) -> None:
         self.solo_s.pop(request.id, None)
+        self.floor_s.pop(request.id, None)
+
+    def note_passes(self, leads: Sequence[RequestView], kernel: KernelView) -> None:
+        """With ``tail``: each LS request waiting for its first token, the first time it is seen
+        with a predictable pass, adds its predicted pass alone to the recent ones and takes their
+        ``TAIL_QUANTILE`` as its floor."""
+        for r in leads:
+            if r.id in self.floor_s or r.id in self.solo_s:
+                continue
+            whole = self.rest_s(OpKind.ATTENTION, 0, r.rows, kernel) if r.at_boundary else None
+            if whole is None:
+                continue
+            self.passes.append(whole)
+            ordered = sorted(self.passes)
+            self.floor_s[r.id] = ordered[min(len(ordered) - 1, int(TAIL_QUANTILE * len(ordered)))]
 
     def members(self, key, ready: Sequence[RequestView], kernel: KernelView) -> list[RequestView]:
         """Every ready request at op ``key``, most urgent first (clients in turn among equally urgent
@@ -245,15 +271,28 @@ class CohortPolicy(Policy):
             return 0.0
         rest = self.remaining_s(lead, kernel)
         rest = own if rest is None else max(rest, own)
-        return self.stretch * (self.solo_s.get(lead.id, 0.0) + rest) - (kernel.now - lead.arrival) - rest
+        target = max(self.solo_s.get(lead.id, 0.0) + rest, self.floor_s.get(lead.id, 0.0))
+        return self.stretch * target - (kernel.now - lead.arrival) - rest
 
     def budget_s(
-        self, kind: OpKind, lead_rows: int, kernel: KernelView, slack: float = float("inf")
+        self,
+        kind: OpKind,
+        lead_rows: int,
+        kernel: KernelView,
+        slack: float = float("inf"),
+        rest: float | None = None,
     ) -> float | None:
         """Longest predicted time an op led by ``lead_rows`` LS rows may take: ``stretch`` times
-        the LS rows alone, and never more than the lead's ``slack`` over that (None: not measured)."""
+        the LS rows alone, and never more than the lead's ``slack`` over that (None: not measured).
+        With ``tail``, at least this op's share of the slack (its part of ``rest``, the lead's
+        pass alone from this op on)."""
         alone = kernel.costs.predict(kind, lead_rows)
-        return None if alone is None else alone + max(0.0, min((self.stretch - 1) * alone, slack))
+        if alone is None:
+            return None
+        extra = (self.stretch - 1) * alone
+        if self.tail and rest and slack < float("inf"):
+            extra = max(extra, slack * alone / rest)
+        return alone + max(0.0, min(extra, slack))
 
     def fill(
         self,
@@ -271,7 +310,8 @@ class CohortPolicy(Policy):
         otherwise call some riders free).
         """
         kind = primary[0].op_kind
-        budget = self.budget_s(kind, sum(r.rows for r in primary), kernel, slack)
+        rest = self.remaining_s(primary[0], kernel) if self.tail else None
+        budget = self.budget_s(kind, sum(r.rows for r in primary), kernel, slack, rest)
         if budget is None or slack <= 0:  # a lead out of slack takes nobody along
             return list(primary)
         return self._fit(primary, riders, kernel, budget)

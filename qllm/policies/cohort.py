@@ -32,6 +32,10 @@ batch), and the best-effort cohort waits whole instead of being split by riders.
 token catches up with the lead alone, then shares its ops, where the cost model predicts a lower
 worse ratio of TTFT to each one's pass alone than the lead finishing first. On a 2-core CPU it
 made the LS tail worse (docs/benchmarks.md, run S): shared ops cost more than their rows predict.
+``tail`` (default off, ``--policy cohort:tail=true``): an LS request's target is the 90th
+percentile of recent LS requests' passes alone where that is longer than its own, so a short one
+lets best-effort work ride up to what a long one takes alone (docs/benchmarks.md, run V: more BE
+throughput on the default workload, a worse LS tail).
 
 Measured side by side on a 2-core CPU (docs/benchmarks.md, run N), 1.0 gave an LS TTFT p99 of
 1.3-1.6x the isolated one against 1.5-2.4x at 1.3, for about the same best-effort throughput:

@@ -122,6 +122,7 @@ class TextDecoder:
         self._ids: list[int] = []  # the ids the tokenizer knows (as decode keeps them)
         self._settled = ""  # the text of ids[:read]
         self._marks: deque[int] = deque([0], maxlen=self.CONTEXT)  # where the last settlements ended
+        self._known: str | None = None  # the text of the window's settled part (None: not decoded yet)
         self._tail = ""  # the provisional text of ids[read:]
 
     @property
@@ -138,7 +139,9 @@ class TextDecoder:
             self._settled = self._decode(ids)
             return self._settled
         start, read = self._marks[0], self._marks[-1]
-        window, known = self._decode(ids[start:]), self._decode(ids[start:read])
+        if self._known is None:  # the window moved: its settled part is decoded once per settlement
+            self._known = self._decode(ids[start:read])
+        window, known = self._decode(ids[start:]), self._known
         if window.startswith(known):
             tail = window[len(known) :]
         else:  # the window decodes differently from its parts: decode it all, once
@@ -147,6 +150,7 @@ class TextDecoder:
                 self._settled = ""
                 self._marks.clear()
                 self._marks.append(0)
+                self._known = None
             tail = whole[len(self._settled) :]
         if not tail or tail.endswith("\ufffd"):
             self._tail = tail
@@ -154,6 +158,7 @@ class TextDecoder:
         self._settled += tail
         self._tail = ""
         self._marks.append(len(ids))
+        self._known = None
         return self._settled
 
     def _decode(self, ids: list[int]) -> str:
@@ -208,10 +213,11 @@ def generation_passes(
     while True:
         token = sampler(logits)
         generated.append(token)
-        yield Token(token)
+        so_far = text.push(token)
+        yield Token(token, so_far)
         if token in eos:
             return StopReason.STOP
-        if params.stop and stop_index(text.push(token), params.stop) is not None:
+        if params.stop and stop_index(so_far, params.stop) is not None:
             return StopReason.STOP
         if len(generated) >= params.max_tokens:
             return StopReason.LENGTH

@@ -72,3 +72,4 @@ class Token:
     """Yielded by a request's generator when it has produced one output token (not compute)."""
 
     token_id: int
+    text: str = ""  # the text of the whole output so far, this token's included

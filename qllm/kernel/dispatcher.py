@@ -32,7 +32,7 @@ from typing import Any
 import structlog
 import torch
 
-from qllm.generation import TextDecoder, finish_text, generation_passes, stop_index
+from qllm.generation import finish_text, generation_passes, stop_index
 from qllm.kernel.compute import Compute
 from qllm.kernel.costs import OpCosts
 from qllm.kernel.request import Request, RequestResult, RequestStatus
@@ -297,7 +297,7 @@ class Dispatcher:
             while True:
                 item = steps.send(result)
                 if isinstance(item, Token):
-                    self._emit(request, item.token_id)
+                    self._emit(request, item.token_id, item.text)
                     result = None
                     continue
                 request.forward = item
@@ -321,15 +321,13 @@ class Dispatcher:
         )
         self._finish(request, RequestStatus.FINISHED_ERROR, error)
 
-    def _emit(self, request: Request, token_id: int) -> None:
+    def _emit(self, request: Request, token_id: int, text: str) -> None:
+        """Record ``token_id`` and stream the text it adds (``text``: the whole output so far)."""
         now = time.monotonic()
         if request.first_token is None:
             request.first_token = now
         request.token_times.append(now)
         request.token_ids.append(token_id)
-        if request.text is None:
-            request.text = TextDecoder(self.model)
-        text = request.text.push(token_id)
         stops = request.params.stop
         cut = stop_index(text, stops) if stops else None
         if cut is not None:

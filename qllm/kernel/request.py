@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qllm.cache import KVCache
-from qllm.generation import Forward, TextDecoder
+from qllm.generation import Forward
 from qllm.models.passes import Pass, Segment
 from qllm.ops import Op, Token
 from qllm.sampling import SamplingParams
@@ -100,7 +100,6 @@ class Request:
     preemptions: int = 0
     error: str | None = None
     streamed_text: str = ""
-    text: TextDecoder | None = None  # the text of token_ids, decoded as they come
     # Execution state, owned by the dispatcher.
     steps: Generator[Forward | Token, Any, Any] | None = None
     cache: KVCache | None = None

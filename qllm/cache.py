@@ -1,49 +1,169 @@
-"""Per-request cache: one preallocated, growable key and value buffer per attention layer, and
-the fixed-size recurrent state of each linear-attention layer."""
+"""Per-request cache: the keys and values of each attention layer, and the fixed-size recurrent
+state of each linear-attention layer.
+
+Keys and values live in one of two layouts, chosen when the cache is made:
+
+- **Growable buffers** (the default): one preallocated buffer per layer that doubles when full.
+  A layer's keys are a view of its buffer, with no copy; up to half of a buffer may be unused.
+- **Blocks** (a :class:`BlockPool`, ``Engine(kv_block_size=N)``): fixed-size blocks of ``N``
+  tokens, taken from a pool that all requests of an engine share and recycled when a request
+  ends. A request holds at most one partly filled block per layer, and the tensor manager counts,
+  offloads and restores its memory block by block. Attention reads a layer's blocks joined into
+  one tensor (a copy of the request's keys and values at each op, the price of the layout).
+
+Both layouts hand attention the same values in the same shape, so a request's output does not
+depend on the layout (tests/test_kv_blocks.py).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 
-class KVCache:
-    """Keys and values of one request, ``[kv_heads, capacity, head_dim]`` per layer. A layer's
-    buffers take the head count and widths of what is appended to it, so values may be wider than
-    keys (latent attention) and layers may differ (MiMo-V2-Flash).
+class BlockPool:
+    """Blocks of keys or values, ``[heads, block_size, width]`` each, shared by the caches of one
+    engine. A block holds ``block_size`` tokens of one layer's keys (or values) of one request.
+    Blocks given back are kept for reuse (:meth:`trim` frees them); every shape of block (layers
+    and keys and values may differ, e.g. latent attention) has its own free list."""
 
-    Capacity grows by doubling, so appending a token is amortised O(1). The tensor manager
-    (qllm/kernel/tensors.py) offloads and restores the buffers.
+    def __init__(self, block_size: int, dtype: torch.dtype, device: torch.device | str):
+        if block_size < 1:
+            raise ValueError("block_size must be >= 1 token")
+        self.block_size = block_size
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self._free: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self.in_use = 0
+        self.bytes_in_use = 0
+        self.free_bytes = 0
+        self.allocated = 0  # blocks made so far (a measure of the pool's churn)
+
+    def take(self, heads: int, width: int) -> torch.Tensor:
+        """A block for ``heads`` heads of ``width`` (a reused one where one is free; uninitialised)."""
+        free = self._free.get((heads, width))
+        if free:
+            block = free.pop()
+            self.free_bytes -= _nbytes(block)
+        else:
+            block = torch.empty(heads, self.block_size, width, dtype=self.dtype, device=self.device)
+            self.allocated += 1
+        self.in_use += 1
+        self.bytes_in_use += _nbytes(block)
+        return block
+
+    def give(self, blocks: Sequence[torch.Tensor]) -> None:
+        """Take back blocks that a cache no longer holds."""
+        for block in blocks:
+            self._free.setdefault((block.shape[0], block.shape[2]), []).append(block)
+            n = _nbytes(block)
+            self.in_use -= 1
+            self.bytes_in_use -= n
+            self.free_bytes += n
+
+    def drop(self, blocks: Sequence[torch.Tensor]) -> None:
+        """Stop counting blocks that leave the pool for good (their memory is freed when the last
+        reference goes: on CUDA, after the copies queued on them ran)."""
+        for block in blocks:
+            self.in_use -= 1
+            self.bytes_in_use -= _nbytes(block)
+
+    @property
+    def free(self) -> int:
+        return sum(len(blocks) for blocks in self._free.values())
+
+    def trim(self) -> int:
+        """Free the blocks kept for reuse; returns the bytes freed."""
+        freed, self.free_bytes = self.free_bytes, 0
+        self._free.clear()
+        return freed
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "block_size": self.block_size,
+            "blocks_in_use": self.in_use,
+            "blocks_free": self.free,
+            "bytes_in_use": self.bytes_in_use,
+            "bytes_free": self.free_bytes,
+            "blocks_allocated": self.allocated,
+        }
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class KVCache:
+    """Keys and values of one request, ``[kv_heads, length, head_dim]`` per layer (see the module's
+    docstring for the two layouts). A layer's storage takes the head count and widths of what is
+    appended to it, so values may be wider than keys (latent attention) and layers may differ
+    (MiMo-V2-Flash).
+
+    With buffers, capacity grows by doubling, so appending a token is amortised O(1). The tensor
+    manager (qllm/kernel/tensors.py) offloads and restores the buffers or blocks.
     """
 
     def __init__(
-        self, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device
+        self,
+        num_layers: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        pool: BlockPool | None = None,
     ):
         self.num_layers = num_layers
         self.kv_heads = kv_heads
         self.head_dim = head_dim
         self.dtype = dtype
         self.device = torch.device(device)
-        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.pool = pool
+        self.keys: list[torch.Tensor | None] = [None] * num_layers  # buffers (without a pool)
         self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.key_blocks: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]  # with a pool
+        self.value_blocks: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
         self.lengths = [0] * num_layers
         self.states: list[list[torch.Tensor] | None] = [None] * num_layers
 
+    @property
+    def paged(self) -> bool:
+        return self.pool is not None
+
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append ``k``/``v`` ([kv_heads, n, head_dim]) to ``layer``; return all keys and values so far."""
-        (keys, new_k), (values, new_v) = self._extend(layer, k, v)
-        new_k.copy_(k)
-        new_v.copy_(v)
-        return keys, values
+        slots: list[torch.Tensor] = []
+        rows: list[torch.Tensor] = []
+        self._reserve(layer, k, v, slots, rows)
+        for slot, row in zip(slots, rows):
+            slot.copy_(row)
+        return self.kv(layer)
 
-    def _extend(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-        """Grow ``layer`` by ``k``'s length, uninitialised: (all keys, the new keys' slots) and the
-        same for values; the caller fills the slots."""
+    def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """All keys and values of ``layer``, ``[heads, length, width]`` each: views of the buffers,
+        or the blocks joined (one block: a view of it)."""
+        end = self.lengths[layer]
+        if self.pool is None:
+            return self.keys[layer][:, :end], self.values[layer][:, :end]
+        return _joined(self.key_blocks[layer], end), _joined(self.value_blocks[layer], end)
+
+    def _reserve(
+        self,
+        layer: int,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        slots: list[torch.Tensor],
+        rows: list[torch.Tensor],
+    ) -> None:
+        """Grow ``layer`` by ``k``'s length, uninitialised, and add to ``slots`` the new storage and
+        to ``rows`` the parts of ``k`` and ``v`` that fill it (the caller copies them)."""
         start = self.lengths[layer]
         end = start + k.shape[1]
+        if self.pool is not None:
+            self._reserve_blocks(layer, k, v, start, end, slots, rows)
+            self.lengths[layer] = end
+            return
         buf_k, buf_v = self.keys[layer], self.values[layer]
         if buf_k is None or buf_k.shape[1] < end:
             capacity = max(16, end, 2 * (0 if buf_k is None else buf_k.shape[1]))
@@ -55,8 +175,30 @@ class KVCache:
                 new_v[:, :start] = buf_v[:, :start]
             self.keys[layer], self.values[layer] = buf_k, buf_v = new_k, new_v
         self.lengths[layer] = end
-        keys, values = buf_k[:, :end], buf_v[:, :end]
-        return (keys, keys[:, start:]), (values, values[:, start:])
+        slots += (buf_k[:, start:end], buf_v[:, start:end])
+        rows += (k, v)
+
+    def _reserve_blocks(
+        self,
+        layer: int,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        start: int,
+        end: int,
+        slots: list[torch.Tensor],
+        rows: list[torch.Tensor],
+    ) -> None:
+        size = self.pool.block_size
+        for blocks, new in ((self.key_blocks[layer], k), (self.value_blocks[layer], v)):
+            while len(blocks) * size < max(end, 1):
+                blocks.append(self.pool.take(new.shape[0], new.shape[2]))
+            at = start
+            while at < end:  # the new tokens, block by block
+                block, offset = divmod(at, size)
+                n = min(size - offset, end - at)
+                slots.append(blocks[block][:, offset : offset + n])
+                rows.append(new[:, at - start : at - start + n])
+                at += n
 
     def state(self, layer: int) -> list[torch.Tensor] | None:
         """The recurrent state tensors of linear-attention ``layer`` (None before its first token)."""
@@ -71,17 +213,40 @@ class KVCache:
         return self.lengths[layer]
 
     @property
+    def blocks(self) -> int:
+        """Blocks held (0 without a pool)."""
+        return sum(len(b) for b in (*self.key_blocks, *self.value_blocks))
+
+    @property
     def nbytes(self) -> int:
-        """Bytes held by the buffers (capacity, not only the filled part) and recurrent states."""
+        """Bytes held by the buffers (capacity, not only the filled part) or blocks, and the
+        recurrent states."""
         states = [t for tensors in self.states if tensors is not None for t in tensors]
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values, *states) if t is not None)
+        blocks = [b for blocks in (*self.key_blocks, *self.value_blocks) for b in blocks]
+        return sum(_nbytes(t) for t in (*self.keys, *self.values, *states, *blocks) if t is not None)
+
+    def release_blocks(self, reuse: bool = True) -> None:
+        """Give every block back to the pool, or with ``reuse`` False let them go (the lengths stay:
+        the tensor manager offloaded them)."""
+        if self.pool is not None:
+            for blocks in (*self.key_blocks, *self.value_blocks):
+                (self.pool.give if reuse else self.pool.drop)(blocks)
+                blocks.clear()
 
     def clear(self) -> None:
-        """Drop every buffer (the request is finished or cancelled)."""
+        """Drop every buffer and give back every block (the request is finished or cancelled)."""
+        self.release_blocks()
         self.keys = [None] * self.num_layers
         self.values = [None] * self.num_layers
         self.lengths = [0] * self.num_layers
         self.states = [None] * self.num_layers
+
+
+def _joined(blocks: list[torch.Tensor], end: int) -> torch.Tensor:
+    """The first ``end`` tokens of a layer's blocks as one tensor."""
+    if len(blocks) == 1:
+        return blocks[0][:, :end]
+    return torch.cat(blocks, dim=1)[:, :end]
 
 
 def append_all(
@@ -89,11 +254,9 @@ def append_all(
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """:meth:`KVCache.append` of each cache's ``keys``/``values`` to ``layer``, with one copy call
     for them all (a decode step's copies are tiny: the per-call cost is most of their time)."""
-    filled, slots, rows = [], [], []
+    slots: list[torch.Tensor] = []
+    rows: list[torch.Tensor] = []
     for cache, k, v in zip(caches, keys, values):
-        (all_k, new_k), (all_v, new_v) = cache._extend(layer, k, v)
-        filled.append((all_k, all_v))
-        slots += (new_k, new_v)
-        rows += (k, v)
+        cache._reserve(layer, k, v, slots, rows)
     torch._foreach_copy_(slots, rows)
-    return filled
+    return [cache.kv(layer) for cache in caches]

@@ -27,7 +27,7 @@ def bench_kernel(capsys, *extra: str) -> dict:
 
 
 def test_batch_and_single_decode_against_transformers_and_time_outside_ops(capsys):
-    report = bench_kernel(capsys, "--skip", "policies,placement")
+    report = bench_kernel(capsys, "--skip", "policies,placement,kv")
 
     assert report["bench"] == "kernel" and report["workload"]["overhead_requests"] == 3
     assert "policies" not in report and "placement" not in report
@@ -56,8 +56,22 @@ def test_batch_and_single_decode_against_transformers_and_time_outside_ops(capsy
 
 
 def test_skip_leaves_parts_out(capsys):
-    report = bench_kernel(capsys, "--skip", "policies,batch32,overhead,placement")
-    assert not {"policies", "batch32", "single", "overhead", "placement"} & set(report)
+    report = bench_kernel(capsys, "--skip", "policies,batch32,overhead,placement,kv")
+    assert not {"policies", "batch32", "single", "overhead", "placement", "kv"} & set(report)
+
+
+def test_kv_layouts_side_by_side(capsys):
+    report = bench_kernel(capsys, "--skip", "policies,batch32,overhead,placement", "--kv-block-size", "2")
+    kv = report["kv"]
+    assert kv["tokens_equal"] is True and kv["block_size"] == 2 and kv["batch"] == 2
+    assert kv["buffers"]["decode_tokens_per_s"] > 0 and kv["blocks"]["decode_tokens_per_s"] > 0
+    low, high = kv["decode_ratio_min_max"]
+    assert low <= kv["decode_ratio"] <= high
+    # 4 prompt and 3 output tokens: buffers hold 16 tokens per layer (the least capacity), blocks
+    # of 2 hold 6 (the last token's keys are never appended).
+    assert 0 < kv["blocks"]["peak_kv_bytes"] < kv["buffers"]["peak_kv_bytes"]
+    pool = kv["blocks"]["kv_blocks"]
+    assert pool["block_size"] == 2 and pool["blocks_in_use"] == 0 and pool["blocks_allocated"] > 0
 
 
 def test_overhead_reads_the_kernel_gaps_in_microseconds(capsys, monkeypatch):
@@ -69,7 +83,7 @@ def test_overhead_reads_the_kernel_gaps_in_microseconds(capsys, monkeypatch):
         return out
 
     monkeypatch.setattr(Engine, "stats", with_gaps)
-    report = bench_kernel(capsys, "--skip", "policies,batch32,placement")
+    report = bench_kernel(capsys, "--skip", "policies,batch32,placement,kv")
     for figures in report["overhead"].values():
         assert figures["overhead_count"] == 7
         assert figures["overhead_median_us"] == 250.0 and figures["overhead_p99_us"] == 1000.0
@@ -82,3 +96,5 @@ def test_rejects_unknown_parts_and_nonsense_sizes(capsys):
     assert "--overhead-requests" in capsys.readouterr().err
     assert main(["bench", "kernel", "--model", "tiny", "--single-rounds", "0"]) == 2
     assert "--single-rounds" in capsys.readouterr().err
+    assert main(["bench", "kernel", "--model", "tiny", "--kv-block-size", "0"]) == 2
+    assert "--kv-block-size" in capsys.readouterr().err

@@ -29,6 +29,7 @@ from qllm.sampling import SamplingParams
 
 POLICIES = ("fcfs", "qllm", "priority-aging", "cohort")
 MOE = st.sampled_from(["layer", "expert"])  # one grouped op per MoE layer, or one op per expert
+BLOCKS = st.sampled_from([None, 3, 16])  # growable buffers, or blocks of 3 or 16 tokens from a pool
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ async def serve(
     max_batch: int,
     budget: int | None = None,
     moe: str = "layer",
+    blocks: int | None = None,
 ):
     """Run ``schedule`` on an engine; results, streamed chunks and specs by id, the recorder, stats, logs."""
     recorder = Recorder(load_policy(policy))
@@ -97,6 +99,7 @@ async def serve(
         max_batch=max_batch,
         memory_budget=budget,
         moe_granularity=moe,
+        kv_block_size=blocks,
     ) as engine:
 
         def submit(spec: Spec) -> None:
@@ -126,10 +129,17 @@ async def serve(
 
 @pytest.mark.parametrize("policy", POLICIES)
 @settings(deadline=None, max_examples=8, suppress_health_check=[HealthCheck.too_slow])
-@given(schedule=schedules, chunk=st.sampled_from([2, 5, 128]), max_batch=st.sampled_from([2, 32]), moe=MOE)
-def test_every_request_equals_its_isolated_run(tiny, policy, schedule, chunk, max_batch, moe):
+@given(
+    schedule=schedules,
+    chunk=st.sampled_from([2, 5, 128]),
+    max_batch=st.sampled_from([2, 32]),
+    moe=MOE,
+    blocks=BLOCKS,
+)
+def test_every_request_equals_its_isolated_run(tiny, policy, schedule, chunk, max_batch, moe, blocks):
+    """The reference runs alone with growable buffers: the KV layout never changes a token."""
     results, streamed, by_id, recorder, stats, logs = run(
-        serve(tiny, policy, schedule, chunk=chunk, max_batch=max_batch, moe=moe)
+        serve(tiny, policy, schedule, chunk=chunk, max_batch=max_batch, moe=moe, blocks=blocks)
     )
 
     # Nothing lost or duplicated: one result and one canonical log line per submitted request.
@@ -167,6 +177,10 @@ def test_every_request_equals_its_isolated_run(tiny, policy, schedule, chunk, ma
 
     # Everything released; the engine is idle.
     assert stats["memory"]["resident_bytes"] == 0
+    if blocks is not None:  # every block back in the pool, none lost
+        pool = stats["memory"]["kv_blocks"]
+        assert pool["blocks_in_use"] == 0 and pool["bytes_in_use"] == 0
+        assert pool["blocks_free"] == pool["blocks_allocated"] > 0
     assert stats["memory"]["requests"] == 0
     assert stats["live"] == {"ls": {}, "be": {}}
     assert stats["queues"] == {"waiting": 0, "admitted": 0, "in_flight": 0}
@@ -222,14 +236,23 @@ def stateful(request):
 
 @pytest.mark.parametrize("policy", POLICIES)
 @settings(deadline=None, max_examples=4, suppress_health_check=[HealthCheck.too_slow])
-@given(schedule=schedules, chunk=st.sampled_from([2, 5, 128]), max_batch=st.sampled_from([2, 32]), moe=MOE)
+@given(
+    schedule=schedules,
+    chunk=st.sampled_from([2, 5, 128]),
+    max_batch=st.sampled_from([2, 32]),
+    moe=MOE,
+    blocks=BLOCKS,
+)
 def test_latent_and_linear_attention_requests_equal_their_isolated_runs(
-    stateful, policy, schedule, chunk, max_batch, moe
+    stateful, policy, schedule, chunk, max_batch, moe, blocks
 ):
     """The same property for latent-attention and linear-attention state, under a memory budget
-    small enough that suspended requests' caches are offloaded (compacted on CPU) and restored."""
+    small enough that suspended requests' caches are offloaded (compacted on CPU) and restored,
+    with buffers or blocks (latent attention's keys and values are blocks of different widths)."""
     results, streamed, by_id, recorder, stats, _ = run(
-        serve(stateful, policy, schedule, chunk=chunk, max_batch=max_batch, budget=4096, moe=moe)
+        serve(
+            stateful, policy, schedule, chunk=chunk, max_batch=max_batch, budget=4096, moe=moe, blocks=blocks
+        )
     )
 
     assert len(results) == len(schedule)

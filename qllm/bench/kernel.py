@@ -20,6 +20,11 @@ Prints one JSON object with four parts, all measured side by side in one run:
 - ``placement``: compute in a worker thread versus inline on the event loop: BE throughput and
   the event loop's lag (how late a 1 ms timer fires) while computing; medians over ``--rounds``
   alternating runs.
+- ``kv``: the KV layouts side by side: ``--batch`` requests decoded by an engine whose caches are
+  growable buffers and by one whose caches are blocks of ``--kv-block-size`` tokens from a pool
+  (qllm/cache.py), in ``--rounds`` alternating rounds: decode tokens/s and its ratio (blocks over
+  buffers, the median of the rounds' ratios), the most KV memory held at once (sampled every
+  millisecond; with blocks, the pool's spare blocks included) and whether the tokens are equal.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from qllm.bench.stats import percentile as _pct
 from qllm.bench.stats import rounded as _round
 
 POLICIES = ("fcfs", "qllm", "priority-aging", "cohort")
-PARTS = ("policies", "batch32", "overhead", "placement")
+PARTS = ("policies", "batch32", "overhead", "placement", "kv")
 """The parts of the benchmark, in the order they run (``--skip`` names them)."""
 
 
@@ -82,6 +87,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="",
         help=f"comma-separated parts to skip: {','.join(PARTS)} (single runs with batch32)",
     )
+    parser.add_argument(
+        "--kv-block-size", type=int, default=16, help="block size of the kv part, tokens (default 16)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompts (default 0)")
 
 
@@ -93,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--overhead-requests must be at least 1")
     if args.rounds < 1 or args.single_rounds < 1:
         raise ValueError("--rounds and --single-rounds must be at least 1")
+    if args.kv_block_size < 1:
+        raise ValueError("--kv-block-size must be at least 1")
     import structlog
 
     structlog.configure(
@@ -154,6 +164,8 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
             mode: {key: statistics.median(r[key] for r in runs) for key in runs[0]} | {"rounds": len(runs)}
             for mode, runs in rounds.items()
         }
+    if "kv" not in skip:
+        out["kv"] = await _kv_layouts(model, [prompt(args.be_prompt) for _ in range(args.batch)], args)
     return _round(out)
 
 
@@ -308,6 +320,75 @@ async def _overhead(model: Any, policy: str, prompts: list[list[int]], args) -> 
         "in_op_s": in_op,
         "in_op_over_wall": in_op / wall,
         "all_completed": all(r.status == "length" for r in results),
+    }
+
+
+async def _kv_layouts(model: Any, prompts: list[list[int]], args) -> dict[str, Any]:
+    """The kv part: buffers against blocks, ``--rounds`` rounds, the order reversed each round."""
+    runs: dict[str, list[dict[str, Any]]] = {"buffers": [], "blocks": []}
+    for i in range(args.rounds):
+        for layout in ("buffers", "blocks")[:: 1 if i % 2 == 0 else -1]:
+            runs[layout].append(await _kv_run(model, prompts, args, layout))
+    out: dict[str, Any] = {
+        layout: {
+            "decode_tokens_per_s": statistics.median(r["decode_tokens_per_s"] for r in rs),
+            "peak_kv_bytes": max(r["peak_kv_bytes"] for r in rs),
+        }
+        for layout, rs in runs.items()
+    }
+    ratios = [
+        b["decode_tokens_per_s"] / a["decode_tokens_per_s"] for a, b in zip(runs["buffers"], runs["blocks"])
+    ]
+    out["blocks"]["kv_blocks"] = runs["blocks"][-1]["kv_blocks"]
+    return out | {
+        "batch": len(prompts),
+        "tokens_per_request": args.batch_tokens,
+        "block_size": args.kv_block_size,
+        "rounds": args.rounds,
+        "decode_ratio": statistics.median(ratios),
+        "decode_ratio_min_max": [min(ratios), max(ratios)],
+        "peak_kv_ratio": out["blocks"]["peak_kv_bytes"] / max(out["buffers"]["peak_kv_bytes"], 1),
+        "tokens_equal": all(
+            r["token_ids"] == runs["buffers"][0]["token_ids"] for rs in runs.values() for r in rs
+        ),
+        "note": "ratios are blocks over buffers; peak_kv_bytes: most KV memory held at once, sampled "
+        "every millisecond (blocks: the pool's spare blocks included)",
+    }
+
+
+async def _kv_run(model: Any, prompts: list[list[int]], args, layout: str) -> dict[str, Any]:
+    from qllm.kernel.engine import Engine
+
+    block_size = args.kv_block_size if layout == "blocks" else None
+    engine = Engine(
+        model=model, policy="fcfs", max_batch=len(prompts), prefill_chunk=args.prefill_chunk,
+        kv_block_size=block_size,
+    )  # fmt: skip
+    tensors = engine._tensors
+    peak = 0
+    done = asyncio.Event()
+
+    async def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            spare = tensors.pool.free_bytes if tensors.pool is not None else 0
+            peak = max(peak, tensors.resident_bytes + spare)
+            await asyncio.sleep(0.001)
+
+    n = args.batch_tokens
+    async with engine, asyncio.TaskGroup() as tg:
+        tg.create_task(sample())
+        handles = [engine.submit(p, max_tokens=n, ignore_eos=True) for p in prompts]
+        results = [await h.result() for h in handles]
+        done.set()
+        kv_blocks = engine.stats()["memory"]["kv_blocks"]
+    first = max(r.first_token for r in results)
+    last = max(r.finished for r in results)
+    return {
+        "decode_tokens_per_s": len(prompts) * (n - 1) / max(last - first, 1e-9),
+        "peak_kv_bytes": peak,
+        "kv_blocks": kv_blocks,
+        "token_ids": [r.token_ids for r in results],
     }
 
 

@@ -34,6 +34,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "(layer, the default) or as one op per expert (expert)",
     )
     p.add_argument(
+        "--kv-block-size",
+        type=int,
+        metavar="TOKENS",
+        help="keep keys and values in blocks of this many tokens from one shared pool, counted, "
+        "offloaded and restored block by block (default: a growable buffer per request and layer)",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         metavar="N",
@@ -96,6 +103,7 @@ def overrides(args: argparse.Namespace) -> dict:
             "memory_budget": args.memory_budget,
             "max_batch": args.max_batch,
             "moe_granularity": args.moe_granularity,
+            "kv_block_size": args.kv_block_size,
             "threads": args.threads,
         },
         "server": {

@@ -212,7 +212,7 @@ class Dispatcher:
         self._call_policy("on_arrival", self.views[request.id], self._view())
 
     def _admit(self, request: Request) -> None:
-        request.cache = self.model.new_cache()
+        request.cache = self.model.new_cache(self.tensors.pool)
         request.steps = generation_passes(
             self.model, request.prompt_ids, request.params, prefill_chunk=self.prefill_chunk
         )

@@ -72,6 +72,7 @@ class Engine:
         compute: str = "thread",
         threads: int | None = None,
         moe_granularity: str = "layer",
+        kv_block_size: int | None = None,
     ):
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
@@ -83,6 +84,8 @@ class Engine:
             )
         if memory_budget is not None and memory_budget < 0:
             raise ValueError("memory_budget must be >= 0 bytes")
+        if kv_block_size is not None and kv_block_size < 1:
+            raise ValueError("kv_block_size must be >= 1 token (or None for growable buffers)")
         if threads is not None:
             if threads < 1:
                 raise ValueError("threads must be >= 1")
@@ -97,7 +100,9 @@ class Engine:
         )
         self.metrics = Metrics()
         self._compute = Compute(compute)
-        self._tensors = TensorManager(self.model.device, memory_budget)
+        self._tensors = TensorManager(
+            self.model.device, memory_budget, block_size=kv_block_size, dtype=self.model.dtype
+        )
         # Always the registered built-in: a subclass that kept the default's name may be what fails.
         fallback = load_policy(DEFAULT_POLICY)
         self._dispatcher = Dispatcher(

@@ -8,6 +8,14 @@ policy is likely to run soon are prefetched.
 
 On CPU the device *is* host memory, so offloading means compacting: the cache buffers, which grow
 by doubling, are trimmed to their filled length; this is the same interface and accounting.
+
+With ``block_size`` the caches hold fixed-size blocks from one :class:`~qllm.cache.BlockPool`
+instead of buffers (see qllm/cache.py), and the manager counts, offloads and restores blocks: on
+CUDA an offloaded request's blocks are copied to pinned host memory block by block and freed once
+the copies ran; restoring takes blocks from the pool (reused ones where requests ended). On
+CPU nothing is over-allocated past a block per layer, so there is nothing to compact. Resident
+memory counts the blocks requests hold; blocks the pool keeps for reuse are reported beside it
+(``stats()["kv_blocks"]``) and released first when the two together pass the budget.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from typing import Any
 import structlog
 import torch
 
-from qllm.cache import KVCache
+from qllm.cache import BlockPool, KVCache
 
 log = structlog.get_logger()
 
@@ -33,14 +41,24 @@ class _Entry:
     host_k: list = field(default_factory=list)
     host_v: list = field(default_factory=list)
     host_states: list = field(default_factory=list)  # per layer: None or the recurrent state tensors
+    host_key_blocks: list = field(default_factory=list)  # per layer: the host copies of its blocks
+    host_value_blocks: list = field(default_factory=list)
 
 
 class TensorManager:
     """Resident-memory accounting, offload and prefetch of request KV caches."""
 
-    def __init__(self, device: torch.device | str = "cpu", budget_bytes: int | None = None):
+    def __init__(
+        self,
+        device: torch.device | str = "cpu",
+        budget_bytes: int | None = None,
+        *,
+        block_size: int | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
         self.device = torch.device(device)
         self.budget_bytes = budget_bytes
+        self.pool = None if block_size is None else BlockPool(block_size, dtype, self.device)
         self._entries: dict[str, _Entry] = {}
         self._clock = 0
         self.offloads = 0
@@ -62,6 +80,8 @@ class TensorManager:
             entry.host_k.clear()
             entry.host_v.clear()
             entry.host_states.clear()
+            entry.host_key_blocks.clear()
+            entry.host_value_blocks.clear()
 
     def _tick(self) -> int:
         self._clock += 1
@@ -88,6 +108,7 @@ class TensorManager:
             "restores": self.restores,
             "prefetches": self.prefetches,
             "over_budget_events": self.over_budget_events,
+            "kv_blocks": None if self.pool is None else self.pool.stats(),
         }
 
     def is_offloaded(self, request_id: str) -> bool:
@@ -135,6 +156,8 @@ class TensorManager:
         if self.budget_bytes is None:
             return
         resident = self.resident_bytes
+        if self.pool is not None and resident + self.pool.free_bytes > self.budget_bytes:
+            self.pool.trim()  # the blocks kept for reuse go first: freeing them costs no request
         if resident <= self.budget_bytes:
             self._over = False
             return
@@ -164,6 +187,8 @@ class TensorManager:
         self._stream.wait_stream(main)  # the cache's last writes must land before we read it
         entry.host_k, entry.host_v = [], []
         with torch.cuda.stream(self._stream):
+            entry.host_key_blocks = [[_to_host(b, self._stream) for b in bs] for bs in cache.key_blocks]
+            entry.host_value_blocks = [[_to_host(b, self._stream) for b in bs] for bs in cache.value_blocks]
             for i in range(cache.num_layers):
                 for src, dst in ((cache.keys, entry.host_k), (cache.values, entry.host_v)):
                     t = src[i]
@@ -180,9 +205,15 @@ class TensorManager:
                 for tensors in cache.states
             ]
         host_states = [h for tensors in entry.host_states if tensors is not None for h in tensors]
+        host_blocks = [h for bs in (*entry.host_key_blocks, *entry.host_value_blocks) for h in bs]
         entry.pinned_bytes = sum(
-            h.numel() * h.element_size() for h in entry.host_k + entry.host_v + host_states if h is not None
+            h.numel() * h.element_size()
+            for h in entry.host_k + entry.host_v + host_states + host_blocks
+            if h is not None
         )
+        # Not back to the pool: the side stream still reads them, and a block reused by the compute
+        # stream would race the copy. The allocator frees them once it ran (_to_host recorded it).
+        cache.release_blocks(reuse=False)
         cache.keys = [None] * cache.num_layers
         cache.values = [None] * cache.num_layers
         cache.states = [None] * cache.num_layers
@@ -194,6 +225,8 @@ class TensorManager:
         if self._stream is None:
             return
         cache = entry.cache
+        if cache.paged:  # blocks from the pool may have been read by the compute stream until now
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._stream):
             cache.keys = [None if h is None else h.to(self.device, non_blocking=True) for h in entry.host_k]
             cache.values = [None if h is None else h.to(self.device, non_blocking=True) for h in entry.host_v]
@@ -201,13 +234,23 @@ class TensorManager:
                 None if tensors is None else [h.to(self.device, non_blocking=True) for h in tensors]
                 for tensors in entry.host_states
             ]
+            for host, blocks in (
+                *zip(entry.host_key_blocks, cache.key_blocks),
+                *zip(entry.host_value_blocks, cache.value_blocks),
+            ):
+                for h in host:
+                    block = cache.pool.take(h.shape[0], h.shape[2])
+                    block.copy_(h, non_blocking=True)
+                    blocks.append(block)
             entry.ready_event = torch.cuda.Event()
             entry.ready_event.record(self._stream)
         states = [t for tensors in cache.states if tensors is not None for t in tensors]
-        for t in (*cache.keys, *cache.values, *states):
+        blocks = [b for bs in (*cache.key_blocks, *cache.value_blocks) for b in bs]
+        for t in (*cache.keys, *cache.values, *states, *blocks):
             if t is not None:
                 t.record_stream(torch.cuda.current_stream(self.device))
         entry.host_k, entry.host_v, entry.host_states = [], [], []
+        entry.host_key_blocks, entry.host_value_blocks = [], []
         entry.pinned_bytes = 0
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from qllm import __version__ as qllm_version
-from qllm.cache import KVCache, append_all
+from qllm.cache import BlockPool, KVCache, append_all
 from qllm.models import gemm, invariance
 from qllm.models.gemm import linear, linear_cat
 from qllm.models.passes import Partial, Pass
@@ -218,8 +218,9 @@ class MoEModel:
         return linear(self.body.norm(h), head.weight, head.bias)
 
     # ------------------------------------------------------------------ request side
-    def new_cache(self) -> KVCache:
-        return KVCache(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, self.device)
+    def new_cache(self, pool: BlockPool | None = None) -> KVCache:
+        """An empty cache for one request: growable buffers, or blocks from ``pool``."""
+        return KVCache(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, self.device, pool)
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

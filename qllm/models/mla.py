@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from qllm.cache import KVCache
+from qllm.cache import BlockPool, KVCache
 from qllm.models.base import MoEModel
 
 
@@ -30,9 +30,9 @@ class LatentAttention(MoEModel):
             sys.modules[type(attn).__module__], "apply_rotary_pos_emb_interleave", None
         )
 
-    def new_cache(self) -> KVCache:
+    def new_cache(self, pool: BlockPool | None = None) -> KVCache:
         # Per layer: the rotary keys [1, T, rope] as keys and the latents [1, T, kv_lora_rank] as values.
-        return KVCache(self.num_layers, 1, self.rope_dim, self.dtype, self.device)
+        return KVCache(self.num_layers, 1, self.rope_dim, self.dtype, self.device, pool)
 
     def qkv(self, attn: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Queries ``[N, heads, qk_head_dim]``, the shared rotary key ``[N, 1, rope]`` (before

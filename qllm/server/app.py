@@ -362,6 +362,7 @@ def _build_engine(config: Config, notify: Callable[[str], bool]) -> Any:
         max_batch=e.max_batch,
         prefill_chunk=e.prefill_chunk,
         moe_granularity=e.moe_granularity,
+        kv_block_size=e.kv_block_size,
         threads=e.threads,
     )
 

@@ -55,6 +55,8 @@ class EngineConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # A MoE layer as one grouped op, stopped between experts when a request arrives ("layer"), or
     # one op per expert ("expert", the research system's granularity): docs/architecture.md.
     moe_granularity: Literal["layer", "expert"] = "layer"
+    # Keys and values in blocks of this many tokens from a shared pool; None: growable buffers.
+    kv_block_size: Annotated[int, Meta(ge=1)] | None = None
     threads: Annotated[int, Meta(ge=1)] | None = None  # torch intra-op threads; None: torch's default
 
 

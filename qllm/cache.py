@@ -124,6 +124,7 @@ class KVCache:
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.key_blocks: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]  # with a pool
         self.value_blocks: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
+        self.block_bytes = 0  # bytes of the blocks held, kept as they come and go
         self.lengths = [0] * num_layers
         self.states: list[list[torch.Tensor] | None] = [None] * num_layers
 
@@ -192,6 +193,7 @@ class KVCache:
         for blocks, new in ((self.key_blocks[layer], k), (self.value_blocks[layer], v)):
             while len(blocks) * size < max(end, 1):
                 blocks.append(self.pool.take(new.shape[0], new.shape[2]))
+                self.block_bytes += _nbytes(blocks[-1])
             at = start
             while at < end:  # the new tokens, block by block
                 block, offset = divmod(at, size)
@@ -222,8 +224,7 @@ class KVCache:
         """Bytes held by the buffers (capacity, not only the filled part) or blocks, and the
         recurrent states."""
         states = [t for tensors in self.states if tensors is not None for t in tensors]
-        blocks = [b for blocks in (*self.key_blocks, *self.value_blocks) for b in blocks]
-        return sum(_nbytes(t) for t in (*self.keys, *self.values, *states, *blocks) if t is not None)
+        return self.block_bytes + sum(_nbytes(t) for t in (*self.keys, *self.values, *states) if t is not None)
 
     def release_blocks(self, reuse: bool = True) -> None:
         """Give every block back to the pool, or with ``reuse`` False let them go (the lengths stay:
@@ -232,6 +233,7 @@ class KVCache:
             for blocks in (*self.key_blocks, *self.value_blocks):
                 (self.pool.give if reuse else self.pool.drop)(blocks)
                 blocks.clear()
+            self.block_bytes = 0
 
     def clear(self) -> None:
         """Drop every buffer and give back every block (the request is finished or cancelled)."""

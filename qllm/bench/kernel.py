@@ -24,7 +24,7 @@ Prints one JSON object with four parts, all measured side by side in one run:
   growable buffers and by one whose caches are blocks of ``--kv-block-size`` tokens from a pool
   (qllm/cache.py), in ``--rounds`` alternating rounds: decode tokens/s and its ratio (blocks over
   buffers, the median of the rounds' ratios), the most KV memory held at once (sampled every
-  millisecond; with blocks, the pool's spare blocks included) and whether the tokens are equal.
+  5 ms; with blocks, the pool's spare blocks included) and whether the tokens are equal.
 """
 
 from __future__ import annotations
@@ -352,7 +352,7 @@ async def _kv_layouts(model: Any, prompts: list[list[int]], args) -> dict[str, A
             r["token_ids"] == runs["buffers"][0]["token_ids"] for rs in runs.values() for r in rs
         ),
         "note": "ratios are blocks over buffers; peak_kv_bytes: most KV memory held at once, sampled "
-        "every millisecond (blocks: the pool's spare blocks included)",
+        "every 5 ms (blocks: the pool's spare blocks included)",
     }
 
 
@@ -373,7 +373,7 @@ async def _kv_run(model: Any, prompts: list[list[int]], args, layout: str) -> di
         while not done.is_set():
             spare = tensors.pool.free_bytes if tensors.pool is not None else 0
             peak = max(peak, tensors.resident_bytes + spare)
-            await asyncio.sleep(0.001)
+            await asyncio.sleep(0.005)
 
     n = args.batch_tokens
     async with engine, asyncio.TaskGroup() as tg:

@@ -242,6 +242,7 @@ class TensorManager:
                     block = cache.pool.take(h.shape[0], h.shape[2])
                     block.copy_(h, non_blocking=True)
                     blocks.append(block)
+                    cache.block_bytes += h.numel() * h.element_size()
             entry.ready_event = torch.cuda.Event()
             entry.ready_event.record(self._stream)
         states = [t for tensors in cache.states if tensors is not None for t in tensors]

@@ -75,6 +75,14 @@ specs = st.builds(
     ignore_eos=st.booleans(),
 )
 schedules = st.lists(specs, min_size=1, max_size=4)
+SCHEDULED = dict(
+    schedule=schedules,
+    chunk=st.sampled_from([2, 5, 128]),
+    max_batch=st.sampled_from([2, 32]),
+    moe=MOE,
+    blocks=BLOCKS,
+)
+"""What the property tests draw: a schedule and the engine's settings it runs under."""
 
 
 async def serve(
@@ -129,13 +137,7 @@ async def serve(
 
 @pytest.mark.parametrize("policy", POLICIES)
 @settings(deadline=None, max_examples=8, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    schedule=schedules,
-    chunk=st.sampled_from([2, 5, 128]),
-    max_batch=st.sampled_from([2, 32]),
-    moe=MOE,
-    blocks=BLOCKS,
-)
+@given(**SCHEDULED)
 def test_every_request_equals_its_isolated_run(tiny, policy, schedule, chunk, max_batch, moe, blocks):
     """The reference runs alone with growable buffers: the KV layout never changes a token."""
     results, streamed, by_id, recorder, stats, logs = run(
@@ -236,13 +238,7 @@ def stateful(request):
 
 @pytest.mark.parametrize("policy", POLICIES)
 @settings(deadline=None, max_examples=4, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    schedule=schedules,
-    chunk=st.sampled_from([2, 5, 128]),
-    max_batch=st.sampled_from([2, 32]),
-    moe=MOE,
-    blocks=BLOCKS,
-)
+@given(**SCHEDULED)
 def test_latent_and_linear_attention_requests_equal_their_isolated_runs(
     stateful, policy, schedule, chunk, max_batch, moe, blocks
 ):

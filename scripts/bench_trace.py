@@ -55,10 +55,10 @@ def instrument() -> None:
         )  # fmt: skip
         return arrive(self, request)
 
-    def _emit(self, request, token_id):
+    def _emit(self, request, *token):  # the token's id and the output's text so far
         if request.first_token is None:
             EVENTS.append({"e": "first", "engine": _engine(self), "t": time.monotonic(), "id": request.id})
-        return emit(self, request, token_id)
+        return emit(self, request, *token)
 
     async def _execute(self, group):
         _CURRENT.update(

@@ -54,6 +54,9 @@ def test_command_line_overrides_the_file(tmp_path):
     args = build_parser().parse_args(["serve", "--config", str(path), "--threads", "1"])
     assert load_config(args.config, overrides(args)).engine.threads == 1
     assert config.server.allow_uids == [7]
+    assert config.engine.kv_block_size is None  # growable buffers unless asked
+    args = build_parser().parse_args(["serve", "--config", str(path), "--kv-block-size", "16"])
+    assert load_config(args.config, overrides(args)).engine.kv_block_size == 16
 
 
 @pytest.mark.parametrize(
@@ -62,6 +65,7 @@ def test_command_line_overrides_the_file(tmp_path):
         ('[server]\nsockt = "/x"\n', r"unknown field `sockt` - at `\$.server`"),
         ("[engine]\nmax_batch = 0\n", r"Expected `int` >= 1 - at `\$.engine.max_batch`"),
         ("[engine]\nthreads = 0\n", r"Expected `int` >= 1 - at `\$.engine.threads`"),
+        ("[engine]\nkv_block_size = 0\n", r"Expected `int` >= 1 - at `\$.engine.kv_block_size`"),
         ('[log]\nlevel = "loud"\n', r"level"),
         ('[server]\nsocket_mode = "rw-rw----"\n', r"server.socket_mode must be octal"),
         ("[server]\nsocket_mode = 0o7777\n", r"server.socket_mode must be within"),

@@ -17,5 +17,5 @@ with open("/tmp/site/qllm-0.1.0.dist-info/entry_points.txt", "w") as f:
 PY
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
-python3 -m pytest -q -p no:cacheprovider -o filterwarnings=default tests/test_tensor_manager.py tests/test_smoke.py 2>&1 | tail -15
+python3 -m pytest -q -p no:cacheprovider -o filterwarnings=default tests/test_tensor_manager.py tests/test_kv_blocks.py tests/test_smoke.py 2>&1 | tail -15
 python3 scripts/cuda_check.py "$@"

@@ -177,6 +177,13 @@ def test_priority_aging_caps_be_rows_riding_along_with_ls():
     assert ids(PriorityAgingPolicy(fill_rows=4).select(make_kernel([ls, small_be]))) == ["ls", "be-small"]
 
 
+def test_priority_aging_takes_no_rider_when_ls_fills_the_batch():
+    """LS requests that fill ``max_batch`` leave no room: a BE request at their op waits."""
+    ls = [make_request(f"ls{i}", "ls", arrival=i) for i in range(2)]
+    be = make_request("be")
+    assert ids(PriorityAgingPolicy().select(make_kernel([*ls, be], max_batch=2))) == ["ls0", "ls1"]
+
+
 EXPERT0 = (OpKind.EXPERT, 0, 2)
 
 

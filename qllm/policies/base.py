@@ -89,8 +89,9 @@ def batch_for(
     fill: Sequence[RequestView],
     max_batch: int,
 ) -> list[RequestView]:
-    """Requests at op ``key``: those of ``primary`` first, then of ``fill``, at most ``max_batch``."""
-    if key is None:
+    """Requests at op ``key``: those of ``primary`` first, then of ``fill``, at most ``max_batch``
+    (none when ``max_batch`` is 0 or less: no room left)."""
+    if key is None or max_batch <= 0:
         return []
     batch: list[RequestView] = []
     seen: set[str] = set()

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_families import CASES
 
 import qllm
 from qllm.cache import BlockPool, KVCache, append_all
 from qllm.kernel.tensors import TensorManager
+from qllm.models import load_model
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -122,6 +124,33 @@ async def test_engine_outputs_are_the_same_with_blocks_and_the_pool_is_reused(ti
     assert pool["block_size"] == 5 and pool["blocks_in_use"] == 0 and memory["resident_bytes"] == 0
     # The second round, one request at a time, ran on blocks the first round left: none were made.
     assert pool["blocks_allocated"] == allocated["blocks_allocated"] == pool["blocks_free"] > 0
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+async def test_every_family_decodes_the_same_on_blocks_under_preemption_and_offload(case):
+    """Each family's cache (per-head keys and values, latents of another width, per-layer head
+    counts, recurrent state) on blocks of 3: an LS request arrives while best-effort requests
+    decode, a tight budget moves state, and every request still gets the tokens it gets with
+    buffers."""
+    model = load_model((case.build(), None))
+
+    async def serve(block_size: int | None):
+        async with qllm.Engine(
+            model=model, policy="cohort", kv_block_size=block_size, prefill_chunk=3, memory_budget=2048
+        ) as engine:
+            be = [
+                engine.submit(p, max_tokens=4, ignore_eos=True, priority="be")
+                for p in ([5, 6, 7, 8, 9, 10, 11], list(range(100, 120)))
+            ]
+            async for _ in be[0]:  # its first token: the best-effort requests are decoding
+                break
+            ls = engine.submit([40, 41], max_tokens=4, ignore_eos=True, priority="ls")
+            return [(await h.result()).token_ids for h in (*be, ls)], engine.stats()["memory"]
+
+    buffers, _ = await serve(None)
+    blocks, memory = await serve(3)
+    assert blocks == buffers
+    assert memory["kv_blocks"]["blocks_in_use"] == 0 and memory["kv_blocks"]["blocks_allocated"] > 0
 
 
 def test_block_size_must_be_positive(tiny):

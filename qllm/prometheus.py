@@ -88,6 +88,11 @@ class StatsCollector(Collector):
                 if _number(value):
                     help_text = f"{what}: {key.replace('_', ' ')}."
                     yield GaugeMetricFamily(f"{PREFIX}_{section}_{key}", help_text, value=value)
+                elif section == "memory" and isinstance(value, Mapping):  # the KV block pool's counts
+                    for sub, v in value.items():
+                        if _number(v):
+                            help_text = f"{what}: {key.replace('_', ' ')}, {sub.replace('_', ' ')}."
+                            yield GaugeMetricFamily(f"{PREFIX}_{section}_{key}_{sub}", help_text, value=v)
 
 
 def registry(source: Callable[[], Mapping[str, Any]]) -> CollectorRegistry:

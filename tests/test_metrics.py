@@ -82,7 +82,11 @@ def test_prometheus_exposition_parses_with_every_metric():
     m = Metrics()
     m.observe(Result(priority="ls", status="stopped", arrival=0.0, first_scheduled=0.001, first_token=0.004))
     m.observe(Result(priority="be", preemptions=2))
-    stats = {"metrics": m.snapshot(), "memory": {"budget_bytes": 1024, "resident_bytes": 10}}
+    pool = {"block_size": 16, "blocks_in_use": 3, "blocks_free": 5}  # with kv_block_size set
+    stats = {
+        "metrics": m.snapshot(),
+        "memory": {"budget_bytes": 1024, "resident_bytes": 10, "kv_blocks": pool},
+    }
     samples = _samples(exposition(stats).decode())
     assert samples[("qllm_requests_total", (("class", "ls"), ("status", "stopped")))] == 1
     assert samples[("qllm_preemptions_total", (("class", "be"),))] == 2
@@ -92,6 +96,8 @@ def test_prometheus_exposition_parses_with_every_metric():
     assert samples[("qllm_ttft_seconds_bucket", (("class", "ls"), ("le", "0.0025")))] == 0
     assert samples[("qllm_request_preemptions_bucket", (("class", "be"), ("le", "2.0")))] == 1
     assert samples[("qllm_memory_budget_bytes", ())] == 1024
+    assert samples[("qllm_memory_kv_blocks_blocks_in_use", ())] == 3
+    assert samples[("qllm_memory_kv_blocks_blocks_free", ())] == 5
     names = {name for name, _ in samples}
     for hist in ("ttft_seconds", "queue_seconds", "turnaround_seconds", "preemption_latency_seconds"):
         assert f"qllm_{hist}_sum" in names

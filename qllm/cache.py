@@ -192,8 +192,7 @@ class KVCache:
         size = self.pool.block_size
         for blocks, new in ((self.key_blocks[layer], k), (self.value_blocks[layer], v)):
             while len(blocks) * size < max(end, 1):
-                blocks.append(self.pool.take(new.shape[0], new.shape[2]))
-                self.block_bytes += _nbytes(blocks[-1])
+                self.take_block(blocks, new.shape[0], new.shape[2])
             at = start
             while at < end:  # the new tokens, block by block
                 block, offset = divmod(at, size)
@@ -201,6 +200,14 @@ class KVCache:
                 slots.append(blocks[block][:, offset : offset + n])
                 rows.append(new[:, at - start : at - start + n])
                 at += n
+
+    def take_block(self, blocks: list[torch.Tensor], heads: int, width: int) -> torch.Tensor:
+        """A block from the pool, appended to ``blocks`` (one layer's keys or values) and counted
+        in :attr:`block_bytes`; uninitialised."""
+        block = self.pool.take(heads, width)
+        blocks.append(block)
+        self.block_bytes += _nbytes(block)
+        return block
 
     def state(self, layer: int) -> list[torch.Tensor] | None:
         """The recurrent state tensors of linear-attention ``layer`` (None before its first token)."""

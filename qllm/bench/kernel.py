@@ -36,6 +36,7 @@ import logging
 import statistics
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from qllm.bench.stats import percentile as _pct
@@ -156,10 +157,9 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
             model, [prompt(args.be_prompt) for _ in range(args.overhead_requests)], args
         )
     if "placement" not in skip:
-        rounds: dict[str, list[dict[str, Any]]] = {"thread": [], "loop": []}
-        for i in range(args.rounds):  # alternate, the order reversed each round, so drift hits both
-            for mode in ("thread", "loop")[:: 1 if i % 2 == 0 else -1]:
-                rounds[mode].append(await _placement(model, be_prompts, args, mode))
+        rounds = await _alternate(
+            args.rounds, ("thread", "loop"), lambda mode: _placement(model, be_prompts, args, mode)
+        )
         out["placement"] = {
             mode: {key: statistics.median(r[key] for r in runs) for key in runs[0]} | {"rounds": len(runs)}
             for mode, runs in rounds.items()
@@ -323,12 +323,23 @@ async def _overhead(model: Any, policy: str, prompts: list[list[int]], args) -> 
     }
 
 
+async def _alternate(
+    rounds: int, sides: tuple[str, str], measure: Callable[[str], Awaitable[dict[str, Any]]]
+) -> dict[str, list[dict[str, Any]]]:
+    """``measure`` each side ``rounds`` times, the order reversed every round so that drift of the
+    machine hits both alike: each side's results in order."""
+    runs: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
+    for i in range(rounds):
+        for side in sides[:: 1 if i % 2 == 0 else -1]:
+            runs[side].append(await measure(side))
+    return runs
+
+
 async def _kv_layouts(model: Any, prompts: list[list[int]], args) -> dict[str, Any]:
-    """The kv part: buffers against blocks, ``--rounds`` rounds, the order reversed each round."""
-    runs: dict[str, list[dict[str, Any]]] = {"buffers": [], "blocks": []}
-    for i in range(args.rounds):
-        for layout in ("buffers", "blocks")[:: 1 if i % 2 == 0 else -1]:
-            runs[layout].append(await _kv_run(model, prompts, args, layout))
+    """The kv part: buffers against blocks, ``--rounds`` alternating rounds."""
+    runs = await _alternate(
+        args.rounds, ("buffers", "blocks"), lambda layout: _kv_run(model, prompts, args, layout)
+    )
     out: dict[str, Any] = {
         layout: {
             "decode_tokens_per_s": statistics.median(r["decode_tokens_per_s"] for r in rs),

@@ -239,10 +239,7 @@ class TensorManager:
                 *zip(entry.host_value_blocks, cache.value_blocks),
             ):
                 for h in host:
-                    block = cache.pool.take(h.shape[0], h.shape[2])
-                    block.copy_(h, non_blocking=True)
-                    blocks.append(block)
-                    cache.block_bytes += h.numel() * h.element_size()
+                    cache.take_block(blocks, h.shape[0], h.shape[2]).copy_(h, non_blocking=True)
             entry.ready_event = torch.cuda.Event()
             entry.ready_event.record(self._stream)
         states = [t for tensors in cache.states if tensors is not None for t in tensors]

@@ -15,6 +15,17 @@ def pytest_asyncio_loop_factories(config, item):
     return {"uvloop": uvloop.new_event_loop}
 
 
+@pytest.fixture(autouse=True)
+def _structlog_config_restored():
+    """Each test leaves structlog configured as it found it: the bench commands configure it for
+    their run (warnings only), which would otherwise hide the log lines later tests capture."""
+    import structlog
+
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """The tiny preset executor (batch-invariant), shared read-only across tests."""

@@ -185,6 +185,8 @@ class Dispatcher:
                     if stopping and not self.busy:
                         return
                     self._last_end = None  # waiting for work: the gap to the next op is idle time
+                    if self.mailbox.empty():
+                        self.compute.idle()
                     message = await self.mailbox.get()
                     stopping |= self._handle(message)
                 self._interrupt = False

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Single-request and batch decode against transformers' generate (`qllm bench kernel`'s batch32
+# and single parts) under two OpenMP wait settings, on idle cores and beside a busy process (one
+# core spinning in a plain Python loop), one run each: the trade of docs/engine.md ("OpenMP
+# threads"), measured on the machine it runs on.
+#
+#   scripts/bench_omp.sh [OUT_DIR] [extra qllm bench kernel options]
+#
+# Writes OUT_DIR/omp-{passive,spin}-{idle,busy}.json (default OUT_DIR docs/results) and prints one
+# summary line per run. passive: qllm's default (OMP_WAIT_POLICY=PASSIVE); spin: the setting
+# docs/engine.md gives for a dedicated machine (OMP_WAIT_POLICY=ACTIVE GOMP_SPINCOUNT=300000).
+set -euo pipefail
+out=${1:-docs/results}
+shift || true
+qllm=${QLLM:-.venv/bin/qllm}
+mkdir -p "$out"
+declare -A settings=(
+  [passive]="OMP_WAIT_POLICY=PASSIVE"
+  [spin]="OMP_WAIT_POLICY=ACTIVE GOMP_SPINCOUNT=300000"
+)
+hog=
+trap '[ -n "$hog" ] && kill "$hog" 2>/dev/null || true' EXIT
+for load in idle busy; do
+  if [ "$load" = busy ]; then
+    python3 -c 'while True: pass' &
+    hog=$!
+    sleep 1
+  fi
+  for name in passive spin; do
+    file="$out/omp-$name-$load.json"
+    env ${settings[$name]} "$qllm" bench kernel --model small-random \
+      --skip policies,overhead,placement,kv --single-rounds 4 --rounds 1 "$@" > "$file"
+    python3 - "$file" "$name" "$load" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+parts = []
+for key in ("single", "batch32"):
+    p = d[key]
+    lo, hi = p["ratio_min_max"]
+    parts.append(f"{key} {p['engine_decode_tokens_per_s']:.1f} vs {p['transformers_decode_tokens_per_s']:.1f} tok/s"
+                 f" = {p['ratio']:.2f}x [{lo:.2f}-{hi:.2f}] equal={p['tokens_equal']}")
+print(f"{sys.argv[2]:8} {sys.argv[3]:5} " + "; ".join(parts))
+PY
+  done
+  if [ -n "$hog" ]; then kill "$hog"; hog=; fi
+done

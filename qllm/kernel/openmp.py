@@ -3,12 +3,14 @@
 torch's CPU kernels run their parallel regions on an OpenMP pool that belongs to the thread that
 calls them: the event-loop thread gets one when it loads a model (or runs any parallel op), the
 compute worker gets its own at its first op. GNU OpenMP (libgomp, the runtime torch's Linux
-wheels ship) lets a pool's idle helpers spin for a few milliseconds between parallel regions, so
-that the next region starts at once, but only while the helpers of all pools together do not
-outnumber the CPUs. With a second pool in the process they spin about a hundred times instead,
-then sleep, and every parallel region of the worker waits for a sleeping helper to wake. On the
-2-core machine of docs/benchmarks.md that made one request's decode ops about a third slower on
-the worker than on the thread that loaded the model.
+wheels ship) can let a pool's idle helpers spin between parallel regions, so that the next region
+starts at once (its default, about 3 ms; ``OMP_WAIT_POLICY=PASSIVE``, which ``import qllm`` sets
+by default, sleeps at once instead: docs/engine.md says when each pays). It spins only while the
+helpers of all pools together do not outnumber the CPUs; with a second pool in the process they
+spin about a hundred times, then sleep, and every parallel region of the worker waits for a
+sleeping helper to wake. On the 2-core machine of docs/benchmarks.md, with spinning allowed, that
+made one request's decode ops about a third slower on the worker than on the thread that loaded
+the model.
 
 So the kernel keeps one pool alive: before it hands an op to the worker, the handing thread drops
 its own pool, if it has one (``omp_pause_resource_all``, which in libgomp frees only the calling
@@ -17,8 +19,9 @@ goes idle the worker drops its pool too, so that an idle engine leaves other tor
 process (on any thread) the whole machine. Pools never change results: a parallel region splits
 its work by the thread count, not by which threads run it.
 
-Other OpenMP runtimes (LLVM's libomp on macOS, Intel's libiomp) neither throttle this way nor
-pause only one thread's pool, so :func:`drop_pool` does nothing there.
+Other OpenMP runtimes (LLVM's libomp on macOS, Intel's libiomp) manage idle threads their own way,
+and their pause is not documented to free only the calling thread's pool, so :func:`drop_pool`
+does nothing there.
 """
 
 from __future__ import annotations

@@ -9,9 +9,10 @@ from typing import Any
 # Idle OpenMP helpers sleep at once instead of spinning between parallel regions (unless the
 # user chose otherwise). On a machine that other processes share, a spinning helper holds a core
 # that the thread it waits for needs: on the 2-core EPYC, single-request decode with spinning
-# helpers ran at about a third of its idle speed beside one busy process, below transformers'
-# generate. Sleeping helpers cost a wake per parallel region instead: 1.3-1.7x slower than
-# spinning ones on idle cores, and no slower beside the busy process (docs/benchmarks.md, run Y).
+# helpers ran at about a third of its idle speed beside one busy process (below transformers'
+# generate in some runs). Sleeping helpers cost a wake per parallel region instead: 1.2-1.7x
+# slower than spinning ones on idle cores, and no slower beside the busy process
+# (docs/benchmarks.md, run Y).
 # A dedicated machine can set OMP_WAIT_POLICY=ACTIVE GOMP_SPINCOUNT=300000 (docs/engine.md). It
 # takes effect only if qllm is imported before torch (the ``qllm`` command always is).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

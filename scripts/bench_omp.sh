@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Single-request and batch decode against transformers' generate (`qllm bench kernel`'s batch32
-# and single parts) under two OpenMP wait settings, on idle cores and beside a busy process (one
-# core spinning in a plain Python loop), one run each: the trade of docs/engine.md ("OpenMP
+# and single parts) under two OpenMP wait settings, on idle cores, beside a busy process (one core
+# spinning in a plain Python loop) and beside a memory-bound one (one thread copying 512 MiB
+# between two tensors, over and over), one run each: the trade of docs/engine.md ("OpenMP
 # threads"), measured on the machine it runs on.
 #
 #   scripts/bench_omp.sh [OUT_DIR] [extra qllm bench kernel options]
 #
-# Writes OUT_DIR/omp-{passive,spin}-{idle,busy}.json (default OUT_DIR docs/results) and prints one
-# summary line per run. passive: qllm's default (OMP_WAIT_POLICY=PASSIVE); spin: the setting
+# Writes OUT_DIR/omp-{passive,spin}-{idle,busy,memory}.json (default OUT_DIR docs/results) and
+# prints one summary line per run. passive: qllm's default (OMP_WAIT_POLICY=PASSIVE); spin: the setting
 # docs/engine.md gives for a dedicated machine (OMP_WAIT_POLICY=ACTIVE GOMP_SPINCOUNT=300000).
 set -euo pipefail
 out=${1:-docs/results}
@@ -20,11 +21,19 @@ declare -A settings=(
 )
 hog=
 trap '[ -n "$hog" ] && kill "$hog" 2>/dev/null || true' EXIT
-for load in idle busy; do
+python=${PYTHON:-.venv/bin/python}
+for load in idle busy memory; do
   if [ "$load" = busy ]; then
     python3 -c 'while True: pass' &
     hog=$!
     sleep 1
+  elif [ "$load" = memory ]; then
+    "$python" -c 'import torch
+torch.set_num_threads(1)
+a = torch.ones(1 << 27); b = torch.empty_like(a)
+while True: b.copy_(a)' &
+    hog=$!
+    sleep 2
   fi
   for name in passive spin; do
     file="$out/omp-$name-$load.json"

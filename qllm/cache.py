@@ -46,19 +46,19 @@ class BlockPool:
         free = self._free.get((heads, width))
         if free:
             block = free.pop()
-            self.free_bytes -= _nbytes(block)
+            self.free_bytes -= block.nbytes
         else:
             block = torch.empty(heads, self.block_size, width, dtype=self.dtype, device=self.device)
             self.allocated += 1
         self.in_use += 1
-        self.bytes_in_use += _nbytes(block)
+        self.bytes_in_use += block.nbytes
         return block
 
     def give(self, blocks: Sequence[torch.Tensor]) -> None:
         """Take back blocks that a cache no longer holds."""
         for block in blocks:
             self._free.setdefault((block.shape[0], block.shape[2]), []).append(block)
-            n = _nbytes(block)
+            n = block.nbytes
             self.in_use -= 1
             self.bytes_in_use -= n
             self.free_bytes += n
@@ -68,7 +68,7 @@ class BlockPool:
         reference goes: on CUDA, after the copies queued on them ran)."""
         for block in blocks:
             self.in_use -= 1
-            self.bytes_in_use -= _nbytes(block)
+            self.bytes_in_use -= block.nbytes
 
     @property
     def free(self) -> int:
@@ -89,10 +89,6 @@ class BlockPool:
             "bytes_free": self.free_bytes,
             "blocks_allocated": self.allocated,
         }
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
 
 
 class KVCache:
@@ -206,7 +202,7 @@ class KVCache:
         in :attr:`block_bytes`; uninitialised."""
         block = self.pool.take(heads, width)
         blocks.append(block)
-        self.block_bytes += _nbytes(block)
+        self.block_bytes += block.nbytes
         return block
 
     def state(self, layer: int) -> list[torch.Tensor] | None:
@@ -232,7 +228,7 @@ class KVCache:
         recurrent states."""
         states = [t for tensors in self.states if tensors is not None for t in tensors]
         return self.block_bytes + sum(
-            _nbytes(t) for t in (*self.keys, *self.values, *states) if t is not None
+            t.nbytes for t in (*self.keys, *self.values, *states) if t is not None
         )
 
     def release_blocks(self, reuse: bool = True) -> None:

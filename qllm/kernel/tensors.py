@@ -207,9 +207,7 @@ class TensorManager:
         host_states = [h for tensors in entry.host_states if tensors is not None for h in tensors]
         host_blocks = [h for bs in (*entry.host_key_blocks, *entry.host_value_blocks) for h in bs]
         entry.pinned_bytes = sum(
-            h.numel() * h.element_size()
-            for h in entry.host_k + entry.host_v + host_states + host_blocks
-            if h is not None
+            h.nbytes for h in entry.host_k + entry.host_v + host_states + host_blocks if h is not None
         )
         # Not back to the pool: the side stream still reads them, and a block reused by the compute
         # stream would race the copy. The allocator frees them once it ran (_to_host recorded it).

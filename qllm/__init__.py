@@ -10,7 +10,7 @@ from typing import Any
 # user chose otherwise). On a machine that other processes share, a spinning helper holds a core
 # that the thread it waits for needs: on the 2-core EPYC, single-request decode with spinning
 # helpers ran at about a third of its idle speed beside one busy process (below transformers'
-# generate in some runs). Sleeping helpers cost a wake per parallel region instead: 1.2-1.7x
+# generate in some runs). Sleeping helpers cost a wake per parallel region instead: 1.2-1.3x
 # slower than spinning ones on idle cores, and no slower beside the busy process
 # (docs/benchmarks.md, run Y).
 # A dedicated machine can set OMP_WAIT_POLICY=ACTIVE GOMP_SPINCOUNT=300000 (docs/engine.md). It

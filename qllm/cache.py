@@ -227,9 +227,7 @@ class KVCache:
         """Bytes held by the buffers (capacity, not only the filled part) or blocks, and the
         recurrent states."""
         states = [t for tensors in self.states if tensors is not None for t in tensors]
-        return self.block_bytes + sum(
-            t.nbytes for t in (*self.keys, *self.values, *states) if t is not None
-        )
+        return self.block_bytes + sum(t.nbytes for t in (*self.keys, *self.values, *states) if t is not None)
 
     def release_blocks(self, reuse: bool = True) -> None:
         """Give every block back to the pool, or with ``reuse`` False let them go (the lengths stay:

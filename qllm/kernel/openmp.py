@@ -8,9 +8,8 @@ starts at once (its default, about 3 ms; ``OMP_WAIT_POLICY=PASSIVE``, which ``im
 by default, sleeps at once instead: docs/engine.md says when each pays). It spins only while the
 helpers of all pools together do not outnumber the CPUs; with a second pool in the process they
 spin about a hundred times, then sleep, and every parallel region of the worker waits for a
-sleeping helper to wake. On the 2-core machine of docs/benchmarks.md, with spinning allowed, that
-made one request's decode ops about a third slower on the worker than on the thread that loaded
-the model.
+sleeping helper to wake. On the 2-core machine of docs/benchmarks.md (run Y), with spinning
+allowed, one request decoded at 50 tok/s with two pools and at 55-67 tok/s with one.
 
 So the kernel keeps one pool alive: before it hands an op to the worker, the handing thread drops
 its own pool, if it has one (``omp_pause_resource_all``, which in libgomp frees only the calling

@@ -17,13 +17,14 @@ from typing import Any
 # takes effect only if qllm is imported before torch (the ``qllm`` command always is).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-__version__ = "0.1.0"
+from qllm.version import __version__
+
 __all__ = ["Engine", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
     if name == "Engine":
-        from qllm.kernel.engine import Engine
+        from qllm.engine import Engine
 
         return Engine
     raise AttributeError(f"module 'qllm' has no attribute {name!r}")

@@ -3,7 +3,7 @@
 Runs ``MoEModel._run_attention`` on decode requests (one row each, cache lengths drawn from
 ``--lengths``) of one layer of a preset, at each thread count, alternating the two versions call
 by call so that a noisy machine slows both alike. The baseline is ``qllm/models/base.py`` and
-``qllm/cache.py`` as of ``--baseline`` (a git revision), loaded beside the installed package and
+``qllm/kernel/runtime/cache.py`` as of ``--baseline`` (a git revision), loaded beside the installed package and
 run on the same executor. Prints JSON: median milliseconds per call and the ratio new/baseline.
 
     .venv/bin/python scripts/attention_bench.py --batches 1 8 32 --threads 1 2
@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-from qllm.cache import KVCache
+from qllm.kernel.runtime.cache import KVCache
+from qllm.kernel.runtime.ops import Op, OpKind
 from qllm.models import load_model
-from qllm.ops import Op, OpKind
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,7 +77,7 @@ def main() -> None:
     parser.add_argument("--layer", type=int, default=0)
     args = parser.parse_args()
 
-    old_cache = baseline_module(args.baseline, "qllm/cache.py", "_baseline_cache")
+    old_cache = baseline_module(args.baseline, "qllm/kernel/runtime/cache.py", "_baseline_cache")
     old_base = baseline_module(args.baseline, "qllm/models/base.py", "_baseline_base")
     model = load_model(args.model)
     versions = {

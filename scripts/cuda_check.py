@@ -17,8 +17,8 @@ import torch
 
 
 def executor_vs_transformers(model) -> dict:
-    from qllm.generation import generation_steps
-    from qllm.ops import Token
+    from qllm.kernel.program import generation_steps
+    from qllm.kernel.runtime.ops import Token
     from qllm.sampling import SamplingParams
 
     prompt = model.tokenizer.encode("The experts of this layer run on the GPU")
@@ -49,7 +49,7 @@ def executor_vs_transformers(model) -> dict:
 
 
 async def engine_runs(model) -> dict:
-    from qllm.kernel.engine import Engine
+    from qllm.engine import Engine
 
     prompts = [f"request {i}: tell me about mixtures of experts" for i in range(8)]
     out = {}

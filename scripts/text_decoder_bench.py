@@ -14,8 +14,8 @@ import json
 import time
 from types import SimpleNamespace
 
-from qllm.generation import TextDecoder, decode
 from qllm.models.presets import tiny_tokenizer
+from qllm.text import TextDecoder, decode
 
 
 def main() -> None:

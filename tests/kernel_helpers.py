@@ -15,12 +15,13 @@ from dataclasses import dataclass
 
 import uvloop
 
-from qllm.generation import finish_text, generation_steps
+from qllm.kernel.program import generation_steps
+from qllm.kernel.runtime.ops import Token
 from qllm.kernel.view import KernelView, RequestView
 from qllm.models.base import MoEModel
-from qllm.ops import Token
 from qllm.policies import Policy
 from qllm.sampling import SamplingParams
+from qllm.text import finish_text
 
 STATUS = {"length": "length", "stop": "stopped"}
 """RequestResult.status for each generation StopReason."""

@@ -17,10 +17,10 @@ import pytest
 import torch
 from tiny_families import CASES_BY_NAME, Case, torch_threads
 
-from qllm.cache import KVCache
+from qllm.kernel.runtime.cache import KVCache
+from qllm.kernel.runtime.ops import Op, OpKind
 from qllm.models import load_model
 from qllm.models.base import MoEModel
-from qllm.ops import Op, OpKind
 
 # small-random's attention (16 query heads of 64 over 4 KV heads) in a one-layer model.
 WIDE = Case(

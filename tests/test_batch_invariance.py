@@ -24,8 +24,8 @@ from tiny_families import (
     torch_threads,
 )
 
+from qllm.kernel.runtime.ops import OpKind
 from qllm.models import load_model
-from qllm.ops import OpKind
 
 PROMPTS = [[5, 17, 99, 3, 42, 7, 11], [8, 1, 64], [120, 33, 2, 90, 14], [77]]
 JOIN_AFTER = [0, 0, 2, 5]  # requests 2 and 3 prefill while 0 and 1 decode

@@ -8,7 +8,7 @@ import json
 from tiny_families import torch_threads
 
 from qllm.cli import main
-from qllm.kernel.engine import Engine
+from qllm.engine import Engine
 from qllm.policies import DEFAULT_POLICY
 
 TINY = ["--model", "tiny", "--be-prompt", "4", "--be-tokens", "3", "--batch", "2", "--batch-tokens", "3",

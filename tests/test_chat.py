@@ -4,9 +4,9 @@ import msgspec
 import pytest
 
 from qllm import protocol
+from qllm.engine import Engine
 from qllm.errors import InvalidRequest
-from qllm.generation import encode
-from qllm.kernel.engine import Engine
+from qllm.text import encode
 
 
 def test_chat_wraps_the_prompt_in_the_template(chat_model):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from qllm.kernel.costs import OpCosts, bucket
+from qllm.kernel.runtime.ops import OpKind
 from qllm.kernel.view import CostView
-from qllm.ops import OpKind
 
 
 def test_rows_are_bucketed_by_the_executors_padding():

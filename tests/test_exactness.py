@@ -14,8 +14,8 @@ import pytest
 import torch
 from tiny_families import CASES, CASES_BY_NAME, greedy, run_alone, run_forward, torch_threads
 
+from qllm.kernel.runtime.ops import OpKind
 from qllm.models import FAMILIES, load_model
-from qllm.ops import OpKind
 
 MULTIMODAL = {"llama4": "llama4_text", "qwen3_5_moe": "qwen3_5_moe_text"}
 """Multimodal model types whose checkpoints qllm runs as the text model's type."""

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from tiny_families import greedy, layer_major, run_alone, run_together, torch_threads
 
+from qllm.kernel.runtime.ops import OpKind
 from qllm.models import gemm, invariance, load_model
 from qllm.models.base import _pad
-from qllm.ops import OpKind
 
 needs_onednn = pytest.mark.skipif(not gemm.ONEDNN, reason="this torch build has no oneDNN linear")
 

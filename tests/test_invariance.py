@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from structlog.testing import capture_logs
 from tiny_families import greedy, layer_major, run_alone, run_together, torch_threads
 
+from qllm.kernel.runtime.ops import OpKind
 from qllm.models import invariance, load_model
-from qllm.ops import OpKind
 
 WEIGHT = torch.randn(32, 24, generator=torch.Generator().manual_seed(0))
 

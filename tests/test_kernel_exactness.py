@@ -207,8 +207,8 @@ def test_preempted_tokens_equal_isolated_at_two_threads(tiny, policy, schedule):
 
 
 def test_reference_is_the_single_request_driver(tiny):
-    """The isolated reference equals qllm.generation.generate, and a one-request engine when chunked."""
-    from qllm.generation import generate
+    """The isolated reference equals qllm.kernel.program.generate, and a one-request engine when chunked."""
+    from qllm.kernel.program import generate
 
     prompt = [5, 17, 300, 42, 9, 77, 128]
     for params in (

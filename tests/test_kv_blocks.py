@@ -1,4 +1,4 @@
-"""Keys and values in blocks from a shared pool (``Engine(kv_block_size=N)``, qllm/cache.py).
+"""Keys and values in blocks from a shared pool (``Engine(kv_block_size=N)``, qllm/kernel/runtime/cache.py).
 
 What a user relies on: the layout never changes a token (the preemption property tests in
 tests/test_kernel_exactness.py also draw it); a request holds at most one partly filled block per
@@ -14,7 +14,7 @@ import torch
 from tiny_families import CASES
 
 import qllm
-from qllm.cache import BlockPool, KVCache, append_all
+from qllm.kernel.runtime.cache import BlockPool, KVCache, append_all
 from qllm.kernel.tensors import TensorManager
 from qllm.models import load_model
 

@@ -17,7 +17,7 @@ import torch
 from tiny_families import CASES_BY_NAME, SIZES, torch_threads
 
 from qllm.cli import main
-from qllm.generation import generate
+from qllm.kernel.program import generate
 from qllm.models import FAMILIES, REFUSED, ModelLoadError, load_model, supported_model_types
 from qllm.models.presets import PRESETS, tiny_tokenizer
 from qllm.sampling import SamplingParams

@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-from qllm.kernel.engine import Engine
+from qllm.engine import Engine
 from qllm.kernel.openmp import drop_pool
 
 pytestmark = pytest.mark.skipif(

@@ -1,6 +1,6 @@
 """Passes never change a request's numbers.
 
-The kernel computes requests in passes (qllm/models/passes.py): one forward pass over the rows of
+The kernel computes requests in passes (qllm/kernel/runtime/passes.py): one forward pass over the rows of
 several requests, split and merged at any op as the policy chooses, with each MoE layer as one
 grouped op, as one op per expert, or a grouped op stopped between experts. Whatever the schedule,
 every request's logits and tokens must equal its solo run bit for bit; checked here under random
@@ -15,11 +15,11 @@ import pytest
 import torch
 from tiny_families import CASES_BY_NAME, greedy, torch_threads
 
-from qllm.generation import Forward, generation_passes
+from qllm.kernel.program import Forward, generation_passes
+from qllm.kernel.runtime.ops import OpKind, Token
+from qllm.kernel.runtime.passes import Partial, Pass, Stage
 from qllm.models import load_model
 from qllm.models.base import MoEModel
-from qllm.models.passes import Partial, Pass, Stage
-from qllm.ops import OpKind, Token
 
 PROMPTS = [[5, 17, 99, 3, 42, 7, 11], [8, 1, 64], [120, 33, 2, 90, 14], [77], [3, 3, 3, 3]]
 CHUNK = 3  # prompts longer than this prefill in chunks, some of them without logits

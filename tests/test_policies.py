@@ -18,8 +18,8 @@ import qllm
 from qllm.errors import PolicyError
 from qllm.kernel.costs import OpCosts, bucket
 from qllm.kernel.request import Phase, PriorityClass, Request
+from qllm.kernel.runtime.ops import Op, OpKind
 from qllm.kernel.view import CostView, KernelView, MemoryView, RequestView
-from qllm.ops import Op, OpKind
 from qllm.policies import API_VERSION, DEFAULT_POLICY, Policy, available_policies, load_policy
 from qllm.policies.cohort import CohortPolicy
 from qllm.policies.fcfs import FCFSPolicy

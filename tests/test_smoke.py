@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from qllm.generation import generate
+from qllm.kernel.program import generate
 from qllm.sampling import Sampler, SamplingParams, argmax
 
 

@@ -13,7 +13,7 @@ import torch
 from kernel_helpers import Recorder, greedy
 
 import qllm
-from qllm.cache import KVCache
+from qllm.kernel.runtime.cache import KVCache
 from qllm.kernel.tensors import TensorManager
 from qllm.kernel.view import MemoryView
 from qllm.models import load_model

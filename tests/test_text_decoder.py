@@ -1,4 +1,4 @@
-"""Streamed text: :class:`qllm.generation.TextDecoder` gives, after every token, the text that
+"""Streamed text: :class:`qllm.kernel.program.TextDecoder` gives, after every token, the text that
 decoding the whole output gives, while decoding only a window of recent tokens."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from qllm.generation import TextDecoder, decode
 from qllm.models.presets import tiny_tokenizer
+from qllm.text import TextDecoder, decode
 
 
 def metaspace_tokenizer() -> PreTrainedTokenizerFast:

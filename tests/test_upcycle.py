@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 
-from qllm.generation import generate
+from qllm.kernel.program import generate
 from qllm.models import ModelLoadError, load_directory, load_model
 from qllm.models import upcycle as up
 from qllm.models.presets import tiny_tokenizer

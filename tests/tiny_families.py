@@ -16,13 +16,13 @@ from typing import Any
 
 import torch
 
-from qllm.generation import generation_steps
+from qllm.kernel.program import generation_steps
+from qllm.kernel.runtime.ops import Op, OpKind, Token
 from qllm.models.base import MoEModel
-from qllm.ops import Op, OpKind, Token
 from qllm.sampling import SamplingParams
 
 Key = tuple[int, int, int]
-"""An op's :attr:`~qllm.ops.Op.key`."""
+"""An op's :attr:`~qllm.kernel.runtime.ops.Op.key`."""
 
 SIZES = dict(
     vocab_size=192,

@@ -142,7 +142,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_qllm(executor: Any, prompt: list[int], params: Any) -> tuple[list[int], float, float]:
-    from qllm.generation import generate
+    from qllm.kernel.program import generate
 
     result = generate(executor, prompt, params)
     decode_s = result.total_s - result.ttft_s

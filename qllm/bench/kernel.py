@@ -22,7 +22,7 @@ Prints one JSON object with four parts, all measured side by side in one run:
   alternating runs.
 - ``kv``: the KV layouts side by side: ``--batch`` requests decoded by an engine whose caches are
   growable buffers and by one whose caches are blocks of ``--kv-block-size`` tokens from a pool
-  (qllm/cache.py), in ``--rounds`` alternating rounds: decode tokens/s and its ratio (blocks over
+  (qllm/kernel/runtime/cache.py), in ``--rounds`` alternating rounds: decode tokens/s and its ratio (blocks over
   buffers, the median of the rounds' ratios), the most KV memory held at once (sampled every
   5 ms; with blocks, the pool's spare blocks included) and whether the tokens are equal.
 """
@@ -170,7 +170,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _mixed(model: Any, policy: str, be_prompts, ls_prompts, args) -> dict[str, Any]:
-    from qllm.kernel.engine import Engine
+    from qllm.engine import Engine
 
     async with Engine(model=model, policy=policy, prefill_chunk=args.prefill_chunk) as engine:
         isolated = []
@@ -222,7 +222,7 @@ async def _batch_decode(model: Any, prompts: list[list[int]], args, rounds: int)
     the rounds' ratios (each round's two runs are seconds apart, so drift of the machine cancels)."""
     import torch
 
-    from qllm.kernel.engine import Engine
+    from qllm.engine import Engine
 
     n = args.batch_tokens
     ids = torch.tensor(prompts)
@@ -281,7 +281,7 @@ async def _batch_decode(model: Any, prompts: list[list[int]], args, rounds: int)
 
 async def _overheads(model: Any, prompts: list[list[int]], args) -> dict[str, Any]:
     """The overhead part: ``fcfs`` and the default policy, each on a fresh engine."""
-    from qllm.kernel.engine import Engine
+    from qllm.engine import Engine
     from qllm.policies import DEFAULT_POLICY
 
     # First use of each shape on this model, on an engine of its own: the measured engines' stats
@@ -297,7 +297,7 @@ async def _overheads(model: Any, prompts: list[list[int]], args) -> dict[str, An
 
 
 async def _overhead(model: Any, policy: str, prompts: list[list[int]], args) -> dict[str, Any]:
-    from qllm.kernel.engine import Engine
+    from qllm.engine import Engine
 
     engine = Engine(model=model, policy=policy, prefill_chunk=args.prefill_chunk)
     async with engine:
@@ -368,7 +368,7 @@ async def _kv_layouts(model: Any, prompts: list[list[int]], args) -> dict[str, A
 
 
 async def _kv_run(model: Any, prompts: list[list[int]], args, layout: str) -> dict[str, Any]:
-    from qllm.kernel.engine import Engine
+    from qllm.engine import Engine
 
     block_size = args.kv_block_size if layout == "blocks" else None
     engine = Engine(
@@ -408,7 +408,7 @@ def _us(seconds: float | None) -> float | None:
 
 
 async def _placement(model: Any, prompts, args, mode: str) -> dict[str, Any]:
-    from qllm.kernel.engine import Engine
+    from qllm.engine import Engine
 
     lags: list[float] = []
     stop = asyncio.Event()

@@ -96,7 +96,7 @@ class EngineSystem:
         }
 
     async def run(self, items, *, slo_s=None, timeout=None, on_done=None) -> list[Record]:
-        from qllm.kernel.engine import Engine
+        from qllm.engine import Engine
 
         engine = Engine(
             model=self.model,

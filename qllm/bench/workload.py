@@ -364,7 +364,7 @@ def _tokenized(items: list[Any], model: Any) -> list[Any]:
     """Text prompts as token ids when the model is here, so every system gets the same ids."""
     if model is None:
         return items
-    from qllm.generation import encode
+    from qllm.text import encode
 
     return [replace(i, prompt=tuple(ids), prompt_len=len(ids)) if isinstance(i.prompt, str) and (ids := encode(model, i.prompt)) else i
             for i in items]  # fmt: skip

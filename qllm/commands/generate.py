@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         except QllmError as exc:
             print(f"qllm generate: error ({exc.code}): {exc}", file=sys.stderr)
             return 1
-    from qllm.generation import generate
+    from qllm.kernel.program import generate
     from qllm.models import load_model
     from qllm.sampling import SamplingParams
 

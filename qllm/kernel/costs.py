@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qllm.ops import OpKind
+from qllm.kernel.runtime.ops import OpKind
 
 SMOOTHING = 0.2
 """Weight of a new measurement in its bucket's mean."""

@@ -1,8 +1,8 @@
 """The dispatcher actor: asks the policy which requests run next, and runs them as one pass.
 
 Its mailbox receives arrivals and cancellations. Each request is a generator of forward passes and
-tokens (:func:`qllm.generation.generation_passes`); the compute of a forward pass runs in a
-:class:`~qllm.models.passes.Pass` that holds the rows of every request the policy batched together,
+tokens (:func:`qllm.kernel.program.generation_passes`); the compute of a forward pass runs in a
+:class:`~qllm.kernel.runtime.passes.Pass` that holds the rows of every request the policy batched together,
 stepped one op at a time. At each decision the policy picks requests at one op; the dispatcher
 merges the passes they are in (splitting a pass when the policy took only part of it, starting a
 new pass for requests between passes) and runs its next op.
@@ -32,17 +32,18 @@ from typing import Any
 import structlog
 import torch
 
-from qllm.generation import finish_text, generation_passes, stop_index
 from qllm.kernel.compute import Compute
 from qllm.kernel.costs import OpCosts
+from qllm.kernel.program import generation_passes
 from qllm.kernel.request import Request, RequestResult, RequestStatus
+from qllm.kernel.runtime.ops import Op, OpKind, Token
+from qllm.kernel.runtime.passes import Partial, Pass
 from qllm.kernel.tensors import TensorManager
 from qllm.kernel.view import CostView, KernelView, MemoryView, RequestView
 from qllm.logging import Throttled
 from qllm.models.base import MoEModel
-from qllm.models.passes import Partial, Pass
-from qllm.ops import Op, OpKind, Token
 from qllm.policies import Policy
+from qllm.text import finish_text, stop_index
 
 log = structlog.get_logger()
 

@@ -10,10 +10,10 @@ from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any
 
-from qllm.cache import KVCache
-from qllm.generation import Forward
-from qllm.models.passes import Pass, Segment
-from qllm.ops import Op, Token
+from qllm.kernel.program import Forward
+from qllm.kernel.runtime.cache import KVCache
+from qllm.kernel.runtime.ops import Op, Token
+from qllm.kernel.runtime.passes import Pass, Segment
 from qllm.sampling import SamplingParams
 
 

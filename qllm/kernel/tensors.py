@@ -9,8 +9,8 @@ policy is likely to run soon are prefetched.
 On CPU the device *is* host memory, so offloading means compacting: the cache buffers, which grow
 by doubling, are trimmed to their filled length; this is the same interface and accounting.
 
-With ``block_size`` the caches hold fixed-size blocks from one :class:`~qllm.cache.BlockPool`
-instead of buffers (see qllm/cache.py), and the manager counts, offloads and restores blocks: on
+With ``block_size`` the caches hold fixed-size blocks from one :class:`~qllm.kernel.runtime.cache.BlockPool`
+instead of buffers (see qllm/kernel/runtime/cache.py), and the manager counts, offloads and restores blocks: on
 CUDA an offloaded request's blocks are copied to pinned host memory block by block and freed once
 the copies ran; restoring takes blocks from the pool (reused ones where requests ended). On
 CPU nothing is over-allocated past a block per layer, so there is nothing to compact. Resident
@@ -26,7 +26,7 @@ from typing import Any
 import structlog
 import torch
 
-from qllm.cache import BlockPool, KVCache
+from qllm.kernel.runtime.cache import BlockPool, KVCache
 
 log = structlog.get_logger()
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from qllm.kernel.costs import OpCosts
 from qllm.kernel.request import Phase, PriorityClass, Request, RequestStatus
-from qllm.ops import OpKind
+from qllm.kernel.runtime.ops import OpKind
 
 if TYPE_CHECKING:
     from qllm.kernel.tensors import TensorManager

@@ -5,7 +5,7 @@ projections, rotary embedding, norms, routers and lm_head. Experts are computed 
 fused 3D weights (``experts.gate_up_proj [E, 2I, H]``, ``experts.down_proj [E, H, I]``), in place.
 
 :meth:`MoEModel.forward` is the forward pass of one request written as a generator that yields an
-:class:`~qllm.ops.Op` at attention, router and every expert; :meth:`MoEModel.run` computes a
+:class:`~qllm.kernel.runtime.ops.Op` at attention, router and every expert; :meth:`MoEModel.run` computes a
 list of ops with the same key as one batched call. A family adapter overrides the few hooks
 where its architecture differs (see ``qllm/models/qwen2_moe.py`` for a shared expert).
 """
@@ -21,12 +21,12 @@ import structlog
 import torch
 import torch.nn.functional as F
 
-from qllm import __version__ as qllm_version
-from qllm.cache import BlockPool, KVCache, append_all
+from qllm.kernel.runtime.cache import BlockPool, KVCache, append_all
+from qllm.kernel.runtime.ops import Op, OpKind
+from qllm.kernel.runtime.passes import Partial, Pass
 from qllm.models import gemm, invariance
 from qllm.models.gemm import linear, linear_cat
-from qllm.models.passes import Partial, Pass
-from qllm.ops import Op, OpKind
+from qllm.version import __version__ as qllm_version
 
 log = structlog.get_logger()
 
@@ -234,7 +234,7 @@ class MoEModel:
 
         Yields an op at each schedulable step and expects that op's result back: attention, then
         per MoE layer the router, each expert and the shared expert (``moe="expert"``) or one
-        grouped op (``moe="layer"``). A one-segment :class:`~qllm.models.passes.Pass`.
+        grouped op (``moe="layer"``). A one-segment :class:`~qllm.kernel.runtime.passes.Pass`.
         """
         if moe not in MOE_GRANULARITIES:
             raise ValueError(f"moe must be one of {', '.join(MOE_GRANULARITIES)}, got {moe!r}")
@@ -249,7 +249,7 @@ class MoEModel:
         """Compute ops that share one key as a single batched call; one result per op.
 
         ``stop``, polled between experts of a grouped MoE op: when it returns True the op ends
-        early with a :class:`~qllm.models.passes.Partial` per op (the pass resumes it as one op).
+        early with a :class:`~qllm.kernel.runtime.passes.Partial` per op (the pass resumes it as one op).
         """
         if self.batch_invariant and self._calibrated_threads != torch.get_num_threads():
             self.calibrate()  # kernels split rows differently at another thread count

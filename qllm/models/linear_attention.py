@@ -1,7 +1,7 @@
 """Hybrid models whose layers mix full attention with linear attention (gated DeltaNet).
 
 A linear-attention layer keeps no growing KV cache. Per request it holds two fixed-size tensors in
-the request's cache (:meth:`qllm.cache.KVCache.update_state`), exactly what transformers caches:
+the request's cache (:meth:`qllm.kernel.runtime.cache.KVCache.update_state`), exactly what transformers caches:
 the last ``linear_conv_kernel_dim`` inputs of its short causal convolution ``[conv_dim, kernel]``,
 and the recurrent state of the delta rule ``[value_heads, key_dim, value_dim]``. The tensor
 manager counts, offloads and restores them with the KV buffers.
@@ -20,9 +20,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from qllm.kernel.runtime.ops import Op
 from qllm.models.base import MoEModel
 from qllm.models.gemm import linear
-from qllm.ops import Op
 
 LINEAR_KINDS = ("linear_attention",)
 """``config.layer_types`` entries run by :class:`HybridLinearAttention` (gated DeltaNet)."""

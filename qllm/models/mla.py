@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from qllm.cache import BlockPool, KVCache
+from qllm.kernel.runtime.cache import BlockPool, KVCache
 from qllm.models.base import MoEModel
 
 

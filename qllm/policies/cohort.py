@@ -51,8 +51,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from qllm.kernel.request import Phase
+from qllm.kernel.runtime.ops import OpKind
 from qllm.kernel.view import KernelView, RequestView
-from qllm.ops import OpKind
 from qllm.policies.base import Policy
 from qllm.policies.fair import fair_order, fair_share
 

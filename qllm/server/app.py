@@ -120,7 +120,7 @@ class Server:
         """Token ids of a prompt (ValueError if it is empty, has no tokenizer or ids out of range).
 
         Text is tokenized on the tokenizer thread, never on the event loop."""
-        from qllm.generation import encode
+        from qllm.text import encode
 
         if not isinstance(prompt, str):
             return encode(self.engine.model, prompt, chat=chat)
@@ -139,12 +139,12 @@ class Server:
         return self._tokenizer
 
     def _encode_messages(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        from qllm.generation import encode_chat
+        from qllm.text import encode_chat
 
         return encode_chat(self.engine.model, messages, tokenizer=self._own_tokenizer())
 
     def _encode_text(self, prompt: str, chat: bool) -> list[int]:
-        from qllm.generation import encode
+        from qllm.text import encode
 
         return encode(self.engine.model, prompt, chat=chat, tokenizer=self._own_tokenizer())
 

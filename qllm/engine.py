@@ -12,7 +12,6 @@ import structlog
 import torch
 
 from qllm.errors import EngineClosed, InvalidRequest
-from qllm.generation import encode
 from qllm.kernel.compute import Compute
 from qllm.kernel.dispatcher import Dispatcher, StreamChunk, _Cancel
 from qllm.kernel.request import PriorityClass, Request, RequestResult
@@ -22,6 +21,7 @@ from qllm.models import load_model
 from qllm.models.base import MOE_GRANULARITIES, MoEModel
 from qllm.policies import DEFAULT_POLICY, Policy, load_policy
 from qllm.sampling import SamplingParams
+from qllm.text import encode
 
 log = structlog.get_logger()
 _ids = itertools.count(1)

@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from qllm.ops import Op, OpKind
+from qllm.kernel.runtime.ops import Op, OpKind
 
 if TYPE_CHECKING:
-    from qllm.cache import KVCache
+    from qllm.kernel.runtime.cache import KVCache
     from qllm.models.base import MoEModel
 
 

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-    from qllm.cache import KVCache
-    from qllm.models.passes import Partial, Segment
+    from qllm.kernel.runtime.cache import KVCache
+    from qllm.kernel.runtime.passes import Partial, Segment
 
 
 class OpKind(enum.IntEnum):

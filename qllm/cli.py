@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from qllm.kernel.openmp import configure_openmp
+
 COMMANDS = ("demo", "generate", "models", "policies", "serve", "stats", "bench", "doctor")
 """Each names a module ``qllm.commands.<name>`` with ``add_parser(subparsers)`` and ``run(args) -> int``."""
 
@@ -28,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_openmp()  # before any command imports torch
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args) or 0)

@@ -21,12 +21,6 @@ class EngineClosed(QllmError):
     code = "engine_closed"
 
 
-class RequestCancelled(QllmError):
-    """The request was cancelled before it finished."""
-
-    code = "cancelled"
-
-
 class RequestFailed(QllmError):
     """The request failed while computing (the message carries the cause)."""
 

@@ -1,4 +1,5 @@
-"""The engine keeps one OpenMP pool while it computes (qllm/kernel/openmp.py).
+"""The engine keeps one OpenMP pool while it computes, and the ``qllm`` command makes idle helpers
+sleep unless the environment says otherwise (qllm/kernel/openmp.py).
 
 GNU OpenMP gives each thread that runs a parallel op a pool of helper threads; with two pools in
 the process the helpers stop spinning between parallel regions and every op of the compute worker
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import sys
 import time
 
@@ -17,7 +19,7 @@ import pytest
 import torch
 
 from qllm.engine import Engine
-from qllm.kernel.openmp import drop_pool
+from qllm.kernel.openmp import configure_openmp, drop_pool
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux") or not drop_pool(), reason="needs Linux and GNU OpenMP"
@@ -92,3 +94,31 @@ async def test_engine_drops_the_loop_threads_pool_and_its_own_when_idle(tiny):
         again = await engine.generate([5, 6, 7, 8] * 16, max_tokens=3, ignore_eos=True)
         assert again.token_ids == result.token_ids
     assert await _settles_at(bare) == bare  # the worker is gone, and its pool with it
+
+
+def test_configure_openmp_sets_passive_unless_the_environment_chose(monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert configure_openmp() is False  # torch is in: libgomp has read its settings already
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    configure_openmp()
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def _gomp_settings(argv: list[str]) -> dict[str, str]:
+    """The settings libgomp starts with in a fresh ``python argv`` (``OMP_DISPLAY_ENV=VERBOSE``)."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_"))}
+    environ["OMP_DISPLAY_ENV"] = "VERBOSE"
+    proc = subprocess.run([sys.executable, *argv], env=environ, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    pairs = (line.strip().split(" = ", 1) for line in proc.stderr.splitlines() if " = '" in line)
+    return {k: v.strip("'") for k, v in pairs}
+
+
+def test_qllm_command_makes_helpers_sleep_and_import_qllm_changes_nothing():
+    # The qllm command: passive before torch loads libgomp, so helpers never spin.
+    command = _gomp_settings(["-m", "qllm", "policies", "--json"])
+    assert (command["OMP_WAIT_POLICY"], command["GOMP_SPINCOUNT"]) == ("PASSIVE", "0")
+    # import qllm (before torch) leaves libgomp at its own default, which spins a while.
+    library = _gomp_settings(["-c", "import qllm, torch; torch.ones(1)"])
+    assert library["GOMP_SPINCOUNT"] != "0"

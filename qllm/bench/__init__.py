@@ -16,6 +16,8 @@ import importlib
 import sys
 from types import ModuleType
 
+from qllm.kernel.openmp import configure_openmp
+
 BENCHES = ("workload", "executor", "kernel")
 """Benchmark modules, in the order ``qllm bench --help`` lists them."""
 
@@ -61,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m qllm.bench``: the same process set-up as the ``qllm`` command, then the benchmark."""
+    configure_openmp()  # before any benchmark imports torch
     parser = configure(
         argparse.ArgumentParser(prog="python -m qllm.bench", description=__doc__.splitlines()[0])
     )

@@ -1,15 +1,25 @@
-"""One OpenMP thread pool in the process while the engine computes.
+"""OpenMP in the process: how idle helper threads wait, and one thread pool while the engine
+computes.
 
-torch's CPU kernels run their parallel regions on an OpenMP pool that belongs to the thread that
-calls them: the event-loop thread gets one when it loads a model (or runs any parallel op), the
-compute worker gets its own at its first op. GNU OpenMP (libgomp, the runtime torch's Linux
-wheels ship) can let a pool's idle helpers spin between parallel regions, so that the next region
-starts at once (its default, about 3 ms; ``OMP_WAIT_POLICY=PASSIVE``, which ``import qllm`` sets
-by default, sleeps at once instead: docs/engine.md says when each pays). It spins only while the
-helpers of all pools together do not outnumber the CPUs; with a second pool in the process they
-spin about a hundred times, then sleep, and every parallel region of the worker waits for a
-sleeping helper to wake. On the 2-core machine of docs/benchmarks.md (run Y), with spinning
-allowed, one request decoded at 50 tok/s with two pools and at 55-67 tok/s with one.
+**Waiting.** Between parallel regions an OpenMP pool's idle helpers either spin (the next region
+starts at once, but a spinning helper holds a core) or sleep (each region wakes them). GNU OpenMP
+(libgomp, the runtime torch's Linux wheels ship) reads ``OMP_WAIT_POLICY`` once, when torch loads
+it, and by default spins for about 3 ms. :func:`configure_openmp` makes helpers sleep at once
+(``OMP_WAIT_POLICY=PASSIVE``) unless the environment already chooses: on a machine that other
+processes share, a spinning helper holds a core that the thread it waits for, or another process,
+needs. Spinning pays on cores the server has to itself; ``OMP_WAIT_POLICY=ACTIVE
+GOMP_SPINCOUNT=300000`` in the environment chooses it there. The ``qllm`` command calls
+:func:`configure_openmp` before anything imports torch; ``import qllm`` changes nothing, so a
+program that embeds :class:`qllm.Engine` calls it first or sets the variable itself
+(docs/engine.md, "OpenMP threads").
+
+**One pool.** torch's CPU kernels run their parallel regions on an OpenMP pool that belongs to the
+thread that calls them: the event-loop thread gets one when it loads a model (or runs any parallel
+op), the compute worker gets its own at its first op. libgomp lets idle helpers spin only while
+the helpers of all pools together do not outnumber the CPUs; with a second pool in the process
+they spin about a hundred times, then sleep, and every parallel region of the worker waits for a
+sleeping helper to wake. On the 2-core machine of docs/benchmarks.md, with spinning allowed, one
+request decoded at 50 tok/s with two pools and at 55-67 tok/s with one.
 
 So the kernel keeps one pool alive: before it hands an op to the worker, the handing thread drops
 its own pool, if it has one (``omp_pause_resource_all``, which in libgomp frees only the calling
@@ -26,10 +36,23 @@ does nothing there.
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 from collections.abc import Callable
 
 _OMP_PAUSE_SOFT = 1
+
+WAIT_POLICY_DEFAULT = "PASSIVE"
+"""What :func:`configure_openmp` sets ``OMP_WAIT_POLICY`` to when the environment leaves it unset."""
+
+
+def configure_openmp() -> bool:
+    """Make idle OpenMP helpers sleep between parallel regions (``OMP_WAIT_POLICY=PASSIVE``) unless
+    the environment already sets ``OMP_WAIT_POLICY``. The setting is read when torch loads its
+    OpenMP runtime, so this must run before the process imports torch; child processes inherit it.
+    Returns whether it can still take effect here (False once torch is imported)."""
+    os.environ.setdefault("OMP_WAIT_POLICY", WAIT_POLICY_DEFAULT)
+    return "torch" not in sys.modules
 
 
 def _libgomp_pause_functions() -> list[Callable[[int], int]]:

@@ -72,11 +72,11 @@ def _workload_args(**over):
 
 
 def test_only_class_keeps_that_class_at_the_same_arrival_times():
-    from qllm.bench.workload import _workload
+    from qllm.bench.plan import workload
 
-    full = _workload(_workload_args(), WIDE, None)(4.0)
-    ls = _workload(_workload_args(only_class="ls"), WIDE, None)(4.0)
-    be = _workload(_workload_args(only_class="be"), WIDE, None)(4.0)
+    full = workload(_workload_args(), WIDE, None)(4.0)
+    ls = workload(_workload_args(only_class="ls"), WIDE, None)(4.0)
+    be = workload(_workload_args(only_class="be"), WIDE, None)(4.0)
     assert ls == [i for i in full if i.cls == "ls"] and be == [i for i in full if i.cls == "be"]
     assert ls and be and len(ls) + len(be) == len(full) == 40
 

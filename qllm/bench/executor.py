@@ -18,7 +18,14 @@ import json
 import statistics
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
+
+    from qllm.models import MoEModel
+    from qllm.sampling import SamplingParams
 
 TRANSFORMERS = "transformers"
 QLLM = "qllm"
@@ -141,7 +148,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _run_qllm(executor: Any, prompt: list[int], params: Any) -> tuple[list[int], float, float]:
+def _run_qllm(
+    executor: MoEModel, prompt: list[int], params: SamplingParams
+) -> tuple[list[int], float, float]:
     from qllm.kernel.program import generate
 
     result = generate(executor, prompt, params)
@@ -149,7 +158,9 @@ def _run_qllm(executor: Any, prompt: list[int], params: Any) -> tuple[list[int],
     return result.token_ids, result.ttft_s, _rate(len(result.token_ids), decode_s)
 
 
-def _run_transformers(hf: Any, prompt: list[int], decode_tokens: int) -> tuple[list[int], float, float]:
+def _run_transformers(
+    hf: PreTrainedModel, prompt: list[int], decode_tokens: int
+) -> tuple[list[int], float, float]:
     import torch
 
     input_ids = torch.tensor([prompt])
@@ -176,7 +187,7 @@ class _Stamps:
         self.prompt_seen = False
         self.times: list[float] = []
 
-    def put(self, value: Any) -> None:
+    def put(self, value: torch.Tensor) -> None:
         now = time.perf_counter()
         if self.prompt_seen:
             self.times.append(now)

@@ -22,11 +22,17 @@ import itertools
 import logging
 import math
 import time
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from qllm.bench.stats import Record
-from qllm.bench.systems import replay
+from qllm.bench.systems import OnDone, replay
 from qllm.bench.trace import Item
+
+if TYPE_CHECKING:
+    from transformers.generation.continuous_batching.requests import GenerationOutput
+
+    from qllm.models import MoEModel
 
 PAGE_SIZE = 32
 
@@ -38,7 +44,7 @@ class TransformersCB:
     policy = None
     name = "transformers-cb"
 
-    def __init__(self, model: Any, *, max_batch: int, prefill_chunk: int, max_len: int):
+    def __init__(self, model: MoEModel, *, max_batch: int, prefill_chunk: int, max_len: int):
         import transformers
         from transformers import GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
@@ -73,9 +79,16 @@ class TransformersCB:
             "config": self.config,
         }
 
-    async def run(self, items, *, slo_s=None, timeout=None, on_done=None) -> list[Record]:
+    async def run(
+        self,
+        items: Sequence[Item],
+        *,
+        slo_s: float | None = None,
+        timeout: float | None = None,
+        on_done: OnDone = None,
+    ) -> list[Record]:
         loop = asyncio.get_running_loop()
-        futures: dict[str, asyncio.Future] = {}
+        futures: dict[str, asyncio.Future[GenerationOutput | None]] = {}
 
         async def submit(item: Item, t0: float):
             if not self.manager.is_running():
@@ -83,7 +96,7 @@ class TransformersCB:
             rid = f"bench-{next(self._ids)}"
             future = futures[rid] = loop.create_future()
 
-            def deliver(output: Any) -> None:
+            def deliver(output: GenerationOutput) -> None:
                 if output.is_finished() and not future.done():
                     future.set_result(output)
 
@@ -111,7 +124,9 @@ class TransformersCB:
         self.manager.destroy()
 
 
-async def _record(future: asyncio.Future, item: Item, arrival: float, t0: float) -> Record:
+async def _record(
+    future: asyncio.Future[GenerationOutput | None], item: Item, arrival: float, t0: float
+) -> Record:
     out = await future
     ok = out is not None and out.error is None and len(out.generated_tokens) == item.output_len
     stamps = (out.timestamps or []) if out is not None else []

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qllm.bench.stats import mean, percentile
 from qllm.bench.trace import FIRST_ID, Item
+
+if TYPE_CHECKING:
+    from qllm.bench.systems import System
 
 DECODE_PROBE_TOKENS = 9
 """Tokens of the lone request whose token gaps give the decode step (8 gaps)."""
@@ -19,13 +22,13 @@ def warmup_items(items: list[Item]) -> list[Item]:
     return [replace(i, arrival_s=0.0, output_len=min(4, i.output_len)) for i in items[:4]]
 
 
-def yardstick_system(systems: list[Any]) -> Any:
+def yardstick_system(systems: list[System]) -> System:
     """Where the idle-machine yardsticks are measured: a qllm system, preferably not fcfs."""
     ours = [s for s in systems if s.kind != "peer"] or systems
     return next((s for s in ours if s.policy != "fcfs"), ours[0])
 
 
-async def decode_step(system: Any) -> float:
+async def decode_step(system: System) -> float:
     """Median single-request decode step: the mean token gap of a lone request, 3 tries."""
     item = Item(0.0, "ls", 16, DECODE_PROBE_TOKENS, tuple(range(FIRST_ID, FIRST_ID + 16)))
     steps = []
@@ -36,7 +39,7 @@ async def decode_step(system: Any) -> float:
 
 
 async def isolated(
-    system: Any, items: list[Item], n: int | None, slo: float, timeout: float, tries: int = 3
+    system: System, items: list[Item], n: int | None, slo: float, timeout: float, tries: int = 3
 ) -> dict[str, Any]:
     """TTFT of the workload's LS requests (the first ``n``; None: all of them), each alone on the
     idle system: the median of ``tries`` runs, so that one slow run does not set the yardstick."""
@@ -62,7 +65,7 @@ async def isolated(
     }
 
 
-async def capacity(system: Any, items: list[Item], timeout: float) -> float:
+async def capacity(system: System, items: list[Item], timeout: float) -> float:
     """Requests/s of ``items`` submitted all at once (a closed batch): completed / makespan."""
     records = await system.run([replace(i, arrival_s=0.0) for i in items], timeout=timeout)
     end = max((r.finished for r in records if r.finished is not None), default=0.0)

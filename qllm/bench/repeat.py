@@ -122,7 +122,7 @@ def _spread_leaf(values: list[Any]) -> list[float] | None:
 def table(result: dict[str, Any]) -> str:
     """The report of a repeated run: each run's policy figures, then median [min-max], then the
     targets judged on the medians."""
-    from qllm.bench.report import _fmt, _grid, _targets
+    from qllm.bench.report import fmt, grid, targets_table
 
     x = "{:.3g}x"
     head, spread = result["headline"], result.get("spread") or {}
@@ -133,8 +133,8 @@ def table(result: dict[str, Any]) -> str:
         for name in policies:
             f = h.get("by_policy", {}).get(name, {})
             held = h.get("slo_held_at_every_rate", {}).get(name)
-            rows.append([str(i), name, *(_fmt(f.get(k), x) for _, k in FIGURES), _yes(held),
-                         _fmt(h.get("throughput_vs_transformers_cb"), x)])  # fmt: skip
+            rows.append([str(i), name, *(fmt(f.get(k), x) for _, k in FIGURES), _yes(held),
+                         fmt(h.get("throughput_vs_transformers_cb"), x)])  # fmt: skip
     for name in policies:
         f, s = head["by_policy"][name], (spread.get("by_policy") or {}).get(name) or {}
         held = sum(bool(r["headline"].get("slo_held_at_every_rate", {}).get(name)) for r in result["runs"])
@@ -145,16 +145,16 @@ def table(result: dict[str, Any]) -> str:
     for name in policies:
         f = pooled.get(name) or {}
         rows.append(
-            ["per-rate median", name, *(_fmt(f.get(k), x) if k in f else "" for _, k in FIGURES), "", ""]
+            ["per-rate median", name, *(fmt(f.get(k), x) if k in f else "" for _, k in FIGURES), "", ""]
         )
     cfg = result["config"]
     return "\n".join([
         f"{result['repeat']} runs of: max_batch {cfg['max_batch']}  LS share {cfg['ls_share']:.0%}  seed {cfg['seed']}"
         "  (each run's own tables: qllm bench --report on its JSON)",
         "",
-        _grid(rows),
+        grid(rows),
         "",
-        _targets(result["targets"]),
+        targets_table(result["targets"]),
     ])  # fmt: skip
 
 

@@ -22,11 +22,13 @@ COLUMNS = (
 )
 
 
-def _fmt(value: Any, fmt: str) -> str:
-    return "-" if value is None else fmt.format(value)
+def fmt(value: Any, spec: str) -> str:
+    """``value`` formatted by ``spec`` (a ``str.format`` pattern); "-" for None."""
+    return "-" if value is None else spec.format(value)
 
 
-def _grid(rows: list[list[str]]) -> str:
+def grid(rows: list[list[str]]) -> str:
+    """``rows`` as aligned columns (the first left, the others right), a rule under the header row."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [
         "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
@@ -42,8 +44,8 @@ def table(result: dict[str, Any]) -> str:
     for cell in sorted(result["cells"], key=lambda c: (c["rate"], _order(result, c["system"]))):
         m = cell["metrics"]
         batches = (cell.get("kernel") or {}).get("batches")  # batched ops the qllm kernel ran
-        metrics = [_fmt(m[cls][key], f) for _, cls, key, f in COLUMNS]
-        rows.append([f"{cell['rate']:g}", cell["system"], *metrics, _fmt(batches, "{}")])
+        metrics = [fmt(m[cls][key], f) for _, cls, key, f in COLUMNS]
+        rows.append([f"{cell['rate']:g}", cell["system"], *metrics, fmt(batches, "{}")])
     slo, iso, cfg = result["slo"], result["isolated"], result["config"]
     parts = [
         f"model {result['model'].get('name')}  mode {result['mode']}  max_batch {cfg['max_batch']}  "
@@ -51,16 +53,16 @@ def table(result: dict[str, Any]) -> str:
         + (f"  {cfg['only_class'].upper()} requests only" if cfg.get("only_class") else ""),
         f"LS TTFT SLO {slo['ttft_s']:.3g}s (single-request decode step {slo['decode_step_s']:.3g}s"
         + (f" x {slo['k']:g})" if slo.get("k") else ")")
-        + f"  isolated LS TTFT mean {_fmt(iso['ttft_mean_s'], '{:.3g}s')} p99 {_fmt(iso['ttft_p99_s'], '{:.3g}s')}"
+        + f"  isolated LS TTFT mean {fmt(iso['ttft_mean_s'], '{:.3g}s')} p99 {fmt(iso['ttft_p99_s'], '{:.3g}s')}"
         + f" ({iso['requests']} requests, {_tries(iso.get('tries', 1))})",
         "",
-        _grid(rows),
+        grid(rows),
         "",
         _headline(result["headline"]),
         "",
         _by_policy(result["headline"]),
         "",
-        _targets(result["targets"]),
+        targets_table(result["targets"]),
     ]
     return "\n".join(parts)
 
@@ -72,22 +74,22 @@ def _order(result: dict[str, Any], name: str) -> int:
 
 def _headline(h: dict[str, Any]) -> str:
     x = "{:.3g}x"
-    by_rate = ", ".join(_fmt(v, x) for v in h.get("throughput_vs_transformers_cb_by_rate") or []) or "-"
+    by_rate = ", ".join(fmt(v, x) for v in h.get("throughput_vs_transformers_cb_by_rate") or []) or "-"
     lines = [
         f"headline (baseline {h['baseline']}, best policy {h['best_policy']}, peer {h['peer']})",
-        f"  LS TTFT fcfs / {h['best_policy']}: mean {_fmt(h['ls_ttft_ratio_mean'], x)}, max {_fmt(h['ls_ttft_ratio_max'], x)}",
-        f"  LS turnaround ratio max {_fmt(h['ls_turnaround_ratio_max'], x)};  "
-        f"LS TTFT p99 / isolated (worst rate) {_fmt(h['ls_ttft_p99_over_isolated'], x)}",
-        f"  BE throughput vs fcfs (min over rates) {_fmt(h['be_throughput_ratio'], x)};  "
-        f"BE turnaround vs fcfs (mean) {_fmt(h['be_turnaround_ratio_mean'], x)};  "
-        f"BE TTFT vs fcfs (mean) {_fmt(h.get('be_ttft_ratio_mean'), x)}",
-        f"  fcfs TTFT / transformers-cb TTFT (mean over rates) {_fmt(h['fcfs_vs_transformers_cb'], x)}; "
-        f"each in units of its own idle TTFT {_fmt(h.get('fcfs_vs_transformers_cb_normalized'), x)}",
+        f"  LS TTFT fcfs / {h['best_policy']}: mean {fmt(h['ls_ttft_ratio_mean'], x)}, max {fmt(h['ls_ttft_ratio_max'], x)}",
+        f"  LS turnaround ratio max {fmt(h['ls_turnaround_ratio_max'], x)};  "
+        f"LS TTFT p99 / isolated (worst rate) {fmt(h['ls_ttft_p99_over_isolated'], x)}",
+        f"  BE throughput vs fcfs (min over rates) {fmt(h['be_throughput_ratio'], x)};  "
+        f"BE turnaround vs fcfs (mean) {fmt(h['be_turnaround_ratio_mean'], x)};  "
+        f"BE TTFT vs fcfs (mean) {fmt(h.get('be_ttft_ratio_mean'), x)}",
+        f"  fcfs TTFT / transformers-cb TTFT (mean over rates) {fmt(h['fcfs_vs_transformers_cb'], x)}; "
+        f"each in units of its own idle TTFT {fmt(h.get('fcfs_vs_transformers_cb_normalized'), x)}",
         f"  fcfs tok/s / transformers-cb tok/s, all requests (min over rates) "
-        f"{_fmt(h.get('throughput_vs_transformers_cb'), x)}; by rate {by_rate}",
+        f"{fmt(h.get('throughput_vs_transformers_cb'), x)}; by rate {by_rate}",
         "  SLO held up to: "
-        + ", ".join(f"{k} {_fmt(v, '{:g} req/s')}" for k, v in h["slo_max_rate"].items())
-        + f"  (LS alone saturates at ~{_fmt(h['ls_saturation_rate'], '{:.3g} req/s')})",
+        + ", ".join(f"{k} {fmt(v, '{:g} req/s')}" for k, v in h["slo_max_rate"].items())
+        + f"  (LS alone saturates at ~{fmt(h['ls_saturation_rate'], '{:.3g} req/s')})",
     ]
     return "\n".join(lines)
 
@@ -100,16 +102,17 @@ def _by_policy(h: dict[str, Any]) -> str:
     for name, f in h.get("by_policy", {}).items():
         keys = ("ls_ttft_ratio_mean", "ls_ttft_p99_over_isolated", "be_throughput_ratio",
                 "be_turnaround_ratio_mean", "be_ttft_ratio_mean")  # fmt: skip
-        rows.append([name, *(_fmt(f.get(k), x) for k in keys)])
-    return _grid(rows) if len(rows) > 1 else ""
+        rows.append([name, *(fmt(f.get(k), x) for k in keys)])
+    return grid(rows) if len(rows) > 1 else ""
 
 
-def _targets(targets: list[dict[str, Any]]) -> str:
+def targets_table(targets: list[dict[str, Any]]) -> str:
+    """The benchmark's targets: wanted, measured, met or missed, and the paper's figure."""
     rows = [["target", "wanted", "measured", "met", "paper"]]
     for t in targets:
         met = t.get("note") or {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
-        rows.append([t["name"], t["target"], _fmt(t["value"], "{:.3g}"), met, t["paper"]])
-    return _grid(rows)
+        rows.append([t["name"], t["target"], fmt(t["value"], "{:.3g}"), met, t["paper"]])
+    return grid(rows)
 
 
 def _tries(tries: int) -> str:

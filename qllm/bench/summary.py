@@ -25,11 +25,11 @@ def _value(cells: Sequence[dict], system: str, rate: float, cls: str, key: str) 
     return None
 
 
-def _over_rates(rates, f: Callable[[float], float | None]) -> list[float | None]:
+def _over_rates(rates: Sequence[float], f: Callable[[float], float | None]) -> list[float | None]:
     return [f(r) for r in rates]
 
 
-def _agg(values: list[float | None], how: Callable) -> float | None:
+def _agg(values: list[float | None], how: Callable[[list[float]], float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return how(present) if present else None
 
@@ -45,7 +45,9 @@ def slo_max_rate(cells: Sequence[dict], system: str, rates: Sequence[float]) -> 
     return best
 
 
-def _policy_figures(cells, base: str, system: str, rates, isolated_p99: float | None) -> dict[str, Any]:
+def _policy_figures(
+    cells: Sequence[dict], base: str, system: str, rates: Sequence[float], isolated_p99: float | None
+) -> dict[str, Any]:
     def per_rate(cls: str, key: str, inverse: bool = False) -> list[float | None]:
         def f(r: float) -> float | None:
             b, s = _value(cells, base, r, cls, key), _value(cells, system, r, cls, key)

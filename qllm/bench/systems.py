@@ -10,13 +10,22 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from qllm.bench.stats import Record
 from qllm.bench.trace import Item
 
+if TYPE_CHECKING:
+    import httpx
+
+    from qllm.client import AsyncClient, Stream
+    from qllm.kernel.request import RequestResult
+    from qllm.models import MoEModel
+
 OnDone = Callable[[], None] | None
+Handle = TypeVar("Handle")
+Outcome = TypeVar("Outcome")
 CONNECT_TIMEOUT_S = 300.0
 """How long to wait for a server's welcome: `qllm serve` opens its socket before its model is loaded."""
 
@@ -40,17 +49,17 @@ class System(Protocol):
 async def replay(
     items: Sequence[Item],
     clock: Callable[[], float],
-    submit: Callable[[Item, float], Awaitable[Any]],
-    cancel: Callable[[Any], Any],  # may return an awaitable
+    submit: Callable[[Item, float], Coroutine[Any, Any, tuple[Handle, Coroutine[Any, Any, Outcome]]]],
+    cancel: Callable[[Handle], object],  # may return an awaitable
     timeout: float | None,
     on_done: OnDone,
-) -> tuple[float, list[Any]]:
-    """Submit each item at ``t0 + arrival_s`` (``submit(item, t0)`` returns an awaitable of its
-    outcome); cancel what is still running ``timeout`` s after the last arrival. Returns t0 and
-    the outcomes in item order."""
+) -> tuple[float, list[Outcome]]:
+    """Submit each item at ``t0 + arrival_s`` (``submit(item, t0)`` gives a handle to cancel it by
+    and a coroutine of its outcome); cancel what is still running ``timeout`` s after the last
+    arrival. Returns t0 and the outcomes in item order."""
     t0 = clock()
-    tasks: list[asyncio.Task] = []
-    handles: list[Any] = []
+    tasks: list[asyncio.Task[Outcome]] = []
+    handles: list[Handle] = []
     async with asyncio.TaskGroup() as tg:
         for item in items:
             delay = t0 + item.arrival_s - clock()
@@ -77,7 +86,13 @@ class EngineSystem:
     kind = "engine"
 
     def __init__(
-        self, model: Any, policy: str, *, max_batch: int, prefill_chunk: int, moe_granularity: str = "layer"
+        self,
+        model: MoEModel,
+        policy: str,
+        *,
+        max_batch: int,
+        prefill_chunk: int,
+        moe_granularity: str = "layer",
     ):
         self.model = model
         self.policy = policy
@@ -95,7 +110,14 @@ class EngineSystem:
             "moe_granularity": self.moe_granularity,
         }
 
-    async def run(self, items, *, slo_s=None, timeout=None, on_done=None) -> list[Record]:
+    async def run(
+        self,
+        items: Sequence[Item],
+        *,
+        slo_s: float | None = None,
+        timeout: float | None = None,
+        on_done: OnDone = None,
+    ) -> list[Record]:
         from qllm.engine import Engine
 
         engine = Engine(
@@ -132,7 +154,7 @@ class EngineSystem:
         pass
 
 
-def _engine_record(r: Any, t0: float) -> Record:
+def _engine_record(r: RequestResult, t0: float) -> Record:
     def rel(t: float | None) -> float | None:
         return None if t is None else t - t0
 
@@ -156,7 +178,7 @@ class ServeSystem:
 
     kind = "serve"
 
-    def __init__(self, path: str, client: Any, policy: str, model: str):
+    def __init__(self, path: str, client: AsyncClient, policy: str, model: str):
         self.path = path
         self.client = client
         self.policy = policy
@@ -180,7 +202,14 @@ class ServeSystem:
             "model": self.model,
         }
 
-    async def run(self, items, *, slo_s=None, timeout=None, on_done=None) -> list[Record]:
+    async def run(
+        self,
+        items: Sequence[Item],
+        *,
+        slo_s: float | None = None,
+        timeout: float | None = None,
+        on_done: OnDone = None,
+    ) -> list[Record]:
         async def submit(item: Item, t0: float):
             arrival = time.monotonic()
             stream = await self.client.submit(
@@ -200,7 +229,7 @@ class ServeSystem:
         await self.client.close()
 
 
-async def _collect(stream: Any, item: Item, arrival: float, t0: float) -> Record:
+async def _collect(stream: Stream, item: Item, arrival: float, t0: float) -> Record:
     from qllm.errors import QllmError
 
     chunk_times: list[float] = []
@@ -234,7 +263,7 @@ class HttpSystem:
 
     kind = "serve"
 
-    def __init__(self, target: str, client: Any, policy: str, model: str):
+    def __init__(self, target: str, client: httpx.AsyncClient, policy: str, model: str):
         self.target = target
         self.client = client
         self.policy = policy
@@ -263,19 +292,26 @@ class HttpSystem:
             "model": self.model,
         }
 
-    async def run(self, items, *, slo_s=None, timeout=None, on_done=None) -> list[Record]:
+    async def run(
+        self,
+        items: Sequence[Item],
+        *,
+        slo_s: float | None = None,
+        timeout: float | None = None,
+        on_done: OnDone = None,
+    ) -> list[Record]:
         async def submit(item: Item, t0: float):
-            box: dict[str, Any] = {}  # holds the response once it streams, for a cancel
+            box: dict[str, httpx.Response] = {}  # holds the response once it streams, for a cancel
             return box, self._one(item, time.monotonic(), t0, box)
 
-        async def cancel(box: dict[str, Any]) -> None:
+        async def cancel(box: dict[str, httpx.Response]) -> None:
             if "response" in box:
                 await box["response"].aclose()  # the server cancels a request whose client left
 
         _, records = await replay(items, time.monotonic, submit, cancel, timeout, on_done)
         return records
 
-    async def _one(self, item: Item, arrival: float, t0: float, box: dict[str, Any]) -> Record:
+    async def _one(self, item: Item, arrival: float, t0: float, box: dict[str, httpx.Response]) -> Record:
         import json
 
         import httpx

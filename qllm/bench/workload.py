@@ -26,11 +26,13 @@ import os
 import platform
 import sys
 import time
-from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-PEER = "transformers-cb"
-DEFAULT_REQUESTS = 32
+from qllm.bench.plan import PEER
+
+if TYPE_CHECKING:
+    from qllm.bench.systems import System
+    from qllm.bench.trace import Item
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -177,24 +179,24 @@ def _quiet_logs() -> None:
 
 
 async def _main(args: argparse.Namespace) -> dict[str, Any]:
-    from qllm.bench import probes, trace
+    from qllm.bench import plan, probes, trace
     from qllm.bench.stats import ROW_FIELDS, rounded
 
     started = time.time()
     load_start = os.getloadavg()
-    systems, model_info, model = await _systems(args)
+    systems, model_info, model = await plan.systems(args)
     try:
         lengths = trace.Lengths.for_context(
             model_info.get("context") or 4096, args.length_scale, args.max_prompt, args.max_output
         )
-        workload = _workload(args, lengths, model)
+        workload = plan.workload(args, lengths, model)
         warmup = probes.warmup_items(workload(1.0))
         for system in systems:  # first use of each code path and shape, not measured
             await system.run(warmup, timeout=args.timeout)
         probe = probes.yardstick_system(systems)
         decode_step = await probes.decode_step(probe)
         slo = args.slo if args.slo is not None else args.slo_k * decode_step
-        rates, capacity = await _rates(args, systems, workload)
+        rates, capacity = await plan.rates(args, systems, workload)
         # The same LS requests as the measured ones: the highest rate's workload holds every other
         # rate's (one seeded sequence, faster), also when --duration bounds it.
         alone = workload(max(rates))
@@ -218,7 +220,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
         "wall_s": time.time() - started,
         "config": {
             "rates": rates, "capacity_probe_requests_per_s": capacity,
-            "requests_per_rate": _requests(args), "duration_s": args.duration, "trace": args.trace,
+            "requests_per_rate": plan.requests_per_rate(args), "duration_s": args.duration, "trace": args.trace,
             "ls_share": args.ls_share, "only_class": args.only_class, "seed": args.seed, "lengths": lengths.__dict__,
             "max_batch": args.max_batch, "prefill_chunk": args.prefill_chunk,
             "moe_granularity": args.moe_granularity, "timeout_s": args.timeout,
@@ -258,14 +260,14 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _measure(
-    systems: list[Any], plan: dict[float, list[Any]], slo: float, args
+    systems: list[System], by_rate: dict[float, list[Item]], slo: float, args: argparse.Namespace
 ) -> list[dict[str, Any]]:
     """Every system on every rate's workload; the systems' order rotates from one rate to the next."""
     from qllm.bench.stats import cell_metrics
 
     cells = []
-    with _progress(sum(map(len, plan.values())) * len(systems), quiet=bool(args.json)) as bar:
-        for i, (rate, items) in enumerate(plan.items()):
+    with _progress(sum(map(len, by_rate.values())) * len(systems), quiet=bool(args.json)) as bar:
+        for i, (rate, items) in enumerate(by_rate.items()):
             for system in systems[i % len(systems) :] + systems[: i % len(systems)]:
                 started = time.perf_counter()
                 records = await system.run(items, slo_s=slo, timeout=args.timeout, on_done=bar)
@@ -275,118 +277,6 @@ async def _measure(
                     "kernel": getattr(system, "last_stats", None),
                 })  # fmt: skip
     return cells
-
-
-async def _systems(args: argparse.Namespace) -> tuple[list[Any], dict[str, Any], Any]:
-    """The systems to measure, a description of the model, and the model when loaded here."""
-    from qllm.bench.systems import EngineSystem, HttpSystem, ServeSystem
-
-    if args.socket or args.http:
-        systems = [await ServeSystem.connect(path) for path in args.socket or ()]
-        systems += [await HttpSystem.connect(target) for target in args.http or ()]
-        return systems, {"name": systems[0].model, "context": None}, None
-    from qllm.models import load_model
-    from qllm.policies import available_policies
-
-    names = _system_names(args.systems, available_policies())
-    model = load_model(args.model)
-    context = getattr(model.config, "max_position_embeddings", None) or 4096
-    systems: list[Any] = []
-    for name in names:
-        if name == PEER:
-            from qllm.bench.peer import TransformersCB
-
-            systems.append(TransformersCB(model, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
-                                          max_len=args.max_prompt + args.max_output))  # fmt: skip
-        else:
-            systems.append(
-                EngineSystem(
-                    model,
-                    name,
-                    max_batch=args.max_batch,
-                    prefill_chunk=args.prefill_chunk,
-                    moe_granularity=args.moe_granularity,
-                )
-            )
-    return systems, {"name": str(args.model), "family": model.family, "context": context}, model
-
-
-def _system_names(spec: str | None, registered: dict) -> list[str]:
-    """fcfs first, the other registered policies, then the peer; or the names asked for."""
-    if spec is None:
-        return ["fcfs", *sorted(n for n in registered if n != "fcfs"), PEER]
-    names = [n.strip() for n in spec.split(",") if n.strip()]
-    unknown = [n for n in names if n != PEER and n not in registered and ":" not in n]
-    if unknown or not names:
-        raise ValueError(f"unknown systems {unknown}; choose from {', '.join([*sorted(registered), PEER])}")
-    return names
-
-
-def _workload(args: argparse.Namespace, lengths: Any, model: Any):
-    """rate -> items: the seeded Poisson workload or the trace, rescaled to the rate (with
-    ``--only-class``, that class's requests of it)."""
-    workload = _full_workload(args, lengths, model)
-    if not args.only_class:
-        return workload
-    return lambda rate: [i for i in workload(rate) if i.cls == args.only_class]
-
-
-def _full_workload(args: argparse.Namespace, lengths: Any, model: Any):
-    from qllm.bench import trace
-
-    requests = _requests(args)
-    if not args.trace:
-        return lambda rate: trace.poisson(
-            rate,
-            requests=requests,
-            duration=args.duration,
-            ls_share=args.ls_share,
-            lengths=lengths,
-            seed=args.seed,
-        )
-    items = _tokenized(trace.read_trace(args.trace), model)
-
-    def at(rate: float | None) -> list[Any]:
-        scaled = trace.at_rate(items, rate) if rate is not None else items
-        return trace.limit(scaled, requests=args.requests, duration=args.duration)
-
-    return at
-
-
-def _requests(args: argparse.Namespace) -> int | None:
-    """Requests per rate: --requests, else 32 unless --duration bounds the workload instead."""
-    if args.requests is not None or args.duration is not None:
-        return args.requests
-    return None if args.trace else DEFAULT_REQUESTS
-
-
-def _tokenized(items: list[Any], model: Any) -> list[Any]:
-    """Text prompts as token ids when the model is here, so every system gets the same ids."""
-    if model is None:
-        return items
-    from qllm.text import encode
-
-    return [replace(i, prompt=tuple(ids), prompt_len=len(ids)) if isinstance(i.prompt, str) and (ids := encode(model, i.prompt)) else i
-            for i in items]  # fmt: skip
-
-
-async def _rates(args: argparse.Namespace, systems: list[Any], workload) -> tuple[list[float], float | None]:
-    """The rates asked for, or for 'auto' the capacity of fcfs on a closed batch times the factors."""
-    from qllm.bench import probes
-
-    if args.rates != "auto":
-        rates = sorted({float(r) for r in args.rates.split(",") if r.strip()})
-        if not rates or min(rates) <= 0:
-            raise ValueError("--rates needs positive numbers (requests/s) or 'auto'")
-        return rates, None
-    if args.trace:  # replayed at its own pace
-        from qllm.bench.trace import trace_rate
-
-        return [round(trace_rate(workload(None)), 4)], None
-    base = next((s for s in systems if s.policy == "fcfs"), systems[0])
-    capacity = await probes.capacity(base, workload(1.0)[: args.max_batch], args.timeout)
-    factors = [float(f) for f in args.auto_factors.split(",") if f.strip()]
-    return sorted({round(capacity * f, 4) for f in factors}), capacity
 
 
 class _progress:

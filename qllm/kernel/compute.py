@@ -15,14 +15,17 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 from collections.abc import Callable
-from typing import Any
+from typing import TypeVar
 
 from qllm.kernel.openmp import drop_pool
 
 MODES = ("thread", "loop")
+T = TypeVar("T")
 
 
 class Compute:
+    """Runs the engine's ops one at a time, on the worker thread or inline (``mode``)."""
+
     def __init__(self, mode: str = "thread"):
         if mode not in MODES:
             raise ValueError(f"compute mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -33,7 +36,8 @@ class Compute:
             else None
         )
 
-    async def __call__(self, fn: Callable[..., Any], *args: Any) -> Any:
+    async def __call__(self, fn: Callable[..., T], *args: object) -> T:
+        """``fn(*args)``, computed where the mode says."""
         if self._pool is None:
             result = fn(*args)
             await asyncio.sleep(0)  # let the loop serve I/O between ops

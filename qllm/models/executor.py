@@ -30,7 +30,10 @@ def pad_rows(x: torch.Tensor, multiple: int, minimum: int = 0) -> torch.Tensor:
 
 
 class Executor:
-    """Computes ops for a :class:`~qllm.models.base.MoEModel`, through its family hooks."""
+    """Computes ops for a :class:`~qllm.models.base.MoEModel`, through its family hooks.
+
+    A base of MoEModel, not used alone: the runners read the model's modules (``hf``, ``layers``,
+    ``moe_blocks``) and call its hooks; MoEModel sets those before it initialises this base."""
 
     def __init__(self) -> None:
         # Rows of each op kind's calls are padded to (multiple, at least) rows: what the probe of

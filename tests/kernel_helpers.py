@@ -42,7 +42,7 @@ def isolated(
 ) -> Reference:
     """Run one request alone through ``generation_steps`` with ``prefill_chunk=chunk``, its MoE
     layers at granularity ``moe`` (the engine's default is ``layer``)."""
-    steps = generation_steps(model, list(prompt_ids), params, prefill_chunk=chunk, moe=moe)
+    steps = generation_steps(model, list(prompt_ids), params, prefill_chunk=chunk, moe_granularity=moe)
     tokens: list[int] = []
     ops = 0
     result = None

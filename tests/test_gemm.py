@@ -17,7 +17,7 @@ from tiny_families import greedy, layer_major, run_alone, run_together, torch_th
 
 from qllm.kernel.runtime.ops import OpKind
 from qllm.models import gemm, invariance, load_model
-from qllm.models.base import _pad
+from qllm.models.executor import pad_rows
 
 needs_onednn = pytest.mark.skipif(not gemm.ONEDNN, reason="this torch build has no oneDNN linear")
 
@@ -60,12 +60,12 @@ def test_padded_row_is_independent_of_batch_mates(in_features, out_features, bia
         multiple, minimum = padding
         for _ in range(12):
             row = torch.randn(1, in_features, generator=gen)
-            alone = gemm.linear(_pad(row, multiple, minimum), weight, b)[0]
+            alone = gemm.linear(pad_rows(row, multiple, minimum), weight, b)[0]
             size = rng.randint(2, 70)
             offset = rng.randrange(size)
             batch = torch.randn(size, in_features, generator=gen)
             batch[offset] = row[0]
-            together = gemm.linear(_pad(batch, multiple, minimum), weight, b)
+            together = gemm.linear(pad_rows(batch, multiple, minimum), weight, b)
             assert torch.equal(together[offset], alone), f"batch of {size}, row at {offset}"
 
 
@@ -153,11 +153,11 @@ def test_projections_of_one_input_run_as_one_batch_invariant_gemm(bias, threads)
         assert padding is not None, "the fused projection is batch-invariant at no tested padding here"
         for _ in range(8):
             row = torch.randn(1, 512, generator=gen)
-            alone = fused(_pad(row, *padding))[0]
+            alone = fused(pad_rows(row, *padding))[0]
             size, batch = rng.randint(2, 40), torch.randn(40, 512, generator=gen)
             offset = rng.randrange(size)
             batch[offset] = row[0]
-            assert torch.equal(fused(_pad(batch[:size], *padding))[offset], alone)
+            assert torch.equal(fused(pad_rows(batch[:size], *padding))[offset], alone)
 
         before = gemm.linear_cat(x, weights, biases)[1]
         k.mul_(-1)  # one part changed in place: the fused weight is built again

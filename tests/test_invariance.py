@@ -108,9 +108,9 @@ def test_real_linear_is_invariant_at_the_padding_found_here(in_features, out_fea
 
 
 def pad(x: torch.Tensor, padding: invariance.Padding) -> torch.Tensor:
-    from qllm.models.base import _pad
+    from qllm.models.executor import pad_rows
 
-    return _pad(x, *padding)
+    return pad_rows(x, *padding)
 
 
 # ------------------------------------------------------------------ the executor's calibration

@@ -60,7 +60,7 @@ def solo(model: MoEModel, prompt: list[int], moe: str) -> tuple[list[int], list[
             tokens.append(item.token_id)
             result = None
             continue
-        forward = model.forward(cache, item.token_ids, logits=item.logits, moe=moe)
+        forward = model.forward(cache, item.token_ids, logits=item.logits, moe_granularity=moe)
         op = next(forward)
         while True:
             try:
@@ -113,7 +113,8 @@ class Schedule:
                 ]
                 for i in chosen:
                     del self.between[i]
-                self.passes.append(Pass.start(self.model, parts, split_moe=rng.random() < 0.5))
+                granularity = "expert" if rng.random() < 0.5 else "layer"
+                self.passes.append(Pass.start(self.model, parts, moe_granularity=granularity))
             elif move < 0.35:
                 self.split()
             elif move < 0.45:
@@ -157,7 +158,7 @@ class Schedule:
     def merge(self) -> None:
         by_key: dict[tuple, list[Pass]] = {}
         for p in self.passes:
-            by_key.setdefault((p.pending.key, p.split_moe), []).append(p)
+            by_key.setdefault((p.pending.key, p.moe_granularity), []).append(p)
         groups = [g for g in by_key.values() if len(g) > 1]
         if not groups:
             return

@@ -484,7 +484,7 @@ class Dispatcher:
                 Pass.start(
                     self.model,
                     [(r.cache, r.forward.token_ids, r.forward.logits, r) for r in fresh],
-                    split_moe=self.moe_granularity == "expert",
+                    moe_granularity=self.moe_granularity,
                 )
             )
         group = Pass.merge(parts)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from qllm.kernel.runtime.ops import Op, Token
+from qllm.kernel.runtime.ops import MoEGranularity, Op, Token
 from qllm.sampling import Sampler, SamplingParams
 from qllm.text import TextDecoder, encode, eos_ids, finish_text, stop_index
 
@@ -83,10 +83,10 @@ def generation_steps(
     cache: KVCache | None = None,
     *,
     prefill_chunk: int | None = None,
-    moe: str = "expert",
+    moe_granularity: MoEGranularity = "expert",
 ) -> Generator[Op | Token, Any, StopReason]:
     """:func:`generation_passes` with each forward pass's ops yielded one by one (see
-    :meth:`MoEModel.forward <qllm.models.base.MoEModel.forward>` for ``moe``)."""
+    :meth:`MoEModel.forward <qllm.models.base.MoEModel.forward>` for ``moe_granularity``)."""
     cache = cache if cache is not None else model.new_cache()
     passes = generation_passes(model, prompt_ids, params, prefill_chunk=prefill_chunk)
     result: Any = None
@@ -99,7 +99,9 @@ def generation_steps(
             yield item
             result = None
         else:
-            result = yield from model.forward(cache, item.token_ids, logits=item.logits, moe=moe)
+            result = yield from model.forward(
+                cache, item.token_ids, logits=item.logits, moe_granularity=moe_granularity
+            )
 
 
 @dataclass

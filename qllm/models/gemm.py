@@ -70,6 +70,36 @@ PACK = (
 )
 """Whether :func:`linear` packs oneDNN weights (see the module's docstring)."""
 
+# torch exposes oneDNN's packed linear and a tensor's storage owner and version counter only under
+# private names; these four functions are the module's only uses of them.
+
+
+def _onednn_pack(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` reordered into oneDNN's layout for batches of about :data:`PACK_BATCH` rows."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH)  # noqa: SLF001
+
+
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ weight.T + bias`` by oneDNN (``weight`` plain or packed)."""
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")  # noqa: SLF001
+
+
+def _base(weight: torch.Tensor) -> torch.Tensor:
+    """The tensor that owns ``weight``'s storage (``weight`` itself unless it is a view)."""
+    base = weight._base  # noqa: SLF001
+    return weight if base is None else base
+
+
+def _stamp(weight: torch.Tensor) -> tuple[int, int] | None:
+    """``(version, data pointer)`` of ``weight``'s base: it changes when the weight is changed in
+    place or given new data. None for an inference tensor, which has no version counter."""
+    base = _base(weight)
+    try:
+        return base._version, base.data_ptr()  # noqa: SLF001
+    except RuntimeError:
+        return None
+
+
 _packed: WeakIdKeyDictionary = WeakIdKeyDictionary()
 """base weight -> ((version, data pointer), {view coordinates: packed weight})"""
 
@@ -89,7 +119,7 @@ def packed(weight: torch.Tensor) -> torch.Tensor:
     views = entry[1]
     if key not in views:
         try:
-            views[key] = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH)
+            views[key] = _onednn_pack(weight)
         except RuntimeError:  # oneDNN cannot pack this weight: it always runs as it is
             views[key] = None
     out = views[key]
@@ -113,21 +143,6 @@ def pack_all(module: torch.nn.Module) -> int:
 
 _fused: WeakIdKeyDictionary = WeakIdKeyDictionary()
 """first weight -> (stamps of all the weights, their concatenation as :func:`linear` runs it)"""
-
-
-def _base(weight: torch.Tensor) -> torch.Tensor:
-    """The tensor that owns ``weight``'s storage (``weight`` itself unless it is a view)."""
-    return weight if weight._base is None else weight._base
-
-
-def _stamp(weight: torch.Tensor) -> tuple[int, int] | None:
-    """``(version, data pointer)`` of ``weight``'s base: it changes when the weight is changed in
-    place or given new data. None for an inference tensor, which has no version counter."""
-    base = _base(weight)
-    try:
-        return base._version, base.data_ptr()
-    except RuntimeError:
-        return None
 
 
 def linear_cat(
@@ -155,7 +170,7 @@ def linear_cat(
             entry = _fused[weights[0]] = (stamps, _pack_cat(weights))
         if entry[1] is not None:
             bias = None if biases[0] is None else torch.cat(biases)
-            y = torch.ops.mkldnn._linear_pointwise(x.contiguous(), entry[1], bias, "none", [], "")
+            y = _onednn_linear(x, entry[1], bias)
             return list(y.split([w.shape[0] for w in weights], dim=-1))
     return [linear(x, w, b) for w, b in zip(weights, biases)]
 
@@ -166,7 +181,7 @@ def _pack_cat(weights: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
     if not uses_onednn(cat):
         return None
     try:
-        fused = torch.ops.mkldnn._reorder_linear_weight(cat, PACK_BATCH)
+        fused = _onednn_pack(cat)
     except RuntimeError:  # oneDNN cannot pack it: the weights run separately
         return None
     for w in weights:
@@ -191,5 +206,5 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """``x @ weight.T + bias`` for rows ``x`` ``[N, in]``, as ``F.linear``, with the kernel chosen by the weight."""
     if x.dim() == 2 and x.dtype == weight.dtype and uses_onednn(weight):
         w = packed(weight) if PACK else weight
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, bias, "none", [], "")
+        return _onednn_linear(x, w, bias)
     return F.linear(x, weight, bias)

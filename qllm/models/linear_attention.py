@@ -35,7 +35,7 @@ class HybridLinearAttention(MoEModel):
     def __init__(self, model: Any, tokenizer: Any = None, **kwargs: Any):
         unknown = sorted(set(model.config.layer_types) - {"full_attention", *LINEAR_KINDS})
         if unknown:
-            from qllm.models import ModelLoadError  # the package imports this module
+            from qllm.models.errors import ModelLoadError
 
             raise ModelLoadError(
                 f"linear attention of kind {unknown[0]!r} not supported (qllm runs gated DeltaNet layers)"

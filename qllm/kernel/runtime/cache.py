@@ -132,7 +132,7 @@ class KVCache:
         """Append ``k``/``v`` ([kv_heads, n, head_dim]) to ``layer``; return all keys and values so far."""
         slots: list[torch.Tensor] = []
         rows: list[torch.Tensor] = []
-        self._reserve(layer, k, v, slots, rows)
+        self.reserve(layer, k, v, slots, rows)
         for slot, row in zip(slots, rows):
             slot.copy_(row)
         return self.kv(layer)
@@ -145,7 +145,7 @@ class KVCache:
             return self.keys[layer][:, :end], self.values[layer][:, :end]
         return _joined(self.key_blocks[layer], end), _joined(self.value_blocks[layer], end)
 
-    def _reserve(
+    def reserve(
         self,
         layer: int,
         k: torch.Tensor,
@@ -154,7 +154,9 @@ class KVCache:
         rows: list[torch.Tensor],
     ) -> None:
         """Grow ``layer`` by ``k``'s length, uninitialised, and add to ``slots`` the new storage and
-        to ``rows`` the parts of ``k`` and ``v`` that fill it (the caller copies them)."""
+        to ``rows`` the parts of ``k`` and ``v`` that fill it. The caller copies them, so that the
+        copies of many caches run as one call (:func:`append_all`); until then the new positions
+        hold garbage."""
         start = self.lengths[layer]
         end = start + k.shape[1]
         if self.pool is not None:
@@ -262,6 +264,6 @@ def append_all(
     slots: list[torch.Tensor] = []
     rows: list[torch.Tensor] = []
     for cache, k, v in zip(caches, keys, values):
-        cache._reserve(layer, k, v, slots, rows)
+        cache.reserve(layer, k, v, slots, rows)
     torch._foreach_copy_(slots, rows)
     return [cache.kv(layer) for cache in caches]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     import torch
@@ -30,6 +30,21 @@ class OpKind(enum.IntEnum):
     MLP = 4  # post-attention norm + dense MLP of a layer without experts
     HEAD = 5  # final norm + lm_head on the last row
     MOE = 6  # post-attention norm, router, every routed expert and the shared expert of a MoE layer
+
+
+MoEGranularity = Literal["layer", "expert"]
+"""How a MoE layer runs: one grouped ``MOE`` op (``layer``) or the router, each expert and the
+shared expert as ops of their own (``expert``). Both do the same arithmetic per row."""
+
+MOE_GRANULARITIES: tuple[MoEGranularity, ...] = ("layer", "expert")
+"""The values of :data:`MoEGranularity`, the engine's ``moe_granularity`` setting."""
+
+
+def check_moe_granularity(value: str) -> MoEGranularity:
+    """``value`` if it is one of :data:`MOE_GRANULARITIES`, else a ValueError naming them."""
+    if value not in MOE_GRANULARITIES:
+        raise ValueError(f"moe_granularity must be one of {', '.join(MOE_GRANULARITIES)}, got {value!r}")
+    return value
 
 
 @dataclass(slots=True, eq=False)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from qllm.kernel.runtime.ops import Op, OpKind
+from qllm.kernel.runtime.ops import MoEGranularity, Op, OpKind, check_moe_granularity
 
 if TYPE_CHECKING:
     from qllm.kernel.runtime.cache import KVCache
@@ -84,35 +84,59 @@ class Pass:
         "logits",
         "mlp_in",
         "model",
+        "moe_granularity",
         "ops_run",
         "out",
         "pending",
         "resume",
         "segments",
-        "split_moe",
         "stage",
         "todo",
         "weights",
         "x",
     )
 
-    def __init__(self, model: MoEModel, segments: list[Segment], h: torch.Tensor, *, split_moe: bool = False):
+    def __init__(
+        self,
+        model: MoEModel,
+        segments: list[Segment],
+        h: torch.Tensor,
+        *,
+        moe_granularity: MoEGranularity = "layer",
+        layer: int = 0,
+        stage: Stage = Stage.ATTENTION,
+        resume: int = -1,
+        next_expert: int = 0,
+        mlp_in: torch.Tensor | None = None,
+        x: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
+        indices: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
+    ):
+        """A pass of ``segments`` whose residual stream is ``h``, at the start of the forward pass
+        or, for the parts of passes split or merged, at ``stage`` of ``layer`` with the state of
+        the layer in progress (the routing and partial sums of its MoE; at :attr:`Stage.EXPERT`,
+        ``next_expert`` is the first expert still to compute)."""
         self.model = model
         self.segments = segments
-        self.split_moe = split_moe
-        self.layer = 0
-        self.stage = Stage.ATTENTION
+        self.moe_granularity = check_moe_granularity(moe_granularity)
+        self.layer = layer
+        self.stage = stage
         self.h = h
-        self.mlp_in: torch.Tensor | None = None
-        self.x: torch.Tensor | None = None
-        self.weights: torch.Tensor | None = None
-        self.indices: torch.Tensor | None = None
-        self.out: torch.Tensor | None = None
+        self.mlp_in = mlp_in
+        self.x = x
+        self.weights = weights
+        self.indices = indices
+        self.out = out
         self.todo: list[int] = []  # experts of the layer in progress still to compute, ascending
-        self.resume = -1  # a stopped grouped MoE op: the first expert its resumed op computes
+        self.resume = resume  # a stopped grouped MoE op: the first expert its resumed op computes
         self.expert_rows: tuple[torch.Tensor, torch.Tensor] | None = None
         self.logits: list[torch.Tensor | None] | None = None
         self.ops_run = 0
+        if stage is Stage.EXPERT:
+            self._plan_experts(next_expert)
+        elif stage is Stage.HEAD and not any(s.logits for s in segments):
+            self.stage, self.logits = Stage.DONE, [None] * len(segments)  # nothing to compute
         self.pending: Op | None = self._op()
 
     @classmethod
@@ -121,7 +145,7 @@ class Pass:
         model: MoEModel,
         parts: Sequence[tuple[KVCache, torch.Tensor, bool, Any]],
         *,
-        split_moe: bool = False,
+        moe_granularity: MoEGranularity = "layer",
     ) -> Pass:
         """A pass over ``parts``: ``(cache, token_ids, wants_logits, owner)`` each, the tokens
         appended after what the cache holds."""
@@ -131,7 +155,7 @@ class Pass:
             positions = torch.arange(start, start + ids.shape[0], device=model.device)
             segments.append(Segment(cache, positions, int(ids.shape[0]), logits, owner))
         ids = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts])
-        return cls(model, segments, model.embed(ids), split_moe=split_moe)
+        return cls(model, segments, model.embed(ids), moe_granularity=moe_granularity)
 
     # ------------------------------------------------------------------ queries
     @property
@@ -171,7 +195,7 @@ class Pass:
             if model.moe_blocks[self.layer] is None:
                 self.stage = Stage.MLP
             else:
-                self.stage = Stage.ROUTER if self.split_moe else Stage.MOE
+                self.stage = Stage.ROUTER if self.moe_granularity == "expert" else Stage.MOE
         elif stage is Stage.MLP:
             self.h = result  # the op added the residual
             self._next_layer()
@@ -336,21 +360,17 @@ class Pass:
                 for i in indices
             ]
         )
-        part = Pass.__new__(Pass)
-        part.model, part.split_moe = self.model, self.split_moe
-        part.layer, part.stage, part.ops_run, part.resume = self.layer, self.stage, 0, self.resume
-        part.segments = [self.segments[i] for i in indices]
-        for name in _ROW_STATE:
-            value = getattr(self, name)
-            setattr(part, name, None if value is None else value[rows])
-        part.logits = None
-        part.todo, part.expert_rows = [], None
-        if part.stage is Stage.EXPERT:
-            part._plan_experts(self.todo[0])
-        elif part.stage is Stage.HEAD and not any(s.logits for s in part.segments):
-            part.stage, part.logits = Stage.DONE, [None] * len(part.segments)  # nothing to compute
-        part.pending = part._op()
-        return part
+        state = {name: None if (value := getattr(self, name)) is None else value[rows] for name in _ROW_STATE}
+        return Pass(
+            self.model,
+            [self.segments[i] for i in indices],
+            moe_granularity=self.moe_granularity,
+            layer=self.layer,
+            stage=self.stage,
+            resume=self.resume,
+            next_expert=self.todo[0] if self.stage is Stage.EXPERT else 0,
+            **state,
+        )
 
     @classmethod
     def merge(cls, passes: Sequence[Pass]) -> Pass:
@@ -360,17 +380,17 @@ class Pass:
         first = passes[0]
         if any((p.stage, p.layer, p.resume) != (first.stage, first.layer, first.resume) for p in passes):
             raise ValueError("only passes at the same op merge")
-        merged = Pass.__new__(Pass)
-        merged.model, merged.split_moe = first.model, first.split_moe
-        merged.layer, merged.stage, merged.resume = first.layer, first.stage, first.resume
-        merged.ops_run = 0
-        merged.segments = [s for p in passes for s in p.segments]
+        state = {}
         for name in _ROW_STATE:
             values = [getattr(p, name) for p in passes]
-            setattr(merged, name, None if values[0] is None else torch.cat(values))
-        merged.logits = None
-        merged.todo, merged.expert_rows = [], None
-        if merged.stage is Stage.EXPERT:
-            merged._plan_experts(min(p.todo[0] for p in passes))
-        merged.pending = merged._op()
-        return merged
+            state[name] = None if values[0] is None else torch.cat(values)
+        return cls(
+            first.model,
+            [s for p in passes for s in p.segments],
+            moe_granularity=first.moe_granularity,
+            layer=first.layer,
+            stage=first.stage,
+            resume=first.resume,
+            next_expert=min(p.todo[0] for p in passes) if first.stage is Stage.EXPERT else 0,
+            **state,
+        )

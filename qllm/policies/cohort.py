@@ -50,10 +50,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import replace
 
-from qllm.kernel.request import Phase
-from qllm.kernel.runtime.ops import OpKind
-from qllm.kernel.view import KernelView, RequestView
-from qllm.policies.base import Policy
+from qllm.policies.api import KernelView, OpKind, Phase, Policy, RequestView
 from qllm.policies.fair import fair_order, fair_share
 
 TAIL_WINDOW = 64

@@ -83,7 +83,7 @@ class Dispatcher:
         self.failures = Throttled(log)  # a client can make requests fail at will: bound the log
         # The pass that advances without a decision; anything that changes the live requests or
         # their passes drops it, so that the next step decides again.
-        self._steady: Pass | None = None
+        self._steady_pass: Pass | None = None
 
     # ---------------------------------------------------------------- mailbox
     def post(self, message: Request | Cancel | Stop) -> None:
@@ -122,7 +122,7 @@ class Dispatcher:
 
     def _handle(self, message: Request | Cancel | Stop) -> bool:
         """Take one message; True for the stop."""
-        self._steady = None
+        self._steady_pass = None
         if isinstance(message, Stop):
             return True
         if isinstance(message, Cancel):
@@ -136,14 +136,14 @@ class Dispatcher:
 
     # ---------------------------------------------------------------- the step
     async def _step(self) -> None:
-        group = self._steady
+        group = self._steady_pass
         if group is None or group.done:
-            self._steady = None
+            self._steady_pass = None
             group = self._schedule()
             if group is None:
                 await asyncio.sleep(0)  # let the loop run (arrivals, cancellations) before retrying
                 return
-        steady = self._steady is group
+        steady = self._steady_pass is group
         max_ops = 1 if not steady or self.runner.compute.mode == "loop" else 1 << 30
         result = await self.runner.run(group, max_ops)
         self._postprocess(group, result)
@@ -167,7 +167,7 @@ class Dispatcher:
             self._resume(leaving)
             return None
         if batch.steady:
-            self._steady = group
+            self._steady_pass = group
         return group
 
     def _postprocess(self, group: Pass, result: StepResult) -> None:
@@ -179,7 +179,7 @@ class Dispatcher:
         for tracer in TRACERS:
             tracer.stepped(self, members, result)
         if result.error is not None:
-            self._steady = None
+            self._steady_pass = None
             message = f"{type(result.error).__name__}: {result.error}"
             self.failures.error(
                 "batch_failed",
@@ -194,15 +194,15 @@ class Dispatcher:
         else:
             leaving = self.runner.settle(group)
             if leaving is not None:
-                self._steady = None
+                self._steady_pass = None
                 self._resume(leaving)
-        if self._steady is not group:
+        if self._steady_pass is not group:
             self.scheduler.after_step()
 
     # ---------------------------------------------------------------- requests' ends
     def _resume(self, leaving: list[Resume]) -> None:
         """Requests out of their pass resume their programs, in the pass's order."""
-        self._steady = None
+        self._steady_pass = None
         for resume in leaving:
             request = resume.request
             request.join(None)
@@ -229,7 +229,7 @@ class Dispatcher:
     def _finish(self, request: Request, status: RequestStatus, error: str | None = None) -> None:
         if request.finish_time is not None:
             return
-        self._steady = None
+        self._steady_pass = None
         self._resume(self.runner.leave(request))
         self.output.close(request, status, error)
         self.scheduler.remove(request)

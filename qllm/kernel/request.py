@@ -8,13 +8,16 @@ import itertools
 import time
 from collections.abc import Generator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
-from qllm.kernel.program import Forward
+from qllm.kernel.program import Forward, StopReason
 from qllm.kernel.runtime.cache import KVCache
 from qllm.kernel.runtime.ops import Op, OpKind, Token
 from qllm.kernel.runtime.passes import Pass, Segment
 from qllm.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    import torch
 
 
 class RequestStatus(enum.IntEnum):
@@ -121,7 +124,7 @@ class Request:
     error: str | None = None
     streamed_text: str = ""
     # Execution state, owned by the dispatcher.
-    steps: Generator[Forward | Token, Any, Any] | None = None
+    steps: Generator[Forward | Token, torch.Tensor | None, StopReason] | None = None  # its program
     cache: KVCache | None = None
     forward: Forward | None = None  # its current forward pass (waiting to start when group is None)
     group: Pass | None = None  # the pass it is in the middle of

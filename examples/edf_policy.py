@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import asyncio
 
-from qllm.policies import Policy
-from qllm.policies.base import batch_for
+from qllm.policies.api import Policy, batch_for
 
 
 class EDFPolicy(Policy):

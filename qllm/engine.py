@@ -13,13 +13,16 @@ import torch
 
 from qllm.errors import EngineClosed, InvalidRequest
 from qllm.kernel.compute import Compute
-from qllm.kernel.dispatcher import Dispatcher, StreamChunk, _Cancel
+from qllm.kernel.dispatcher import Dispatcher
+from qllm.kernel.messages import Cancel
+from qllm.kernel.output import StreamChunk
 from qllm.kernel.request import PriorityClass, Request, RequestResult
+from qllm.kernel.stats import Metrics
 from qllm.kernel.tensors import TensorManager
-from qllm.metrics import Metrics
 from qllm.models import load_model
 from qllm.models.base import MOE_GRANULARITIES, MoEModel
 from qllm.policies import DEFAULT_POLICY, Policy, load_policy
+from qllm.policies.fallback import Fallback
 from qllm.sampling import SamplingParams
 from qllm.text import encode
 
@@ -103,12 +106,10 @@ class Engine:
         self._tensors = TensorManager(
             self.model.device, memory_budget, block_size=kv_block_size, dtype=self.model.dtype
         )
-        # Always the registered built-in: a subclass that kept the default's name may be what fails.
-        fallback = load_policy(DEFAULT_POLICY)
         self._dispatcher = Dispatcher(
             self.model,
             self.policy,
-            fallback,
+            Fallback(load_policy(DEFAULT_POLICY)),
             self._tensors,
             self._compute,
             max_batch=max_batch,
@@ -146,7 +147,7 @@ class Engine:
             await asyncio.wait(pending, timeout=timeout)
         for request in list(self._requests.values()):
             if not request.done.done():
-                self._dispatcher.post(_Cancel(request.id, "server shutting down"))
+                self._dispatcher.post(Cancel(request.id, "server shutting down"))
 
     async def stop(self) -> None:
         """Cancel everything still live (each gets an ``aborted`` result) and stop the actors."""
@@ -154,7 +155,7 @@ class Engine:
             return
         self._accepting = False
         for request in list(self._requests.values()):
-            self._dispatcher.post(_Cancel(request.id, "engine stopped"))
+            self._dispatcher.post(Cancel(request.id, "engine stopped"))
         self._dispatcher.stop()
         try:
             await self._group.__aexit__(None, None, None)
@@ -250,7 +251,7 @@ class Engine:
         request = self._requests.get(request_id)
         if request is None or request.done.done():
             return False
-        self._dispatcher.post(_Cancel(request_id, "cancelled"))
+        self._dispatcher.post(Cancel(request_id, "cancelled"))
         return True
 
     def _finished(self, result: RequestResult) -> None:
@@ -284,7 +285,6 @@ class Engine:
         return self._accepting
 
     def stats(self) -> dict[str, Any]:
-        d = self._dispatcher
         by_class: dict[str, dict[str, int]] = {c.value: {} for c in PriorityClass}
         for request in self._requests.values():
             counts = by_class[request.priority_class.value]
@@ -294,22 +294,17 @@ class Engine:
             "policy": self.policy.name,
             "accepting": self._accepting,
             "live": by_class,
-            "queues": {"waiting": len(d.waiting), "admitted": len(d.live), "in_flight": len(d.in_flight)},
-            "kernel": {
-                "batches": d.batches,
-                "ops": d.ops,
-                "rows": d.rows,
-                "policy_errors": d.policy_errors,
-                "compute": self._compute.mode,
-                "moe_granularity": d.moe_granularity,
-                "decisions": d.decisions,
-                "overhead": d.overhead.snapshot(),
-                "max_batch": d.max_batch,
-                "prefill_chunk": d.prefill_chunk,
-                "op_times": d.op_times.snapshot(),
-                "op_costs": d.costs.snapshot(),
-                "batch_invariance": self.model.invariance_summary(),
-            },
+            "queues": self._dispatcher.queues(),
+            "kernel": self._dispatcher.snapshot() | {"batch_invariance": self.model.invariance_summary()},
             "memory": self._tensors.stats(),
             "metrics": self.metrics.snapshot(),
         }
+
+    def reset_stats(self) -> None:
+        """Count the kernel's ops, decisions and op times from now on (a benchmark measures one
+        phase); ``progress``, the cost model and the per-request metrics go on."""
+        self._dispatcher.stats.reset()
+
+    def kv_bytes(self) -> int:
+        """KV memory held now: the requests' caches, and with KV blocks the pool's spare ones."""
+        return self._tensors.held_bytes

@@ -1,8 +1,8 @@
 """Where the compute time of a ``qllm bench`` run goes: every batched op of every qllm system, traced.
 
-Runs ``qllm bench`` with the arguments after ``--``, with the kernel instrumented from outside (the
-dispatcher's hooks and ``MoEModel.run`` are wrapped in this process; the tree is not changed),
-writes the trace as JSON and prints, for each engine of a qllm system that served more than one
+Runs ``qllm bench`` with the arguments after ``--``, with a tracer that every kernel of the process
+calls (:class:`qllm.kernel.stats.Tracer`: each step's ops, each finished request's arrival and
+first token), writes the trace as JSON and prints, for each engine of a qllm system that served more than one
 request, in the order they ran (the bench's warm-up and capacity probe first, then one cell per
 system and rate; the lone-request probes, decode step and isolated LS TTFT, are left out):
 
@@ -15,77 +15,52 @@ system and rate; the lone-request probes, decode step and isolated LS TTFT, are 
         --systems fcfs,cohort --ls-share 0.3 --max-batch 16 --seed 11 --rates 6
 
 ``--summarize`` prints that again from a trace written earlier, without running anything.
-The bench's own JSON (``--json``) and report are written as usual. Wrapping costs a few
-microseconds an op, the same for every system.
+The bench's own JSON (``--json``) and report are written as usual. Tracing costs a few
+microseconds a step, the same for every system.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import time
+import weakref
 from collections import defaultdict
 
-import qllm.kernel.dispatcher as dispatcher_module
 from qllm.bench import main as bench_main
-from qllm.models.base import MoEModel
+from qllm.kernel.stats import TRACERS, Tracer
 
 EVENTS: list[dict] = []
-_CURRENT: dict = {}
-_ENGINES = itertools.count()
 
 
-def _engine(dispatcher) -> int:
-    """A number per dispatcher (per engine), in the order they started (ids of dead objects recur)."""
-    if not hasattr(dispatcher, "_bench_trace_engine"):
-        dispatcher._bench_trace_engine = next(_ENGINES)
-    return dispatcher._bench_trace_engine
+class Trace(Tracer):
+    """Appends every kernel's ops and finished requests to :data:`EVENTS`."""
 
+    def __init__(self) -> None:
+        self.engines: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.offset = time.monotonic() - time.perf_counter()  # op starts are perf_counter() times
 
-def instrument() -> None:
-    """Wrap the dispatcher's arrival, first-token and execute hooks and the executor's op call."""
-    Dispatcher = dispatcher_module.Dispatcher
-    arrive, emit, execute, run = Dispatcher._arrive, Dispatcher._emit, Dispatcher._execute, MoEModel.run
+    def engine(self, kernel) -> int:
+        """A number per kernel (per engine), in the order they first ran an op or finished a request."""
+        return self.engines.setdefault(kernel, len(self.engines))
 
-    def _arrive(self, request):
+    def stepped(self, kernel, members, result) -> None:
+        engine, policy = self.engine(kernel), kernel.scheduler.policy.name
+        who = [(r.id, r.is_ls, r.first_token is None) for r in members]
+        for t in result.timings:
+            EVENTS.append(
+                {"e": "op", "engine": engine, "policy": policy, "t": t.start + self.offset, "s": t.seconds,
+                 "kind": t.kind.name, "layer": t.layer, "expert": t.expert, "rows": t.rows, "members": who}
+            )  # fmt: skip
+
+    def finished(self, kernel, result) -> None:
+        engine = self.engine(kernel)
         EVENTS.append(
-            {"e": "arrive", "engine": _engine(self), "t": time.monotonic(), "id": request.id, "ls": request.is_ls,
-             "prompt": len(request.prompt_ids)}
+            {"e": "arrive", "engine": engine, "t": result.arrival, "id": result.id, "ls": result.priority == "ls",
+             "prompt": result.prompt_tokens}
         )  # fmt: skip
-        return arrive(self, request)
-
-    def _emit(self, request, *token):  # the token's id and the output's text so far
-        if request.first_token is None:
-            EVENTS.append({"e": "first", "engine": _engine(self), "t": time.monotonic(), "id": request.id})
-        return emit(self, request, *token)
-
-    async def _execute(self, group):
-        _CURRENT.update(
-            engine=_engine(self),
-            policy=self.policy.name,
-            members=[(s.owner.id, s.owner.is_ls, s.owner.first_token is None) for s in group.segments],
-        )
-        try:
-            await execute(self, group)
-        finally:
-            _CURRENT.clear()
-
-    def _run(self, ops, stop=None):
-        start = time.monotonic()
-        try:
-            return run(self, ops, stop)
-        finally:
-            if _CURRENT:
-                op = ops[0]
-                EVENTS.append(
-                    {"e": "op", "engine": _CURRENT["engine"], "policy": _CURRENT["policy"], "t": start,
-                     "s": time.monotonic() - start, "kind": op.kind.name, "layer": op.layer,
-                     "expert": op.expert, "rows": sum(o.rows for o in ops), "members": _CURRENT["members"]}
-                )  # fmt: skip
-
-    Dispatcher._arrive, Dispatcher._emit, Dispatcher._execute = _arrive, _emit, _execute
-    MoEModel.run = _run
+        if result.first_token is not None:
+            EVENTS.append({"e": "first", "engine": engine, "t": result.first_token, "id": result.id})
 
 
 def cells(events: list[dict]) -> list[tuple[str, list[dict]]]:
@@ -163,7 +138,7 @@ def main() -> None:
             EVENTS[:] = json.load(f)
         rc = 0
     else:
-        instrument()
+        TRACERS.append(Trace())
         rc = bench_main(bench_args)
         with open(args.trace, "w") as f:
             json.dump(EVENTS, f)

@@ -263,16 +263,16 @@ async def test_an_arrival_stops_the_op_in_flight_only_when_the_policy_says_so(ti
     policies = {"cohort": load_policy("cohort"), "raising": InterruptsRaise(load_policy("cohort"))}
     for name, policy in policies.items():
         async with qllm.Engine(model=tiny, policy=policy) as engine:
-            dispatcher = engine._dispatcher
-            dispatcher._interrupt = False  # as when an op starts
+            runner = engine._dispatcher.runner
+            runner.interrupt_requested = False  # as when an op starts
             be = engine.submit([3, 4, 5], max_tokens=2, ignore_eos=True)
-            assert dispatcher._interrupt is (name == "raising")
-            dispatcher._interrupt = False
+            assert runner.interrupt_requested is (name == "raising")
+            runner.interrupt_requested = False
             ls = engine.submit([6, 7], max_tokens=2, priority="ls", ignore_eos=True)
-            assert dispatcher._interrupt
-            dispatcher._interrupt = False
+            assert runner.interrupt_requested
+            runner.interrupt_requested = False
             engine.cancel(be.id)
-            assert dispatcher._interrupt
+            assert runner.interrupt_requested
             assert len((await ls.result()).token_ids) == 2
             assert (await be.result()).status in ("aborted", "length")
             assert engine.stats()["kernel"]["policy_errors"] == (

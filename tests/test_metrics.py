@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from qllm.metrics import Histogram, Metrics, quantile
-from qllm.prometheus import exposition
+from qllm.kernel.stats import Histogram, Metrics, quantile
+from qllm.server.prometheus import exposition
 
 
 @dataclass

@@ -17,8 +17,9 @@ from kernel_helpers import Recorder, greedy
 import qllm
 from qllm.errors import PolicyError
 from qllm.kernel.costs import OpCosts, bucket
-from qllm.kernel.request import Phase, PriorityClass, Request
-from qllm.kernel.runtime.ops import Op, OpKind
+from qllm.kernel.program import Forward
+from qllm.kernel.request import Phase, Position, PriorityClass, Request
+from qllm.kernel.runtime.ops import OpKind
 from qllm.kernel.view import CostView, KernelView, MemoryView, RequestView
 from qllm.policies import API_VERSION, DEFAULT_POLICY, Policy, available_policies, load_policy
 from qllm.policies.cohort import CohortPolicy
@@ -54,8 +55,8 @@ def make_request(
     )
     request.token_ids = [7] if decode else []
     kind, layer, expert = op
-    request.pending = Op(kind, layer, torch.zeros(rows, 4), expert=expert)
-    request.at_boundary = at_boundary
+    request.forward = Forward(torch.zeros(rows, dtype=torch.long))
+    request.position = Position(kind, layer, expert, at_start=at_boundary)
     return RequestView(request)
 
 
@@ -404,7 +405,7 @@ def test_cohort_runs_at_most_max_batch_requests_per_step_and_parks_the_newest_be
     assert ids(policy.runnable(kernel)) == ["be0", "be1", "be2", "lsd"]
     assert ids(policy.select(kernel)) == ["lsd", "be0", "be1", "be2"]
     for r in (ls_decode, *be[:3]):  # the batch ran its op: the parked request is furthest behind ...
-        r._r.pending = Op(OpKind.ATTENTION, 3, torch.zeros(1, 4))
+        r._r.position = Position(OpKind.ATTENTION, 3, at_start=False)
     # ... and still waits: the cohort goes on whole instead of trailing it as a one-row op.
     assert ids(policy.select(kernel)) == ["lsd", "be0", "be1", "be2"]
     # Mid-pass best-effort requests come before those at a pass boundary; a newcomer waiting for
@@ -552,12 +553,12 @@ async def test_cohort_ls_op_with_riders_is_predicted_and_measured_within_the_bud
     """The kernel times ops on a fake device whose op time grows with rows (``LAW``): every LS op
     that took riders was predicted, by the kernel's cost model, and measured, by the kernel's own
     op timer, within the budget of ``stretch`` times the LS rows alone."""
-    import qllm.kernel.dispatcher as dispatcher
+    import qllm.kernel.runner as runner
 
     device = OpClock(tiny)
     monkeypatch.setattr(tiny, "run", device.run)
     monkeypatch.setattr(
-        dispatcher, "time", SimpleNamespace(perf_counter=lambda: device.now, monotonic=time.monotonic)
+        runner, "time", SimpleNamespace(perf_counter=lambda: device.now, monotonic=time.monotonic)
     )
     recorder = BudgetRecorder(CohortPolicy(stretch=1.2))
     be_prompts = [list(range(10, 10 + n)) for n in (3, 5, 8, 11, 14, 6)]
@@ -776,7 +777,9 @@ async def test_when_the_fallback_fails_too_the_kernel_still_decides(tiny, monkey
     resort (the op furthest behind, every request at it) decides, and every request finishes."""
     prompt = [40, 41, 42, 43]
     async with qllm.Engine(model=tiny, policy=BadBatch("too-many"), max_batch=2) as engine:
-        monkeypatch.setattr(engine._dispatcher.fallback, "select", lambda kernel: list(kernel.ready))
+        monkeypatch.setattr(
+            engine._dispatcher.scheduler.policy.fallback, "select", lambda kernel: list(kernel.ready)
+        )
         handles = [engine.submit(prompt, max_tokens=3, priority="ls", ignore_eos=True) for _ in range(3)]
         async with asyncio.timeout(60):
             results = [await h.result() for h in handles]

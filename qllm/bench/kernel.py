@@ -36,9 +36,9 @@ import logging
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
+from qllm.bench.kv import alternate, kv_layouts
 from qllm.bench.stats import percentile as _pct
 from qllm.bench.stats import rounded as _round
 
@@ -157,7 +157,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
             model, [prompt(args.be_prompt) for _ in range(args.overhead_requests)], args
         )
     if "placement" not in skip:
-        rounds = await _alternate(
+        rounds = await alternate(
             args.rounds, ("thread", "loop"), lambda mode: _placement(model, be_prompts, args, mode)
         )
         out["placement"] = {
@@ -165,7 +165,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
             for mode, runs in rounds.items()
         }
     if "kv" not in skip:
-        out["kv"] = await _kv_layouts(model, [prompt(args.be_prompt) for _ in range(args.batch)], args)
+        out["kv"] = await kv_layouts(model, [prompt(args.be_prompt) for _ in range(args.batch)], args)
     return _round(out)
 
 
@@ -178,7 +178,7 @@ async def _mixed(model: Any, policy: str, be_prompts, ls_prompts, args) -> dict[
             r = await engine.generate(p, max_tokens=args.ls_tokens, ignore_eos=True, priority="ls")
             isolated.append(r.ttft)
         isolated_ttft = statistics.median(isolated)
-        engine._dispatcher.op_times.__init__()  # count the loaded phase only
+        engine.reset_stats()  # count the loaded phase only
         start = time.monotonic()
         be = [engine.submit(p, max_tokens=args.be_tokens, ignore_eos=True, priority="be") for p in be_prompts]
         ls_results = []
@@ -320,86 +320,6 @@ async def _overhead(model: Any, policy: str, prompts: list[list[int]], args) -> 
         "in_op_s": in_op,
         "in_op_over_wall": in_op / wall,
         "all_completed": all(r.status == "length" for r in results),
-    }
-
-
-async def _alternate(
-    rounds: int, sides: tuple[str, str], measure: Callable[[str], Awaitable[dict[str, Any]]]
-) -> dict[str, list[dict[str, Any]]]:
-    """``measure`` each side ``rounds`` times, the order reversed every round so that drift of the
-    machine hits both alike: each side's results in order."""
-    runs: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
-    for i in range(rounds):
-        for side in sides[:: 1 if i % 2 == 0 else -1]:
-            runs[side].append(await measure(side))
-    return runs
-
-
-async def _kv_layouts(model: Any, prompts: list[list[int]], args) -> dict[str, Any]:
-    """The kv part: buffers against blocks, ``--rounds`` alternating rounds."""
-    runs = await _alternate(
-        args.rounds, ("buffers", "blocks"), lambda layout: _kv_run(model, prompts, args, layout)
-    )
-    out: dict[str, Any] = {
-        layout: {
-            "decode_tokens_per_s": statistics.median(r["decode_tokens_per_s"] for r in rs),
-            "peak_kv_bytes": max(r["peak_kv_bytes"] for r in rs),
-        }
-        for layout, rs in runs.items()
-    }
-    ratios = [
-        b["decode_tokens_per_s"] / a["decode_tokens_per_s"] for a, b in zip(runs["buffers"], runs["blocks"])
-    ]
-    out["blocks"]["kv_blocks"] = runs["blocks"][-1]["kv_blocks"]
-    return out | {
-        "batch": len(prompts),
-        "tokens_per_request": args.batch_tokens,
-        "block_size": args.kv_block_size,
-        "rounds": args.rounds,
-        "decode_ratio": statistics.median(ratios),
-        "decode_ratio_min_max": [min(ratios), max(ratios)],
-        "peak_kv_ratio": out["blocks"]["peak_kv_bytes"] / max(out["buffers"]["peak_kv_bytes"], 1),
-        "tokens_equal": all(
-            r["token_ids"] == runs["buffers"][0]["token_ids"] for rs in runs.values() for r in rs
-        ),
-        "note": "ratios are blocks over buffers; peak_kv_bytes: most KV memory held at once, sampled "
-        "every 5 ms (blocks: the pool's spare blocks included)",
-    }
-
-
-async def _kv_run(model: Any, prompts: list[list[int]], args, layout: str) -> dict[str, Any]:
-    from qllm.engine import Engine
-
-    block_size = args.kv_block_size if layout == "blocks" else None
-    engine = Engine(
-        model=model, policy="fcfs", max_batch=len(prompts), prefill_chunk=args.prefill_chunk,
-        kv_block_size=block_size,
-    )  # fmt: skip
-    tensors = engine._tensors
-    peak = 0
-    done = asyncio.Event()
-
-    async def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            spare = tensors.pool.free_bytes if tensors.pool is not None else 0
-            peak = max(peak, tensors.resident_bytes + spare)
-            await asyncio.sleep(0.005)
-
-    n = args.batch_tokens
-    async with engine, asyncio.TaskGroup() as tg:
-        tg.create_task(sample())
-        handles = [engine.submit(p, max_tokens=n, ignore_eos=True) for p in prompts]
-        results = [await h.result() for h in handles]
-        done.set()
-        kv_blocks = engine.stats()["memory"]["kv_blocks"]
-    first = max(r.first_token for r in results)
-    last = max(r.finished for r in results)
-    return {
-        "decode_tokens_per_s": len(prompts) * (n - 1) / max(last - first, 1e-9),
-        "peak_kv_bytes": peak,
-        "kv_blocks": kv_blocks,
-        "token_ids": [r.token_ids for r in results],
     }
 
 

@@ -28,7 +28,7 @@ def _ms(value: float | None) -> str:
 
 def summary(stats: dict[str, Any]) -> str:
     """A few readable lines: what runs, what is live, and per-class latency percentiles."""
-    from qllm.metrics import quantile
+    from qllm.kernel.stats import quantile
 
     lines = [f"model {stats.get('model')}  policy {stats.get('policy')}  accepting {stats.get('accepting')}"]
     live = stats.get("live", {})
@@ -54,7 +54,7 @@ def summary(stats: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     from qllm.client import Client
     from qllm.errors import QllmError
-    from qllm.prometheus import exposition
+    from qllm.server.prometheus import exposition
 
     try:
         with Client(args.socket, timeout=args.timeout, connect_timeout=args.timeout) as client:

@@ -8,13 +8,16 @@ import itertools
 import time
 from collections.abc import Generator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
-from qllm.kernel.program import Forward
+from qllm.kernel.program import Forward, StopReason
 from qllm.kernel.runtime.cache import KVCache
-from qllm.kernel.runtime.ops import Op, Token
+from qllm.kernel.runtime.ops import Op, OpKind, Token
 from qllm.kernel.runtime.passes import Pass, Segment
 from qllm.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    import torch
 
 
 class RequestStatus(enum.IntEnum):
@@ -49,6 +52,26 @@ class Phase(enum.StrEnum):
 
 
 _sequence = itertools.count()
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where a request in no pass stands: the op it waits on (kind, layer, expert, as a policy reads
+    it through ``RequestView.op_key``) and whether that op starts a forward pass."""
+
+    kind: OpKind
+    layer: int
+    expert: int = -1
+    at_start: bool = True
+
+    @property
+    def key(self) -> tuple[int, int, int]:
+        return (int(self.kind), self.layer, self.expert)
+
+
+NEXT_PASS = Position(OpKind.ATTENTION, 0)
+"""A request between forward passes waits on the first op of its next pass (:attr:`Request.forward`):
+the first layer's attention, where requests starting a pass batch together."""
 
 
 @dataclass
@@ -101,37 +124,30 @@ class Request:
     error: str | None = None
     streamed_text: str = ""
     # Execution state, owned by the dispatcher.
-    steps: Generator[Forward | Token, Any, Any] | None = None
+    steps: Generator[Forward | Token, torch.Tensor | None, StopReason] | None = None  # its program
     cache: KVCache | None = None
     forward: Forward | None = None  # its current forward pass (waiting to start when group is None)
     group: Pass | None = None  # the pass it is in the middle of
     segment: Segment | None = None  # its rows in that pass
-    own_op: Op | None = None  # pending op when not in a pass
-    own_boundary: bool = True
+    position: Position | None = None  # where it stands in no pass (None: in a pass, or not live)
     ops_base: int = 0  # ops run before joining the current pass
     joined_at: int = 0  # the pass's op count when this request joined it
     events: asyncio.Queue | None = None  # token ids, then None when finished
     done: asyncio.Future | None = None
 
     @property
-    def pending(self) -> Op | None:
-        """The op this request waits on: its pass's pending op, or the start of its next pass."""
+    def pending(self) -> Op | Position | None:
+        """What this request waits on: its pass's pending op, or its :attr:`position` in no pass."""
         group = self.group
-        return self.own_op if group is None else group.pending_of(self.segment)
-
-    @pending.setter
-    def pending(self, op: Op | None) -> None:
-        self.own_op = op
+        return self.position if group is None else group.pending_of(self.segment)
 
     @property
     def at_boundary(self) -> bool:
         """Its pending op starts a new forward pass (an iteration boundary)."""
         group = self.group
-        return self.own_boundary if group is None else group.at_start
-
-    @at_boundary.setter
-    def at_boundary(self, value: bool) -> None:
-        self.own_boundary = value
+        if group is not None:
+            return group.at_start
+        return self.position is None or self.position.at_start
 
     @property
     def ops_done(self) -> int:
@@ -141,15 +157,14 @@ class Request:
     @property
     def rows(self) -> int:
         """Rows of its pending op that are its own (the new tokens of its forward pass)."""
-        if self.forward is not None:
-            return int(self.forward.token_ids.shape[0])
-        op = self.pending
-        return 0 if op is None else op.rows
+        return 0 if self.forward is None else int(self.forward.token_ids.shape[0])
 
     def join(self, group: Pass | None, segment: Segment | None = None) -> None:
         """Move to pass ``group`` as its ``segment`` (None: out of any pass), keeping the count of ops run."""
         if self.group is not None:
             self.ops_base += self.group.ops_run - self.joined_at
+        if group is not None:
+            self.position = None  # the pass says where it stands
         self.group = group
         self.segment = segment
         self.joined_at = 0 if group is None else group.ops_run

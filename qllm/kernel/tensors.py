@@ -37,12 +37,14 @@ class _Entry:
     last_used: int = 0
     offloaded: bool = False
     pinned_bytes: int = 0
-    ready_event: Any = None  # CUDA event: copy back to device finished
-    host_k: list = field(default_factory=list)
-    host_v: list = field(default_factory=list)
-    host_states: list = field(default_factory=list)  # per layer: None or the recurrent state tensors
-    host_key_blocks: list = field(default_factory=list)  # per layer: the host copies of its blocks
-    host_value_blocks: list = field(default_factory=list)
+    ready_event: torch.cuda.Event | None = None  # copy back to device finished
+    host_k: list[torch.Tensor | None] = field(default_factory=list)
+    host_v: list[torch.Tensor | None] = field(default_factory=list)
+    host_states: list[list[torch.Tensor] | None] = field(default_factory=list)  # per layer: recurrent state
+    host_key_blocks: list[list[torch.Tensor]] = field(
+        default_factory=list
+    )  # per layer: host copies of blocks
+    host_value_blocks: list[list[torch.Tensor]] = field(default_factory=list)
 
 
 class TensorManager:
@@ -95,6 +97,11 @@ class TensorManager:
     @property
     def offloaded_bytes(self) -> int:
         return sum(e.pinned_bytes for e in self._entries.values() if e.offloaded)
+
+    @property
+    def held_bytes(self) -> int:
+        """Device memory held for KV: resident caches, and the blocks the pool keeps for reuse."""
+        return self.resident_bytes + (0 if self.pool is None else self.pool.free_bytes)
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -250,7 +257,7 @@ class TensorManager:
         entry.pinned_bytes = 0
 
 
-def _to_host(t: torch.Tensor, stream: Any) -> torch.Tensor:
+def _to_host(t: torch.Tensor, stream: torch.cuda.Stream) -> torch.Tensor:
     """A pinned host copy of device tensor ``t``, queued on ``stream`` (which keeps ``t`` alive)."""
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     host.copy_(t, non_blocking=True)

@@ -16,7 +16,7 @@ from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 from qllm.errors import PolicyError
-from qllm.policies.base import API_VERSION, Policy
+from qllm.policies.api import API_VERSION, Policy
 
 GROUP = "qllm.policies"
 DEFAULT_POLICY = "cohort"

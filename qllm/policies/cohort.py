@@ -30,18 +30,18 @@ predicted: LS prefill runs alone as a rule (LS requests within a layer of each o
 batch), and the best-effort cohort waits whole instead of being split by riders.
 ``pairs`` (default off, ``--policy cohort:pairs=true``): the next LS request waiting for its first
 token catches up with the lead alone, then shares its ops, where the cost model predicts a lower
-worse ratio of TTFT to each one's pass alone than the lead finishing first. On a 2-core CPU it
-made the LS tail worse (docs/benchmarks.md, run S): shared ops cost more than their rows predict.
+worse ratio of TTFT to each one's pass alone than the lead finishing first. It is off because
+where shared ops cost more than their rows predict (a MoE op on a CPU), sharing makes the LS tail
+worse.
 ``tail`` (default off, ``--policy cohort:tail=true``): an LS request's target is the 90th
 percentile of recent LS requests' passes alone where that is longer than its own, so a short one
-lets best-effort work ride up to what a long one takes alone (docs/benchmarks.md, run V: more BE
-throughput on the default workload, a worse LS tail).
+lets best-effort work ride up to what a long one takes alone: more best-effort throughput for a
+worse LS tail.
 
-Measured side by side on a 2-core CPU (docs/benchmarks.md, run N), 1.0 gave an LS TTFT p99 of
-1.3-1.6x the isolated one against 1.5-2.4x at 1.3, for about the same best-effort throughput:
-on a CPU a MoE op's time grows with the experts its rows use, so riders cost an LS op far more
-than their rows suggest. On hardware where extra rows are nearly free, a larger ``stretch`` lets
-best-effort work ride.
+The default ``stretch`` is 1.0 because on a CPU a MoE op's time grows with the experts its rows
+use, so riders cost an LS op far more than their rows suggest: 1.3 buys about no best-effort
+throughput for a worse LS TTFT tail (docs/benchmarks.md has the figures). On hardware where
+extra rows are nearly free, a larger ``stretch`` lets best-effort work ride.
 """
 
 from __future__ import annotations
@@ -50,10 +50,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import replace
 
-from qllm.kernel.request import Phase
-from qllm.kernel.runtime.ops import OpKind
-from qllm.kernel.view import KernelView, RequestView
-from qllm.policies.base import Policy
+from qllm.policies.api import KernelView, OpKind, Phase, Policy, RequestView
 from qllm.policies.fair import fair_order, fair_share
 
 TAIL_WINDOW = 64

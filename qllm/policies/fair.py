@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from qllm.kernel.view import KernelView, RequestView
+from qllm.policies.api import KernelView, RequestView
 
 
 def fair_order(

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from qllm.kernel.view import KernelView, RequestView
-from qllm.policies.base import Policy, batch_for
+from qllm.policies.api import KernelView, Policy, RequestView, batch_for
 
 
 class FCFSPolicy(Policy):

@@ -14,8 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from qllm.kernel.view import KernelView, RequestView
-from qllm.policies.base import Policy, batch_for
+from qllm.policies.api import KernelView, Policy, RequestView, batch_for
 from qllm.policies.fair import fair_order, fair_share, runnable
 from qllm.policies.qllm import algorithm1, queues
 

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from qllm.kernel.request import Phase
-from qllm.kernel.view import KernelView, RequestView
-from qllm.policies.base import Policy, batch_for
+from qllm.policies.api import KernelView, Phase, Policy, RequestView, batch_for
 
 
 def queues(kernel: KernelView, order) -> tuple[list[RequestView], ...]:

@@ -31,8 +31,8 @@ from starlette.routing import Route
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from qllm.errors import EngineClosed, QllmError
-from qllm.prometheus import registry
 from qllm.server import openai_api as api
+from qllm.server.prometheus import registry
 
 if TYPE_CHECKING:
     from qllm.server.app import Server

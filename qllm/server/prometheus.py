@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from qllm.metrics import COUNTERS, HISTOGRAMS
+from qllm.kernel.stats import COUNTERS, HISTOGRAMS
 
 PREFIX = "qllm"
 # Per-request histograms whose plain names would clash with the counters of the same name.

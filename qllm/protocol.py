@@ -16,7 +16,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
-from qllm.errors import QllmError
+from qllm.errors import InvalidRequest, QllmError
+from qllm.spec import RequestSpec, build_spec, flat, request_fields
 
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct(">I")
@@ -24,7 +25,7 @@ MAX_FRAME_BYTES = 1 << 20  # default limit on one frame's payload, both directio
 MAX_MESSAGE_CHARS = 1024  # error messages are cut to this, so an echoed value cannot inflate a frame
 
 RequestId = Annotated[int, Meta(ge=0, le=2**63 - 1)]
-Priority = Literal["ls", "be"]
+Priority = Literal["ls", "be"]  # a result's class, as RequestSpec.priority names it
 Status = Literal["stopped", "length", "aborted", "error"]
 
 
@@ -42,23 +43,34 @@ class Hello(Message, tag="hello"):
     client: str = ""
 
 
-class Generate(Message, tag="generate"):
-    """Generate text for a prompt (text or token ids). Replies: chunks if ``stream``, then a final."""
+Prompt = str | list[Annotated[int, Meta(ge=0)]]
+
+
+class GenerateHead(Message, tag="generate"):
+    """What the typed decoder reads of a generate frame; :func:`decode_client` reads the request
+    spec's fields from the same map."""
 
     id: RequestId
-    prompt: str | list[Annotated[int, Meta(ge=0)]]
-    max_tokens: Annotated[int, Meta(ge=1)] = 64
-    temperature: Annotated[float, Meta(ge=0)] = 0.0
-    top_k: Annotated[int, Meta(ge=0)] = 0
-    top_p: Annotated[float, Meta(gt=0, le=1)] = 1.0
-    seed: int | None = None
-    stop: list[str] = []
-    ignore_eos: bool = False
-    priority: Priority = "be"
-    rank: int = 0
-    ttft_deadline: Annotated[float, Meta(gt=0)] | None = None
+    prompt: Prompt
     stream: bool = False
     chat: bool = False
+
+
+class Generate(GenerateHead, tag="generate"):
+    """Generate text for a prompt (text or token ids). Replies: chunks if ``stream``, then a final.
+
+    On the wire the fields of ``spec`` (:class:`qllm.spec.RequestSpec` and its sampling params,
+    ``max_tokens=``, ``priority=``, ...) sit flat in the same map, beside ``id`` and ``prompt``;
+    the server-set ``client`` never travels."""
+
+    spec: RequestSpec = msgspec.field(default_factory=RequestSpec)
+
+    @classmethod
+    def build(cls, **fields: Any) -> Generate:
+        """A generate from its flat form, as on the wire: ``id``, ``prompt``, ``stream``, ``chat``
+        and the spec's fields (built by :func:`qllm.spec.build_spec`)."""
+        head = {name: fields.pop(name) for name in GenerateHead.__struct_fields__ if name in fields}
+        return cls(**head, spec=build_spec(fields))
 
 
 class Cancel(Message, tag="cancel"):
@@ -219,14 +231,23 @@ TOO_MANY_CONNECTIONS = "too_many_connections"
 # Framing and coding ----------------------------------------------------------------------------
 
 _encoder = msgspec.msgpack.Encoder()
-_client_decoder = msgspec.msgpack.Decoder(ClientMessage)
+_client_decoder = msgspec.msgpack.Decoder(Hello | GenerateHead | Cancel | Stats | Health)
 _server_decoder = msgspec.msgpack.Decoder(ServerMessage)
+_fields_decoder = msgspec.msgpack.Decoder(dict[str, msgspec.Raw])
+
+
+def _wire_form(message: Message) -> Message | dict[str, Any]:
+    """What goes on the wire: a generate's spec fields flat in its map, in a fixed order."""
+    if not isinstance(message, Generate):
+        return message
+    head = {"type": "generate", "id": message.id, "prompt": message.prompt}
+    return {**head, **flat(message.spec), "stream": message.stream, "chat": message.chat}
 
 
 def encode_frame(message: Message) -> bytes:
     """One frame: the 4-byte big-endian payload length, then the MessagePack payload."""
     buf = bytearray(HEADER.size)
-    _encoder.encode_into(message, buf, HEADER.size)
+    _encoder.encode_into(_wire_form(message), buf, HEADER.size)
     HEADER.pack_into(buf, 0, len(buf) - HEADER.size)
     return bytes(buf)
 
@@ -267,7 +288,22 @@ def _decode(decoder: msgspec.msgpack.Decoder, payload: bytes) -> Any:
 def decode_client(payload: bytes) -> ClientMessage:
     """Decode one client frame's payload; raises :class:`ProtocolError` (``bad_frame`` or
     ``invalid_request`` with the frame's ``id``)."""
-    return _decode(_client_decoder, payload)
+    message = _decode(_client_decoder, payload)
+    if not isinstance(message, GenerateHead):
+        return message
+    spec = _read_spec(payload, message.id)
+    return Generate(id=message.id, prompt=message.prompt, stream=message.stream, chat=message.chat, spec=spec)
+
+
+def _read_spec(payload: bytes, rid: int) -> RequestSpec:
+    """The request spec of a generate frame: the spec's fields in its map (unknown keys are
+    ignored, as in every message; server-set fields are never read from the wire)."""
+    try:
+        names = {f.name for f in request_fields()}
+        raw = _fields_decoder.decode(payload)  # values stay undecoded bytes: the prompt is not read again
+        return build_spec({k: msgspec.msgpack.decode(v) for k, v in raw.items() if k in names})
+    except (InvalidRequest, msgspec.ValidationError, *_UNDECODABLE) as exc:
+        raise ProtocolError(f"invalid message: {exc}", code="invalid_request", request_id=rid) from None
 
 
 def decode_server(payload: bytes) -> ServerMessage:

@@ -118,7 +118,7 @@ async def test_hello_welcome_and_generate(tmp_path):
         assert (await client.health()).model == "fake"
     hello, generate = peers[0].received[:2]
     assert hello == p.Hello(client="qllm.client")
-    assert generate == p.Generate(
+    assert generate == p.Generate.build(
         id=generate.id, prompt=[5, 6], max_tokens=7, priority="ls", rank=3, ttft_deadline=0.5, stop=["x"]
     )
     assert result.text == "ab" and result.token_ids == [1, 2]

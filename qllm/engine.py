@@ -39,6 +39,11 @@ class RequestHandle:
     def id(self) -> str:
         return self._request.id
 
+    @property
+    def spec(self) -> RequestSpec:
+        """What the request asks for, as the kernel holds it."""
+        return self._request.spec
+
     def __aiter__(self) -> AsyncIterator[StreamChunk]:
         return self._chunks()
 

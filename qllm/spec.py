@@ -45,7 +45,7 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
         Meta(ge=0, description="sampling temperature (finite); 0 = greedy"),
     ] = 0.0
     top_k: Annotated[int, Meta(ge=0, description="sample from the k most likely tokens (0 = off)")] = 0
-    top_p: Annotated[float, Meta(gt=0, le=1, description="nucleus sampling mass in (0, 1] (1 = off)")] = 1.0
+    top_p: Annotated[float, Meta(gt=0, le=1, description="nucleus sampling mass in (0, 1]; 1 = off")] = 1.0
     seed: Annotated[int | None, Meta(description="seed of the request's sampler (reproducible sampling)")] = (
         None
     )

@@ -12,7 +12,7 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -27,9 +27,11 @@ REQUEST_ID_HEADER = "x-request-id"
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[dict[str, Any], Receive, Send], Awaitable[None]]
+T = TypeVar("T")
 
 
-async def until_disconnect(receive: Receive, work: Awaitable[Any]) -> Any:
+async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T | None:
     """``work``'s result, or None if the client disconnects first (``work`` is then cancelled)."""
     task = asyncio.ensure_future(work)
     watch = asyncio.ensure_future(_disconnected(receive))
@@ -81,7 +83,7 @@ class AccessLog:
     id, duration), never its content. The request id is the client's ``X-Request-Id`` or a new
     one, and is returned in that header."""
 
-    def __init__(self, app: Any):
+    def __init__(self, app: ASGIApp):
         self.app = app
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
@@ -125,7 +127,7 @@ def protocol_class(server: Server, conn_ids: itertools.count) -> type[HttpToolsP
         creds: Credentials | None = None
         name = "http"
 
-        def connection_made(self, transport: Any) -> None:
+        def connection_made(self, transport: asyncio.Transport) -> None:
             sock = transport.get_extra_info("socket")
             if sock is not None and sock.family == socket.AF_UNIX:
                 try:

@@ -13,6 +13,7 @@ from qllm import protocol as p
 from qllm.client.errors import ConnectionLost, RequestTimeout, error_for
 from qllm.client.stream import Pending, Stream, StreamContext
 from qllm.errors import InvalidRequest, QllmError
+from qllm.framing import frame_id, skip_payload
 from qllm.paths import client_socket_path, fallback_socket_dir, socket_dir_problem
 from qllm.spec import RequestSpec, build_spec, checked
 
@@ -139,7 +140,7 @@ class AsyncClient:
         error = p.FrameTooLarge(
             f"the server sent a frame of {size} bytes; this client accepts {self._max_frame}"
         )
-        rid = p.frame_id(await p.skip_payload(self._reader, size))
+        rid = frame_id(await skip_payload(self._reader, size))
         if rid is None:
             raise error
         self._pending.deliver(rid, error)

@@ -66,17 +66,20 @@ class Engine:
 
     def __init__(
         self,
-        model: str | os.PathLike[str] | MoEModel | None = None,
+        model: str | os.PathLike[str] | MoEModel | tuple[Any, Any] | None = None,
         policy: str | type[Policy] | Policy | None = None,
         config: EngineConfig | None = None,
         **settings: Any,
     ):
-        """``model``: a preset name, a model directory or a loaded model; ``policy``: a policy name,
-        class or instance (each None: the config's). ``config`` and ``settings`` (its fields as
-        keywords) are checked by :class:`~qllm.kernel.config.EngineConfig`: ValueError naming the
-        setting."""
-        names = {k: v for k, v in (("model", model), ("policy", policy)) if isinstance(v, str)}
-        config = engine_config(config, {**settings, **names})
+        """``model``: a preset name, a model directory, a loaded model or a ``(model, tokenizer)``
+        pair; ``policy``: a policy name, class or instance (each None: the config's). ``config``
+        and ``settings`` (its fields as keywords, which win) are checked by
+        :class:`~qllm.kernel.config.EngineConfig`: ValueError naming the setting."""
+        # A name is a setting, checked with the rest; a loaded model or a Policy is taken as it is.
+        named = {
+            key: value for key, value in {"model": model, "policy": policy}.items() if isinstance(value, str)
+        }
+        config = engine_config(config, {**settings, **named})
         if config.threads is not None:
             torch.set_num_threads(config.threads)  # process-wide: torch's intra-op thread pool
         self.policy = load_policy(config.policy if policy is None or isinstance(policy, str) else policy)

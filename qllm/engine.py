@@ -13,6 +13,7 @@ import torch
 
 from qllm.errors import EngineClosed, InvalidRequest
 from qllm.kernel.compute import Compute
+from qllm.kernel.config import EngineConfig, engine_config
 from qllm.kernel.dispatcher import Dispatcher
 from qllm.kernel.messages import Cancel
 from qllm.kernel.output import StreamChunk
@@ -20,10 +21,10 @@ from qllm.kernel.request import PriorityClass, Request, RequestResult
 from qllm.kernel.stats import Metrics
 from qllm.kernel.tensors import TensorManager
 from qllm.models import load_model
-from qllm.models.base import MOE_GRANULARITIES, MoEModel
+from qllm.models.base import MoEModel
 from qllm.policies import DEFAULT_POLICY, Policy, load_policy
 from qllm.policies.fallback import Fallback
-from qllm.sampling import SamplingParams
+from qllm.spec import RequestSpec, build_spec, checked
 from qllm.text import encode
 
 log = structlog.get_logger()
@@ -40,6 +41,11 @@ class RequestHandle:
     @property
     def id(self) -> str:
         return self._request.id
+
+    @property
+    def spec(self) -> RequestSpec:
+        """What the request asks for, as the kernel holds it."""
+        return self._request.spec
 
     def __aiter__(self) -> AsyncIterator[StreamChunk]:
         return self._chunks()
@@ -63,48 +69,36 @@ class Engine:
 
     def __init__(
         self,
-        model: Any = "tiny",
-        policy: str | type[Policy] | Policy | None = DEFAULT_POLICY,
-        *,
-        dtype: str | None = None,
-        device: str | None = None,
-        memory_budget: int | None = None,
-        max_batch: int = 32,
-        prefill_chunk: int = 128,
-        batch_invariant: bool = True,
-        compute: str = "thread",
-        threads: int | None = None,
-        moe_granularity: str = "layer",
-        kv_block_size: int | None = None,
+        model: str | os.PathLike[str] | MoEModel | tuple[Any, Any] | None = None,
+        policy: str | type[Policy] | Policy | None = None,
+        config: EngineConfig | None = None,
+        **settings: Any,
     ):
-        if max_batch < 1:
-            raise ValueError("max_batch must be >= 1")
-        if prefill_chunk < 1:
-            raise ValueError("prefill_chunk must be >= 1")
-        if moe_granularity not in MOE_GRANULARITIES:
-            raise ValueError(
-                f"moe_granularity must be one of {', '.join(MOE_GRANULARITIES)}, got {moe_granularity!r}"
-            )
-        if memory_budget is not None and memory_budget < 0:
-            raise ValueError("memory_budget must be >= 0 bytes")
-        if kv_block_size is not None and kv_block_size < 1:
-            raise ValueError("kv_block_size must be >= 1 token (or None for growable buffers)")
-        if threads is not None:
-            if threads < 1:
-                raise ValueError("threads must be >= 1")
-            torch.set_num_threads(threads)  # process-wide: torch's intra-op thread pool
-        self.policy = load_policy(policy)
+        """``model``: a preset name, a model directory, a loaded model or a ``(model, tokenizer)``
+        pair; ``policy``: a policy name, class or instance (each None: the config's). ``config``
+        and ``settings`` (its fields as keywords, which win) are checked by
+        :class:`~qllm.kernel.config.EngineConfig`: ValueError naming the setting."""
+        # A name is a setting, checked with the rest; a loaded model or a Policy is taken as it is.
+        named = {
+            key: value for key, value in {"model": model, "policy": policy}.items() if isinstance(value, str)
+        }
+        config = engine_config(config, {**settings, **named})
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)  # process-wide: torch's intra-op thread pool
+        self.policy = load_policy(config.policy if policy is None or isinstance(policy, str) else policy)
+        model = config.model if model is None or isinstance(model, str) else model
+        device = config.device
         if isinstance(model, MoEModel) and device is not None and torch.device(device) != model.device:
             raise ValueError(
                 f"the model is loaded on {model.device}, not on {device}; load it there or omit device"
             )
         self.model: MoEModel = load_model(
-            model, dtype=dtype, device=device or "cpu", batch_invariant=batch_invariant
+            model, dtype=config.dtype, device=device or "cpu", batch_invariant=config.batch_invariant
         )
         self.metrics = Metrics()
-        self._compute = Compute(compute)
+        self._compute = Compute(config.compute)
         self._tensors = TensorManager(
-            self.model.device, memory_budget, block_size=kv_block_size, dtype=self.model.dtype
+            self.model.device, config.memory_budget, block_size=config.kv_block_size, dtype=self.model.dtype
         )
         self._dispatcher = Dispatcher(
             self.model,
@@ -112,9 +106,9 @@ class Engine:
             Fallback(load_policy(DEFAULT_POLICY)),
             self._tensors,
             self._compute,
-            max_batch=max_batch,
-            prefill_chunk=prefill_chunk,
-            moe_granularity=moe_granularity,
+            max_batch=config.max_batch,
+            prefill_chunk=config.prefill_chunk,
+            moe_granularity=config.moe_granularity,
             on_finish=self._finished,
         )
         self._group: asyncio.TaskGroup | None = None
@@ -167,45 +161,27 @@ class Engine:
     def submit(
         self,
         prompt: str | Sequence[int],
+        spec: RequestSpec | None = None,
         *,
-        max_tokens: int = 64,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        stop: str | Sequence[str] = (),
-        ignore_eos: bool = False,
-        priority: str = "be",
-        rank: int = 0,
-        ttft_deadline: float | None = None,
         request_id: str | None = None,
         chat: bool = False,
-        client: str = "",
+        **fields: Any,
     ) -> RequestHandle:
         """Accept a request; returns at once. Raises InvalidRequest or EngineClosed.
 
-        ``client`` names who sent it (the server passes its connection): policies share a class's
-        compute fairly between clients."""
+        What it asks for is ``spec``, or built from ``fields``, the spec's fields as keywords
+        (``max_tokens=16, priority="ls"``; see :mod:`qllm.spec`). Its ``client`` names who sent it
+        (the server passes its connection): policies share a class's compute fairly between
+        clients."""
         if not self._accepting:
             raise EngineClosed("the engine is not accepting requests")
+        if spec is not None and fields:
+            raise TypeError("pass a spec or its fields as keywords, not both")
+        spec = build_spec(fields) if spec is None else checked(spec)
         try:
-            params = SamplingParams(
-                max_tokens=max_tokens,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                seed=seed,
-                stop=(stop,) if isinstance(stop, str) else tuple(stop),
-                ignore_eos=ignore_eos,
-            )
-            priority_class = PriorityClass(priority)
             prompt_ids = encode(self.model, prompt, chat=chat)
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None
-        if not isinstance(rank, int):
-            raise InvalidRequest(f"rank must be an integer, got {rank!r}")
-        if ttft_deadline is not None and not ttft_deadline > 0:
-            raise InvalidRequest(f"ttft_deadline must be > 0 seconds, got {ttft_deadline!r}")
         request_id = request_id or f"req-{next(_ids)}"
         if request_id in self._requests:
             raise InvalidRequest(f"request id {request_id!r} is already live")
@@ -213,11 +189,7 @@ class Engine:
         request = Request(
             id=request_id,
             prompt_ids=prompt_ids,
-            params=params,
-            priority_class=priority_class,
-            priority=rank,
-            ttft_deadline=ttft_deadline,
-            client=client,
+            spec=spec,
             events=asyncio.Queue(),
             done=loop.create_future(),
         )
@@ -225,18 +197,22 @@ class Engine:
         self._dispatcher.post(request)
         return RequestHandle(self, request)
 
-    async def generate(self, prompt: str | Sequence[int], **kw: Any) -> RequestResult:
+    async def generate(
+        self, prompt: str | Sequence[int], spec: RequestSpec | None = None, **kw: Any
+    ) -> RequestResult:
         """Submit and wait for the final result."""
-        handle = self.submit(prompt, **kw)
+        handle = self.submit(prompt, spec, **kw)
         try:
             return await handle.result()
         except asyncio.CancelledError:
             handle.cancel()
             raise
 
-    async def stream(self, prompt: str | Sequence[int], **kw: Any) -> AsyncIterator[StreamChunk]:
+    async def stream(
+        self, prompt: str | Sequence[int], spec: RequestSpec | None = None, **kw: Any
+    ) -> AsyncIterator[StreamChunk]:
         """Submit and yield chunks as tokens come; leaving the loop early cancels the request."""
-        handle = self.submit(prompt, **kw)
+        handle = self.submit(prompt, spec, **kw)
         finished = False
         try:
             async for chunk in handle:

@@ -16,7 +16,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
-from qllm.errors import QllmError
+from qllm.errors import InvalidRequest, QllmError
+from qllm.spec import RequestSpec, build_spec, flat, request_fields
 
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct(">I")
@@ -24,7 +25,7 @@ MAX_FRAME_BYTES = 1 << 20  # default limit on one frame's payload, both directio
 MAX_MESSAGE_CHARS = 1024  # error messages are cut to this, so an echoed value cannot inflate a frame
 
 RequestId = Annotated[int, Meta(ge=0, le=2**63 - 1)]
-Priority = Literal["ls", "be"]
+Priority = Literal["ls", "be"]  # a result's class, as RequestSpec.priority names it
 Status = Literal["stopped", "length", "aborted", "error"]
 
 
@@ -42,23 +43,34 @@ class Hello(Message, tag="hello"):
     client: str = ""
 
 
-class Generate(Message, tag="generate"):
-    """Generate text for a prompt (text or token ids). Replies: chunks if ``stream``, then a final."""
+Prompt = str | list[Annotated[int, Meta(ge=0)]]
+
+
+class GenerateHead(Message, tag="generate"):
+    """What the typed decoder reads of a generate frame; :func:`decode_client` reads the request
+    spec's fields from the same map."""
 
     id: RequestId
-    prompt: str | list[Annotated[int, Meta(ge=0)]]
-    max_tokens: Annotated[int, Meta(ge=1)] = 64
-    temperature: Annotated[float, Meta(ge=0)] = 0.0
-    top_k: Annotated[int, Meta(ge=0)] = 0
-    top_p: Annotated[float, Meta(gt=0, le=1)] = 1.0
-    seed: int | None = None
-    stop: list[str] = []
-    ignore_eos: bool = False
-    priority: Priority = "be"
-    rank: int = 0
-    ttft_deadline: Annotated[float, Meta(gt=0)] | None = None
+    prompt: Prompt
     stream: bool = False
     chat: bool = False
+
+
+class Generate(GenerateHead, tag="generate"):
+    """Generate text for a prompt (text or token ids). Replies: chunks if ``stream``, then a final.
+
+    On the wire the fields of ``spec`` (:class:`qllm.spec.RequestSpec` and its sampling params,
+    ``max_tokens=``, ``priority=``, ...) sit flat in the same map, beside ``id`` and ``prompt``;
+    the server-set ``client`` never travels."""
+
+    spec: RequestSpec = msgspec.field(default_factory=RequestSpec)
+
+    @classmethod
+    def build(cls, **fields: Any) -> Generate:
+        """A generate from its flat form, as on the wire: ``id``, ``prompt``, ``stream``, ``chat``
+        and the spec's fields (built by :func:`qllm.spec.build_spec`)."""
+        head = {name: fields.pop(name) for name in GenerateHead.__struct_fields__ if name in fields}
+        return cls(**head, spec=build_spec(fields))
 
 
 class Cancel(Message, tag="cancel"):
@@ -219,14 +231,23 @@ TOO_MANY_CONNECTIONS = "too_many_connections"
 # Framing and coding ----------------------------------------------------------------------------
 
 _encoder = msgspec.msgpack.Encoder()
-_client_decoder = msgspec.msgpack.Decoder(ClientMessage)
+_client_decoder = msgspec.msgpack.Decoder(Hello | GenerateHead | Cancel | Stats | Health)
 _server_decoder = msgspec.msgpack.Decoder(ServerMessage)
+_fields_decoder = msgspec.msgpack.Decoder(dict[str, msgspec.Raw])
+
+
+def _wire_form(message: Message) -> Message | dict[str, Any]:
+    """What goes on the wire: a generate's spec fields flat in its map, in a fixed order."""
+    if not isinstance(message, Generate):
+        return message
+    head = {"type": "generate", "id": message.id, "prompt": message.prompt}
+    return {**head, **flat(message.spec), "stream": message.stream, "chat": message.chat}
 
 
 def encode_frame(message: Message) -> bytes:
     """One frame: the 4-byte big-endian payload length, then the MessagePack payload."""
     buf = bytearray(HEADER.size)
-    _encoder.encode_into(message, buf, HEADER.size)
+    _encoder.encode_into(_wire_form(message), buf, HEADER.size)
     HEADER.pack_into(buf, 0, len(buf) - HEADER.size)
     return bytes(buf)
 
@@ -267,7 +288,22 @@ def _decode(decoder: msgspec.msgpack.Decoder, payload: bytes) -> Any:
 def decode_client(payload: bytes) -> ClientMessage:
     """Decode one client frame's payload; raises :class:`ProtocolError` (``bad_frame`` or
     ``invalid_request`` with the frame's ``id``)."""
-    return _decode(_client_decoder, payload)
+    message = _decode(_client_decoder, payload)
+    if not isinstance(message, GenerateHead):
+        return message
+    spec = _read_spec(payload, message.id)
+    return Generate(id=message.id, prompt=message.prompt, stream=message.stream, chat=message.chat, spec=spec)
+
+
+def _read_spec(payload: bytes, rid: int) -> RequestSpec:
+    """The request spec of a generate frame: the spec's fields in its map (unknown keys are
+    ignored, as in every message; server-set fields are never read from the wire)."""
+    try:
+        names = {f.name for f in request_fields()}
+        raw = _fields_decoder.decode(payload)  # values stay undecoded bytes: the prompt is not read again
+        return build_spec({k: msgspec.msgpack.decode(v) for k, v in raw.items() if k in names})
+    except (InvalidRequest, msgspec.ValidationError, *_UNDECODABLE) as exc:
+        raise ProtocolError(f"invalid message: {exc}", code="invalid_request", request_id=rid) from None
 
 
 def decode_server(payload: bytes) -> ServerMessage:
@@ -292,76 +328,3 @@ async def read_frame(reader: asyncio.StreamReader, max_bytes: int = MAX_FRAME_BY
     if size > max_bytes:
         raise FrameTooLarge(f"frame of {size} bytes exceeds the limit of {max_bytes} bytes")
     return await reader.readexactly(size)
-
-
-# Oversized frames ------------------------------------------------------------------------------
-
-PREFIX_BYTES = 64  # enough for the ``type`` and ``id`` a server writes first in every frame
-
-
-def frame_id(prefix: bytes) -> int | None:
-    """The ``id`` of a frame from the first bytes of its payload, or None if they do not show one.
-
-    Reads a map's leading pairs while keys are strings and values are scalars (the server writes
-    ``type`` then ``id`` first), so the id of a frame too large to read whole is still known.
-    """
-    try:
-        at, pairs = _map_header(prefix)
-        for _ in range(pairs):
-            at, key = _scalar(prefix, at)
-            at, value = _scalar(prefix, at)
-            if key == "id":
-                return value if isinstance(value, int) and not isinstance(value, bool) else None
-    except (IndexError, ValueError, UnicodeDecodeError):
-        return None
-    return None
-
-
-def _map_header(b: bytes) -> tuple[int, int]:
-    lead = b[0]
-    if 0x80 <= lead <= 0x8F:
-        return 1, lead & 0x0F
-    if lead == 0xDE:
-        return 3, int.from_bytes(b[1:3], "big")
-    if lead == 0xDF:
-        return 5, int.from_bytes(b[1:5], "big")
-    raise ValueError("not a map")
-
-
-_SIZED = {0xD9: 1, 0xDA: 2, 0xDB: 4}  # str 8/16/32: bytes of the length
-_UINT = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
-_INT = {0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8}
-
-
-def _need(b: bytes, end: int) -> None:
-    if end > len(b):
-        raise ValueError("truncated")
-
-
-def _scalar(b: bytes, at: int) -> tuple[int, Any]:
-    """One str, int, bool or nil at ``at``: (the offset after it, its value)."""
-    lead = b[at]
-    if lead <= 0x7F or lead >= 0xE0:
-        return at + 1, lead if lead <= 0x7F else lead - 0x100
-    if 0xA0 <= lead <= 0xBF or lead in _SIZED:
-        width = _SIZED.get(lead, 0)
-        start = at + 1 + width
-        size = lead & 0x1F if not width else int.from_bytes(b[at + 1 : start], "big")
-        _need(b, start + size)
-        return start + size, b[start : start + size].decode()
-    if lead in _UINT or lead in _INT:
-        width = _UINT.get(lead) or _INT[lead]
-        _need(b, at + 1 + width)
-        return at + 1 + width, int.from_bytes(b[at + 1 : at + 1 + width], "big", signed=lead in _INT)
-    if lead in (0xC0, 0xC2, 0xC3):
-        return at + 1, {0xC0: None, 0xC2: False, 0xC3: True}[lead]
-    raise ValueError("not a scalar")
-
-
-async def skip_payload(reader: asyncio.StreamReader, size: int) -> bytes:
-    """Read and discard a payload of ``size`` bytes; returns its first :data:`PREFIX_BYTES`."""
-    prefix = await reader.readexactly(min(size, PREFIX_BYTES))
-    left = size - len(prefix)
-    while left:
-        left -= len(await reader.readexactly(min(left, 1 << 16)))
-    return prefix

@@ -1,45 +1,13 @@
-"""Sampling parameters and next-token selection (greedy, temperature, top-k, top-p, seeded)."""
+"""Next-token selection (greedy, temperature, top-k, top-p, seeded) for one request's
+:class:`~qllm.spec.SamplingParams` (declared in :mod:`qllm.spec`, re-exported here)."""
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-
 import torch
 
+from qllm.spec import SamplingParams
 
-@dataclass(frozen=True)
-class SamplingParams:
-    """How one request picks tokens and when it stops. ``temperature == 0`` means greedy."""
-
-    max_tokens: int = 64
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = field(default_factory=tuple)
-    ignore_eos: bool = False
-
-    def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        else:
-            object.__setattr__(self, "stop", tuple(self.stop))
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError("stop strings must be non-empty strings")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
+__all__ = ["MIN_TEMPERATURE", "Sampler", "SamplingParams", "argmax"]
 
 # The smallest temperature applied as given; a smaller positive one acts as this (then sampling is
 # greedy up to exact ties). Logits are shifted so the best one is 0 before dividing, so no

@@ -19,7 +19,7 @@ import torch
 def executor_vs_transformers(model) -> dict:
     from qllm.kernel.program import generation_steps
     from qllm.kernel.runtime.ops import Token
-    from qllm.sampling import SamplingParams
+    from qllm.spec import SamplingParams
 
     prompt = model.tokenizer.encode("The experts of this layer run on the GPU")
     ids = torch.tensor([prompt], device="cuda")

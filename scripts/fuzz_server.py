@@ -60,9 +60,9 @@ def frame(rng: random.Random) -> bytes:
     if kind < 0.35:  # a valid message with small limits, so the server really serves it
         rid = rng.randrange(50)
         message = rng.choice([
-            p.Generate(id=rid, prompt=rng.choice(["Hi", "a b c", [1, 2, 3]]), max_tokens=rng.randint(1, 4),
-                       stream=rng.random() < 0.5, priority=rng.choice(["ls", "be"]),
-                       temperature=rng.choice([0.0, 0.7, 1e-39]), seed=rng.randrange(100)),
+            p.Generate.build(id=rid, prompt=rng.choice(["Hi", "a b c", [1, 2, 3]]), max_tokens=rng.randint(1, 4),
+                             stream=rng.random() < 0.5, priority=rng.choice(["ls", "be"]),
+                             temperature=rng.choice([0.0, 0.7, 1e-39]), seed=rng.randrange(100)),
             p.Cancel(id=rid), p.Stats(id=rid), p.Health(id=rid), p.Hello(),
         ])  # fmt: skip
         return p.encode_frame(message)

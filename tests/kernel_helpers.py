@@ -20,7 +20,7 @@ from qllm.kernel.runtime.ops import Token
 from qllm.kernel.view import KernelView, RequestView
 from qllm.models.base import MoEModel
 from qllm.policies import Policy
-from qllm.sampling import SamplingParams
+from qllm.spec import SamplingParams
 from qllm.text import finish_text
 
 STATUS = {"length": "length", "stop": "stopped"}

@@ -23,6 +23,7 @@ from qllm.client import (
     TooManyRequests,
 )
 from qllm.errors import EngineClosed, InvalidRequest, QllmError, RequestFailed
+from qllm.framing import PREFIX_BYTES, frame_id
 
 
 class Peer:
@@ -118,7 +119,7 @@ async def test_hello_welcome_and_generate(tmp_path):
         assert (await client.health()).model == "fake"
     hello, generate = peers[0].received[:2]
     assert hello == p.Hello(client="qllm.client")
-    assert generate == p.Generate(
+    assert generate == p.Generate.build(
         id=generate.id, prompt=[5, 6], max_tokens=7, priority="ls", rank=3, ttft_deadline=0.5, stop=["x"]
     )
     assert result.text == "ab" and result.token_ids == [1, 2]
@@ -330,7 +331,7 @@ async def test_an_oversized_frame_without_a_readable_id_ends_the_connection(tmp_
 
 def test_frame_id_reads_the_id_from_the_first_bytes_only():
     frame = p.encode_frame(p.Error(id=2**40, code="x", message="y" * 1000))
-    assert p.frame_id(frame[4 : 4 + p.PREFIX_BYTES]) == 2**40
-    assert p.frame_id(p.encode_frame(p.Error(code="x"))[4:]) is None  # id null: the connection's
-    assert p.frame_id(b"\x81\xa4type") is None  # cut short
-    assert p.frame_id(b"\x93\x01\x02\x03") is None  # not a map
+    assert frame_id(frame[4 : 4 + PREFIX_BYTES]) == 2**40
+    assert frame_id(p.encode_frame(p.Error(code="x"))[4:]) is None  # id null: the connection's
+    assert frame_id(b"\x81\xa4type") is None  # cut short
+    assert frame_id(b"\x93\x01\x02\x03") is None  # not a map

@@ -13,7 +13,8 @@ import pytest
 
 from qllm.cli import build_parser
 from qllm.commands.serve import overrides
-from qllm.server.config import ConfigError, client_socket_path, default_socket_path, load_config
+from qllm.paths import client_socket_path, default_socket_path
+from qllm.server.config import ConfigError, load_config
 from qllm.server.listener import _lock, open_listener
 
 

@@ -14,18 +14,15 @@ from qllm.client import AsyncClient
 from qllm.kernel.request import PriorityClass, Request
 from qllm.kernel.view import KernelView, MemoryView, RequestView
 from qllm.policies.fair import fair_order, fair_share, runnable
-from qllm.sampling import SamplingParams
+from qllm.spec import RequestSpec
 
 
 def view(rid: str, client: str, *, ls: bool = False, rank: int = 0, arrival: float = 0.0) -> RequestView:
     request = Request(
         id=rid,
         prompt_ids=[1],
-        params=SamplingParams(),
-        priority_class=PriorityClass.LS if ls else PriorityClass.BE,
-        priority=rank,
+        spec=RequestSpec(priority=PriorityClass.LS if ls else PriorityClass.BE, rank=rank, client=client),
         arrival=arrival,
-        client=client,
     )
     return RequestView(request)
 

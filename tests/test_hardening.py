@@ -28,7 +28,8 @@ from qllm import protocol as p
 from qllm.client import AsyncClient, Client, ConnectionLost, TooManyConnections
 from qllm.errors import InvalidRequest
 from qllm.logging import Throttled, configure
-from qllm.server.config import ServerConfig, fallback_socket_dir
+from qllm.paths import fallback_socket_dir
+from qllm.server.config import ServerConfig
 from qllm.server.listener import open_listener
 
 UNREAD_STATS = 300_000
@@ -167,7 +168,9 @@ def test_idle_and_stalled_connections_close_and_connections_are_capped_per_uid(t
     with serve_process(tmp_path, LIMITS) as server:
         idle, stalled, busy = server.connect(), server.connect(), server.connect()
         stalled.sendall(b"\x00\x00")  # half a header, then nothing: e.g. a client that hung
-        busy.sendall(p.encode_frame(p.Generate(id=1, prompt="long", max_tokens=100000, ignore_eos=True)))
+        busy.sendall(
+            p.encode_frame(p.Generate.build(id=1, prompt="long", max_tokens=100000, ignore_eos=True))
+        )
         extra = [server.connect(hello=False) for _ in range(3)]  # over the cap of 3 for this uid
         for sock in extra:
             sock.sendall(p.encode_frame(p.Hello()))
@@ -316,7 +319,7 @@ def test_half_close_stats_model_hello_types_and_a_second_sigterm(tmp_path):
     with serve_process(tmp_path) as server:
         # A client that shuts down its sending side still gets its requests' results.
         sock = server.connect()
-        sock.sendall(p.encode_frame(p.Generate(id=1, prompt="Hello", max_tokens=3, ignore_eos=True)))
+        sock.sendall(p.encode_frame(p.Generate.build(id=1, prompt="Hello", max_tokens=3, ignore_eos=True)))
         sock.shutdown(socket.SHUT_WR)
         final = recv_frame(sock)
         assert isinstance(final, p.Final) and final.status == "length" and len(final.token_ids) == 3

@@ -109,7 +109,7 @@ async def test_models_health_and_priority(tmp_path, tiny):
         submit = running.engine.submit
 
         def recording_submit(*args, **kw):
-            clients.append(kw["client"])
+            clients.append(kw["spec"].client)
             return submit(*args, **kw)
 
         running.engine.submit = recording_submit

@@ -25,7 +25,7 @@ import qllm
 from qllm.models import load_model
 from qllm.models.presets import tiny_tokenizer
 from qllm.policies import load_policy
-from qllm.sampling import SamplingParams
+from qllm.spec import SamplingParams
 
 POLICIES = ("fcfs", "qllm", "priority-aging", "cohort")
 MOE = st.sampled_from(["layer", "expert"])  # one grouped op per MoE layer, or one op per expert

@@ -149,7 +149,9 @@ def test_no_private_import_from_another_module():
     for module, path in MODULES.items():
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("qllm"):
-                private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+                private = [
+                    a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")
+                ]
                 if private:
                     offenders.append(f"{module}: from {node.module} import {', '.join(private)}")
     assert offenders == []

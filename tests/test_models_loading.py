@@ -20,7 +20,7 @@ from qllm.cli import main
 from qllm.kernel.program import generate
 from qllm.models import FAMILIES, REFUSED, ModelLoadError, load_model, supported_model_types
 from qllm.models.presets import PRESETS, tiny_tokenizer
-from qllm.sampling import SamplingParams
+from qllm.spec import SamplingParams
 
 PROMPT = "the quick brown fox"
 PARAMS = SamplingParams(max_tokens=6, ignore_eos=True)

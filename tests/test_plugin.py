@@ -19,7 +19,7 @@ import qllm
 from qllm.cli import main as cli
 from qllm.errors import PolicyError
 from qllm.policies import GROUP, available_policies, load_policy
-from qllm.sampling import SamplingParams
+from qllm.spec import SamplingParams
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

@@ -26,7 +26,7 @@ from qllm.policies.cohort import CohortPolicy
 from qllm.policies.fcfs import FCFSPolicy
 from qllm.policies.priority_aging import PriorityAgingPolicy
 from qllm.policies.qllm import QLLMPolicy
-from qllm.sampling import SamplingParams
+from qllm.spec import RequestSpec
 
 ATTN0 = (OpKind.ATTENTION, 0, -1)
 ATTN1 = (OpKind.ATTENTION, 1, -1)
@@ -48,9 +48,7 @@ def make_request(
     request = Request(
         id=rid,
         prompt_ids=[1, 2, 3],
-        params=SamplingParams(),
-        priority_class=PriorityClass(priority),
-        priority=rank,
+        spec=RequestSpec(priority=PriorityClass(priority), rank=rank),
         arrival=arrival,
     )
     request.token_ids = [7] if decode else []

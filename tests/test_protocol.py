@@ -65,8 +65,12 @@ def test_the_documented_example_frames_decode_as_shown():
 
 CLIENT_MESSAGES = [
     p.Hello(),
-    p.Generate(id=1, prompt="Hello", priority="ls", rank=-2, ttft_deadline=0.5, stream=True, stop=["\n"]),
-    p.Generate(id=2**63 - 1, prompt=[1, 2, 3], max_tokens=1, temperature=0.7, top_k=5, top_p=0.9, seed=7),
+    p.Generate.build(
+        id=1, prompt="Hello", priority="ls", rank=-2, ttft_deadline=0.5, stream=True, stop=["\n"]
+    ),
+    p.Generate.build(
+        id=2**63 - 1, prompt=[1, 2, 3], max_tokens=1, temperature=0.7, top_k=5, top_p=0.9, seed=7
+    ),
     p.Cancel(id=3),
     p.Stats(id=4),
     p.Health(id=5),
@@ -106,7 +110,7 @@ def test_omitted_fields_take_their_defaults_and_unknown_fields_are_ignored():
     raw = msgspec.msgpack.encode({"type": "generate", "id": 1, "prompt": "x", "from_the_future": [1]})
     message = p.decode_client(raw)
     assert message == p.Generate(id=1, prompt="x")
-    assert (message.max_tokens, message.priority, message.stream) == (64, "be", False)
+    assert (message.spec.sampling.max_tokens, message.spec.priority, message.stream) == (64, "be", False)
 
 
 @pytest.mark.parametrize(

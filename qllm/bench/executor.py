@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
     from qllm.models import MoEModel
-    from qllm.sampling import SamplingParams
+    from qllm.spec import SamplingParams
 
 TRANSFORMERS = "transformers"
 QLLM = "qllm"
@@ -68,7 +68,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from qllm.models import load_model
-    from qllm.sampling import SamplingParams
+    from qllm.spec import SamplingParams
 
     if args.threads:
         torch.set_num_threads(args.threads)

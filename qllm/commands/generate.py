@@ -5,6 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import msgspec.inspect as mi
+
+from qllm.spec import RequestSpec, build_spec, request_fields
 
 DEFAULT_MODEL = "tiny"
 
@@ -18,43 +25,68 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype (default float32)"
     )
-    p.add_argument("--max-tokens", type=int, default=64, help="most tokens to generate (default 64)")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 or unset = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0 = off)")
-    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    add_spec_options(p)
     p.add_argument(
         "--chat", action="store_true", help="wrap the prompt in the model's chat template (instruct models)"
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
     p.add_argument("--socket", metavar="PATH", help="generate through the `qllm serve` listening on PATH")
-    p.add_argument(
-        "--priority", choices=["ls", "be"], default="ls", help="request class with --socket (default ls)"
-    )
     return p
 
 
-def sampling(args: argparse.Namespace) -> dict:
-    """The sampling options given on the command line (SamplingParams / client keywords)."""
-    return dict(
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        stop=tuple(args.stop),
-    )
+# One interactive request: latency-sensitive unless told otherwise (the class matters with --socket).
+CLI_DEFAULTS = {"priority": "ls"}
+
+
+def add_spec_options(parser: argparse.ArgumentParser) -> None:
+    """One option per request-spec field (:func:`qllm.spec.request_fields`): ``--max-tokens`` for
+    ``max_tokens``, its type, choices, default and help from the field. An option not given is
+    left out of the namespace, so the spec's own default applies."""
+    for field in request_fields():
+        info, description = field.type, ""
+        if isinstance(info, mi.Metadata):
+            description = (info.extra_json_schema or {}).get("description", "")
+            info = info.type
+        if isinstance(info, mi.UnionType):  # X | None: the option gives an X
+            info = next(t for t in info.types if not isinstance(t, mi.NoneType))
+        default = CLI_DEFAULTS.get(field.name, field.default)
+        options: dict[str, Any] = {"dest": field.name, "default": argparse.SUPPRESS}
+        if isinstance(info, mi.BoolType):
+            options["action"] = "store_true"
+        elif isinstance(info, mi.VarTupleType | mi.ListType):
+            options.update(action="append", type=_parse(info.item_type))
+            description += " (repeatable)"
+        elif isinstance(info, mi.EnumType | mi.LiteralType):
+            values = [m.value for m in info.cls] if isinstance(info, mi.EnumType) else list(info.values)
+            options["choices"] = values
+        else:
+            options["type"] = _parse(info)
+        if not (default is None or default is False or default == ()):
+            description += f" (default {default})"
+        parser.add_argument("--" + field.name.replace("_", "-"), help=description.strip(), **options)
+
+
+def _parse(info: mi.Type) -> Callable[[str], Any]:
+    """How one command-line value of a field of type ``info`` is read: a scalar as itself, any
+    other type as JSON (checked with the rest of the spec)."""
+    scalars = {mi.IntType: int, mi.FloatType: float, mi.StrType: str}
+    return scalars.get(type(info), msgspec.json.decode)
+
+
+def spec_of(args: argparse.Namespace) -> RequestSpec:
+    """The request spec the command line asks for (InvalidRequest, a ValueError, naming a bad field)."""
+    given = {f.name: getattr(args, f.name) for f in request_fields() if hasattr(args, f.name)}
+    return build_spec({**CLI_DEFAULTS, **given})
 
 
 def run_remote(args: argparse.Namespace) -> int:
     """Generate through a running server, streaming the text as it comes (unless --json)."""
     from qllm.client import Client
 
-    params = dict(sampling(args), priority=args.priority, chat=args.chat)
+    spec = spec_of(args)
     with Client(args.socket) as client:
         if args.json:
-            result = client.generate(args.prompt, **params)
+            result = client.generate(args.prompt, spec, chat=args.chat)
             print(
                 json.dumps(
                     {
@@ -73,7 +105,7 @@ def run_remote(args: argparse.Namespace) -> int:
                 )
             )
             return 0
-        with client.stream(args.prompt, **params) as stream:
+        with client.stream(args.prompt, spec, chat=args.chat) as stream:
             for chunk in stream:
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()
@@ -99,9 +131,8 @@ def run(args: argparse.Namespace) -> int:
             return 1
     from qllm.kernel.program import generate
     from qllm.models import load_model
-    from qllm.sampling import SamplingParams
 
-    params = SamplingParams(**sampling(args))
+    params = spec_of(args).sampling  # checked before the model loads
     model = load_model(args.model, dtype=args.dtype, batch_invariant=False)
     result = generate(model, args.prompt, params, chat=args.chat)
     if args.json:

@@ -14,7 +14,7 @@ from qllm.kernel.program import Forward, StopReason
 from qllm.kernel.runtime.cache import KVCache
 from qllm.kernel.runtime.ops import Op, OpKind, Token
 from qllm.kernel.runtime.passes import Pass, Segment
-from qllm.sampling import SamplingParams
+from qllm.spec import PriorityClass, RequestSpec, SamplingParams
 
 if TYPE_CHECKING:
     import torch
@@ -39,11 +39,6 @@ class RequestStatus(enum.IntEnum):
     def label(self) -> str:
         """Wire/API name: ``waiting``, ``running``, ``suspended``, ``stopped``, ``length``, ``aborted``, ``error``."""
         return self.name.removeprefix("FINISHED_").lower()
-
-
-class PriorityClass(enum.StrEnum):
-    LS = "ls"  # latency-sensitive
-    BE = "be"  # best-effort
 
 
 class Phase(enum.StrEnum):
@@ -107,11 +102,7 @@ class Request:
 
     id: str
     prompt_ids: list[int]
-    params: SamplingParams
-    priority_class: PriorityClass = PriorityClass.BE
-    priority: int = 0  # lower runs first within a class
-    ttft_deadline: float | None = None  # seconds after arrival
-    client: str = ""  # who sent it; requests of one class are shared fairly between clients
+    spec: RequestSpec = field(default_factory=RequestSpec)  # what it asks for; never changes
     arrival: float = field(default_factory=time.monotonic)
     seq: int = field(default_factory=lambda: next(_sequence))
     status: RequestStatus = RequestStatus.WAITING
@@ -134,6 +125,30 @@ class Request:
     joined_at: int = 0  # the pass's op count when this request joined it
     events: asyncio.Queue | None = None  # token ids, then None when finished
     done: asyncio.Future | None = None
+
+    # The spec's fields under the names the kernel and its views read.
+    @property
+    def params(self) -> SamplingParams:
+        return self.spec.sampling
+
+    @property
+    def priority_class(self) -> PriorityClass:
+        return self.spec.priority
+
+    @property
+    def priority(self) -> int:
+        """Rank within the class: lower runs first."""
+        return self.spec.rank
+
+    @property
+    def ttft_deadline(self) -> float | None:
+        """Seconds after arrival."""
+        return self.spec.ttft_deadline
+
+    @property
+    def client(self) -> str:
+        """Who sent it; requests of one class are shared fairly between clients."""
+        return self.spec.client
 
     @property
     def pending(self) -> Op | Position | None:

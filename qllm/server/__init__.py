@@ -7,7 +7,7 @@
 - :mod:`qllm.server.listener`, :mod:`~qllm.server.limits`: sockets and who may use them
 - :mod:`qllm.server.config`, :mod:`~qllm.server.systemd`: settings and systemd glue
 
-Importing the package loads nothing else: clients use :mod:`qllm.server.config` for socket paths.
+Importing the package loads nothing else.
 """
 
 from __future__ import annotations

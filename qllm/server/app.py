@@ -16,11 +16,12 @@ import itertools
 import os
 import resource
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -32,6 +33,10 @@ from qllm.server.config import Config
 from qllm.server.limits import ConnectionLimits
 from qllm.server.listener import Credentials, Listener, open_listeners, peer_credentials
 from qllm.server.native import Connection
+
+if TYPE_CHECKING:
+    from qllm.engine import Engine
+    from qllm.server.http import HttpFront
 
 log = structlog.get_logger()
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -45,11 +50,11 @@ class Server:
 
     def __init__(
         self,
-        engine: Any,
+        engine: Engine,
         config: Config,
         *,
         notify: Callable[[str], bool] = systemd.notify,
-        credentials: Callable[[Any], Credentials] = peer_credentials,
+        credentials: Callable[[socket.socket], Credentials] = peer_credentials,
     ):
         self.engine = engine
         self.config = config.server
@@ -60,7 +65,7 @@ class Server:
         self.started = time.monotonic()
         self.address = ""
         self.http_addresses: list[str] = []
-        self.http_front: Any = None
+        self.http_front: HttpFront | None = None
         self.activated = False
         self._connections: dict[Connection, asyncio.Task] = {}
         self._conn_ids = itertools.count(1)
@@ -265,7 +270,7 @@ class Heartbeat:
     """Whether the kernel is healthy at each watchdog tick: it completed an op since the previous
     tick, or it has nothing to do. A compute that hangs with requests live is neither."""
 
-    def __init__(self, engine: Any):
+    def __init__(self, engine: Engine):
         self.engine = engine
         self.last = engine.progress
 
@@ -298,7 +303,7 @@ def _install_signals(
         loop.add_signal_handler(signum, on_signal, signum)
 
 
-def _load_engine(config: Config, notify: Callable[[str], bool], stop: asyncio.Event) -> Any:
+def _load_engine(config: Config, notify: Callable[[str], bool], stop: asyncio.Event) -> Engine:
     """Build the engine with SIGTERM and SIGINT held back: one that arrives meanwhile stops the
     server right after the load, without announcing READY (the event loop cannot run handlers
     while the load blocks it). The caller unblocks them once the loop's handlers are installed."""
@@ -325,7 +330,9 @@ def _raise_file_limit(connections: int) -> None:
         log.warning("file_limit_low", limit=target, max_connections=connections)
 
 
-async def serve(config: Config, *, notify: Callable[[str], bool] = systemd.notify, engine: Any = None) -> int:
+async def serve(
+    config: Config, *, notify: Callable[[str], bool] = systemd.notify, engine: Engine | None = None
+) -> int:
     """Run the server until SIGTERM/SIGINT; returns the process exit code.
 
     ``engine`` replaces the one built from ``config.engine`` (tests pass a prepared one).
@@ -349,22 +356,11 @@ async def serve(config: Config, *, notify: Callable[[str], bool] = systemd.notif
     return 0
 
 
-def _build_engine(config: Config, notify: Callable[[str], bool]) -> Any:
+def _build_engine(config: Config, notify: Callable[[str], bool]) -> Engine:
     e = config.engine
     notify(f"STATUS=loading model {e.model}")
-    log.info("model_loading", model=e.model, policy=e.policy, dtype=e.dtype, device=e.device)
-    return qllm.Engine(
-        model=e.model,
-        policy=e.policy,
-        dtype=e.dtype,
-        device=e.device,
-        memory_budget=e.memory_budget,
-        max_batch=e.max_batch,
-        prefill_chunk=e.prefill_chunk,
-        moe_granularity=e.moe_granularity,
-        kv_block_size=e.kv_block_size,
-        threads=e.threads,
-    )
+    log.info("model_loading", model=e.model, policy=e.policy, dtype=e.dtype, device=e.device or "cpu")
+    return qllm.Engine(config=e)
 
 
 def run(config: Config) -> int:

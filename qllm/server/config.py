@@ -22,7 +22,6 @@ A bad key or value is one :class:`ConfigError` naming the file and the field.
 from __future__ import annotations
 
 import os
-import stat
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -30,40 +29,21 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+from qllm.kernel.config import EngineConfig
 from qllm.protocol import MAX_FRAME_BYTES
 
 SYSTEM_CONFIG = Path("/etc/qllm/qllm.toml")
 MAX_TIMEOUT = 86400.0  # one day: the bound on every server timeout
-SOCKET_NAME = "qllm.sock"
-HTTP_SOCKET_NAME = "qllm-http.sock"  # beside the native socket unless http_socket says otherwise
 
 
 class ConfigError(ValueError):
     """Invalid settings; the message names the source and the offending field."""
 
 
-class EngineConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """Arguments of :class:`qllm.Engine` (docs/engine.md)."""
-
-    model: str = "tiny"
-    policy: str = "cohort"
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    device: str = "cpu"
-    memory_budget: Annotated[int, Meta(ge=0)] | None = None
-    max_batch: Annotated[int, Meta(ge=1)] = 32
-    prefill_chunk: Annotated[int, Meta(ge=1)] = 128
-    # A MoE layer as one grouped op, stopped between experts when a request arrives ("layer"), or
-    # one op per expert ("expert", the research system's granularity): docs/architecture.md.
-    moe_granularity: Literal["layer", "expert"] = "layer"
-    # Keys and values in blocks of this many tokens from a shared pool; None: growable buffers.
-    kv_block_size: Annotated[int, Meta(ge=1)] | None = None
-    threads: Annotated[int, Meta(ge=1)] | None = None  # torch intra-op threads; None: torch's default
-
-
 class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """The socket, who may use it, limits, and shutdown."""
 
-    socket: str | None = None  # None: see default_socket_path()
+    socket: str | None = None  # None: see qllm.paths.default_socket_path()
     socket_mode: int | str = 0o660  # an int (TOML 0o660) or an octal string ("0660")
     socket_owner: str | int | None = None  # user name or uid; None: the server's
     socket_group: str | int | None = None  # group name or gid; None: the server's
@@ -155,66 +135,3 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
     except msgspec.ValidationError as exc:
         where = source if not pruned else f"{source} with command-line overrides"
         raise ConfigError(f"invalid setting in {where}: {exc}") from None
-
-
-def default_socket_path(env: dict[str, str] | None = None, uid: int | None = None) -> Path:
-    """Where ``qllm serve`` listens unless told otherwise.
-
-    Under systemd: ``$RUNTIME_DIRECTORY/qllm.sock`` (``RuntimeDirectory=qllm``), else
-    ``/run/qllm/qllm.sock``; otherwise ``$XDG_RUNTIME_DIR/qllm.sock``; without that,
-    ``/run/qllm/qllm.sock`` for root and ``/tmp/qllm-$UID/qllm.sock`` for anyone else.
-    """
-    env = os.environ if env is None else env
-    uid = os.getuid() if uid is None else uid
-    if env.get("RUNTIME_DIRECTORY"):
-        return Path(env["RUNTIME_DIRECTORY"].split(":")[0]) / SOCKET_NAME
-    if env.get("INVOCATION_ID"):  # started by systemd
-        return Path("/run/qllm") / SOCKET_NAME
-    if env.get("XDG_RUNTIME_DIR"):
-        return Path(env["XDG_RUNTIME_DIR"]) / SOCKET_NAME
-    return Path("/run/qllm") / SOCKET_NAME if uid == 0 else fallback_socket_dir(uid) / SOCKET_NAME
-
-
-def fallback_socket_dir(uid: int) -> Path:
-    """The directory of last resort for a non-root user's socket: in /tmp, where anyone may create
-    it first, so servers and clients check who owns it (:func:`socket_dir_problem`)."""
-    return Path(f"/tmp/qllm-{uid}")
-
-
-def socket_dir_problem(directory: Path, uid: int) -> str | None:
-    """Why a default socket directory is unsafe for ``uid`` (None if it is safe): it must be a real
-    directory owned by ``uid`` and writable by nobody else, or another local user could replace
-    the socket and read what clients send."""
-    try:
-        st = directory.lstat()
-    except OSError as exc:
-        return f"cannot use {directory}: {exc.strerror or exc}"
-    hint = "remove it, or choose a path with --socket (or set XDG_RUNTIME_DIR)"
-    if not stat.S_ISDIR(st.st_mode):
-        return f"refusing {directory} for the socket: it is not a directory (a symlink?); {hint}"
-    if st.st_uid != uid:
-        return (
-            f"refusing {directory} for the socket: it belongs to uid {st.st_uid}, not to uid {uid} "
-            f"(another user may have created it to intercept clients); {hint}"
-        )
-    if st.st_mode & 0o022:
-        mode = oct(stat.S_IMODE(st.st_mode))
-        return f"refusing {directory} for the socket: others may write to it (mode {mode}); {hint}"
-    return None
-
-
-def client_socket_path(env: dict[str, str] | None = None, uid: int | None = None) -> Path:
-    """The socket a client connects to by default: ``$QLLM_SOCKET``, else the first existing of
-    ``$XDG_RUNTIME_DIR/qllm.sock``, ``/run/qllm/qllm.sock``, else the server's default."""
-    env = os.environ if env is None else env
-    if env.get("QLLM_SOCKET"):
-        return Path(env["QLLM_SOCKET"])
-    candidates = []
-    if env.get("XDG_RUNTIME_DIR"):
-        candidates.append(Path(env["XDG_RUNTIME_DIR"]) / SOCKET_NAME)
-    candidates.append(Path("/run/qllm") / SOCKET_NAME)
-    for candidate in candidates:
-        if candidate.exists():
-            return candidate
-    server_env = {k: v for k, v in env.items() if k not in ("RUNTIME_DIRECTORY", "INVOCATION_ID")}
-    return default_socket_path(server_env, uid)

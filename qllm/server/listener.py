@@ -14,8 +14,9 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
+from qllm.paths import HTTP_SOCKET_NAME, default_socket_path, socket_dir_problem
 from qllm.server import systemd
-from qllm.server.config import HTTP_SOCKET_NAME, ServerConfig, default_socket_path, socket_dir_problem
+from qllm.server.config import ServerConfig
 
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 

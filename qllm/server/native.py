@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import select
+import socket
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 import structlog
@@ -28,6 +29,9 @@ from qllm.server.listener import Credentials
 from qllm.server.outbox import Outbox
 from qllm.server.relay import refusal, relay
 
+if TYPE_CHECKING:
+    from qllm.engine import Engine, RequestHandle
+
 log = structlog.get_logger()
 
 
@@ -35,7 +39,7 @@ class Host(Protocol):
     """What a connection needs of the server that accepted it (the server implements it; this
     module never imports the server)."""
 
-    engine: Any
+    engine: Engine
     config: ServerConfig
     errors: Throttled
     draining: bool
@@ -73,7 +77,7 @@ class Connection:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         name: str,
-        credentials: Callable[[Any], Credentials],
+        credentials: Callable[[socket.socket], Credentials],
     ):
         self.server = server
         self.engine = server.engine
@@ -84,7 +88,7 @@ class Connection:
         self.creds: Credentials | None = None
         self._credentials = credentials
         self._outbox = Outbox(writer, self.config.max_outbox_bytes, lambda: self._client_gone("write_failed"))
-        self.requests: dict[int, Any] = {}  # wire id -> engine RequestHandle (None while tokenizing)
+        self.requests: dict[int, RequestHandle | None] = {}  # wire id -> its handle (None while tokenizing)
         self.cancel_asked: set[int] = set()
         self._tasks: asyncio.TaskGroup | None = None
         self._reader_task: asyncio.Task | None = None

@@ -1,18 +1,27 @@
 """The OpenAI-compatible request and reply shapes of ``qllm serve``'s HTTP front end.
 
-Requests are decoded into typed msgspec Structs (an unknown field or a wrong type is a clear 400);
-:func:`to_params` checks what qllm does not support and maps the rest onto ``Engine.submit``
-arguments. Replies are plain dicts in the shapes the ``openai`` client reads. See docs/http.md.
+A body is read twice: its OpenAI fields into typed msgspec Structs, and every field that names a
+request-spec field (:mod:`qllm.spec`: ``top_p``, ``seed``, ``ignore_eos``, ``ttft_deadline``, ...)
+by the spec itself, so each spec field is an HTTP body field with no edit here. An unknown field or
+a bad value is a clear 400. :func:`to_spec` checks what qllm does not support, maps the OpenAI
+fields whose meaning differs and builds the spec. Replies are plain dicts in the shapes the
+``openai`` client reads. See docs/http.md.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 import msgspec
 from msgspec import Meta
+
+from qllm.errors import InvalidRequest
+from qllm.spec import RequestSpec, build_spec, request_fields
+
+if TYPE_CHECKING:
+    from qllm.kernel.request import RequestResult
 
 PRIORITY_HEADER = "x-qllm-priority"
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
@@ -40,20 +49,20 @@ class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class _Sampling(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """Fields both endpoints share. Accepted only at their neutral values: ``n``, ``best_of``,
-    penalties, ``logprobs``, ``logit_bias``, ``echo``, ``suffix`` (qllm does not implement them)."""
+    """OpenAI fields both endpoints share: those that are no request-spec field, and those whose
+    OpenAI meaning differs from the spec's (``max_tokens`` defaults to 16, ``temperature`` to 1
+    and is at most 2, ``stop`` may be null, ``priority`` may be an integer rank); :func:`to_spec`
+    maps them. Accepted only at their neutral values: ``n``, ``best_of``, penalties,
+    ``logprobs``, ``logit_bias``, ``echo``, ``suffix`` (qllm does not implement them)."""
 
     model: str | None = None
-    max_tokens: Annotated[int, Meta(ge=1)] | None = None
-    temperature: Annotated[float, Meta(ge=0, le=2)] = 1.0
-    top_p: Annotated[float, Meta(gt=0, le=1)] = 1.0
-    seed: int | None = None
+    max_tokens: int | None = None
+    temperature: Annotated[float, Meta(le=2)] = 1.0
     stop: str | list[str] | None = None
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     priority: Literal["ls", "be"] | int | None = None
-    ignore_eos: bool = False  # an extension (as in vLLM): generate max_tokens whatever comes
     user: str | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -76,25 +85,36 @@ class ChatMessage(msgspec.Struct, kw_only=True):
 
 class ChatRequest(_Sampling, kw_only=True, forbid_unknown_fields=True):
     messages: list[ChatMessage]
-    max_completion_tokens: Annotated[int, Meta(ge=1)] | None = None
+    max_completion_tokens: int | None = None  # OpenAI's newer name of max_tokens
     top_logprobs: int | None = None
 
 
-def decode(body: bytes, kind: type[msgspec.Struct]) -> Any:
-    """A request body as ``kind``; ApiError(400) naming what is wrong."""
+Api = TypeVar("Api", CompletionRequest, ChatRequest)
+
+
+def decode(body: bytes, kind: type[Api]) -> tuple[Api, dict[str, Any]]:
+    """A request body as ``kind``, and its request-spec fields (flat; those ``kind`` declares
+    apart); ApiError(400) naming what is wrong."""
     try:
-        return msgspec.json.decode(body, type=kind)
+        fields = msgspec.json.decode(body, type=dict[str, Any])
     except msgspec.ValidationError as exc:
         raise bad_request(f"invalid request: {exc}") from None
     except msgspec.DecodeError as exc:
         raise bad_request(f"the body is not valid JSON: {exc}") from None
+    own = set(kind.__struct_fields__)
+    spec_names = {f.name for f in request_fields()} - own
+    spec_fields = {name: fields.pop(name) for name in list(fields) if name in spec_names}
+    try:
+        return msgspec.convert(fields, kind), spec_fields
+    except msgspec.ValidationError as exc:
+        raise bad_request(f"invalid request: {exc}") from None
 
 
-def priority_of(value: str | int | None, header: str | None) -> tuple[str, int]:
-    """(class, rank) of a request: the header (set by a gateway) wins over the body's field.
+def priority_of(value: str | int | None, header: str | None) -> tuple[str, int | None]:
+    """(class, rank or None) of a request: the header (set by a gateway) wins over the body's field.
 
-    ``"ls"``/``"be"`` name the class (rank 0); an integer is a rank within best-effort, lower
-    first, like vLLM's ``priority``."""
+    ``"ls"``/``"be"`` name the class; an integer is a rank within best-effort, lower first, like
+    vLLM's ``priority``."""
     if header is not None:
         header = header.strip().lower()
         if header in ("ls", "be"):
@@ -107,9 +127,9 @@ def priority_of(value: str | int | None, header: str | None) -> tuple[str, int]:
                     f"header X-Qllm-Priority must be 'ls', 'be' or an integer rank, got {header!r}"
                 ) from None
     if value is None:
-        return "be", 0
+        return "be", None
     if isinstance(value, str):
-        return value, 0
+        return value, None
     return "be", value
 
 
@@ -134,8 +154,11 @@ def _unsupported(req: _Sampling) -> str | None:
     return None
 
 
-def to_params(req: _Sampling, header: str | None, max_tokens_limit: int) -> dict[str, Any]:
-    """``Engine.submit`` keyword arguments of a request (prompt apart); ApiError when unsupported."""
+def to_spec(
+    req: _Sampling, fields: dict[str, Any], header: str | None, max_tokens_limit: int, client: str
+) -> RequestSpec:
+    """The request spec of a request: its spec ``fields`` and the mapped OpenAI ones, sent by
+    ``client``; ApiError when unsupported or invalid."""
     problem = _unsupported(req)
     if problem is not None:
         raise bad_request(problem, "unsupported_parameter")
@@ -149,17 +172,15 @@ def to_params(req: _Sampling, header: str | None, max_tokens_limit: int) -> dict
             f"max_tokens={max_tokens} exceeds the limit of {max_tokens_limit}", "max_tokens_too_large"
         )
     priority, rank = priority_of(req.priority, header)
-    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    return {
-        "max_tokens": max_tokens,
-        "temperature": req.temperature,
-        "top_p": req.top_p,
-        "seed": req.seed,
-        "stop": tuple(stop),
-        "ignore_eos": req.ignore_eos,
-        "priority": priority,
-        "rank": rank,
-    }
+    mapped: dict[str, Any] = {"max_tokens": max_tokens, "temperature": req.temperature, "priority": priority}
+    if rank is not None:
+        mapped["rank"] = rank
+    if req.stop is not None:
+        mapped["stop"] = req.stop
+    try:
+        return build_spec({**fields, **mapped, "client": client})
+    except InvalidRequest as exc:
+        raise bad_request(f"invalid request: {exc}") from None
 
 
 def completion_prompt(req: CompletionRequest) -> str | list[int]:
@@ -208,7 +229,7 @@ class Reply:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
     @staticmethod
-    def usage(result: Any) -> dict[str, int]:
+    def usage(result: RequestResult) -> dict[str, int]:
         completion = len(result.token_ids)
         return {
             "prompt_tokens": result.prompt_tokens,
@@ -216,7 +237,7 @@ class Reply:
             "total_tokens": result.prompt_tokens + completion,
         }
 
-    def full(self, result: Any) -> dict[str, Any]:
+    def full(self, result: RequestResult) -> dict[str, Any]:
         """The non-streaming reply."""
         finish = FINISH_REASONS.get(result.status, "stop")
         if self.chat:
@@ -243,6 +264,6 @@ class Reply:
         choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
         return {**self._head("text_completion"), "choices": [choice]}
 
-    def usage_chunk(self, result: Any) -> dict[str, Any]:
+    def usage_chunk(self, result: RequestResult) -> dict[str, Any]:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
         return {**self._head(obj), "choices": [], "usage": self.usage(result)}

@@ -10,16 +10,20 @@ connection (so its id is taken and a ``cancel`` reaches it even while it is bein
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+import msgspec
 
 from qllm import protocol as p
 from qllm.errors import QllmError
 
 if TYPE_CHECKING:
+    from qllm.engine import RequestHandle
+    from qllm.kernel.request import RequestResult
     from qllm.server.native import Connection
 
 
-def final_frame(rid: int, result: Any, error: p.ErrorInfo | None) -> p.Final:
+def final_frame(rid: int, result: RequestResult, error: p.ErrorInfo | None) -> p.Final:
     """The wire form of an engine ``RequestResult``."""
     arrival = result.arrival
     return p.Final(
@@ -55,11 +59,12 @@ def refusal(conn: Connection, msg: p.Generate) -> p.Error | None:
         )
     if conn.closing or conn.server.draining:
         return p.Error(id=rid, code="engine_closed", message="the server is shutting down")
-    if msg.max_tokens > cfg.max_tokens:
+    max_tokens = msg.spec.sampling.max_tokens
+    if max_tokens > cfg.max_tokens:
         return p.Error(
             id=rid,
             code=p.MAX_TOKENS_TOO_LARGE,
-            message=f"max_tokens={msg.max_tokens} exceeds the limit of {cfg.max_tokens}",
+            message=f"max_tokens={max_tokens} exceeds the limit of {cfg.max_tokens}",
         )
     prompt = msg.prompt
     if isinstance(prompt, str) and len(prompt) > cfg.max_prompt_chars:
@@ -95,23 +100,11 @@ async def relay(conn: Connection, msg: p.Generate, slot: asyncio.Semaphore) -> N
             return None
         if rid in conn.cancel_asked:  # cancelled while it was being tokenized
             cancelled = p.ErrorInfo(code="cancelled", message="cancelled by the client")
-            return conn.send(p.Final(id=rid, status="aborted", priority=msg.priority, error=cancelled))
+            return conn.send(p.Final(id=rid, status="aborted", priority=msg.spec.priority, error=cancelled))
         try:
-            handle = conn.engine.submit(
-                ids,
-                max_tokens=msg.max_tokens,
-                temperature=msg.temperature,
-                top_k=msg.top_k,
-                top_p=msg.top_p,
-                seed=msg.seed,
-                stop=tuple(msg.stop),
-                ignore_eos=msg.ignore_eos,
-                priority=msg.priority,
-                rank=msg.rank,
-                ttft_deadline=msg.ttft_deadline,
-                request_id=f"{conn.name}.{rid}",
-                client=conn.name,  # the engine shares a class's compute between connections
-            )
+            # The connection names the client: the engine shares a class's compute between them.
+            spec = msgspec.structs.replace(msg.spec, client=conn.name)
+            handle = conn.engine.submit(ids, spec=spec, request_id=f"{conn.name}.{rid}")
         except QllmError as exc:
             return conn.send(p.Error(id=rid, code=exc.code, message=str(exc)))
         conn.requests[rid] = handle
@@ -120,7 +113,7 @@ async def relay(conn: Connection, msg: p.Generate, slot: asyncio.Semaphore) -> N
         conn.request_ended(rid)
 
 
-async def _forward(conn: Connection, rid: int, handle: Any, stream: bool) -> None:
+async def _forward(conn: Connection, rid: int, handle: RequestHandle, stream: bool) -> None:
     """Relay one request's chunks (if streaming) and its final frame."""
     try:
         if stream:
@@ -133,7 +126,7 @@ async def _forward(conn: Connection, rid: int, handle: Any, stream: bool) -> Non
         raise
 
 
-def _error_of(conn: Connection, rid: int, result: Any) -> p.ErrorInfo | None:
+def _error_of(conn: Connection, rid: int, result: RequestResult) -> p.ErrorInfo | None:
     if result.status == "error":
         return p.ErrorInfo(code="request_failed", message=result.error or "")
     if result.status != "aborted":

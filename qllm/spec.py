@@ -26,6 +26,8 @@ from qllm.errors import InvalidRequest
 
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_STOPS = 16  # stop strings per request (OpenAI's API allows 4)
+MAX_STOP_CHARS = 256  # characters per stop string
 
 
 class PriorityClass(enum.StrEnum):
@@ -50,7 +52,12 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
         None
     )
     stop: Annotated[
-        tuple[str, ...], Meta(description="stop string; the output is cut before the earliest")
+        tuple[Annotated[str, Meta(max_length=MAX_STOP_CHARS)], ...],
+        Meta(
+            max_length=MAX_STOPS,
+            description=f"stop string; the output is cut before the earliest (at most {MAX_STOPS}, "
+            f"{MAX_STOP_CHARS} characters each)",
+        ),
     ] = ()
     ignore_eos: Annotated[bool, Meta(description="keep generating past end-of-sequence tokens")] = False
 
@@ -62,6 +69,11 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError(f"seed must be an integer from -2**63 to 2**64 - 1, got {self.seed!r}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty strings")
+        # The constructor skips Meta: bound what each token's stop-string search costs here too.
+        if len(self.stop) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            raise ValueError(
+                f"stop takes at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters each"
+            )
 
     @property
     def greedy(self) -> bool:

@@ -107,10 +107,17 @@ class TextDecoder:
         self._marks: deque[int] = deque([0], maxlen=self.CONTEXT)  # where the last settlements ended
         self._known: str | None = None  # the text of the window's settled part (None: not decoded yet)
         self._tail = ""  # the provisional text of ids[read:]
+        self.rewrites = 0  # times text already returned changed before ``stable`` (rare: see push)
 
     @property
     def text(self) -> str:
         return self._settled + self._tail
+
+    @property
+    def stable(self) -> int:
+        """Length of the text's prefix that later tokens leave as it is, unless ``rewrites`` grows.
+        0 for a tokenizer whose whole sequence is decoded every time (any of it may change)."""
+        return 0 if self._whole else len(self._settled)
 
     def push(self, token_id: int) -> str:
         """Append ``token_id``; the text of every id so far (what :func:`decode` gives)."""
@@ -130,6 +137,7 @@ class TextDecoder:
         else:  # the window decodes differently from its parts: decode it all, once
             whole = self._decode(ids)
             if not whole.startswith(self._settled):  # settled text changed: settle again from here
+                self.rewrites += 1
                 self._settled = ""
                 self._marks.clear()
                 self._marks.append(0)
@@ -156,10 +164,53 @@ def _cleans_up(tok: Any) -> bool:
     return bool(getattr(decoder, "cleanup", False))
 
 
-def stop_index(text: str, stops: Sequence[str]) -> int | None:
-    """Where the earliest stop string starts in ``text``, or None."""
-    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+def stop_index(text: str, stops: Sequence[str], start: int = 0) -> int | None:
+    """Where the earliest stop string starts in ``text`` at or after ``start``, or None."""
+    found = [i for i in (text.find(s, start) for s in stops) if i >= 0]
     return min(found) if found else None
+
+
+class TextStream:
+    """One request's output streamed as text: each token in, the text it adds out, up to the
+    first stop string.
+
+    The stop-string search is incremental: a token's search starts where a stop string could
+    still begin in text that may have changed (the longest stop's length before the decoder's
+    stable prefix), so its cost depends on the number of stop strings and their length, not on
+    the output's. A token whose text ends in an incomplete UTF-8 sequence adds nothing until the
+    next token completes it.
+    """
+
+    def __init__(self, model: MoEModel, stops: Sequence[str] = ()):
+        self.decoder = TextDecoder(model)
+        self.stops = tuple(stops)
+        self.streamed = ""  # the text handed out so far
+        self.stopped = False  # a stop string has appeared: the output ends with this token
+        self._reach = max(map(len, self.stops), default=1)
+        self._checked = 0  # a stop string starting before this index would have been found
+        self._rewrites = 0
+
+    def push(self, token_id: int) -> str:
+        """Append ``token_id``; the text it adds to the stream (cut before a stop string)."""
+        text = self.decoder.push(token_id)
+        cut = self._find_stop(text) if self.stops else None
+        if cut is not None:
+            self.stopped = True
+            text = text[:cut]
+        elif text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            text = text[: len(self.streamed)]
+        delta = text[len(self.streamed) :] if text.startswith(self.streamed) else ""
+        self.streamed += delta
+        return delta
+
+    def _find_stop(self, text: str) -> int | None:
+        decoder = self.decoder
+        if decoder.rewrites != self._rewrites:  # text before the stable prefix changed: search it all
+            self._rewrites, self._checked = decoder.rewrites, 0
+        cut = stop_index(text, self.stops, self._checked)
+        # A match starting before here lies within the stable prefix, which no later token changes.
+        self._checked = max(self._checked, decoder.stable - self._reach + 1)
+        return cut
 
 
 def finish_text(model: MoEModel, ids: Sequence[int], stops: Sequence[str]) -> str:

@@ -11,7 +11,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from qllm.models.presets import tiny_tokenizer
-from qllm.text import TextDecoder, decode
+from qllm.text import TextDecoder, TextStream, decode, stop_index
 
 
 def metaspace_tokenizer() -> PreTrainedTokenizerFast:
@@ -96,3 +96,80 @@ def test_each_token_decodes_a_window_not_the_whole_output():
     tok.decode = original
     assert text.text == decode(model, ids)
     assert max(calls) < 16  # ASCII text settles at every token: windows of a token or two
+
+
+def naive_stream(model, ids: list[int], stops: list[str]) -> tuple[list[str], int | None]:
+    """What a stream gives when every token decodes and searches the whole output: the text each
+    token adds, and the index of the token after which a stop string appears."""
+    out, streamed = [], ""
+    for i in range(len(ids)):
+        text = decode(model, ids[: i + 1])
+        cut = stop_index(text, stops)
+        if cut is not None:
+            out.append(text[:cut][len(streamed) :] if text[:cut].startswith(streamed) else "")
+            return out, i
+        if text.endswith("\ufffd"):
+            text = streamed
+        delta = text[len(streamed) :] if text.startswith(streamed) else ""
+        streamed += delta
+        out.append(delta)
+    return out, None
+
+
+@pytest.mark.parametrize("seed", range(16))
+@pytest.mark.parametrize("tokenizer", ["bpe", "metaspace", "wordpiece"])
+def test_stop_strings_found_incrementally_as_in_the_whole_output(seed, tokenizer):
+    tok = {"bpe": tiny_tokenizer, "metaspace": metaspace_tokenizer, "wordpiece": wordpiece_tokenizer}[
+        tokenizer
+    ]()
+    model = SimpleNamespace(tokenizer=tok)
+    rng = random.Random(seed)
+    ids = [rng.randrange(len(tok)) for _ in range(200)]
+    text = decode(model, ids)
+    # Stops cut from the output's own text (so that they occur, often late), plus one that never does.
+    stops = ["\x00never"]
+    for _ in range(rng.randrange(1, 4)):
+        if len(text) > 4:
+            start = rng.randrange(len(text) // 2, len(text) - 2)
+            stops.append(text[start : start + rng.randrange(1, 6)])
+    stops = [s for s in stops if s and not s.endswith("\ufffd")]
+    stream = TextStream(model, stops)
+    deltas = []
+    for t in ids:
+        deltas.append(stream.push(t))
+        if stream.stopped:
+            break
+    expected, stopped_at = naive_stream(model, ids, stops)
+    assert deltas == expected
+    assert stream.stopped == (stopped_at is not None)
+    assert stream.streamed == "".join(expected)
+
+
+def test_each_token_searches_only_the_tail_a_stop_string_can_reach():
+    # A long output with stops that never occur: the search start follows the stable text, so a
+    # token's search covers the longest stop's length and the new text, however long the output.
+    tok = tiny_tokenizer()
+    model = SimpleNamespace(tokenizer=tok)
+    stops = ["\x00a", "\x00bcd"]
+    stream = TextStream(model, stops)
+    starts = []
+    real_find = stop_index
+
+    def spy(text, found_stops, start=0):
+        starts.append((len(text), start))
+        return real_find(text, found_stops, start)
+
+    import qllm.text as text_module
+
+    text_module.stop_index, saved = spy, text_module.stop_index
+    try:
+        rng = random.Random(0)
+        for _ in range(400):
+            stream.push(rng.randrange(len(tok)))
+    finally:
+        text_module.stop_index = saved
+    assert not stream.stopped
+    longest = max(map(len, stops))
+    tails = [length - start for length, start in starts[100:]]
+    assert max(tails) < 64 + longest, "a token's search reaches back past the text it can affect"
+    assert starts[-1][0] > 400  # the output itself is long

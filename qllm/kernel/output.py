@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from qllm.kernel.program import generation_passes
 from qllm.kernel.request import NEXT_PASS, Request, RequestResult, RequestStatus
 from qllm.kernel.runtime.ops import Token
-from qllm.text import finish_text, stop_index
+from qllm.text import TextStream, finish_text
 
 if TYPE_CHECKING:
     import torch
@@ -60,12 +60,12 @@ class OutputProcessor:
         """Resume the request's program with ``logits`` until it asks for its next forward pass
         (None: the request then waits at :data:`~qllm.kernel.request.NEXT_PASS`) or ends."""
         steps = request.steps
+        reply: torch.Tensor | bool | None = logits
         try:
             while True:
-                item = steps.send(logits)
+                item = steps.send(reply)
                 if isinstance(item, Token):
-                    self.emit(request, item.token_id, item.text)
-                    logits = None
+                    reply = self.emit(request, item.token_id)
                     continue
                 request.forward = item
                 request.position = NEXT_PASS
@@ -76,22 +76,19 @@ class OutputProcessor:
         except Exception as exc:
             return Outcome(RequestStatus.FINISHED_ERROR, exc)
 
-    def emit(self, request: Request, token_id: int, text: str) -> None:
-        """Record ``token_id`` and stream the text it adds (``text``: the whole output so far)."""
+    def emit(self, request: Request, token_id: int) -> bool:
+        """Record ``token_id`` and stream the text it adds; True when a stop string ended the output."""
         now = time.monotonic()
         if request.first_token is None:
             request.first_token = now
         request.token_times.append(now)
         request.token_ids.append(token_id)
-        stops = request.params.stop
-        cut = stop_index(text, stops) if stops else None
-        if cut is not None:
-            text = text[:cut]
-        elif text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-            text = text[: len(request.streamed_text)]
-        delta = text[len(request.streamed_text) :] if text.startswith(request.streamed_text) else ""
-        request.streamed_text += delta
+        text = request.text
+        if text is None:
+            text = request.text = TextStream(self.model, request.params.stop)
+        delta = text.push(token_id)
         request.events.put_nowait(StreamChunk(token_id, delta, len(request.token_ids) - 1))
+        return text.stopped
 
     def close(self, request: Request, status: RequestStatus, error: str | None) -> None:
         """The request ends with ``status`` (``error`` kept for aborted and failed ones): its

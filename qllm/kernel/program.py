@@ -19,7 +19,7 @@ import torch
 
 from qllm.kernel.runtime.ops import MoEGranularity, Op, Token
 from qllm.sampling import Sampler, SamplingParams
-from qllm.text import TextDecoder, encode, eos_ids, finish_text, stop_index
+from qllm.text import TextStream, encode, eos_ids, finish_text
 
 if TYPE_CHECKING:
     from qllm.kernel.runtime.cache import KVCache
@@ -56,7 +56,6 @@ def generation_passes(
     sampler = Sampler(params)
     eos = frozenset() if params.ignore_eos else eos_ids(model)
     generated: list[int] = []
-    text = TextDecoder(model)
     prompt = torch.tensor(prompt_ids, dtype=torch.long)
     chunk = prefill_chunk or len(prompt_ids)
     for start in range(0, len(prompt_ids) - chunk, chunk):
@@ -65,11 +64,8 @@ def generation_passes(
     while True:
         token = sampler(logits)
         generated.append(token)
-        so_far = text.push(token)
-        yield Token(token, so_far)
-        if token in eos:
-            return StopReason.STOP
-        if params.stop and stop_index(so_far, params.stop) is not None:
+        stopped = yield Token(token)  # whoever streams the text says whether a stop string ended it
+        if token in eos or stopped:
             return StopReason.STOP
         if len(generated) >= params.max_tokens:
             return StopReason.LENGTH
@@ -89,6 +85,7 @@ def generation_steps(
     :meth:`MoEModel.forward <qllm.models.base.MoEModel.forward>` for ``moe_granularity``)."""
     cache = cache if cache is not None else model.new_cache()
     passes = generation_passes(model, prompt_ids, params, prefill_chunk=prefill_chunk)
+    text = TextStream(model, params.stop)
     result: Any = None
     while True:
         try:
@@ -97,7 +94,8 @@ def generation_steps(
             return stop.value
         if isinstance(item, Token):
             yield item
-            result = None
+            text.push(item.token_id)
+            result = text.stopped
         else:
             result = yield from model.forward(
                 cache, item.token_ids, logits=item.logits, moe_granularity=moe_granularity

@@ -15,6 +15,7 @@ from qllm.kernel.runtime.cache import KVCache
 from qllm.kernel.runtime.ops import Op, OpKind, Token
 from qllm.kernel.runtime.passes import Pass, Segment
 from qllm.spec import PriorityClass, RequestSpec, SamplingParams
+from qllm.text import TextStream
 
 if TYPE_CHECKING:
     import torch
@@ -113,9 +114,9 @@ class Request:
     token_ids: list[int] = field(default_factory=list)
     preemptions: int = 0
     error: str | None = None
-    streamed_text: str = ""
+    text: TextStream | None = None  # its output as streamed text (the output processor's)
     # Execution state, owned by the dispatcher.
-    steps: Generator[Forward | Token, torch.Tensor | None, StopReason] | None = None  # its program
+    steps: Generator[Forward | Token, torch.Tensor | bool | None, StopReason] | None = None  # its program
     cache: KVCache | None = None
     forward: Forward | None = None  # its current forward pass (waiting to start when group is None)
     group: Pass | None = None  # the pass it is in the middle of

@@ -84,7 +84,7 @@ class Op:
 
 @dataclass(slots=True, frozen=True)
 class Token:
-    """Yielded by a request's generator when it has produced one output token (not compute)."""
+    """Yielded by a request's program when it has produced one output token (not compute); the program
+    is sent back whether a stop string ended the output with it."""
 
     token_id: int
-    text: str = ""  # the text of the whole output so far, this token's included

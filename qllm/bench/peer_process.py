@@ -53,16 +53,24 @@ def free_port() -> int:
 class PeerProcess:
     """A running server process; its output goes to ``log``; ``workdir`` is removed when it stops."""
 
-    def __init__(self, popen: subprocess.Popen, log: Path, workdir: Path | None):
+    def __init__(self, popen: subprocess.Popen, log: Path, workdir: Path | None, grace: float = STOP_GRACE_S):
         self.popen = popen
         self.log = log
         self.workdir = workdir
-        self._stop = weakref.finalize(self, _terminate, popen, workdir)
+        self._stop = weakref.finalize(self, _terminate, popen, workdir, grace)
 
     @classmethod
     def start(
-        cls, argv: Sequence[str], *, env: dict[str, str], log: Path, workdir: Path | None = None
+        cls,
+        argv: Sequence[str],
+        *,
+        env: dict[str, str] | None = None,
+        log: Path,
+        workdir: Path | None = None,
+        grace: float = STOP_GRACE_S,
     ) -> PeerProcess:
+        """Run ``argv`` in a new session (``env`` None: this process's environment); ``grace``:
+        how long :meth:`stop` waits after SIGTERM."""
         with open(log, "wb") as out:
             popen = subprocess.Popen(
                 list(argv),
@@ -72,7 +80,7 @@ class PeerProcess:
                 env=env,
                 start_new_session=True,  # its own process group: its children are stopped with it
             )
-        return cls(popen, log, workdir)
+        return cls(popen, log, workdir, grace)
 
     @property
     def running(self) -> bool:
@@ -114,11 +122,11 @@ class PeerProcess:
             return ""
 
     async def stop(self) -> None:
-        """SIGTERM, then after :data:`STOP_GRACE_S` SIGKILL to its group; idempotent."""
+        """SIGTERM, then after the grace period SIGKILL to its group; idempotent."""
         await asyncio.to_thread(self._stop)
 
 
-def _terminate(popen: subprocess.Popen, workdir: Path | None, grace: float = STOP_GRACE_S) -> None:
+def _terminate(popen: subprocess.Popen, workdir: Path | None, grace: float) -> None:
     try:
         if popen.poll() is None:
             popen.send_signal(signal.SIGTERM)  # the server stops its own engine processes

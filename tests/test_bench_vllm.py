@@ -186,6 +186,9 @@ async def test_replay_against_vllm(peer_python):
             Item(0.1, "be", 20, 5, tuple(range(FIRST_ID + 40, FIRST_ID + 60))),
         ]
         records = await system.run(items, slo_s=1.0, timeout=300)
+        too_long = Item(0.0, "ls", 80, 4, tuple(FIRST_ID + i % 200 for i in range(80)))  # > max_len
+        with pytest.raises(PeerFailed, match=r"vllm refused a request \(400\)"):
+            await system.run([too_long], timeout=60)
     finally:
         await system.close()
     assert not system.process.running

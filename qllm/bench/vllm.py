@@ -161,7 +161,10 @@ class VllmSystem:
             if "response" in box:
                 await box["response"].aclose()  # vLLM aborts a request whose client left
 
-        _, records = await replay(items, time.monotonic, submit, cancel, timeout, on_done)
+        try:
+            _, records = await replay(items, time.monotonic, submit, cancel, timeout, on_done)
+        except* PeerFailed as group:
+            raise group.exceptions[0] from None  # the server's failure, not the task group's wrapper
         return records
 
     async def _one(self, item: Item, arrival: float, t0: float, box: dict[str, Any]) -> Record:

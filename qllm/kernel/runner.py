@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
     from qllm.kernel.compute import Compute
     from qllm.kernel.request import Request
-    from qllm.kernel.runtime.ops import OpKind
+    from qllm.kernel.runtime.ops import MoEGranularity, OpKind
     from qllm.kernel.runtime.passes import Segment
     from qllm.models.base import MoEModel
 
@@ -68,7 +68,7 @@ class Resume:
 class Runner:
     """Owns pass forming and the compute thread's op loop."""
 
-    def __init__(self, model: MoEModel, compute: Compute, *, moe_granularity: str = "layer"):
+    def __init__(self, model: MoEModel, compute: Compute, *, moe_granularity: MoEGranularity = "layer"):
         self.model = model
         self.compute = compute
         self.moe_granularity = moe_granularity

@@ -1,5 +1,5 @@
 """Streamed text's cost per token over a long output: decoding the whole output at every token
-(what the dispatcher did before ``generation.TextDecoder``) against the window it decodes now.
+against the window ``qllm.text.TextDecoder`` decodes.
 
 Prints JSON: microseconds per token for each, at each output length, on the tiny preset's
 tokenizer (byte-level BPE), and whether the two texts agree at every token.

@@ -38,8 +38,9 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger()
 Phase = Literal["idle", "head", "body", "busy"]
-MAX_LINGERING = 64  # refused connections kept open at once to let their client read why
-LINGER_S = 1.0  # how long a refused connection waits for its client to close first
+MAX_LINGERING = 64  # connections answered with an error kept open at once to let clients read it
+LINGER_S = 1.0  # how long such a connection waits for its client to close first
+LINGER_BYTES = 1 << 20  # how much it reads and drops meanwhile
 STATUS_KEY = "qllm.status"  # scope key: the status the client got when the protocol answered
 
 
@@ -68,8 +69,10 @@ def protocol_class(server: Server, tcp: TcpLimits, conn_ids: itertools.count) ->
     lingering = 0
 
     class Connection(HttpToolsProtocol):
-        refused = False
+        refused = False  # not admitted: it never counted
+        closing = False  # answered with an error: what comes in is dropped
         lingers = False
+        _dropped = 0
         creds: Credentials | None = None
         address: str | None = None  # the TCP peer's address; None on a Unix socket
         name = "http"
@@ -107,11 +110,18 @@ def protocol_class(server: Server, tcp: TcpLimits, conn_ids: itertools.count) ->
             self._enter("idle")
 
         def _refuse(self, transport: asyncio.Transport, error: ApiError) -> None:
-            """Answer ``error`` at once, then close when the client does (or after ``LINGER_S``):
-            closing with its request unread would reset the connection before it reads why."""
-            nonlocal lingering
             self.refused = True
             self.transport = transport
+            self._close_after(error)
+
+        def _close_after(self, error: ApiError) -> None:
+            """Answer ``error`` and close. The close waits for the client's (up to ``LINGER_S``,
+            ``LINGER_BYTES`` read and dropped, ``MAX_LINGERING`` connections at once): closing
+            with its request unread would reset the connection before the client reads why."""
+            nonlocal lingering
+            self._cancel_timer()
+            self.closing = True
+            transport = self.transport
             transport.write(error_response(error))
             if lingering >= MAX_LINGERING or not transport.can_write_eof():
                 transport.close()
@@ -124,9 +134,9 @@ def protocol_class(server: Server, tcp: TcpLimits, conn_ids: itertools.count) ->
         def connection_lost(self, exc: Exception | None) -> None:
             nonlocal lingering
             self._cancel_timer()
+            if self.lingers:
+                lingering -= 1
             if self.refused:
-                if self.lingers:
-                    lingering -= 1
                 return
             if self.address is None:
                 server.limits.release(self, self.creds)
@@ -186,20 +196,27 @@ def protocol_class(server: Server, tcp: TcpLimits, conn_ids: itertools.count) ->
             else:  # no app has the request: this is its one log line
                 log.info(
                     "http_request",
-                    method=None,
+                    method=self._method(),
                     path=cut(self.url.decode("latin-1"), 256) if self._in_head else None,
                     status=error.status,
                     code=error.code,
                     conn=self.name,
                 )
-            self._cancel_timer()
-            self.transport.write(error_response(error))
-            self.transport.close()
+            self._close_after(error)
+
+        def _method(self) -> str | None:
+            try:
+                return self.parser.get_method().decode("ascii") if self._in_head and self.url else None
+            except (httptools.HttpParserError, UnicodeDecodeError, AttributeError):
+                return None
 
         # ------------------------------------------------------------ bytes in
         def data_received(self, data: bytes) -> None:
-            if self.refused:
-                return  # read and dropped until the client closes
+            if self.closing:  # dropped until the client closes
+                self._dropped += len(data)
+                if self._dropped > LINGER_BYTES:
+                    self.transport.close()
+                return
             was_in_head = self._in_head
             try:
                 self.parser.feed_data(data)
@@ -227,7 +244,7 @@ def protocol_class(server: Server, tcp: TcpLimits, conn_ids: itertools.count) ->
             )
 
         def eof_received(self) -> bool | None:
-            if self.refused:
+            if self.closing:
                 self.transport.close()
             return None
 
@@ -257,6 +274,12 @@ def protocol_class(server: Server, tcp: TcpLimits, conn_ids: itertools.count) ->
             super().on_header(name, value)
 
         def on_headers_complete(self) -> None:
+            if self.parser.should_upgrade() and any(
+                name in (b"content-length", b"transfer-encoding") and value not in (b"0", b"")
+                for name, value in self.headers
+            ):  # the parser stops at an upgrade: the body would never be read
+                message = "protocol upgrades are not supported: send the request without Upgrade"
+                raise Rejected(ApiError(400, message, "upgrade_not_supported"))
             self._in_head = False
             self._enter("busy")  # until the request starts (it may wait behind a pipelined one)
             super().on_headers_complete()

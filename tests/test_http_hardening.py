@@ -187,6 +187,15 @@ async def test_unix_socket_peers_do_not_count_against_tcp_caps(tmp_path, tiny):
     assert status == 503  # the two idle TCP sockets fill the address's cap
 
 
+async def test_tcp_peers_are_refused_when_an_allow_list_is_set(tmp_path, tiny):
+    async with tcp_server(tmp_path, tiny, allow_uids=[0]) as (running, port):
+        status, _, body = await ask(port, request("/health", method="GET", content_type=None))
+        connections = running.server.stats()["tcp_connections"]
+    assert status == 403
+    assert_openai_error(body, "forbidden")
+    assert connections == 0
+
+
 async def test_idle_connections_are_shed_for_a_new_client(tmp_path, tiny, monkeypatch):
     monkeypatch.setattr(TcpLimits, "SHED_AFTER", 0.05)
     settings = {"max_tcp_connections_per_address": 4, "ls_reserved_connections": 0, "http_idle_timeout": 600}

@@ -26,6 +26,7 @@ import httptools
 import structlog
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
+from qllm import protocol as p
 from qllm.logging import cut
 from qllm.server.openai_api import ApiError
 
@@ -96,6 +97,11 @@ def protocol_class(server: Server, tcp: TcpLimits, conn_ids: itertools.count) ->
                 peer = transport.get_extra_info("peername")
                 self.address = str(peer[0]) if isinstance(peer, tuple) else "unknown"
                 error = tcp.admit(self, self.address)
+                if error is None and (cfg.allow_uids or cfg.allow_gids):  # no credentials to check
+                    tcp.release(self)
+                    error = p.Error(
+                        code=p.FORBIDDEN, message="an allow list is set: TCP peers may not use the server"
+                    )
             if error is not None:
                 forbidden = error.code == "forbidden"
                 refusal = ApiError(

@@ -615,3 +615,29 @@ def test_library_log_lines_go_through_structlog_as_json():
     ]
     assert records[0]["message"] == "Invalid HTTP request received."
     assert "boom" in json.dumps(records[1]["exception"])
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"http_idle_timeout": 0},
+        {"http_header_timeout": 7200},
+        {"http_body_timeout": -1},
+        {"max_http_headers": 100_000},
+        {"max_http_header_bytes": 10},
+        {"max_tcp_connections": 0},
+        {"http_allowed_hosts": [""]},
+    ],
+)
+def test_http_limits_are_bounded_in_the_config(setting, tmp_path, monkeypatch):
+    import qllm.server.config as config
+
+    monkeypatch.setattr(config, "SYSTEM_CONFIG", tmp_path / "none.toml")
+    with pytest.raises(config.ConfigError, match=next(iter(setting))):
+        config.load_config(None, {"server": setting})
+
+
+def test_the_ls_reserve_is_at_most_half_of_each_cap():
+    from qllm.server.limits import reserve
+
+    assert (reserve(64, 1024), reserve(64, 1), reserve(16, 4), reserve(0, 8)) == (64, 0, 2, 0)

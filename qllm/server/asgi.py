@@ -143,6 +143,11 @@ def host_name(value: str) -> str:
     return value.rpartition(":")[0] if value.count(":") == 1 else value
 
 
+def origin_name(value: str) -> str:
+    """An origin (``scheme://host[:port]``) as compared: lower case, no trailing slash."""
+    return value.strip().lower().rstrip("/")
+
+
 class Guard:
     """ASGI middleware: on TCP (``qllm.peer`` in the scope) the ``Host`` header must name one of
     ``hosts`` (400 otherwise: a page cannot reach the port by DNS rebinding), and a request with
@@ -150,8 +155,8 @@ class Guard:
 
     def __init__(self, app: ASGIApp, hosts: Collection[str], origins: Collection[str]):
         self.app = app
-        self.hosts = {h.lower().rstrip(".") for h in hosts}
-        self.origins = {o.lower().rstrip("/") for o in origins}
+        self.hosts = {host_name(h).rstrip(".") for h in hosts}
+        self.origins = {origin_name(o) for o in origins}
 
     def refusal(self, scope: dict[str, Any]) -> ApiError | None:
         headers = dict(scope.get("headers") or ())
@@ -167,7 +172,7 @@ class Guard:
                 )
         origin = headers.get(b"origin")
         if origin is not None and "*" not in self.origins:
-            value = origin.decode("latin-1").strip().lower().rstrip("/")
+            value = origin_name(origin.decode("latin-1"))
             if value not in self.origins:
                 quoted = cut(value, QUOTE_CHARS)
                 return ApiError(

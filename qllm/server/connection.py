@@ -152,7 +152,7 @@ def protocol_class(server: Server, tcp: TcpLimits, conn_ids: itertools.count) ->
 
         def shed(self) -> None:
             """Close this idle connection: a new client needs its slot."""
-            if self.phase == "idle" and not self.transport.is_closing():
+            if not self.transport.is_closing():
                 self.transport.close()
 
         # ------------------------------------------------------------ phases and timers

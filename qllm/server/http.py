@@ -32,7 +32,15 @@ from starlette.routing import Route
 from qllm.errors import EngineClosed, QllmError
 from qllm.logging import cut
 from qllm.server import openai_api as api
-from qllm.server.asgi import MAX_LOGGED_PATH, AccessLog, ASGIApp, EventStream, Guard, until_disconnect
+from qllm.server.asgi import (
+    MAX_LOGGED_PATH,
+    AccessLog,
+    ASGIApp,
+    EventStream,
+    Guard,
+    origin_name,
+    until_disconnect,
+)
 from qllm.server.connection import protocol_class
 from qllm.server.limits import TcpLimits, reserve
 from qllm.server.listener import parse_host_port
@@ -99,7 +107,7 @@ class HttpFront:
         if config.http_allowed_origins:  # browsers of these origins get CORS headers and preflights
             app = CORSMiddleware(
                 app,
-                allow_origins=config.http_allowed_origins,
+                allow_origins=[origin_name(o) for o in config.http_allowed_origins],
                 allow_methods=["GET", "POST"],
                 allow_headers=["authorization", "content-type", "x-request-id", api.PRIORITY_HEADER],
                 expose_headers=["x-request-id"],

@@ -96,12 +96,11 @@ def protocol_class(server: Server, tcp: TcpLimits, conn_ids: itertools.count) ->
             else:
                 peer = transport.get_extra_info("peername")
                 self.address = str(peer[0]) if isinstance(peer, tuple) else "unknown"
-                error = tcp.admit(self, self.address)
-                if error is None and (cfg.allow_uids or cfg.allow_gids):  # no credentials to check
-                    tcp.release(self)
-                    error = p.Error(
-                        code=p.FORBIDDEN, message="an allow list is set: TCP peers may not use the server"
-                    )
+                if cfg.allow_uids or cfg.allow_gids:  # a TCP peer has no credentials to check
+                    message = "an allow list is set: TCP peers may not use the server"
+                    error = p.Error(code=p.FORBIDDEN, message=message)
+                else:
+                    error = tcp.admit(self, self.address)
             if error is not None:
                 forbidden = error.code == "forbidden"
                 refusal = ApiError(

@@ -165,9 +165,9 @@ class TcpLimits:
         if conn not in self._reserved or address is None:
             return False
         cfg = self.config
-        return len(self._address) > self._soft(cfg.max_tcp_connections) or self._per_address[
-            address
-        ] > self._soft(cfg.max_tcp_connections_per_address)
+        over_total = len(self._address) > self._soft(cfg.max_tcp_connections)
+        over_address = self._per_address[address] > self._soft(cfg.max_tcp_connections_per_address)
+        return over_total or over_address
 
     def busy(self, conn: Peer) -> None:
         """``conn`` began a request: it is not idle."""

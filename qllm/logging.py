@@ -44,6 +44,48 @@ def configure(
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
+    route_stdlib_logging(max(LEVELS[level], logging.WARNING) if level != "debug" else logging.DEBUG)
+
+
+def cut(text: str, limit: int = 1024) -> str:
+    """``text`` at most ``limit`` characters long: its head and tail around an ellipsis, so that a
+    message quoting client input stays bounded and keeps what follows the quote."""
+    if len(text) <= limit:
+        return text
+    tail = limit // 4
+    return text[: limit - tail - 1] + "…" + text[len(text) - tail :]
+
+
+class StructlogHandler(logging.Handler):
+    """Sends the records of the standard library's loggers (uvicorn's, asyncio's, other
+    libraries') through structlog, so that every line has qllm's format: one ``library_log``
+    event with the ``logger``, its ``message`` (cut to 1024 characters) and any traceback."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = cut(record.getMessage())
+        except Exception:  # a record whose arguments do not fit its format
+            message = cut(str(record.msg))
+        level = "error" if record.levelno >= logging.ERROR else "warning"
+        if record.levelno < logging.WARNING:
+            level = "info" if record.levelno >= logging.INFO else "debug"
+        fields: dict[str, Any] = {"logger": record.name, "message": message}
+        if record.exc_info:
+            fields["exc_info"] = record.exc_info
+        getattr(structlog.get_logger(), level)("library_log", **fields)
+
+
+def route_stdlib_logging(level: int = logging.WARNING) -> None:
+    """Route the root logger, and so every library logger that propagates to it, through
+    :class:`StructlogHandler` at ``level`` (and Python's warnings with them). Libraries' info
+    lines are left out unless qllm logs at debug: qllm's own lines say what they would."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, StructlogHandler):
+            root.removeHandler(handler)
+    root.addHandler(StructlogHandler())
+    root.setLevel(level)
+    logging.captureWarnings(True)
 
 
 class Throttled:

@@ -101,7 +101,7 @@ class Server:
         )
 
     def stats(self) -> dict[str, Any]:
-        return {
+        stats = {
             "address": self.address,
             "http_addresses": self.http_addresses,
             "connections": len(self._connections),
@@ -111,6 +111,12 @@ class Server:
             "draining": self.draining,
             "socket_activated": self.activated,
         }
+        if self.http_front is not None:
+            tcp = self.http_front.tcp
+            stats.update(
+                tcp_connections=len(tcp), tcp_connections_refused=tcp.refused, tcp_connections_shed=tcp.shed
+            )
+        return stats
 
     def stats_reply(self) -> dict[str, Any]:
         """What a ``stats`` request gets: the engine's statistics, the model as the server names
@@ -340,7 +346,8 @@ async def serve(
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     listeners = open_listeners(config.server)  # first, so a taken socket fails before the model loads
-    _raise_file_limit(config.server.max_connections)
+    tcp = config.server.max_tcp_connections if config.server.http_listen else 0
+    _raise_file_limit(config.server.max_connections + tcp)
     try:
         if engine is None:
             engine = _load_engine(config, notify, stop)

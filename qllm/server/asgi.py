@@ -1,29 +1,28 @@
-"""ASGI and uvicorn plumbing of the HTTP front end (:mod:`qllm.server.http`): a server-sent event
-stream that cancels its request when the client leaves, the access log, and uvicorn's HTTP
-protocol with the native socket's admission checks."""
+"""ASGI plumbing of the HTTP front end (:mod:`qllm.server.http`): a server-sent event stream that
+cancels its request when the client leaves, the access log, and the Host and Origin checks."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
-import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from qllm.logging import cut
+from qllm.server.connection import STATUS_KEY
+from qllm.server.openai_api import QUOTE_CHARS, ApiError
 
 if TYPE_CHECKING:
     from qllm.engine import RequestHandle
-    from qllm.server.app import Server
-    from qllm.server.listener import Credentials
 
 log = structlog.get_logger()
 REQUEST_ID_HEADER = "x-request-id"
+MAX_LOGGED_PATH = 256  # characters of a request path in the log
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -78,10 +77,21 @@ class EventStream:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
+async def send_error(send: Send, error: ApiError) -> None:
+    """Send ``error`` as a whole JSON response."""
+    body = json.dumps(error.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if error.close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
 class AccessLog:
-    """ASGI middleware: one ``http_request`` log line per request (method, path, status, request
-    id, duration), never its content. The request id is the client's ``X-Request-Id`` or a new
-    one, and is returned in that header."""
+    """ASGI middleware: one ``http_request`` log line per request (method, path cut to
+    ``MAX_LOGGED_PATH``, status, request id, duration), never its content. The request id is the
+    client's ``X-Request-Id`` or a new one, and is returned in that header. An exception the app
+    raises is logged once (``http_request_failed``) and answered with a JSON 500 if it can be."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -94,11 +104,12 @@ class AccessLog:
         request_id = given.decode("latin-1")[:128] if given else uuid.uuid4().hex[:16]
         scope["qllm.request_id"] = request_id
         status = 500
+        started = False
 
         async def send_logged(message: dict[str, Any]) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
                 headers = list(message.get("headers") or ())
                 headers.append((REQUEST_ID_HEADER.encode(), request_id.encode("latin-1")))
                 message = {**message, "headers": headers}
@@ -106,71 +117,73 @@ class AccessLog:
 
         try:
             await self.app(scope, receive, send_logged)
+        except Exception:
+            log.error("http_request_failed", request_id=request_id, exc_info=True)
+            if not started:
+                with contextlib.suppress(Exception):
+                    await send_error(
+                        send_logged, ApiError(500, "internal error", "internal_error", "server_error")
+                    )
         finally:
             log.info(
                 "http_request",
                 method=scope["method"],
-                path=scope["path"],
-                status=status,
+                path=cut(scope["path"], MAX_LOGGED_PATH),
+                status=scope.get(STATUS_KEY, status),  # the protocol's answer, when it gave one
                 request_id=request_id,
                 duration_ms=round((time.perf_counter() - start) * 1e3, 3),
             )
 
 
-def protocol_class(server: Server, conn_ids: itertools.count) -> type[HttpToolsProtocol]:
-    """uvicorn's HTTP protocol with the native socket's admission: a Unix peer's credentials
-    against the allow list, and the connection caps (a TCP peer has no credentials: with an
-    allow list set it is refused)."""
+def host_name(value: str) -> str:
+    """The host of a ``Host`` header (``name``, ``name:port``, ``[v6]:port``), lower case."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1 : value.find("]")] if "]" in value else value
+    return value.rpartition(":")[0] if value.count(":") == 1 else value
 
-    class Protocol(HttpToolsProtocol):
-        refused = False
-        creds: Credentials | None = None
-        name = "http"
 
-        def connection_made(self, transport: asyncio.Transport) -> None:
-            sock = transport.get_extra_info("socket")
-            if sock is not None and sock.family == socket.AF_UNIX:
-                try:
-                    self.creds = server.credentials(sock)
-                except OSError:
-                    self.creds = None
-            self.name = f"h{next(conn_ids)}"
-            error = server.limits.admit(self, self.creds)
-            if error is not None:
-                self.refused = True
-                status = "403 Forbidden" if error.code == "forbidden" else "503 Service Unavailable"
-                body = json.dumps(
-                    {
-                        "error": {
-                            "message": error.message,
-                            "type": "server_error",
-                            "code": error.code,
-                            "param": None,
-                        }
-                    }
-                ).encode()
-                head = f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n"
-                transport.write(head.encode() + body)
-                transport.close()
-                return
-            super().connection_made(transport)
+def origin_name(value: str) -> str:
+    """An origin (``scheme://host[:port]``) as compared: lower case, no trailing slash."""
+    return value.strip().lower().rstrip("/")
 
-        def data_received(self, data: bytes) -> None:
-            if not self.refused:
-                super().data_received(data)
 
-        def eof_received(self) -> None:
-            if not self.refused:
-                super().eof_received()
+class Guard:
+    """ASGI middleware: on TCP (``qllm.peer`` in the scope) the ``Host`` header must name one of
+    ``hosts`` (400 otherwise: a page cannot reach the port by DNS rebinding), and a request with
+    an ``Origin`` header must come from one of ``origins`` (403 otherwise). ``"*"`` allows any."""
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            if self.refused:
-                return
-            server.limits.release(self, self.creds)
-            super().connection_lost(exc)
+    def __init__(self, app: ASGIApp, hosts: Collection[str], origins: Collection[str]):
+        self.app = app
+        self.hosts = {host_name(h).rstrip(".") for h in hosts}
+        self.origins = {origin_name(o) for o in origins}
 
-        def on_message_begin(self) -> None:
-            super().on_message_begin()
-            self.scope["qllm.conn"] = self.name  # type: ignore[typeddict-unknown-key]
+    def refusal(self, scope: dict[str, Any]) -> ApiError | None:
+        headers = dict(scope.get("headers") or ())
+        if "qllm.peer" in scope and "*" not in self.hosts:
+            host = headers.get(b"host")
+            if host is None:
+                return ApiError(400, "a Host header is required", "invalid_host")
+            name = host_name(host.decode("latin-1")).rstrip(".")
+            if name not in self.hosts:
+                quoted = cut(name, QUOTE_CHARS)
+                return ApiError(
+                    400, f"host {quoted!r} is not served here (see http_allowed_hosts)", "invalid_host"
+                )
+        origin = headers.get(b"origin")
+        if origin is not None and "*" not in self.origins:
+            value = origin_name(origin.decode("latin-1"))
+            if value not in self.origins:
+                quoted = cut(value, QUOTE_CHARS)
+                return ApiError(
+                    403,
+                    f"origin {quoted!r} may not use this server (see http_allowed_origins)",
+                    "origin_not_allowed",
+                    "permission_error",
+                )
+        return None
 
-    return Protocol
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and (error := self.refusal(scope)) is not None:
+            return await send_error(send, error)
+        await self.app(scope, receive, send)

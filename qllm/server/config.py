@@ -34,6 +34,8 @@ from qllm.protocol import MAX_FRAME_BYTES
 
 SYSTEM_CONFIG = Path("/etc/qllm/qllm.toml")
 MAX_TIMEOUT = 86400.0  # one day: the bound on every server timeout
+MAX_HTTP_TIMEOUT = 3600.0  # the bound on the HTTP timeouts: an hour
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
 class ConfigError(ValueError):
@@ -66,7 +68,31 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # allow list (None: qllm-http.sock beside the native socket; "": none), TCP only when given.
     http_socket: str | None = None
     http_listen: str | None = None  # HOST:PORT, or :PORT for loopback
-    max_http_requests: Annotated[int, Meta(ge=1)] = 1024  # live HTTP requests before 429
+    max_http_requests: Annotated[int, Meta(ge=1, le=1 << 20)] = 1024  # live HTTP requests before 429
+    # The last ls_reserved_requests of max_http_requests take only LS requests (at most half of it).
+    ls_reserved_requests: Annotated[int, Meta(ge=0, le=1 << 20)] = 64
+    # TCP peers have no credentials: they are counted by address, apart from the Unix-socket caps.
+    # The last ls_reserved_connections slots of each cap carry only LS requests (at most half of
+    # it), and at a cap the connection idle longest is closed to make room.
+    max_tcp_connections: Annotated[int, Meta(ge=1, le=65536)] = 512
+    max_tcp_connections_per_address: Annotated[int, Meta(ge=1, le=65536)] = 256
+    ls_reserved_connections: Annotated[int, Meta(ge=0, le=65536)] = 16
+    # Every HTTP connection (TCP or Unix): the time to send a request's headers, then its body, and
+    # how long a connection may wait with no request before it is closed.
+    http_header_timeout: Annotated[float, Meta(gt=0, le=MAX_HTTP_TIMEOUT)] = 10.0
+    http_body_timeout: Annotated[float, Meta(gt=0, le=MAX_HTTP_TIMEOUT)] = 30.0
+    http_idle_timeout: Annotated[float, Meta(gt=0, le=MAX_HTTP_TIMEOUT)] = 15.0
+    max_http_url_bytes: Annotated[int, Meta(ge=256, le=1 << 16)] = 8192  # request target, then 414
+    max_http_header_bytes: Annotated[int, Meta(ge=1024, le=1 << 20)] = 16384  # all headers, then 431
+    max_http_headers: Annotated[int, Meta(ge=8, le=1024)] = 64  # header lines, then 431
+    # On TCP the Host header must name one of these (or http_listen's host; "*": any host), so
+    # that a web page cannot reach the port through DNS rebinding.
+    http_allowed_hosts: list[Annotated[str, Meta(min_length=1, max_length=255)]] = msgspec.field(
+        default_factory=lambda: list(LOOPBACK_HOSTS)
+    )
+    # Origins (scheme://host[:port]) whose browser requests are served, with CORS headers; a
+    # request with any other Origin header gets 403 ("*": any origin).
+    http_allowed_origins: list[Annotated[str, Meta(min_length=1, max_length=255)]] = []
 
     def __post_init__(self) -> None:
         # Normalise the mode once so that the rest of the server sees an int.

@@ -6,7 +6,9 @@ driven through ``startup``/``shutdown`` rather than ``serve``, so that the serve
 signal handling and drain: at SIGTERM the HTTP sockets stop accepting with the native one, new
 requests on open connections get 503, live ones finish (or end with an error event) within the
 drain, then the connections close. A Unix-socket peer passes the same checks as on the native
-socket (allow list, connection caps); a client that disconnects cancels its request.
+socket (allow list, connection caps), a TCP peer the TCP caps by address and the Host check
+(:mod:`qllm.server.connection`, :mod:`qllm.server.asgi`); a client that disconnects cancels its
+request. Every error is the OpenAI error object (docs/http.md lists each limit and status).
 """
 
 from __future__ import annotations
@@ -21,25 +23,55 @@ import msgspec
 import uvicorn
 from prometheus_client import generate_latest
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from qllm.errors import EngineClosed, QllmError
+from qllm.logging import cut
 from qllm.server import openai_api as api
-from qllm.server.asgi import AccessLog, EventStream, protocol_class, until_disconnect
+from qllm.server.asgi import (
+    MAX_LOGGED_PATH,
+    AccessLog,
+    ASGIApp,
+    EventStream,
+    Guard,
+    origin_name,
+    until_disconnect,
+)
+from qllm.server.connection import protocol_class
+from qllm.server.limits import TcpLimits, reserve
+from qllm.server.listener import parse_host_port
 from qllm.server.prometheus import registry
+from qllm.spec import PriorityClass
 
 if TYPE_CHECKING:
     from qllm.engine import RequestHandle
     from qllm.kernel.request import RequestResult
     from qllm.server.app import Server
+    from qllm.server.config import ServerConfig
 
 PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+CLIENT_CLOSED = 499  # logged for a request whose client left before its reply (nginx's code)
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
 
 def _error(exc: api.ApiError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    headers = {"connection": "close"} if exc.close else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+def allowed_hosts(config: ServerConfig) -> list[str]:
+    """The names a TCP request's Host header may give: ``http_allowed_hosts``, and the host
+    ``http_listen`` binds to when it names one."""
+    hosts = list(config.http_allowed_hosts)
+    if config.http_listen:
+        host, _ = parse_host_port(config.http_listen)
+        if host not in WILDCARD_HOSTS:
+            hosts.append(host)
+    return hosts
 
 
 class HttpFront:
@@ -50,32 +82,50 @@ class HttpFront:
         self.live = 0  # HTTP requests submitted and not yet finished
         self._ids = itertools.count(1)
         self._conn_ids = itertools.count(1)
-        self.app = AccessLog(
-            Starlette(
-                routes=[
-                    Route("/v1/completions", self.completions, methods=["POST"]),
-                    Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
-                    Route("/v1/models", self.models, methods=["GET"]),
-                    Route("/health", self.health, methods=["GET"]),
-                    Route("/metrics", self.metrics, methods=["GET"]),
-                ],
-                exception_handlers={404: self._not_found, 405: self._not_allowed},
-            )
-        )
+        self.tcp = TcpLimits(server.config)
+        self.app = AccessLog(self._guarded(server.config))
         self.registry = registry(server.stats_reply)
         self._uvicorn: uvicorn.Server | None = None
         self._sockets: list[socket.socket] = []
+
+    def _guarded(self, config: ServerConfig) -> ASGIApp:
+        app: ASGIApp = Starlette(
+            routes=[
+                Route("/v1/completions", self.completions, methods=["POST"]),
+                Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+                Route("/v1/models", self.models, methods=["GET"]),
+                Route("/health", self.health, methods=["GET"]),
+                Route("/metrics", self.metrics, methods=["GET"]),
+            ],
+            exception_handlers={
+                404: self._not_found,
+                405: self._not_allowed,
+                HTTPException: self._http_error,
+                Exception: self._internal_error,
+            },
+        )
+        if config.http_allowed_origins:  # browsers of these origins get CORS headers and preflights
+            app = CORSMiddleware(
+                app,
+                allow_origins=[origin_name(o) for o in config.http_allowed_origins],
+                allow_methods=["GET", "POST"],
+                allow_headers=["authorization", "content-type", "x-request-id", api.PRIORITY_HEADER],
+                expose_headers=["x-request-id"],
+                max_age=600,
+            )
+        return Guard(app, allowed_hosts(config), config.http_allowed_origins)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self, sockets: list[socket.socket]) -> None:
         config = uvicorn.Config(
             self.app,
-            http=protocol_class(self.server, self._conn_ids),
+            http=protocol_class(self.server, self.tcp, self._conn_ids),
+            ws="none",
             lifespan="off",
             log_config=None,
             access_log=False,
             server_header=False,
-            timeout_keep_alive=int(min(self.server.config.idle_timeout, 3600)),
+            timeout_keep_alive=self.server.config.http_idle_timeout,  # type: ignore[arg-type]
             timeout_graceful_shutdown=10,
         )
         config.load()
@@ -95,12 +145,20 @@ class HttpFront:
 
     # ------------------------------------------------------------------ endpoints
     async def _not_found(self, request: Request, exc: Exception) -> Response:
-        return _error(api.ApiError(404, f"no route {request.url.path}", "not_found"))
+        return _error(api.ApiError(404, f"no route {cut(request.url.path, MAX_LOGGED_PATH)}", "not_found"))
 
     async def _not_allowed(self, request: Request, exc: Exception) -> Response:
+        path = cut(request.url.path, MAX_LOGGED_PATH)
+        return _error(api.ApiError(405, f"{request.method} is not allowed on {path}", "method_not_allowed"))
+
+    async def _http_error(self, request: Request, exc: Exception) -> Response:
+        status = exc.status_code if isinstance(exc, HTTPException) else 400
         return _error(
-            api.ApiError(405, f"{request.method} is not allowed on {request.url.path}", "method_not_allowed")
+            api.ApiError(status, str(getattr(exc, "detail", "")) or "bad request", "invalid_request")
         )
+
+    async def _internal_error(self, request: Request, exc: Exception) -> Response:
+        return _error(api.ApiError(500, "internal error", "internal_error", "server_error"))
 
     async def health(self, request: Request) -> Response:
         reply = self.server.health(0)
@@ -131,6 +189,8 @@ class HttpFront:
             handle, reply, stream = await self._submit(request, chat)
         except api.ApiError as exc:
             return _error(exc)
+        except ClientDisconnect:  # left mid-body (or timed out: the access log says which)
+            return Response(status_code=CLIENT_CLOSED)
         self.live += 1
         if stream:
             return EventStream(self._events(handle, reply, stream), handle, self._ended)
@@ -139,7 +199,7 @@ class HttpFront:
         finally:
             self._ended(handle)
         if result is None:  # the client left; nobody reads a reply
-            return Response(status_code=499)
+            return Response(status_code=CLIENT_CLOSED)
         if result.status in ("aborted", "error"):
             return _error(self._failure(result))
         return JSONResponse(reply.full(result))
@@ -153,25 +213,20 @@ class HttpFront:
     ) -> tuple[RequestHandle, api.Reply, api.StreamOptions | None]:
         server = self.server
         cfg = server.config
+        _check_json(request)
         body = await _read_body(request, cfg.max_frame_bytes)
         req, fields = api.decode(body, api.ChatRequest if chat else api.CompletionRequest)
         if req.model is not None and req.model != server.model_name:
             raise api.ApiError(
                 404,
-                f"model {req.model!r} is not served here (this server serves {server.model_name!r})",
+                f"model {cut(req.model, api.QUOTE_CHARS)!r} is not served here (this server serves {server.model_name!r})",
                 "model_not_found",
             )
         client = request.scope.get("qllm.conn", "http")  # the connection: shared fairly with others
         spec = api.to_spec(req, fields, request.headers.get(api.PRIORITY_HEADER), cfg.max_tokens, client)
         if server.draining:
             raise api.ApiError(503, "the server is shutting down", "server_shutting_down", "server_error")
-        if self.live >= cfg.max_http_requests:
-            raise api.ApiError(
-                429,
-                f"at most {cfg.max_http_requests} live HTTP requests; try again later",
-                "too_many_requests",
-                "rate_limit_error",
-            )
+        self._admit(request, spec.priority)
         try:
             if chat:
                 messages = api.chat_messages(req)
@@ -212,6 +267,32 @@ class HttpFront:
         options = req.stream_options or api.StreamOptions()
         return handle, api.Reply(chat, server.model_name), options if req.stream else None
 
+    def _admit(self, request: Request, priority: PriorityClass) -> None:
+        """Refuse a request over the live-request cap, or a BE request where the LS reserve is in
+        use: the last ``ls_reserved_requests`` live requests, a TCP connection in the reserve."""
+        cfg = self.server.config
+        limit = cfg.max_http_requests
+        if priority != PriorityClass.LS:
+            limit -= reserve(cfg.ls_reserved_requests, cfg.max_http_requests)
+        if self.live >= limit:
+            which = "" if limit == cfg.max_http_requests else " (the rest are kept for LS requests)"
+            raise api.ApiError(
+                429,
+                f"at most {limit} live HTTP requests{which}; try again later",
+                "too_many_requests",
+                "rate_limit_error",
+            )
+        peer = request.scope.get("qllm.peer")
+        if priority != PriorityClass.LS and peer is not None and self.tcp.ls_only(peer):
+            raise api.ApiError(
+                503,
+                "the server is near its TCP connection cap: this connection carries only LS requests; "
+                "try again later",
+                "too_many_connections",
+                "server_error",
+                close=True,
+            )
+
     def _failure(self, result: RequestResult) -> api.ApiError:
         if result.status == "error":
             return api.ApiError(500, result.error or "the request failed", "request_failed", "server_error")
@@ -246,6 +327,17 @@ class HttpFront:
 
 
 _json = msgspec.json.Encoder()
+
+
+def _check_json(request: Request) -> None:
+    """415 unless the body is declared JSON: the content types a browser may send cross-origin
+    without asking first (text/plain, forms) are refused."""
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        shown = cut(media_type, api.QUOTE_CHARS) or "none"
+        raise api.ApiError(
+            415, f"Content-Type must be application/json, got {shown}", "unsupported_media_type"
+        )
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

@@ -131,7 +131,8 @@ def _own_directory(directory: Path) -> None:
         raise ValueError(problem)
 
 
-HTTP_FD_NAME = "http"  # FileDescriptorName= of the HTTP socket under socket activation
+HTTP_FD_NAME = "http"
+TCP_BACKLOG = 512  # connections the kernel queues before the server accepts them  # FileDescriptorName= of the HTTP socket under socket activation
 
 
 @dataclass
@@ -227,7 +228,7 @@ def _bind_tcp(value: str) -> Listener:
     host, port = parse_host_port(value)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        sock = socket.create_server((host, port), family=family, backlog=128)
+        sock = socket.create_server((host, port), family=family, backlog=TCP_BACKLOG)
     except OSError as exc:
         raise ValueError(f"cannot listen on {value}: {exc.strerror or exc}") from None
     sock.setblocking(False)

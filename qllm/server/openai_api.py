@@ -10,6 +10,7 @@ fields whose meaning differs and builds the spec. Replies are plain dicts in the
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
@@ -18,6 +19,7 @@ import msgspec
 from msgspec import Meta
 
 from qllm.errors import InvalidRequest
+from qllm.logging import cut
 from qllm.spec import RequestSpec, build_spec, request_fields
 
 if TYPE_CHECKING:
@@ -25,16 +27,29 @@ if TYPE_CHECKING:
 
 PRIORITY_HEADER = "x-qllm-priority"
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
+MAX_MESSAGE_CHARS = 1024  # an error message, whatever input it quotes
+QUOTE_CHARS = 64  # a piece of input an error message quotes
+MAX_JSON_DEPTH = 32  # arrays and objects nested in a request body
 
 
 class ApiError(Exception):
-    """An error reply: HTTP status and the OpenAI error object."""
+    """An error reply: HTTP status and the OpenAI error object (its message cut to
+    ``MAX_MESSAGE_CHARS``). ``close``: the connection closes after it."""
 
-    def __init__(self, status: int, message: str, code: str, type_: str = "invalid_request_error"):
-        super().__init__(message)
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str,
+        type_: str = "invalid_request_error",
+        *,
+        close: bool = False,
+    ):
+        super().__init__(cut(message, MAX_MESSAGE_CHARS))
         self.status = status
         self.code = code
         self.type = type_
+        self.close = close
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": str(self), "type": self.type, "code": self.code, "param": None}}
@@ -67,7 +82,7 @@ class _Sampling(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
-    logprobs: Any = None
+    logprobs: bool | int | None = None  # a bool for chat, a count for completions
 
 
 class CompletionRequest(_Sampling, kw_only=True, forbid_unknown_fields=True):
@@ -77,9 +92,19 @@ class CompletionRequest(_Sampling, kw_only=True, forbid_unknown_fields=True):
     suffix: str | None = None
 
 
+class ContentPart(msgspec.Struct, kw_only=True):
+    """One part of a chat message's content; only ``text`` parts are supported."""
+
+    type: str
+    text: str | None = None
+
+
 class ChatMessage(msgspec.Struct, kw_only=True):
+    """A message of a conversation (fields of other message kinds, such as ``tool_calls``, are
+    ignored)."""
+
     role: str
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
 
 
@@ -92,22 +117,53 @@ class ChatRequest(_Sampling, kw_only=True, forbid_unknown_fields=True):
 Api = TypeVar("Api", CompletionRequest, ChatRequest)
 
 
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+_AS_SQUARE = bytes.maketrans(b"{}", b"[]")
+
+
+def nested_too_deep(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether arrays and objects in the JSON ``body`` nest deeper than ``limit`` (or open more
+    than ``limit`` that never close). Done by C string passes, at most ``limit`` of them, so that
+    decoding never recurses deeper than ``limit``."""
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False
+    brackets = _STRING.sub(b"", body).translate(None, _NOT_BRACKET)
+    if brackets.count(b"[") + brackets.count(b"{") <= limit:
+        return False
+    brackets = brackets.translate(_AS_SQUARE)
+    for _ in range(limit):
+        inner = brackets.replace(b"[]", b"")  # one level of every innermost pair
+        if inner == brackets:
+            break
+        brackets = inner
+    return b"[]" in brackets or brackets.count(b"[") > limit
+
+
+def _invalid(exc: Exception) -> ApiError:
+    return bad_request(f"invalid request: {cut(str(exc), 256)}")
+
+
 def decode(body: bytes, kind: type[Api]) -> tuple[Api, dict[str, Any]]:
     """A request body as ``kind``, and its request-spec fields (flat; those ``kind`` declares
     apart); ApiError(400) naming what is wrong."""
+    if nested_too_deep(body):
+        raise bad_request(f"the body nests arrays and objects deeper than {MAX_JSON_DEPTH} levels")
     try:
         fields = msgspec.json.decode(body, type=dict[str, Any])
     except msgspec.ValidationError as exc:
-        raise bad_request(f"invalid request: {exc}") from None
+        raise _invalid(exc) from None
     except msgspec.DecodeError as exc:
-        raise bad_request(f"the body is not valid JSON: {exc}") from None
+        raise bad_request(f"the body is not valid JSON: {cut(str(exc), 256)}") from None
+    except RecursionError:  # nested_too_deep bounds the depth far below this
+        raise bad_request(f"the body nests arrays and objects deeper than {MAX_JSON_DEPTH} levels") from None
     own = set(kind.__struct_fields__)
     spec_names = {f.name for f in request_fields()} - own
     spec_fields = {name: fields.pop(name) for name in list(fields) if name in spec_names}
     try:
         return msgspec.convert(fields, kind), spec_fields
     except msgspec.ValidationError as exc:
-        raise bad_request(f"invalid request: {exc}") from None
+        raise _invalid(exc) from None
 
 
 def priority_of(value: str | int | None, header: str | None) -> tuple[str, int | None]:
@@ -124,7 +180,7 @@ def priority_of(value: str | int | None, header: str | None) -> tuple[str, int |
                 value = int(header)
             except ValueError:
                 raise bad_request(
-                    f"header X-Qllm-Priority must be 'ls', 'be' or an integer rank, got {header!r}"
+                    f"header X-Qllm-Priority must be 'ls', 'be' or an integer rank, got {cut(header, QUOTE_CHARS)!r}"
                 ) from None
     if value is None:
         return "be", None
@@ -180,7 +236,7 @@ def to_spec(
     try:
         return build_spec({**fields, **mapped, "client": client})
     except InvalidRequest as exc:
-        raise bad_request(f"invalid request: {exc}") from None
+        raise _invalid(exc) from None
 
 
 def completion_prompt(req: CompletionRequest) -> str | list[int]:
@@ -205,9 +261,9 @@ def chat_messages(req: ChatRequest) -> list[dict[str, str]]:
         if isinstance(content, list):
             parts = []
             for part in content:
-                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                if part.type != "text" or part.text is None:
                     raise bad_request("only text content parts are supported")
-                parts.append(part["text"])
+                parts.append(part.text)
             content = "".join(parts)
         out.append({"role": m.role, "content": content or ""})
     return out

@@ -52,6 +52,7 @@ from dataclasses import replace
 
 from qllm.policies.api import KernelView, OpKind, Phase, Policy, RequestView
 from qllm.policies.fair import fair_order, fair_share
+from qllm.policies.pace import Pacer
 
 TAIL_WINDOW = 64
 """With ``tail``: how many recent LS requests' passes alone make the floor."""
@@ -67,7 +68,14 @@ def cohort_position(r: RequestView) -> tuple:
 class CohortPolicy(Policy):
     name = "cohort"
 
-    def __init__(self, stretch: float = 1.0, pairs: bool = False, tail: bool = False):
+    def __init__(
+        self,
+        stretch: float = 1.0,
+        pairs: bool = False,
+        tail: bool = False,
+        pace: bool = True,
+        floor: float = 0.2,
+    ):
         if stretch < 1:
             raise ValueError("stretch must be >= 1 (the LS op's own time is the least it can take)")
         self.stretch = stretch
@@ -77,6 +85,9 @@ class CohortPolicy(Policy):
         self.solo_s: dict[str, float] = {}  # LS request -> predicted time of its ops run so far, alone
         self.passes: deque[float] = deque(maxlen=TAIL_WINDOW)  # recent LS passes alone, predicted (tail)
         self.floor_s: dict[str, float] = {}  # LS request -> the tail of LS passes when it first led (tail)
+        self.pacer = (
+            Pacer(floor) if pace else None
+        )  # LS decode within its TPOT budget (qllm/policies/pace.py)
 
     def leads(self, ready: Sequence[RequestView]) -> list[RequestView]:
         """LS requests still waiting for their first token, of the best rank, oldest first."""
@@ -94,6 +105,9 @@ class CohortPolicy(Policy):
         self.layers = max(self.layers, *layers, 0)
         leads = self.leads(ready)
         if not leads:
+            paced = self.pacer and self.pacer.select(ready, kernel, cohort_position, self._layer, self.rest_s)
+            if paced:
+                return paced
             return self.members(min(ready, key=cohort_position).op_key, ready, kernel)
         lead = leads[0]  # the oldest: a newer LS request never delays it beyond its slack
         if self.tail:

@@ -107,6 +107,19 @@ def test_unknown_costs_pace_nothing():
     assert ids(policy().select(make_kernel([*be, ls]))) == ["ls", *ids(be)]
 
 
-def test_floor_is_checked():
+def test_options_are_checked():
     with pytest.raises(ValueError, match="floor"):
         Pacer(floor=1.0)
+    with pytest.raises(ValueError, match="tpot_scale"):
+        CohortPolicy(tpot_scale=0)
+
+
+def test_a_looser_plan_lets_more_best_effort_rows_ride():
+    costs = cpu_costs()
+    p = policy()
+    budget = (pass_s(p, 4, costs) + 0.0005) / MARGIN
+    be = [make_request(f"be{i}", decode=True, arrival=i) for i in range(8)]
+    ls = decoding("ls", last_token=0.0, tpot_slo=budget)
+    assert len(policy().select(make_kernel([*be, ls], costs=costs))) == 4
+    loose = policy(tpot_scale=MARGIN * pass_s(p, 8, costs) / pass_s(p, 4, costs))
+    assert len(loose.select(make_kernel([*be, ls], costs=costs))) == 8

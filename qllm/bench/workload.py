@@ -11,8 +11,12 @@ them ``throughput_vs_transformers_cb``: output tokens/s of all requests (LS and 
 divided by the peer's at the same rate, the minimum over rates (``_by_rate``: each rate's; None
 when the peer or fcfs was not run), with the target >= 1.
 
-The LS SLO is on TTFT: ``--slo-k`` times the single-request decode step measured first on the
-idle machine (10, as the paper), or ``--slo`` seconds. ``--socket PATH`` (repeatable) measures
+The LS SLOs are on TTFT: ``--slo-k`` times the single-request decode step measured first on the
+idle machine (10, as the paper), or ``--slo`` seconds; and on TPOT (time per output token after
+the first): ``--tpot-slo-k`` times the same step (2), or ``--tpot-slo`` seconds. Each class reports
+LS TPOT mean and p99 and each SLO's attainment; the headline, every system's LS TPOT and
+turnaround over its isolated values and, with ``--systems ...,vllm`` (``vllm serve`` from
+``--vllm-python``), the default policy against vLLM. ``--socket PATH`` (repeatable) measures
 running ``qllm serve`` instances instead, end to end through the client library.
 See docs/benchmarks.md.
 """

@@ -31,7 +31,9 @@ from qllm.policies.api import TPOT_STEPS, KernelView, OpKind, Phase, RequestView
 from qllm.policies.fair import fair_order
 
 MARGIN = 0.9
-"""Share of the TPOT SLO that the plan uses: the rest absorbs the cost model's error."""
+"""Share of the TPOT SLO that the plan uses by default: the rest absorbs the cost model's error.
+Above 1 (``cohort:tpot_scale=2``) the plan is looser than the SLO: more best-effort rows ride,
+for a slower LS stream (the frontier in docs/policies.md)."""
 
 Rest = Callable[[OpKind, int, int, KernelView], "float | None"]
 """(op kind, layer, rows, kernel) -> predicted time of a pass's ops from that op through its head."""
@@ -41,10 +43,13 @@ class Pacer:
     """The pacing state of one policy instance: the predicted op time given to fill ops and to LS
     groups since pacing began (it begins when an LS request decodes beside best-effort work)."""
 
-    def __init__(self, floor: float = 0.2):
+    def __init__(self, floor: float = 0.2, scale: float = MARGIN):
         if not 0 <= floor < 1:
             raise ValueError("floor must be in [0, 1): the least share of time best-effort work gets")
+        if scale <= 0:
+            raise ValueError("tpot_scale must be > 0: the share of the TPOT SLO that LS decode is planned in")
         self.floor = floor
+        self.scale = scale
         self.fill_s = 0.0
         self.group_s = 0.0
 
@@ -75,7 +80,7 @@ class Pacer:
         targets = [self.target_s(r, rest, kernel) for r in group]
         if None in targets:
             return None
-        deadline = min(r.last_token + MARGIN * t for r, t in zip(group, targets))  # type: ignore[operator]
+        deadline = min(r.last_token + self.scale * t for r, t in zip(group, targets))  # type: ignore[operator]
         lead = group[0]
         kind, layer = lead.op_kind, layer_of(lead)
 

@@ -8,7 +8,7 @@ from test_policies import ATTN0, ids, make_kernel, make_request
 from qllm.kernel.costs import OpCosts
 from qllm.kernel.runtime.ops import OpKind
 from qllm.policies.cohort import CohortPolicy
-from qllm.policies.pace import MARGIN, Pacer
+from qllm.policies.pace import SCALE, Pacer
 
 LAYERS = 4
 
@@ -53,7 +53,7 @@ def test_be_rows_ride_only_while_the_ls_pass_stays_within_its_tpot_budget():
     p = policy()
     # 3 riders fit (the cost model buckets rows: up to 4 cost what 1 does), a 4th does not, and
     # no op of the others fits before the LS pass either
-    budget = (pass_s(p, 4, costs) + 0.0005) / MARGIN
+    budget = (pass_s(p, 4, costs) + 0.0005) / SCALE
     ls = decoding("ls", last_token=0.0, tpot_slo=budget)
     be = [make_request(f"be{i}", decode=True, arrival=i) for i in range(8)]
     batch = p.select(make_kernel([*be, ls], now=0.0, costs=costs))
@@ -70,7 +70,7 @@ def test_best_effort_work_fills_the_time_the_ls_request_does_not_need():
     mid = [make_request(f"be{i}", decode=True, op=(OpKind.MOE, 1, -1), at_boundary=False) for i in range(8)]
     assert ids(p.select(make_kernel([*mid, ls], now=0.0, costs=costs))) == ids(mid)
     # Close to the deadline, the LS row runs first, alone.
-    tight = pass_s(p, 1, costs) * 1.05 / MARGIN
+    tight = pass_s(p, 1, costs) * 1.05 / SCALE
     ls = decoding("ls", last_token=0.0, tpot_slo=tight)
     assert ids(policy().select(make_kernel([*mid, ls], now=0.0, costs=costs))) == ["ls"]
 
@@ -117,9 +117,9 @@ def test_options_are_checked():
 def test_a_looser_plan_lets_more_best_effort_rows_ride():
     costs = cpu_costs()
     p = policy()
-    budget = (pass_s(p, 4, costs) + 0.0005) / MARGIN
+    budget = (pass_s(p, 4, costs) + 0.0005) / SCALE
     be = [make_request(f"be{i}", decode=True, arrival=i) for i in range(8)]
     ls = decoding("ls", last_token=0.0, tpot_slo=budget)
     assert len(policy().select(make_kernel([*be, ls], costs=costs))) == 4
-    loose = policy(tpot_scale=MARGIN * pass_s(p, 8, costs) / pass_s(p, 4, costs))
+    loose = policy(tpot_scale=SCALE * pass_s(p, 8, costs) / pass_s(p, 4, costs))
     assert len(loose.select(make_kernel([*be, ls], costs=costs))) == 8

@@ -24,8 +24,8 @@
   predicts the LS pass still ends by its deadline, and otherwise runs its ops in the time the LS
   requests do not need (at least ``floor`` of it, default 0.2). When every request fits the budget
   this is the cohort of the rule above: light LS load costs best-effort work nothing.
-  ``tpot_scale`` (default 0.9) is the share of the TPOT SLO the plan uses; above 1 more
-  best-effort rows ride, for a slower LS stream.
+  ``tpot_scale`` (default 2) is the plan's deadline in TPOT SLOs after the latest token; lower
+  cuts riders sooner, for a faster LS stream and slower best-effort work.
 - **At most ``max_batch`` requests run per step.** LS requests are admitted beyond ``max_batch``;
   the best-effort requests beyond it then wait at their pass boundary until requests finish
   (:meth:`CohortPolicy.runnable`), so that the cohort stays one batch instead of running each op
@@ -60,7 +60,7 @@ from dataclasses import replace
 
 from qllm.policies.api import KernelView, OpKind, Phase, Policy, RequestView
 from qllm.policies.fair import fair_order, fair_share
-from qllm.policies.pace import MARGIN, Pacer
+from qllm.policies.pace import SCALE, Pacer
 
 TAIL_WINDOW = 64
 """With ``tail``: how many recent LS requests' passes alone make the floor."""
@@ -83,7 +83,7 @@ class CohortPolicy(Policy):
         tail: bool = False,
         pace: bool = True,
         floor: float = 0.2,
-        tpot_scale: float = MARGIN,
+        tpot_scale: float = SCALE,
     ):
         if stretch < 1:
             raise ValueError("stretch must be >= 1 (the LS op's own time is the least it can take)")

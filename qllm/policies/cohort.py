@@ -24,8 +24,9 @@
   predicts the LS pass still ends by its deadline, and otherwise runs its ops in the time the LS
   requests do not need (at least ``floor`` of it, default 0.2). When every request fits the budget
   this is the cohort of the rule above: light LS load costs best-effort work nothing.
-  ``tpot_scale`` (default 2) is the plan's deadline in TPOT SLOs after the latest token; lower
-  cuts riders sooner, for a faster LS stream and slower best-effort work.
+  ``tpot_scale`` (default 0.9) is the plan's deadline in TPOT SLOs after the latest token; higher
+  (``cohort:tpot_scale=2``) cuts riders later, for more best-effort throughput and a slower LS
+  stream.
 - **At most ``max_batch`` requests run per step.** LS requests are admitted beyond ``max_batch``;
   the best-effort requests beyond it then wait at their pass boundary until requests finish
   (:meth:`CohortPolicy.runnable`), so that the cohort stays one batch instead of running each op

@@ -3,7 +3,7 @@ its TPOT budget; best-effort work gets what the budget leaves (pure decisions ov
 
 Each LS request decoding has a **deadline** for its next token: its latest token's time plus its
 TPOT SLO (``RequestView.tpot_slo``, else ``TPOT_STEPS`` single-request decode steps as the cost
-model predicts them), scaled by ``tpot_scale`` (``SCALE``, 2). The LS requests at
+model predicts them), scaled by ``tpot_scale`` (``SCALE``, 0.9). The LS requests at
 the LS op furthest behind are the **group**; their pass from that op on, predicted by the cost
 model, must end by the earliest deadline among them. At each decision:
 
@@ -30,12 +30,12 @@ from collections.abc import Callable, Sequence
 from qllm.policies.api import TPOT_STEPS, KernelView, OpKind, Phase, RequestView
 from qllm.policies.fair import fair_order
 
-SCALE = 2.0
-"""The plan's deadline in TPOT SLOs after the latest token (``cohort:tpot_scale``). Below 1 the
-plan keeps a margin for the cost model's error and cuts riders sooner; above 1 more best-effort
-rows ride. On a CPU, where a cut rider costs best-effort work a whole op's fixed cost and runs
-its rows in a second op, 0.9 cost BE work a quarter of its tokens/s for no better LS TPOT, while
-2 kept BE tokens/s at fcfs's with LS TPOT under 2x isolated (docs/policies.md, the frontier)."""
+SCALE = 0.9
+"""The plan's deadline in TPOT SLOs after the latest token (``cohort:tpot_scale``): below 1 the
+plan keeps a margin for the cost model's error. Above 1 more best-effort rows ride, for a slower
+LS stream: on a CPU, where a cut rider costs best-effort work a whole op's fixed cost, 2 kept
+best-effort tokens/s near fcfs's in the runs measured, and its LS TPOT varied from run to run
+(docs/policies.md, the frontier)."""
 
 Rest = Callable[[OpKind, int, int, KernelView], "float | None"]
 """(op kind, layer, rows, kernel) -> predicted time of a pass's ops from that op through its head."""

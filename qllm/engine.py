@@ -18,6 +18,7 @@ from qllm.kernel.dispatcher import Dispatcher
 from qllm.kernel.messages import Cancel
 from qllm.kernel.output import StreamChunk
 from qllm.kernel.request import PriorityClass, Request, RequestResult
+from qllm.kernel.slo import class_slo, decode_step_s
 from qllm.kernel.stats import Metrics
 from qllm.kernel.tensors import TensorManager
 from qllm.models import load_model
@@ -96,6 +97,7 @@ class Engine:
             model, dtype=config.dtype, device=device or "cpu", batch_invariant=config.batch_invariant
         )
         self.metrics = Metrics()
+        self._slo = config.slo
         self._compute = Compute(config.compute)
         self._tensors = TensorManager(
             self.model.device, config.memory_budget, block_size=config.kv_block_size, dtype=self.model.dtype
@@ -190,12 +192,24 @@ class Engine:
             id=request_id,
             prompt_ids=prompt_ids,
             spec=spec,
+            slo=self._slo_of(spec),
             events=asyncio.Queue(),
             done=loop.create_future(),
         )
         self._requests[request_id] = request
         self._dispatcher.post(request)
         return RequestHandle(self, request)
+
+    def _slo_of(self, spec: RequestSpec) -> tuple[float | None, float | None]:
+        """The ``(ttft, tpot)`` SLOs a request is served under: its own, else its class's
+        (:mod:`qllm.kernel.slo`)."""
+        cls = str(spec.priority)
+        step = decode_step_s(self._dispatcher.costs, self.model.num_layers)
+        ttft, tpot = class_slo(cls, self._slo.get(cls), step)  # type: ignore[call-overload]
+        return (
+            spec.ttft_deadline if spec.ttft_deadline is not None else ttft,
+            spec.tpot_slo if spec.tpot_slo is not None else tpot,
+        )
 
     async def generate(
         self, prompt: str | Sequence[int], spec: RequestSpec | None = None, **kw: Any

@@ -94,6 +94,12 @@ class RequestSpec(msgspec.Struct, frozen=True, kw_only=True):
         Annotated[float, Meta(gt=0)] | None,
         Meta(description="seconds after arrival by which the first token is wanted (policies may use it)"),
     ] = None
+    tpot_slo: Annotated[
+        Annotated[float, Meta(gt=0)] | None,
+        Meta(
+            description="seconds per output token after the first that the client wants (policies may use it)"
+        ),
+    ] = None
     # Set by whoever accepts the request (the server names the connection), never by the request
     # itself: policies share a class's compute fairly between clients.
     client: Annotated[str, Meta(description="who sent the request")] = ""

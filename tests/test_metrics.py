@@ -23,6 +23,9 @@ class Result:
     first_token: float | None = 100.01
     finished: float = 100.5
     preemptions: int = 0
+    token_times: list[float] = field(default_factory=list)
+    ttft_slo: float | None = None
+    tpot_slo: float | None = None
 
 
 def test_observe_counts_per_class():
@@ -101,3 +104,29 @@ def test_prometheus_exposition_parses_with_every_metric():
     names = {name for name, _ in samples}
     for hist in ("ttft_seconds", "queue_seconds", "turnaround_seconds", "preemption_latency_seconds"):
         assert f"qllm_{hist}_sum" in names
+
+
+def test_tpot_histogram_and_slo_attainment_counters_per_class():
+    m = Metrics()
+    # TTFT 0.01 within 0.05; TPOT (100.31 - 100.01) / 3 = 0.1 within 0.1
+    m.observe(Result(priority="ls", token_ids=[1] * 4, token_times=[100.01, 100.11, 100.21, 100.31],
+                     ttft_slo=0.05, tpot_slo=0.11))  # fmt: skip
+    # TTFT 0.01 misses 0.005; TPOT 0.5 misses 0.1
+    m.observe(
+        Result(priority="ls", token_ids=[1] * 2, token_times=[100.01, 100.51], ttft_slo=0.005, tpot_slo=0.1)
+    )
+    m.observe(
+        Result(priority="ls", first_token=None, token_ids=[], ttft_slo=0.05, tpot_slo=0.1)
+    )  # never started
+    m.observe(Result(priority="be", token_ids=[1] * 2, token_times=[100.0, 100.2]))  # no SLO: not counted
+    ls, be = m.snapshot()["ls"], m.snapshot()["be"]
+    assert (ls["ttft_slo_met"], ls["ttft_slo_missed"]) == (1, 2)
+    assert (ls["tpot_slo_met"], ls["tpot_slo_missed"]) == (1, 1)  # one token or none: no TPOT to judge
+    assert ls["histograms"]["tpot_seconds"]["count"] == 2
+    assert ls["histograms"]["tpot_seconds"]["sum"] == pytest.approx(0.6)
+    assert be["histograms"]["tpot_seconds"]["count"] == 1 and be["tpot_slo_met"] == be["tpot_slo_missed"] == 0
+    samples = _samples(exposition({"metrics": m.snapshot()}).decode())
+    assert samples[("qllm_tpot_seconds_count", (("class", "ls"),))] == 2
+    assert samples[("qllm_tpot_seconds_bucket", (("class", "ls"), ("le", "0.25")))] == 1
+    assert samples[("qllm_tpot_slo_missed_total", (("class", "ls"),))] == 1
+    assert samples[("qllm_ttft_slo_met_total", (("class", "ls"),))] == 1

@@ -19,6 +19,10 @@ if TYPE_CHECKING:
 
 PEER = "transformers-cb"
 """The external peer's system name: transformers' own continuous batching."""
+VLLM = "vllm"
+"""The vLLM peer's system name: ``vllm serve`` with its priority scheduler (qllm/bench/vllm.py).
+Not in the default systems: it runs from its own interpreter (``--vllm-python``)."""
+PEERS = (PEER, VLLM)
 DEFAULT_REQUESTS = 32
 """Requests per rate unless ``--requests`` or ``--duration`` says otherwise."""
 
@@ -47,6 +51,18 @@ async def systems(args: argparse.Namespace) -> tuple[list[System], dict[str, Any
 
             found.append(TransformersCB(model, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
                                         max_len=args.max_prompt + args.max_output))  # fmt: skip
+        elif name == VLLM:
+            from qllm.bench import vllm
+
+            try:
+                found.append(await vllm.connect(
+                    model, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
+                    max_len=args.max_prompt + args.max_output, python=args.vllm_python, eager=args.vllm_eager,
+                ))  # fmt: skip
+            except BaseException:
+                for system in found:
+                    await system.close()
+                raise
         else:
             found.append(
                 EngineSystem(
@@ -61,13 +77,14 @@ async def systems(args: argparse.Namespace) -> tuple[list[System], dict[str, Any
 
 
 def system_names(spec: str | None, registered: dict[str, Any]) -> list[str]:
-    """fcfs first, the other registered policies, then the peer; or the names asked for."""
+    """fcfs first, the other registered policies, then transformers' peer; or the names asked for
+    (``vllm`` only when asked for)."""
     if spec is None:
         return ["fcfs", *sorted(n for n in registered if n != "fcfs"), PEER]
     names = [n.strip() for n in spec.split(",") if n.strip()]
-    unknown = [n for n in names if n != PEER and n not in registered and ":" not in n]
+    unknown = [n for n in names if n not in PEERS and n not in registered and ":" not in n]
     if unknown or not names:
-        raise ValueError(f"unknown systems {unknown}; choose from {', '.join([*sorted(registered), PEER])}")
+        raise ValueError(f"unknown systems {unknown}; choose from {', '.join([*sorted(registered), *PEERS])}")
     return names
 
 

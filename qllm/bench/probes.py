@@ -41,19 +41,28 @@ async def decode_step(system: System) -> float:
 async def isolated(
     system: System, items: list[Item], n: int | None, slo: float, timeout: float, tries: int = 3
 ) -> dict[str, Any]:
-    """TTFT of the workload's LS requests (the first ``n``; None: all of them), each alone on the
-    idle system: the median of ``tries`` runs, so that one slow run does not set the yardstick."""
+    """TTFT, TPOT and turnaround of the workload's LS requests (the first ``n``; None: all of
+    them), each alone on the idle system: each figure the median of ``tries`` runs, so that one
+    slow run does not set the yardstick."""
     if tries < 1:
         raise ValueError("tries must be >= 1")
-    ttfts = []
+    ttfts, tpots, turnarounds = [], [], []
     for item in [i for i in items if i.cls == "ls"][:n]:
-        runs = []
+        runs, tpot, turnaround = [], [], []
         for _ in range(tries):
             (record,) = await system.run([replace(item, arrival_s=0.0)], slo_s=slo, timeout=timeout)
             if record.ttft is not None:
                 runs.append(record.ttft)
+            if record.tpot is not None:
+                tpot.append(record.tpot)
+            if record.turnaround is not None:
+                turnaround.append(record.turnaround)
         if runs:
             ttfts.append(statistics.median(runs))
+        if tpot:
+            tpots.append(statistics.median(tpot))
+        if turnaround:
+            turnarounds.append(statistics.median(turnaround))
     return {
         "measured_on": system.name,
         "requests": len(ttfts),
@@ -62,6 +71,10 @@ async def isolated(
         "ttft_mean_s": mean(ttfts),
         "ttft_p50_s": percentile(ttfts, 0.5),
         "ttft_p99_s": percentile(ttfts, 0.99),
+        "tpot_s": tpots,
+        "tpot_mean_s": mean(tpots),
+        "tpot_p99_s": percentile(tpots, 0.99),
+        "turnaround_mean_s": mean(turnarounds),
     }
 
 

@@ -11,6 +11,9 @@ COLUMNS = (
     ("p99", "ls", "ttft_p99_s", "{:.3g}s"),
     ("SLO", "ls", "slo_attainment", "{:.0%}"),
     ("LS turn", "ls", "turnaround_mean_s", "{:.3g}s"),
+    ("LS tpot", "ls", "tpot_mean_s", "{:.3g}s"),
+    ("p99", "ls", "tpot_p99_s", "{:.3g}s"),
+    ("TPOT SLO", "ls", "tpot_slo_attainment", "{:.0%}"),
     ("LS queue p99", "ls", "queue_p99_s", "{:.3g}s"),
     ("BE ttft", "be", "ttft_mean_s", "{:.3g}s"),
     ("BE turn", "be", "turnaround_mean_s", "{:.3g}s"),
@@ -44,7 +47,7 @@ def table(result: dict[str, Any]) -> str:
     for cell in sorted(result["cells"], key=lambda c: (c["rate"], _order(result, c["system"]))):
         m = cell["metrics"]
         batches = (cell.get("kernel") or {}).get("batches")  # batched ops the qllm kernel ran
-        metrics = [fmt(m[cls][key], f) for _, cls, key, f in COLUMNS]
+        metrics = [fmt(m[cls].get(key), f) for _, cls, key, f in COLUMNS]
         rows.append([f"{cell['rate']:g}", cell["system"], *metrics, fmt(batches, "{}")])
     slo, iso, cfg = result["slo"], result["isolated"], result["config"]
     parts = [
@@ -61,6 +64,8 @@ def table(result: dict[str, Any]) -> str:
         _headline(result["headline"]),
         "",
         _by_policy(result["headline"]),
+        "",
+        _by_system(result["headline"]),
         "",
         targets_table(result["targets"]),
     ]
@@ -91,7 +96,28 @@ def _headline(h: dict[str, Any]) -> str:
         + ", ".join(f"{k} {fmt(v, '{:g} req/s')}" for k, v in h["slo_max_rate"].items())
         + f"  (LS alone saturates at ~{fmt(h['ls_saturation_rate'], '{:.3g} req/s')})",
     ]
+    if h.get("vllm"):
+        lines.append(
+            f"  {h['ours']} vs vllm (worst rate; >1: {h['ours']} better): tok/s {fmt(h.get('throughput_vs_vllm'), x)}, "
+            f"LS TTFT mean {fmt(h.get('ls_ttft_mean_vs_vllm'), x)}, p99 {fmt(h.get('ls_ttft_p99_vs_vllm'), x)}, "
+            f"LS turnaround {fmt(h.get('ls_turnaround_vs_vllm'), x)}, LS TPOT {fmt(h.get('ls_tpot_vs_vllm'), x)}"
+        )
     return "\n".join(lines)
+
+
+def _by_system(h: dict[str, Any]) -> str:
+    """Every system's LS TPOT and turnaround over its isolated values and its SLO attainment (the
+    worst rate)."""
+    x, pct = "{:.3g}x", "{:.0%}"
+    rows = [["system (worst rate)", "LS tpot / isolated", "tpot p99 / isolated", "LS turn / isolated",
+             "TTFT SLO", "TPOT SLO"]]  # fmt: skip
+    for name, f in (h.get("by_system") or {}).items():
+        rows.append([
+            name, fmt(f["ls_tpot_over_isolated"], x), fmt(f["ls_tpot_p99_over_isolated"], x),
+            fmt(f["ls_turnaround_over_isolated"], x), fmt(f["ls_ttft_slo_attainment"], pct),
+            fmt(f["ls_tpot_slo_attainment"], pct),
+        ])  # fmt: skip
+    return grid(rows) if len(rows) > 1 else ""
 
 
 def _by_policy(h: dict[str, Any]) -> str:

@@ -66,6 +66,14 @@ class Record:
         return None if self.finished is None else self.finished - self.arrival
 
     @property
+    def tpot(self) -> float | None:
+        """Time per output token after the first: first token to finish over the tokens after it
+        (None: fewer than two tokens, or not finished)."""
+        if self.finished is None or self.first_token is None or self.output_tokens < 2:
+            return None
+        return (self.finished - self.first_token) / (self.output_tokens - 1)
+
+    @property
     def queue(self) -> float | None:
         """Arrival to first compute: for an LS request under a preemptive policy, the preemption latency."""
         return None if self.first_scheduled is None else self.first_scheduled - self.arrival
@@ -94,11 +102,16 @@ ROW_FIELDS = (
 )
 
 
-def class_metrics(records: Sequence[Record], slo_s: float | None) -> dict[str, Any]:
+def class_metrics(
+    records: Sequence[Record], slo_s: float | None, tpot_slo_s: float | None = None
+) -> dict[str, Any]:
     """Latency, SLO attainment, throughput and preemption figures of a set of requests.
 
-    SLO attainment counts every request: one that never produced a token misses. Throughput is
-    over the window from time 0 (the start of the run) to the last completion.
+    SLO attainment counts every request: one that never produced a token misses
+    (``slo_attainment`` is the TTFT SLO's, ``ttft_slo_attainment`` the same figure under its own
+    name). ``tpot_slo_attainment`` counts the requests whose TPOT (:attr:`Record.tpot`) is within
+    ``tpot_slo_s``: one that did not finish misses, one with a single token has no TPOT to miss.
+    Throughput is over the window from time 0 (the start of the run) to the last completion.
     """
     done = [r for r in records if r.finished is not None]
     ttft = [r.ttft for r in records if r.ttft is not None]
@@ -107,6 +120,10 @@ def class_metrics(records: Sequence[Record], slo_s: float | None) -> dict[str, A
     window = max((r.finished for r in done), default=0.0)
     tokens = sum(r.output_tokens for r in done)
     within = sum(1 for t in ttft if slo_s is not None and t <= slo_s)
+    tpot = [r.tpot for r in done if r.tpot is not None]
+    judged = [r for r in records if r.finished is None or r.output_tokens >= 2]
+    tpot_within = sum(1 for t in tpot if tpot_slo_s is not None and t <= tpot_slo_s)
+    ttft_attainment = within / len(records) if records and slo_s is not None else None
     return {
         "requests": len(records),
         "completed": len(done),
@@ -117,7 +134,12 @@ def class_metrics(records: Sequence[Record], slo_s: float | None) -> dict[str, A
         "turnaround_mean_s": mean(turnaround),
         "turnaround_p99_s": percentile(turnaround, 0.99),
         "inter_token_mean_s": mean(r.inter_token_s for r in done if r.inter_token_s is not None),
-        "slo_attainment": within / len(records) if records and slo_s is not None else None,
+        "tpot_mean_s": mean(tpot),
+        "tpot_p50_s": percentile(tpot, 0.5),
+        "tpot_p99_s": percentile(tpot, 0.99),
+        "slo_attainment": ttft_attainment,
+        "ttft_slo_attainment": ttft_attainment,
+        "tpot_slo_attainment": tpot_within / len(judged) if judged and tpot_slo_s is not None else None,
         "requests_per_s": len(done) / window if window > 0 else None,
         "tokens_per_s": tokens / window if window > 0 else None,
         "preemptions": sum(r.preemptions for r in records),
@@ -128,10 +150,12 @@ def class_metrics(records: Sequence[Record], slo_s: float | None) -> dict[str, A
     }
 
 
-def cell_metrics(records: Sequence[Record], slo_s: float | None) -> dict[str, dict[str, Any]]:
+def cell_metrics(
+    records: Sequence[Record], slo_s: float | None, tpot_slo_s: float | None = None
+) -> dict[str, dict[str, Any]]:
     """:func:`class_metrics` for LS, BE and all requests of one run."""
     return {
-        "ls": class_metrics([r for r in records if r.cls == "ls"], slo_s),
-        "be": class_metrics([r for r in records if r.cls == "be"], slo_s),
-        "all": class_metrics(records, slo_s),
+        "ls": class_metrics([r for r in records if r.cls == "ls"], slo_s, tpot_slo_s),
+        "be": class_metrics([r for r in records if r.cls == "be"], slo_s, tpot_slo_s),
+        "all": class_metrics(records, slo_s, tpot_slo_s),
     }

@@ -2,9 +2,16 @@
 
 Roles: the **baseline** is the system running the ``fcfs`` policy; the **candidates** are the other
 qllm systems (``qllm``, ``priority-aging``, plugins); the **peer** is transformers' continuous
-batching. Each candidate gets its ratios against the baseline at every rate; the headline reports
-the candidate with the best mean LS TTFT ratio (named in ``best_policy``) and every candidate
-under ``by_policy``.
+batching; **vllm** is ``vllm serve`` with its priority scheduler. Each candidate gets its ratios
+against the baseline at every rate; the headline reports the candidate with the best mean LS TTFT
+ratio (named in ``best_policy``) and every candidate under ``by_policy``.
+
+Against vLLM the headline compares **ours**: the system running the default policy (``cohort``),
+else the best candidate. Each ``*_vs_vllm`` figure is its ``_by_rate`` list's worst rate, written
+so that more is better for qllm: output tokens/s ours / vLLM's; LS TTFT mean and p99 and LS
+turnaround mean vLLM's / ours. Every system (peers too) gets its LS TPOT and turnaround over its
+own isolated values (``by_system``; ``ls_tpot_over_isolated``: the LS TPOT mean over the isolated
+one, the worst rate), and its TTFT and TPOT SLO attainment by rate.
 """
 
 from __future__ import annotations
@@ -14,6 +21,8 @@ from typing import Any
 
 from qllm.bench.stats import mean, ratio
 
+DEFAULT_POLICY = "cohort"
+"""The policy of ``qllm serve`` without ``--policy`` (a test keeps it equal to qllm.policies')."""
 SLO_ATTAINMENT = 0.9
 """A rate "holds the SLO" when at least this share of its LS requests got their first token in time."""
 
@@ -21,7 +30,7 @@ SLO_ATTAINMENT = 0.9
 def _value(cells: Sequence[dict], system: str, rate: float, cls: str, key: str) -> float | None:
     for c in cells:
         if c["system"] == system and c["rate"] == rate:
-            return c["metrics"][cls][key]
+            return c["metrics"][cls].get(key)
     return None
 
 
@@ -85,6 +94,67 @@ def _policy_figures(
     }
 
 
+def system_figures(
+    cells: Sequence[dict], system: str, rates: Sequence[float], isolated: dict[str, Any] | None
+) -> dict[str, Any]:
+    """LS TPOT (mean, p99) and turnaround over ``system``'s own isolated values (``isolated``: its
+    yardsticks, :func:`qllm.bench.probes.isolated`), and SLO attainment, by rate and the worst."""
+    iso = isolated or {}
+
+    def over(key: str, base: float | None) -> list[float | None]:
+        return _over_rates(rates, lambda r: ratio(_value(cells, system, r, "ls", key), base))
+
+    def attained(key: str) -> list[float | None]:
+        return _over_rates(rates, lambda r: _value(cells, system, r, "ls", key))
+
+    tpot = over("tpot_mean_s", iso.get("tpot_mean_s"))
+    tpot_p99 = over("tpot_p99_s", iso.get("tpot_p99_s"))
+    turnaround = over("turnaround_mean_s", iso.get("turnaround_mean_s"))
+    ttft_slo, tpot_slo = attained("ttft_slo_attainment"), attained("tpot_slo_attainment")
+    return {
+        "ls_tpot_mean_s_by_rate": attained("tpot_mean_s"),
+        "ls_tpot_p99_s_by_rate": attained("tpot_p99_s"),
+        "ls_tpot_over_isolated_by_rate": tpot,
+        "ls_tpot_over_isolated": _agg(tpot, max),
+        "ls_tpot_p99_over_isolated_by_rate": tpot_p99,
+        "ls_tpot_p99_over_isolated": _agg(tpot_p99, max),
+        "ls_turnaround_over_isolated_by_rate": turnaround,
+        "ls_turnaround_over_isolated": _agg(turnaround, max),
+        "ls_ttft_slo_attainment_by_rate": ttft_slo,
+        "ls_ttft_slo_attainment": _agg(ttft_slo, min),
+        "ls_tpot_slo_attainment_by_rate": tpot_slo,
+        "ls_tpot_slo_attainment": _agg(tpot_slo, min),
+    }
+
+
+def vllm_figures(cells: Sequence[dict], ours: str, vllm: str, rates: Sequence[float]) -> dict[str, Any]:
+    """``ours`` against ``vllm`` at each rate and at the worst rate, more is better for ours."""
+
+    def versus(cls: str, key: str, ours_over_theirs: bool = False) -> list[float | None]:
+        def f(r: float) -> float | None:
+            a, b = _value(cells, ours, r, cls, key), _value(cells, vllm, r, cls, key)
+            return ratio(a, b) if ours_over_theirs else ratio(b, a)
+
+        return _over_rates(rates, f)
+
+    out: dict[str, Any] = {}
+    for name, cls, key, forward in (
+        ("throughput_vs_vllm", "all", "tokens_per_s", True),
+        ("ls_ttft_mean_vs_vllm", "ls", "ttft_mean_s", False),
+        ("ls_ttft_p99_vs_vllm", "ls", "ttft_p99_s", False),
+        ("ls_turnaround_vs_vllm", "ls", "turnaround_mean_s", False),
+        ("ls_tpot_vs_vllm", "ls", "tpot_mean_s", False),
+    ):
+        by_rate = versus(cls, key, forward)
+        out[name] = _agg(by_rate, min)
+        out[f"{name}_by_rate"] = by_rate
+    return out
+
+
+VLLM_KEYS = ("throughput_vs_vllm", "ls_ttft_mean_vs_vllm", "ls_ttft_p99_vs_vllm", "ls_turnaround_vs_vllm",
+             "ls_tpot_vs_vllm")  # fmt: skip
+
+
 def headline(
     systems: Sequence[dict],
     cells: Sequence[dict],
@@ -92,6 +162,7 @@ def headline(
     isolated_p99: float | None,
     ls_share: float,
     idle_ttft: dict[str, float] | None = None,
+    isolated: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Ratios over rates (see the module doc); a missing role leaves its figures None.
 
@@ -106,7 +177,8 @@ def headline(
     names = [s["name"] for s in systems]
     base = next((s["name"] for s in systems if s["policy"] == "fcfs"), None)
     candidates = [s["name"] for s in systems if s["kind"] != "peer" and s["policy"] != "fcfs"]
-    peer = next((s["name"] for s in systems if s["kind"] == "peer"), None)
+    vllm = next((s["name"] for s in systems if s["kind"] == "peer" and s["name"] == "vllm"), None)
+    peer = next((s["name"] for s in systems if s["kind"] == "peer" and s["name"] != vllm), None)
 
     by_policy = {c: _policy_figures(cells, base, c, rates, isolated_p99) for c in candidates} if base else {}
     best = max(by_policy, key=lambda c: by_policy[c]["ls_ttft_ratio_mean"] or 0.0, default=None)
@@ -132,6 +204,11 @@ def headline(
     capacity = max((c["metrics"]["all"]["requests_per_s"] or 0.0 for c in cells), default=0.0)
     ls_saturation = capacity / ls_share if ls_share > 0 and capacity > 0 else None
     slo_rates = {n: slo_max_rate(cells, n, rates) for n in names}
+    by_system = {n: system_figures(cells, n, rates, (isolated or {}).get(n)) for n in names}
+    ours = next(
+        (s["name"] for s in systems if s["name"] in candidates and s["policy"] == DEFAULT_POLICY), best
+    )
+    versus_vllm = vllm_figures(cells, ours, vllm, rates) if ours and vllm else {}
     return {
         "rates": rates,
         "baseline": base,
@@ -155,7 +232,17 @@ def headline(
         "ls_saturation_rate": ls_saturation,
         "slo_rate_over_ls_saturation": ratio(slo_rates.get(best), ls_saturation) if best else None,
         "slo_held_at_every_rate": {n: bool(rates) and slo_rates[n] == rates[-1] for n in names},
+        "ours": ours,
+        "vllm": vllm,
+        **{k: versus_vllm.get(k) for k in VLLM_KEYS},
+        "vs_vllm_by_rate": {k: versus_vllm.get(f"{k}_by_rate") for k in VLLM_KEYS} if versus_vllm else None,
+        "ls_tpot_over_isolated": {n: f["ls_tpot_over_isolated"] for n, f in by_system.items()},
+        "ls_tpot_p99_over_isolated": {n: f["ls_tpot_p99_over_isolated"] for n, f in by_system.items()},
+        "ls_turnaround_over_isolated": {n: f["ls_turnaround_over_isolated"] for n, f in by_system.items()},
+        "ls_tpot_slo_attainment": {n: f["ls_tpot_slo_attainment"] for n, f in by_system.items()},
+        "ls_ttft_slo_attainment": {n: f["ls_ttft_slo_attainment"] for n, f in by_system.items()},
         "by_policy": by_policy,
+        "by_system": by_system,
     }
 
 
@@ -168,6 +255,10 @@ TARGETS = (
     ("be_turnaround_ratio_mean", "<=", 1.2, "1.38x mean, 2.04x peak"),
     ("fcfs_vs_transformers_cb", "within", (0.9, 1.1), "baseline is TGI"),
     ("throughput_vs_transformers_cb", ">=", 1.0, "not reported"),
+    ("ours_ls_tpot_over_isolated", "<=", 2.0, "not reported"),
+    ("throughput_vs_vllm", ">=", 1.0, "not reported"),
+    ("ls_ttft_mean_vs_vllm", ">=", 4.0, "not reported"),
+    ("ls_turnaround_vs_vllm", ">=", 1.0, "12.8x lower than its baseline (turnaround)"),
 )
 
 
@@ -175,7 +266,10 @@ def targets(head: dict[str, Any]) -> list[dict[str, Any]]:
     """Each target with its measured value and whether it was met (None: not measured)."""
     out = []
     for key, op, bound, paper in TARGETS:
-        value, note = head.get(key), None
+        if key == "ours_ls_tpot_over_isolated":
+            value, note = (head.get("ls_tpot_over_isolated") or {}).get(head.get("ours")), None
+        else:
+            value, note = head.get(key), None
         if value is None:
             met = None
         elif op == ">=":

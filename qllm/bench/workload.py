@@ -11,8 +11,12 @@ them ``throughput_vs_transformers_cb``: output tokens/s of all requests (LS and 
 divided by the peer's at the same rate, the minimum over rates (``_by_rate``: each rate's; None
 when the peer or fcfs was not run), with the target >= 1.
 
-The LS SLO is on TTFT: ``--slo-k`` times the single-request decode step measured first on the
-idle machine (10, as the paper), or ``--slo`` seconds. ``--socket PATH`` (repeatable) measures
+The LS SLOs are on TTFT: ``--slo-k`` times the single-request decode step measured first on the
+idle machine (10, as the paper), or ``--slo`` seconds; and on TPOT (time per output token after
+the first): ``--tpot-slo-k`` times the same step (2), or ``--tpot-slo`` seconds. Each class reports
+LS TPOT mean and p99 and each SLO's attainment; the headline, every system's LS TPOT and
+turnaround over its isolated values and, with ``--systems ...,vllm`` (``vllm serve`` from
+``--vllm-python``), the default policy against vLLM. ``--socket PATH`` (repeatable) measures
 running ``qllm serve`` instances instead, end to end through the client library.
 See docs/benchmarks.md.
 """
@@ -28,7 +32,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from qllm.bench.plan import PEER
+from qllm.bench.plan import PEER, VLLM
 
 if TYPE_CHECKING:
     from qllm.bench.systems import System
@@ -72,7 +76,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--systems",
         help=f"comma-separated: qllm policies (NAME or module:Class, options as :key=value, e.g. "
-        f"cohort:stretch=2) and/or {PEER} (default: all)",
+        f"cohort:stretch=2) and/or the peers {PEER}, {VLLM} (default: every policy and {PEER})",
+    )
+    s.add_argument(
+        "--vllm-python",
+        metavar="PATH",
+        help="interpreter of the vllm peer's venv (default: $QLLM_VLLM_PYTHON, else .venv-peers; "
+        "`make peers` builds it)",
+    )
+    s.add_argument(
+        "--vllm-eager",
+        action="store_true",
+        help="start vllm with --enforce-eager: minutes faster to start, slower to serve",
     )
     s.add_argument(
         "--max-batch", type=int, default=32, help="most requests per batch, every system (default 32)"
@@ -88,6 +103,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--slo-k", type=float, default=10.0, help="LS TTFT SLO in single-request decode steps (default 10)"
     )
     s.add_argument("--slo", type=float, help="LS TTFT SLO in seconds (overrides --slo-k)")
+    s.add_argument(
+        "--tpot-slo-k",
+        type=float,
+        default=2.0,
+        help="LS TPOT SLO (time per output token after the first) in single-request decode steps (default 2)",
+    )
+    s.add_argument("--tpot-slo", type=float, help="LS TPOT SLO in seconds (overrides --tpot-slo-k)")
     s.add_argument(
         "--isolated",
         type=int,
@@ -196,6 +218,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
         probe = probes.yardstick_system(systems)
         decode_step = await probes.decode_step(probe)
         slo = args.slo if args.slo is not None else args.slo_k * decode_step
+        tpot_slo = args.tpot_slo if args.tpot_slo is not None else args.tpot_slo_k * decode_step
         rates, capacity = await plan.rates(args, systems, workload)
         # The same LS requests as the measured ones: the highest rate's workload holds every other
         # rate's (one seeded sequence, faster), also when --duration bounds it.
@@ -207,7 +230,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
                 peer, alone, args.isolated, slo, args.timeout, args.isolated_tries
             )
             peer_idle[peer.name]["decode_step_s"] = await probes.decode_step(peer)
-        cells = await _measure(systems, {r: workload(r) for r in rates}, slo, args)
+        cells = await _measure(systems, {r: workload(r) for r in rates}, slo, tpot_slo, args)
     finally:
         for system in systems:
             await system.close()
@@ -226,6 +249,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
             "moe_granularity": args.moe_granularity, "timeout_s": args.timeout,
         },
         "slo": {"decode_step_s": decode_step, "k": None if args.slo is not None else args.slo_k, "ttft_s": slo,
+                "tpot_k": None if args.tpot_slo is not None else args.tpot_slo_k, "tpot_s": tpot_slo,
                 "measured_on": probe.name},
         "isolated": isolated,
         "peer_isolated": peer_idle,
@@ -249,18 +273,48 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     isolated = result["isolated"]
     idle = {s["name"]: isolated["ttft_mean_s"] for s in result["systems"] if s["kind"] != "peer"}
     idle.update({name: peer["ttft_mean_s"] for name, peer in result.get("peer_isolated", {}).items()})
+    result = {**result, "cells": [_current(c, result["slo"]) for c in result["cells"]]}
+    yardsticks = {
+        s["name"]: _yardstick(isolated, result["slo"]) for s in result["systems"] if s["kind"] != "peer"
+    }
+    yardsticks.update({n: _yardstick(p, p) for n, p in result.get("peer_isolated", {}).items()})
     head = headline(
         result["systems"],
         result["cells"],
         isolated_p99=isolated["ttft_p99_s"],
         ls_share=result["config"]["ls_share"],
         idle_ttft=idle,
+        isolated=yardsticks,
     )
     return {**result, "headline": rounded(head), "targets": rounded(targets(head))}
 
 
+def _current(cell: dict[str, Any], slo: dict[str, Any]) -> dict[str, Any]:
+    """``cell`` with its metrics recomputed from its records where they predate a figure (TPOT)."""
+    from qllm.bench.stats import Record, cell_metrics
+
+    if "tpot_mean_s" in cell["metrics"]["ls"] or "records" not in cell:
+        return cell
+    tpot_slo = slo.get("tpot_s") or 2.0 * slo["decode_step_s"]
+    metrics = cell_metrics([Record.from_row(r) for r in cell["records"]], slo["ttft_s"], tpot_slo)
+    return {**cell, "metrics": metrics}
+
+
+def _yardstick(isolated: dict[str, Any], slo: dict[str, Any]) -> dict[str, Any]:
+    """A system's isolated figures; where a result predates isolated TPOT, the single-request
+    decode step stands for it (the same quantity, from one probe request)."""
+    if isolated.get("tpot_mean_s") is not None or slo.get("decode_step_s") is None:
+        return isolated
+    step = slo["decode_step_s"]
+    return {**isolated, "tpot_mean_s": step, "tpot_p99_s": step}
+
+
 async def _measure(
-    systems: list[System], by_rate: dict[float, list[Item]], slo: float, args: argparse.Namespace
+    systems: list[System],
+    by_rate: dict[float, list[Item]],
+    slo: float,
+    tpot_slo: float,
+    args: argparse.Namespace,
 ) -> list[dict[str, Any]]:
     """Every system on every rate's workload; the systems' order rotates from one rate to the next."""
     from qllm.bench.stats import cell_metrics
@@ -273,7 +327,7 @@ async def _measure(
                 records = await system.run(items, slo_s=slo, timeout=args.timeout, on_done=bar)
                 cells.append({
                     "system": system.name, "rate": rate, "wall_s": time.perf_counter() - started,
-                    "metrics": cell_metrics(records, slo), "records": [r.row() for r in records],
+                    "metrics": cell_metrics(records, slo, tpot_slo), "records": [r.row() for r in records],
                     "kernel": getattr(system, "last_stats", None),
                 })  # fmt: skip
     return cells

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from qllm.kernel.config import parse_slo
+
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
@@ -46,6 +48,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         metavar="N",
         help="torch intra-op threads (default: torch's, one per core); "
         "1 avoids OpenMP contention on a busy small machine",
+    )
+    p.add_argument(
+        "--slo",
+        metavar="CLASS:FIGURE=SECONDS,...",
+        help="per-class SLOs, e.g. 'ls:ttft=0.5,tpot=0.1;be:tpot=1' (TTFT: arrival to first token; "
+        "TPOT: time per output token after the first; default for LS: 10 and 2 single-request "
+        "decode steps; a request's ttft_deadline and tpot_slo win)",
     )
     p.add_argument(
         "--socket",
@@ -105,6 +114,7 @@ def overrides(args: argparse.Namespace) -> dict:
             "moe_granularity": args.moe_granularity,
             "kv_block_size": args.kv_block_size,
             "threads": args.threads,
+            "slo": parse_slo(args.slo) if args.slo else None,
         },
         "server": {
             "socket": args.socket,

@@ -10,6 +10,14 @@ import msgspec
 from msgspec import Meta
 
 
+class ClassSLO(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    """Service-level objectives of one priority class, in seconds (None: the default,
+    :mod:`qllm.kernel.slo`). A request's own ``ttft_deadline`` and ``tpot_slo`` win."""
+
+    ttft: Annotated[float, Meta(gt=0)] | None = None  # arrival to first token
+    tpot: Annotated[float, Meta(gt=0)] | None = None  # time per output token after the first
+
+
 class EngineConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
     """Arguments of :class:`qllm.Engine` (docs/engine.md)."""
 
@@ -30,6 +38,9 @@ class EngineConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, fro
     threads: Annotated[int, Meta(ge=1)] | None = None  # torch intra-op threads; None: torch's default
     compute: Literal["thread", "loop"] = "thread"  # where ops run: a worker thread, or the event loop
     batch_invariant: bool = True  # a request's output does not depend on its batch mates
+    # Per-class SLOs (``[engine.slo.ls]`` in the config file, ``--slo ls:ttft=0.5,tpot=0.1``);
+    # a class or figure left out gets its default from the single-request decode step.
+    slo: dict[Literal["ls", "be"], ClassSLO] = msgspec.field(default_factory=dict)
 
 
 def engine_config(
@@ -42,3 +53,22 @@ def engine_config(
         return msgspec.convert({**base, **(settings or {})}, EngineConfig)
     except msgspec.ValidationError as exc:
         raise ValueError(f"invalid engine setting: {exc}") from None
+
+
+def parse_slo(text: str) -> dict[str, dict[str, float]]:
+    """``ls:ttft=0.5,tpot=0.1;be:tpot=1`` -> ``{"ls": {"ttft": 0.5, "tpot": 0.1}, "be": {"tpot": 1.0}}``
+    (seconds; the form of ``--slo``). ValueError saying what is wrong."""
+    out: dict[str, dict[str, float]] = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        cls, sep, figures = part.partition(":")
+        if not sep or cls.strip() not in ("ls", "be"):
+            raise ValueError(f"--slo {part!r}: expected CLASS:FIGURE=SECONDS,... with CLASS ls or be")
+        for item in filter(None, (f.strip() for f in figures.split(","))):
+            name, eq, value = item.partition("=")
+            if not eq or name.strip() not in ("ttft", "tpot"):
+                raise ValueError(f"--slo {item!r}: expected ttft=SECONDS or tpot=SECONDS")
+            try:
+                out.setdefault(cls.strip(), {})[name.strip()] = float(value)
+            except ValueError:
+                raise ValueError(f"--slo {item!r}: {value!r} is not a number of seconds") from None
+    return out

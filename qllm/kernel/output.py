@@ -117,6 +117,8 @@ class OutputProcessor:
             token_times=list(request.token_times),
             preemptions=request.preemptions,
             error=request.error,
+            ttft_slo=request.ttft_slo,
+            tpot_slo=request.tpot_slo,
         )
 
     @staticmethod

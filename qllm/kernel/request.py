@@ -87,6 +87,8 @@ class RequestResult:
     token_times: list[float]
     preemptions: int
     error: str | None = None
+    ttft_slo: float | None = None  # the SLOs it was served under (seconds; None: none)
+    tpot_slo: float | None = None
 
     @property
     def ttft(self) -> float | None:
@@ -114,6 +116,8 @@ class Request:
     token_ids: list[int] = field(default_factory=list)
     preemptions: int = 0
     error: str | None = None
+    # Its (ttft, tpot) SLOs in seconds: the spec's, else its class's (qllm.kernel.slo); set on submit.
+    slo: tuple[float | None, float | None] = (None, None)
     text: TextStream | None = None  # its output as streamed text (the output processor's)
     # Execution state, owned by the dispatcher.
     steps: Generator[Forward | Token, torch.Tensor | bool | None, StopReason] | None = None  # its program
@@ -145,6 +149,21 @@ class Request:
     def ttft_deadline(self) -> float | None:
         """Seconds after arrival."""
         return self.spec.ttft_deadline
+
+    @property
+    def tpot_slo(self) -> float | None:
+        """Seconds per output token after the first it is served under (its own or its class's)."""
+        return self.slo[1]
+
+    @property
+    def ttft_slo(self) -> float | None:
+        """Seconds from arrival to first token it is served under (its own or its class's)."""
+        return self.slo[0]
+
+    @property
+    def last_token(self) -> float | None:
+        """When its latest token came (None: none yet)."""
+        return self.token_times[-1] if self.token_times else None
 
     @property
     def client(self) -> str:

@@ -29,6 +29,8 @@ class RequestView:
     arrival: float = property(lambda self: self._r.arrival)  # type: ignore[assignment]
     seq: int = property(lambda self: self._r.seq)  # type: ignore[assignment]
     ttft_deadline: float | None = property(lambda self: self._r.ttft_deadline)  # type: ignore[assignment]
+    tpot_slo: float | None = property(lambda self: self._r.tpot_slo)  # type: ignore[assignment]
+    last_token: float | None = property(lambda self: self._r.last_token)  # type: ignore[assignment]
     client: str = property(lambda self: self._r.client)  # type: ignore[assignment]
     status: RequestStatus = property(lambda self: self._r.status)  # type: ignore[assignment]
     phase: Phase = property(lambda self: self._r.phase)  # type: ignore[assignment]

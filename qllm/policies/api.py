@@ -23,6 +23,7 @@ from typing import ClassVar
 
 from qllm.kernel.request import Phase, PriorityClass, RequestStatus
 from qllm.kernel.runtime.ops import OpKind
+from qllm.kernel.slo import TPOT_STEPS
 from qllm.kernel.view import CostView, KernelView, MemoryView, RequestView
 
 API_VERSION = 1
@@ -112,6 +113,7 @@ def batch_for(
 
 __all__ = [
     "API_VERSION",
+    "TPOT_STEPS",
     "CostView",
     "KernelView",
     "MemoryView",

@@ -18,6 +18,15 @@
   op granularity: requests in the middle of a pass run before requests at a pass boundary, the op
   furthest behind first. So requests left behind (ridden past, or cut by the budget) rejoin the
   cohort at the next step boundary instead of trailing as small batches.
+- **LS requests past their first token get each next token within their TPOT SLO** (``pace``,
+  default on; qllm/policies/pace.py): without an LS request waiting for its first token, the LS
+  requests decoding run ahead of best-effort work, which rides along only while the cost model
+  predicts the LS pass still ends by its deadline, and otherwise runs its ops in the time the LS
+  requests do not need (at least ``floor`` of it, default 0.2). When every request fits the budget
+  this is the cohort of the rule above: light LS load costs best-effort work nothing.
+  ``tpot_scale`` (default 0.9) is the plan's deadline in TPOT SLOs after the latest token; higher
+  (``cohort:tpot_scale=2``) cuts riders later, for more best-effort throughput and a slower LS
+  stream.
 - **At most ``max_batch`` requests run per step.** LS requests are admitted beyond ``max_batch``;
   the best-effort requests beyond it then wait at their pass boundary until requests finish
   (:meth:`CohortPolicy.runnable`), so that the cohort stays one batch instead of running each op
@@ -52,6 +61,7 @@ from dataclasses import replace
 
 from qllm.policies.api import KernelView, OpKind, Phase, Policy, RequestView
 from qllm.policies.fair import fair_order, fair_share
+from qllm.policies.pace import SCALE, Pacer
 
 TAIL_WINDOW = 64
 """With ``tail``: how many recent LS requests' passes alone make the floor."""
@@ -67,7 +77,15 @@ def cohort_position(r: RequestView) -> tuple:
 class CohortPolicy(Policy):
     name = "cohort"
 
-    def __init__(self, stretch: float = 1.0, pairs: bool = False, tail: bool = False):
+    def __init__(
+        self,
+        stretch: float = 1.0,
+        pairs: bool = False,
+        tail: bool = False,
+        pace: bool = True,
+        floor: float = 0.2,
+        tpot_scale: float = SCALE,
+    ):
         if stretch < 1:
             raise ValueError("stretch must be >= 1 (the LS op's own time is the least it can take)")
         self.stretch = stretch
@@ -77,6 +95,8 @@ class CohortPolicy(Policy):
         self.solo_s: dict[str, float] = {}  # LS request -> predicted time of its ops run so far, alone
         self.passes: deque[float] = deque(maxlen=TAIL_WINDOW)  # recent LS passes alone, predicted (tail)
         self.floor_s: dict[str, float] = {}  # LS request -> the tail of LS passes when it first led (tail)
+        # LS decode within its TPOT budget (qllm/policies/pace.py)
+        self.pacer = Pacer(floor, tpot_scale) if pace else None
 
     def leads(self, ready: Sequence[RequestView]) -> list[RequestView]:
         """LS requests still waiting for their first token, of the best rank, oldest first."""
@@ -94,6 +114,9 @@ class CohortPolicy(Policy):
         self.layers = max(self.layers, *layers, 0)
         leads = self.leads(ready)
         if not leads:
+            paced = self.pacer and self.pacer.select(ready, kernel, cohort_position, self._layer, self.rest_s)
+            if paced:
+                return paced
             return self.members(min(ready, key=cohort_position).op_key, ready, kernel)
         lead = leads[0]  # the oldest: a newer LS request never delays it beyond its slack
         if self.tail:

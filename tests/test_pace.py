@@ -32,7 +32,7 @@ def decoding(rid: str, *, last_token: float, tpot_slo: float | None, op=ATTN0, a
 
 
 def policy(**options) -> CohortPolicy:
-    p = CohortPolicy(**options)
+    p = CohortPolicy(**{"pace": True, **options})
     p.layers = LAYERS
     return p
 

@@ -18,8 +18,8 @@
   op granularity: requests in the middle of a pass run before requests at a pass boundary, the op
   furthest behind first. So requests left behind (ridden past, or cut by the budget) rejoin the
   cohort at the next step boundary instead of trailing as small batches.
-- **LS requests past their first token get each next token within their TPOT SLO** (``pace``,
-  default on; qllm/policies/pace.py): without an LS request waiting for its first token, the LS
+- **With ``pace`` (off by default: ``--policy cohort:pace=true``; qllm/policies/pace.py), LS
+  requests past their first token get each next token within their TPOT SLO**: without an LS request waiting for its first token, the LS
   requests decoding run ahead of best-effort work, which rides along only while the cost model
   predicts the LS pass still ends by its deadline, and otherwise runs its ops in the time the LS
   requests do not need (at least ``floor`` of it, default 0.2). When every request fits the budget
@@ -82,7 +82,7 @@ class CohortPolicy(Policy):
         stretch: float = 1.0,
         pairs: bool = False,
         tail: bool = False,
-        pace: bool = True,
+        pace: bool = False,
         floor: float = 0.2,
         tpot_scale: float = SCALE,
     ):
@@ -95,8 +95,9 @@ class CohortPolicy(Policy):
         self.solo_s: dict[str, float] = {}  # LS request -> predicted time of its ops run so far, alone
         self.passes: deque[float] = deque(maxlen=TAIL_WINDOW)  # recent LS passes alone, predicted (tail)
         self.floor_s: dict[str, float] = {}  # LS request -> the tail of LS passes when it first led (tail)
-        # LS decode within its TPOT budget (qllm/policies/pace.py)
-        self.pacer = Pacer(floor, tpot_scale) if pace else None
+        # LS decode within its TPOT budget (qllm/policies/pace.py); its options are checked either way
+        pacer = Pacer(floor, tpot_scale)
+        self.pacer = pacer if pace else None
 
     def leads(self, ready: Sequence[RequestView]) -> list[RequestView]:
         """LS requests still waiting for their first token, of the best rank, oldest first."""

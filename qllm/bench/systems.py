@@ -342,20 +342,33 @@ class HttpSystem:
                         finish = choice.get("finish_reason") or finish
         except (httpx.HTTPError, httpx.StreamError):
             pass  # cancelled by closing the stream
-        end = time.monotonic()
-        ok = finish == "length"
-        tokens = usage["completion_tokens"] if usage else len(chunk_times)
-        return Record(
-            cls=item.cls,
-            arrival=arrival - t0,
-            first_scheduled=None,
-            first_token=chunk_times[0] - t0 if chunk_times else None,
-            finished=end - t0 if ok else None,
-            prompt_tokens=usage["prompt_tokens"] if usage else item.prompt_len,
-            output_tokens=tokens,
-            preemptions=0,
-            inter_token_s=(chunk_times[-1] - chunk_times[0]) / (tokens - 1) if ok and tokens > 1 else None,
-        )
+        return completion_record(item, arrival, t0, chunk_times, usage, finish)
 
     async def close(self) -> None:
         await self.client.aclose()
+
+
+def completion_record(
+    item: Item,
+    arrival: float,
+    t0: float,
+    token_times: list[float],
+    usage: dict[str, int] | None,
+    finish: str | None,
+) -> Record:
+    """The record of one streamed OpenAI completion that ended now: ``token_times`` are when its
+    tokens arrived, ``usage`` and ``finish`` what its last events said. Only a request that
+    generated all its tokens (``finish_reason`` "length") counts as finished."""
+    end = time.monotonic()
+    ok = finish == "length"
+    tokens = usage["completion_tokens"] if usage else len(token_times)
+    return Record(
+        cls=item.cls,
+        arrival=arrival - t0,
+        first_scheduled=None,
+        first_token=token_times[0] - t0 if token_times else None,
+        finished=end - t0 if ok else None,
+        prompt_tokens=usage["prompt_tokens"] if usage else item.prompt_len,
+        output_tokens=tokens,
+        inter_token_s=(token_times[-1] - token_times[0]) / (tokens - 1) if ok and tokens > 1 else None,
+    )

@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 from qllm.bench.peer_process import PeerFailed, PeerProcess, PeerUnavailable, free_port
 from qllm.bench.stats import Record
-from qllm.bench.systems import OnDone, replay
+from qllm.bench.systems import OnDone, completion_record, replay
 from qllm.bench.trace import Item
 
 if TYPE_CHECKING:
@@ -202,19 +202,7 @@ class VllmSystem:
         except (httpx.HTTPError, httpx.StreamError) as exc:
             if not box.get("cancelled"):
                 raise PeerFailed(f"vllm stopped answering ({exc!r}){self.process.log_tail()}") from exc
-        end = time.monotonic()
-        ok = finish == "length"
-        tokens = usage["completion_tokens"] if usage else len(token_times)
-        return Record(
-            cls=item.cls,
-            arrival=arrival - t0,
-            first_scheduled=None,
-            first_token=token_times[0] - t0 if token_times else None,
-            finished=end - t0 if ok else None,
-            prompt_tokens=usage["prompt_tokens"] if usage else item.prompt_len,
-            output_tokens=tokens,
-            inter_token_s=(token_times[-1] - token_times[0]) / (tokens - 1) if ok and tokens > 1 else None,
-        )
+        return completion_record(item, arrival, t0, token_times, usage, finish)
 
     async def close(self) -> None:
         try:
@@ -223,26 +211,8 @@ class VllmSystem:
             await self.process.stop()
 
 
-async def connect(
-    model: MoEModel,
-    *,
-    max_batch: int,
-    prefill_chunk: int,
-    max_len: int,
-    python: str | None = None,
-    eager: bool = False,
-    model_dir: str | Path | None = None,
-) -> VllmSystem:
-    """The bench's factory: :meth:`VllmSystem.start` (``python`` is ``--vllm-python``)."""
-    return await VllmSystem.start(
-        model,
-        max_batch=max_batch,
-        prefill_chunk=prefill_chunk,
-        max_len=max_len,
-        python=python,
-        eager=eager,
-        model_dir=model_dir,
-    )
+connect = VllmSystem.start
+"""The bench's factory (``python`` is ``--vllm-python``)."""
 
 
 async def _ready(process: PeerProcess, client: httpx.AsyncClient) -> None:

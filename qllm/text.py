@@ -189,19 +189,27 @@ class TextStream:
         self._reach = max(map(len, self.stops), default=1)
         self._checked = 0  # a stop string starting before this index would have been found
         self._rewrites = 0
+        self._cut = 0  # where the stop string starts, once ``stopped``
 
     def push(self, token_id: int) -> str:
         """Append ``token_id``; the text it adds to the stream (cut before a stop string)."""
         text = self.decoder.push(token_id)
         cut = self._find_stop(text) if self.stops else None
         if cut is not None:
-            self.stopped = True
+            self.stopped, self._cut = True, cut
             text = text[:cut]
         elif text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
             text = text[: len(self.streamed)]
         delta = text[len(self.streamed) :] if text.startswith(self.streamed) else ""
         self.streamed += delta
         return delta
+
+    @property
+    def text(self) -> str:
+        """The whole output's text (what :func:`finish_text` gives for the same tokens): up to the
+        stop string once ``stopped``, an incomplete last character included otherwise."""
+        text = self.decoder.text
+        return text[: self._cut] if self.stopped else text
 
     def _find_stop(self, text: str) -> int | None:
         decoder = self.decoder

@@ -11,7 +11,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from qllm.models.presets import tiny_tokenizer
-from qllm.text import TextDecoder, TextStream, decode, stop_index
+from qllm.text import TextDecoder, TextStream, decode, finish_text, stop_index
 
 
 def metaspace_tokenizer() -> PreTrainedTokenizerFast:
@@ -143,6 +143,8 @@ def test_stop_strings_found_incrementally_as_in_the_whole_output(seed, tokenizer
     assert deltas == expected
     assert stream.stopped == (stopped_at is not None)
     assert stream.streamed == "".join(expected)
+    generated = ids if stopped_at is None else ids[: stopped_at + 1]
+    assert stream.text == finish_text(model, generated, stops)
 
 
 def test_each_token_searches_only_the_tail_a_stop_string_can_reach():

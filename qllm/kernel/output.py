@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from qllm.kernel.program import generation_passes
 from qllm.kernel.request import NEXT_PASS, Request, RequestResult, RequestStatus
 from qllm.kernel.runtime.ops import Token
-from qllm.text import TextStream, finish_text
+from qllm.text import TextStream
 
 if TYPE_CHECKING:
     import torch
@@ -106,7 +106,7 @@ class OutputProcessor:
         return RequestResult(
             id=request.id,
             token_ids=list(request.token_ids),
-            text=finish_text(self.model, request.token_ids, request.params.stop),
+            text="" if request.text is None else request.text.text,
             status=request.status.label,
             priority=str(request.priority_class),
             prompt_tokens=len(request.prompt_ids),

@@ -6,6 +6,7 @@ import argparse
 import importlib
 import sys
 
+from qllm import logging as log
 from qllm.kernel.openmp import configure_openmp
 
 COMMANDS = ("demo", "generate", "models", "policies", "serve", "stats", "bench", "doctor")
@@ -32,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     configure_openmp()  # before any command imports torch
     args = build_parser().parse_args(argv)
+    # Log lines go to stderr from the start, so that stdout carries only a command's output
+    # (``qllm generate --json``); ``qllm serve`` sets its own level and format.
+    log.configure("warning")
     try:
         return int(args.handler(args) or 0)
     except KeyboardInterrupt:

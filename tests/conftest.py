@@ -17,13 +17,19 @@ def pytest_asyncio_loop_factories(config, item):
 
 @pytest.fixture(autouse=True)
 def _structlog_config_restored():
-    """Each test leaves structlog configured as it found it: the bench commands configure it for
-    their run (warnings only), which would otherwise hide the log lines later tests capture."""
+    """Each test leaves structlog and the root logger as it found them: the commands configure
+    both for their run, which would otherwise hide or misroute the log lines later tests see."""
+    import logging
+
     import structlog
 
     saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     yield
     structlog.configure(**saved)
+    root.handlers[:], root.level = handlers, level
+    logging.captureWarnings(False)
 
 
 @pytest.fixture(scope="session")

@@ -48,3 +48,26 @@ def test_readable_on_a_tty():
 def test_unknown_level():
     with pytest.raises(ValueError, match="log level"):
         configure("chatty")
+
+
+def test_a_command_keeps_library_warnings_off_its_json_stdout(monkeypatch, capsys):
+    """``qllm generate --json`` prints one JSON document on stdout even when a library warns
+    while the model loads (transformers' load report does): the warning goes to stderr."""
+    import logging
+
+    import qllm.models
+    from qllm.cli import main
+
+    load = qllm.models.load_model
+
+    def load_with_a_warning(*args, **kwargs):
+        logging.getLogger("transformers.modeling_utils").warning("LOAD REPORT: unexpected keys")
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(qllm.models, "load_model", load_with_a_warning)
+
+    assert main(["generate", "--model", "tiny", "--max-tokens", "3", "--json", "hello"]) == 0
+
+    out, err = capsys.readouterr()
+    assert len(json.loads(out)["token_ids"]) == 3
+    assert "LOAD REPORT" in err and "LOAD REPORT" not in out

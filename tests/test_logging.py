@@ -52,16 +52,21 @@ def test_unknown_level():
 
 def test_a_command_keeps_library_warnings_off_its_json_stdout(monkeypatch, capsys):
     """``qllm generate --json`` prints one JSON document on stdout even when a library warns
-    while the model loads (transformers' load report does): the warning goes to stderr."""
+    while the model loads (transformers' load report does), whatever logging state the process
+    had (here: library logs routed through structlog at its defaults, which print to stdout):
+    the warning goes to stderr."""
     import logging
 
     import qllm.models
     from qllm.cli import main
+    from qllm.logging import route_stdlib_logging
 
+    structlog.reset_defaults()
+    route_stdlib_logging()
     load = qllm.models.load_model
 
     def load_with_a_warning(*args, **kwargs):
-        logging.getLogger("transformers.modeling_utils").warning("LOAD REPORT: unexpected keys")
+        logging.getLogger("somelibrary.loader").warning("LOAD REPORT: unexpected keys")
         return load(*args, **kwargs)
 
     monkeypatch.setattr(qllm.models, "load_model", load_with_a_warning)

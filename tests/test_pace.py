@@ -58,8 +58,10 @@ def test_be_rows_ride_only_while_the_ls_pass_stays_within_its_tpot_budget():
     be = [make_request(f"be{i}", decode=True, arrival=i) for i in range(8)]
     batch = p.select(make_kernel([*be, ls], now=0.0, costs=costs))
     assert ids(batch) == ["ls", "be0", "be1", "be2"]
-    # Later in the same token period no rider fits: the LS row advances in its own smaller batch.
-    assert ids(policy().select(make_kernel([*be, ls], now=0.001, costs=costs))) == ["ls"]
+    # Later in the same token period the LS pass cannot end by the deadline even alone: only the
+    # riders its padded op computes anyway (the cost model's bucket of 4 rows) still ride.
+    late = make_kernel([*be, ls], now=0.001, costs=costs)
+    assert ids(policy(free=0).select(late)) == ids(policy().select(late)) == ["ls", "be0", "be1", "be2"]
 
 
 def test_best_effort_work_fills_the_time_the_ls_request_does_not_need():
@@ -107,9 +109,46 @@ def test_unknown_costs_pace_nothing():
     assert ids(policy().select(make_kernel([*be, ls]))) == ["ls", *ids(be)]
 
 
+def saturating_costs() -> OpCosts:
+    """A MoE op whose time stops growing at 8 rows, where its rows read every expert (the CPU's
+    measured curve: 11 ms for 1 row, 38 ms for 8, 40 ms for 12)."""
+    costs = OpCosts()
+    moe = {1: 0.011, 4: 0.025, 8: 0.038, 12: 0.040, 16: 0.041, 32: 0.042}
+    for n, t in moe.items():
+        costs.record(OpKind.ATTENTION, n, 0.005 + 0.0003 * n)
+        costs.record(OpKind.MOE, n, t)
+        costs.record(OpKind.HEAD, n, 0.02)
+    return costs
+
+
+def test_riders_that_cost_the_ls_pass_next_to_nothing_ride_even_past_its_deadline():
+    costs = saturating_costs()
+    ls = [decoding(f"ls{i}", last_token=0.0, tpot_slo=0.001) for i in range(12)]  # out of budget alone
+    be = [make_request(f"be{i}", decode=True, arrival=i) for i in range(40)]
+    kernel = make_kernel([*be, *ls], now=0.0, costs=costs, max_batch=64)
+    p = policy()
+    alone = pass_s(p, 12, costs)
+    fits = max(k for k in range(41) if pass_s(p, 12 + k, costs) <= 1.1 * alone)
+    # 12 LS rows already read every expert: the riders that add at most 10% to their pass ride
+    # (more than a bucket of them, fewer than all); without free riders, only the bucket's.
+    assert 4 < fits < 40
+    assert ids(p.select(kernel)) == [*ids(ls), *ids(be[:fits])]
+    assert ids(policy(free=0, floor=0).select(kernel)) == ids(ls)
+    # Where riders cost their rows (a lone LS row), only its bucket's riders ride.
+    one = decoding("ls", last_token=0.0, tpot_slo=0.001)
+    assert ids(policy(floor=0).select(make_kernel([*be, one], now=0.0, costs=costs))) == [
+        "ls",
+        "be0",
+        "be1",
+        "be2",
+    ]
+
+
 def test_options_are_checked():
     with pytest.raises(ValueError, match="floor"):
         Pacer(floor=1.0)
+    with pytest.raises(ValueError, match="free"):
+        CohortPolicy(free=1.5)
     with pytest.raises(ValueError, match="tpot_scale"):
         CohortPolicy(tpot_scale=0)
 

@@ -61,7 +61,7 @@ from dataclasses import replace
 
 from qllm.policies.api import KernelView, OpKind, Phase, Policy, RequestView
 from qllm.policies.fair import fair_order, fair_share
-from qllm.policies.pace import SCALE, Pacer
+from qllm.policies.pace import FREE, SCALE, Pacer
 
 TAIL_WINDOW = 64
 """With ``tail``: how many recent LS requests' passes alone make the floor."""
@@ -85,6 +85,7 @@ class CohortPolicy(Policy):
         pace: bool = False,
         floor: float = 0.2,
         tpot_scale: float = SCALE,
+        free: float = FREE,
     ):
         if stretch < 1:
             raise ValueError("stretch must be >= 1 (the LS op's own time is the least it can take)")
@@ -96,7 +97,7 @@ class CohortPolicy(Policy):
         self.passes: deque[float] = deque(maxlen=TAIL_WINDOW)  # recent LS passes alone, predicted (tail)
         self.floor_s: dict[str, float] = {}  # LS request -> the tail of LS passes when it first led (tail)
         # LS decode within its TPOT budget (qllm/policies/pace.py); its options are checked either way
-        pacer = Pacer(floor, tpot_scale)
+        pacer = Pacer(floor, tpot_scale, free)
         self.pacer = pacer if pace else None
 
     def leads(self, ready: Sequence[RequestView]) -> list[RequestView]:

@@ -8,9 +8,12 @@ the LS op furthest behind are the **group**; their pass from that op on, predict
 model, must end by the earliest deadline among them. At each decision:
 
 1. **Riders**: the other requests at the group's op (best-effort ones in turn, clients in turn)
-   ride along while the group's pass with them is still predicted to end by the deadline. When
-   every ready request rides, this is the cohort as without pacing: light LS load costs best-effort
-   work nothing.
+   ride along while the group's pass with them is still predicted to end by the deadline, or to
+   take at most ``free`` (``FREE``, 0.1) more than the group's pass alone: where a MoE op already
+   reads every expert's weights (a CPU reaches that at about 8 rows), more rows cost next to
+   nothing, and leaving them out would cost best-effort work a whole op later. When every ready
+   request rides, this is the cohort as without pacing: light LS load costs best-effort work
+   nothing.
 2. **Fill**: requests left out (at other ops, or not fitting) run their op, the cohort furthest
    behind first, when the group's pass is still predicted to end by the deadline after it: the
    time the LS requests do not need goes to best-effort work.
@@ -37,6 +40,10 @@ LS stream: on a CPU, where a cut rider costs best-effort work a whole op's fixed
 best-effort tokens/s near fcfs's in the runs measured, and its LS TPOT varied from run to run
 (docs/policies.md, the frontier)."""
 
+FREE = 0.1
+"""Riders that lengthen the LS group's pass by at most this share ride even past the deadline
+(``cohort:free``): their cost to the LS stream is within the cost model's error."""
+
 Rest = Callable[[OpKind, int, int, KernelView], "float | None"]
 """(op kind, layer, rows, kernel) -> predicted time of a pass's ops from that op through its head."""
 
@@ -45,13 +52,18 @@ class Pacer:
     """The pacing state of one policy instance: the predicted op time given to fill ops and to LS
     groups since pacing began (it begins when an LS request decodes beside best-effort work)."""
 
-    def __init__(self, floor: float = 0.2, scale: float = SCALE):
+    def __init__(self, floor: float = 0.2, scale: float = SCALE, free: float = FREE):
+        if not 0 <= free <= 1:
+            raise ValueError(
+                "free must be in [0, 1]: the share of the LS pass that riders may add past the deadline"
+            )
         if not 0 <= floor < 1:
             raise ValueError("floor must be in [0, 1): the least share of time best-effort work gets")
         if scale <= 0:
             raise ValueError("tpot_scale must be > 0: the share of the TPOT SLO that LS decode is planned in")
         self.floor = floor
         self.scale = scale
+        self.free = free
         self.fill_s = 0.0
         self.group_s = 0.0
 
@@ -90,8 +102,10 @@ class Pacer:
             return rest(kind, layer, rows, kernel)
 
         rows = sum(r.rows for r in group)
-        if pass_s(rows) is None:
+        alone = pass_s(rows)
+        if alone is None:
             return None
+        limit = max(deadline, kernel.now + (1 + self.free) * alone)
         batch, chosen = list(group), {r.id for r in group}
         riders = fair_order(
             (r for r in ready if r.op_key == key and r.id not in chosen), key=lambda r: r.sort_key
@@ -100,7 +114,7 @@ class Pacer:
             if len(batch) >= kernel.max_batch:
                 break
             t = pass_s(rows + r.rows)
-            if t is not None and kernel.now + t <= deadline:
+            if t is not None and kernel.now + t <= limit:
                 batch.append(r)
                 rows += r.rows
         chosen = {r.id for r in batch}

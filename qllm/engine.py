@@ -8,7 +8,6 @@ import os
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-import structlog
 import torch
 
 from qllm.errors import EngineClosed, InvalidRequest
@@ -21,6 +20,7 @@ from qllm.kernel.request import PriorityClass, Request, RequestResult
 from qllm.kernel.slo import class_slo, decode_step_s
 from qllm.kernel.stats import Metrics
 from qllm.kernel.tensors import TensorManager
+from qllm.logging import get_logger
 from qllm.models import load_model
 from qllm.models.base import MoEModel
 from qllm.policies import DEFAULT_POLICY, Policy, load_policy
@@ -28,7 +28,7 @@ from qllm.policies.fallback import Fallback
 from qllm.spec import RequestSpec, build_spec, checked
 from qllm.text import encode
 
-log = structlog.get_logger()
+log = get_logger()
 _ids = itertools.count(1)
 
 

@@ -23,11 +23,9 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-import structlog
-
 import qllm
 from qllm import protocol as p
-from qllm.logging import Throttled
+from qllm.logging import Throttled, get_logger
 from qllm.server import systemd
 from qllm.server.config import Config
 from qllm.server.limits import ConnectionLimits
@@ -38,7 +36,7 @@ if TYPE_CHECKING:
     from qllm.engine import Engine
     from qllm.server.http import HttpFront
 
-log = structlog.get_logger()
+log = get_logger()
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 FORCED_EXIT_CODE = 130

@@ -117,11 +117,10 @@ class Server:
         return stats
 
     def stats_reply(self) -> dict[str, Any]:
-        """What a ``stats`` request gets: the engine's statistics, the model as the server names
-        it (``family`` is the architecture), and the server's own fields."""
+        """What a ``stats`` request gets: the engine's statistics (``model`` as the server names it,
+        ``family`` the architecture, as in process) and the server's own fields."""
         stats = self.engine.stats()
-        stats["family"] = stats.get("model")
-        stats["model"] = self.model_name
+        stats["model"] = self.model_name  # the configured name, also for an engine passed in
         stats["server"] = self.stats()
         return stats
 

@@ -3,7 +3,8 @@
 Requests still waiting for their first token that carry a ``ttft_deadline`` run in order of
 their absolute deadline (arrival + deadline); all others follow in the default order. Register
 it under the entry-point group ``qllm.policies`` (see docs/policies.md) or pass
-``--policy edf_policy:EDFPolicy``. ``python examples/edf_policy.py`` shows it at work.
+``--policy edf_policy:EDFPolicy`` from this directory (a module is looked for on the Python path,
+then in the current directory). ``python examples/edf_policy.py`` shows it at work.
 """
 
 from __future__ import annotations

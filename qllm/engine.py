@@ -8,7 +8,6 @@ import os
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-import structlog
 import torch
 
 from qllm.errors import EngineClosed, InvalidRequest
@@ -21,6 +20,7 @@ from qllm.kernel.request import PriorityClass, Request, RequestResult
 from qllm.kernel.slo import class_slo, decode_step_s
 from qllm.kernel.stats import Metrics
 from qllm.kernel.tensors import TensorManager
+from qllm.logging import get_logger
 from qllm.models import load_model
 from qllm.models.base import MoEModel
 from qllm.policies import DEFAULT_POLICY, Policy, load_policy
@@ -28,7 +28,7 @@ from qllm.policies.fallback import Fallback
 from qllm.spec import RequestSpec, build_spec, checked
 from qllm.text import encode
 
-log = structlog.get_logger()
+log = get_logger()
 _ids = itertools.count(1)
 
 
@@ -96,6 +96,9 @@ class Engine:
         self.model: MoEModel = load_model(
             model, dtype=config.dtype, device=device or "cpu", batch_invariant=config.batch_invariant
         )
+        # The model as the user named it (a preset or a directory; a loaded model: its family), the
+        # same name a server reports in its welcome and stats.
+        self.model_name = str(model) if isinstance(model, str | os.PathLike) else self.model.family
         self.metrics = Metrics()
         self._slo = config.slo
         self._compute = Compute(config.compute)
@@ -133,7 +136,13 @@ class Engine:
         await self._group.__aenter__()
         self._task = self._group.create_task(self._dispatcher.run(), name="qllm-dispatcher")
         self._accepting = True
-        log.info("engine_started", model=self.model.family, policy=self.policy.name, pid=os.getpid())
+        log.info(
+            "engine_started",
+            model=self.model_name,
+            family=self.model.family,
+            policy=self.policy.name,
+            pid=os.getpid(),
+        )
 
     async def drain(self, timeout: float | None = None) -> None:
         """Stop accepting; let live requests finish for up to ``timeout`` s; cancel the rest."""
@@ -275,12 +284,15 @@ class Engine:
         return self._accepting
 
     def stats(self) -> dict[str, Any]:
+        """A snapshot: ``model`` (the preset or directory as given), ``family`` (its architecture),
+        the policy, live requests, queues, kernel, memory and request metrics."""
         by_class: dict[str, dict[str, int]] = {c.value: {} for c in PriorityClass}
         for request in self._requests.values():
             counts = by_class[request.priority_class.value]
             counts[request.status.label] = counts.get(request.status.label, 0) + 1
         return {
-            "model": self.model.family,
+            "model": self.model_name,
+            "family": self.model.family,
             "policy": self.policy.name,
             "accepting": self._accepting,
             "live": by_class,

@@ -1,4 +1,9 @@
-"""structlog set-up: JSON lines when stderr is not a terminal (journald), readable text on one."""
+"""structlog set-up: JSON lines when stderr is not a terminal (journald), readable text on one.
+
+qllm is quiet as a library: its modules log through :func:`get_logger`, which drops every event
+until logging is configured, by :func:`configure` (``qllm serve`` and the other commands call it)
+or by the application's own ``structlog.configure``.
+"""
 
 from __future__ import annotations
 
@@ -45,6 +50,35 @@ def configure(
         cache_logger_on_first_use=False,
     )
     route_stdlib_logging(max(LEVELS[level], logging.WARNING) if level != "debug" else logging.DEBUG)
+
+
+def get_logger() -> LibraryLogger:
+    """The logger of a qllm module (``log = get_logger()``): structlog's, silent until logging is
+    configured."""
+    return LibraryLogger()
+
+
+def _drop(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+class LibraryLogger:
+    """A structlog logger that drops every event while structlog is unconfigured: structlog's
+    defaults print to stdout, which belongs to the application that uses qllm. Once configured,
+    each call goes to ``structlog.get_logger()`` as the configuration stands at that moment."""
+
+    __slots__ = ("_context",)
+
+    def __init__(self, **context: Any):
+        self._context = context
+
+    def bind(self, **values: Any) -> LibraryLogger:
+        return LibraryLogger(**self._context, **values)
+
+    def __getattr__(self, name: str) -> Any:
+        if not structlog.is_configured():
+            return _drop
+        return getattr(structlog.get_logger(**self._context), name)
 
 
 def cut(text: str, limit: int = 1024) -> str:

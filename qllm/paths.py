@@ -72,3 +72,18 @@ def client_socket_path(env: dict[str, str] | None = None, uid: int | None = None
             return candidate
     server_env = {k: v for k, v in env.items() if k not in ("RUNTIME_DIRECTORY", "INVOCATION_ID")}
     return default_socket_path(server_env, uid)
+
+
+# sun_path holds 108 bytes on Linux, the last one the terminating NUL (104 on macOS and BSDs).
+MAX_SOCKET_PATH_BYTES = 107
+
+
+def socket_path_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` cannot name a Unix socket (too long for ``sun_path``), or None."""
+    size = len(os.fsencode(path))
+    if size <= MAX_SOCKET_PATH_BYTES:
+        return None
+    return (
+        f"socket path {os.fspath(path)!r} is {size} bytes long; a Unix socket path is at most "
+        f"{MAX_SOCKET_PATH_BYTES} bytes on Linux: choose a shorter path (or a shorter directory)"
+    )

@@ -212,6 +212,18 @@ async def test_metrics_parse_with_prometheus_client(tmp_path, tiny):
         "qllm_server_connections",
     ):
         assert name in families, name
+    # Counts that only go up are counters (``_total``); a duration is in ``_seconds``.
+    for name in (
+        "qllm_kernel_batches",
+        "qllm_kernel_ops",
+        "qllm_memory_offloads",
+        "qllm_server_connections_accepted",
+    ):
+        assert families[name].type == "counter", name
+        assert [s.name for s in families[name].samples] == [f"{name}_total"]
+    assert families["qllm_kernel_batches"].samples[0].value > 0
+    assert families["qllm_server_uptime_seconds"].type == "gauge"
+    assert not [name for name in families if name.endswith("_s")]
     ttft = {
         s.labels.get("le"): s.value
         for s in families["qllm_ttft_seconds"].samples

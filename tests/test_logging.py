@@ -76,3 +76,22 @@ def test_a_command_keeps_library_warnings_off_its_json_stdout(monkeypatch, capsy
     out, err = capsys.readouterr()
     assert len(json.loads(out)["token_ids"]) == 3
     assert "LOAD REPORT" in err and "LOAD REPORT" not in out
+
+
+async def test_the_engine_as_a_library_logs_nothing_until_logging_is_configured(tiny, capfd):
+    """structlog's defaults print to stdout, which belongs to the application: an Engine used in
+    process writes nothing until the application configures logging, then its lines come."""
+    import qllm
+
+    structlog.reset_defaults()
+    async with qllm.Engine(model=tiny) as engine:
+        result = await engine.submit([50, 60, 70], max_tokens=2).result()
+        assert len(result.token_ids) == 2
+        assert capfd.readouterr() == ("", "")
+
+        configure("info", "json")  # to stderr
+        await engine.submit([50, 60, 70], max_tokens=2).result()
+    out, err = capfd.readouterr()
+    assert out == ""
+    events = [json.loads(line)["event"] for line in err.splitlines()]
+    assert "request_finished" in events

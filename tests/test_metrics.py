@@ -130,3 +130,30 @@ def test_tpot_histogram_and_slo_attainment_counters_per_class():
     assert samples[("qllm_tpot_seconds_bucket", (("class", "ls"), ("le", "0.25")))] == 1
     assert samples[("qllm_tpot_slo_missed_total", (("class", "ls"),))] == 1
     assert samples[("qllm_ttft_slo_met_total", (("class", "ls"),))] == 1
+
+
+def test_counts_that_only_go_up_are_counters_and_durations_are_in_seconds():
+    stats = {
+        "kernel": {"batches": 7, "ops": 9, "max_batch": 32, "compute": "thread"},
+        "memory": {
+            "offloads": 2,
+            "resident_bytes": 10,
+            "kv_blocks": {"blocks_allocated": 4, "blocks_free": 1},
+        },
+        "server": {"connections": 1, "connections_accepted": 3, "uptime_s": 12.5, "draining": False},
+    }
+    text = exposition(stats).decode()
+    types = {f.name: f.type for f in text_string_to_metric_families(text)}
+    samples = _samples(text)
+    for name, value in (
+        ("qllm_kernel_batches", 7),
+        ("qllm_kernel_ops", 9),
+        ("qllm_memory_offloads", 2),
+        ("qllm_memory_kv_blocks_blocks_allocated", 4),
+        ("qllm_server_connections_accepted", 3),
+    ):
+        assert types[name] == "counter" and samples[(f"{name}_total", ())] == value, name
+    for name in ("qllm_kernel_max_batch", "qllm_memory_resident_bytes", "qllm_server_connections"):
+        assert types[name] == "gauge", name
+    assert samples[("qllm_server_uptime_seconds", ())] == 12.5
+    assert "qllm_server_uptime_s " not in text and "qllm_kernel_compute" not in text

@@ -86,7 +86,21 @@ def test_unsupported_architecture(saved, tmp_path, model_type):
     if model_type is not None:
         config["model_type"] = model_type
     (path / "config.json").write_text(json.dumps(config))
-    assert_load_error(path, "unsupported architecture", f"model_type={model_type!r}")
+    assert_load_error(
+        path,
+        f"model_type={model_type!r} is not one of the MoE families",
+        "Mixture-of-Experts",
+        "`qllm models`",
+    )
+
+
+def test_a_dense_model_is_named_as_such(saved, tmp_path):
+    path = copy_without(saved[0], tmp_path / "m")
+    config = json.loads((path / "config.json").read_text())
+    dense = {k: v for k, v in config.items() if "expert" not in k} | {"model_type": "llama"}
+    (path / "config.json").write_text(json.dumps(dense))
+    message = assert_load_error(path, str(path), "model_type='llama' is a dense (non-MoE) model")
+    assert "qllm serves Mixture-of-Experts models only" in message and "`qllm models`" in message
 
 
 def test_directory_without_weights(saved, tmp_path):

@@ -106,3 +106,44 @@ def test_plugin_that_fails_to_import_is_a_policy_error_naming_it(tmp_path, monke
         qllm.Engine(model="tiny", policy="exploding")
     # The built-ins are unaffected by a broken neighbour.
     assert load_policy("qllm").name == "qllm"
+
+
+@pytest.fixture
+def cwd_only(tmp_path, monkeypatch):
+    """``tmp_path`` as the current directory and not on ``sys.path``, as for a ``qllm`` console
+    script run there (its ``sys.path[0]`` is the script's directory, not the current one)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    yield tmp_path
+    for name in ("edf_policy", "exploding_policy"):
+        sys.modules.pop(name, None)
+
+
+def test_module_class_plugin_is_found_in_the_current_directory(cwd_only):
+    shutil.copy(EXAMPLES / "edf_policy.py", cwd_only / "edf_policy.py")
+    sys.modules.pop("edf_policy", None)
+    policy = load_policy("edf_policy:EDFPolicy")
+    assert type(policy).__name__ == "EDFPolicy"
+    assert Path(sys.modules["edf_policy"].__file__).parent == cwd_only
+
+
+def test_module_class_plugin_not_found_says_how_to_make_it_importable(cwd_only):
+    with pytest.raises(PolicyError) as err:
+        load_policy("qllm_no_such_plugin:Policy")
+    message = str(err.value)
+    assert "'qllm_no_such_plugin:Policy'" in message and str(cwd_only) in message
+    assert "PYTHONPATH" in message and "entry-point group 'qllm.policies'" in message
+    (cwd_only / "edf_policy.py").write_text((EXAMPLES / "edf_policy.py").read_text())
+    with pytest.raises(PolicyError, match=r"module 'edf_policy' .* has no attribute 'EDF'"):
+        load_policy("edf_policy:EDF")
+
+
+def test_module_class_plugin_that_raises_on_import_is_one_line_from_the_cli(cwd_only, capsys):
+    (cwd_only / "exploding_policy.py").write_text("raise RuntimeError('exploded at import')\n")
+    with pytest.raises(PolicyError, match="'exploding_policy:Policy' failed to load: exploded at import"):
+        load_policy("exploding_policy:Policy")
+    argv = ["serve", "--socket", str(cwd_only / "q.sock"), "--http-socket", "", "--log-level", "warning"]
+    assert cli([*argv, "--policy", "exploding_policy:Policy"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "qllm serve: error: policy 'exploding_policy:Policy' failed to load: exploded at import"
+    ]

@@ -359,6 +359,35 @@ def test_oversized_and_truncated_frames_close_only_their_connection(fuzz_server)
         assert isinstance(recv_frames(bystander)[-1], p.HealthReply)
 
 
+def test_generate_json_has_the_same_fields_in_process_and_through_the_socket(tmp_path, tiny, capsys):
+    from qllm.cli import main
+
+    argv = ["generate", "--json", "--max-tokens", "3", "--ignore-eos", "Hello"]
+    assert main(argv) == 0
+    local = msgspec.json.decode(capsys.readouterr().out)
+    with server_thread(tmp_path, tiny) as running:
+        assert main([*argv, "--socket", str(running.path)]) == 0
+        remote = msgspec.json.decode(capsys.readouterr().out)
+        # Options that only choose an in-process model are refused, not silently ignored.
+        for extra in (["--model", "smollm2-moe"], ["--dtype", "bfloat16"]):
+            assert main([*argv, "--socket", str(running.path), *extra]) == 2
+            err = capsys.readouterr().err
+            assert f"{extra[0]} cannot be used with --socket" in err and "drop --socket" in err
+    assert sorted(local) == sorted(remote)
+    assert local["model"] == remote["model"] == "tiny"
+    assert local["status"] == remote["status"] == "length"
+    assert local["token_ids"] == remote["token_ids"] and len(local["token_ids"]) == 3
+    assert local["preemptions"] == 0 and local["turnaround_s"] >= local["ttft_s"] > 0
+
+
+async def test_stats_name_the_model_alike_in_process_and_through_the_socket(tmp_path, tiny):
+    async with qllm.Engine(model="tiny") as engine:
+        local = engine.stats()
+    async with running_server(tmp_path, tiny) as running, AsyncClient(running.path) as client:
+        remote = await client.stats()
+    assert (local["model"], local["family"]) == (remote["model"], remote["family"]) == ("tiny", "mixtral")
+
+
 def test_generate_cli_through_the_socket(tmp_path, tiny):
     with server_thread(tmp_path, tiny) as running:
         out = subprocess.run(

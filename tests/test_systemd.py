@@ -374,3 +374,21 @@ def test_unit_files_use_the_service_protocol():
             assert line in unit
     assert "RuntimeDirectory=qllm/%i" in template
     assert "ListenStream=/run/qllm/qllm.sock" in socket_unit and "SocketMode=0660" in socket_unit
+
+
+def test_the_example_config_is_valid_and_the_units_serve_it():
+    """examples/qllm.toml loads through the server's own loader and names a model (not the random
+    ``tiny``); qllm.service runs it explicitly, so a missing file stops the service instead of
+    serving ``tiny``; each service says what PrivateNetwork= and DynamicUser= ask of the user."""
+    from qllm.server.config import load_config
+
+    config = load_config(ROOT / "examples" / "qllm.toml")
+    assert config.engine.model not in ("tiny", "small-random") and config.engine.model.startswith("/")
+    assert (config.server.socket_mode, config.server.socket_group) == (0o660, "qllm")
+    assert config.server.socket is None  # under systemd: the activated socket or the instance's
+    assert config.server.http_listen is None and config.log.level == "info"
+    service = (UNITS / "qllm.service").read_text()
+    assert "ExecStart=/usr/local/bin/qllm serve --config /etc/qllm/qllm.toml\n" in service
+    for unit in (service, (UNITS / "qllm@.service").read_text()):
+        assert "PrivateNetwork=yes" in unit and "--http-listen" in unit
+        assert "DynamicUser=yes" in unit and "readable by others" in unit

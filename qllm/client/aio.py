@@ -14,7 +14,7 @@ from qllm.client.errors import ConnectionLost, RequestTimeout, error_for
 from qllm.client.stream import Pending, Stream, StreamContext
 from qllm.errors import InvalidRequest, QllmError
 from qllm.framing import frame_id, skip_payload
-from qllm.paths import client_socket_path, fallback_socket_dir, socket_dir_problem
+from qllm.paths import client_socket_path, fallback_socket_dir, socket_dir_problem, socket_path_problem
 from qllm.spec import RequestSpec, build_spec, checked
 
 # Errors about one frame of ours: the connection goes on (any other connection error closes it).
@@ -54,6 +54,8 @@ class AsyncClient:
 
     async def connect(self) -> p.Welcome:
         """Open the connection and exchange hellos; returns the server's welcome (also ``.welcome``)."""
+        if (problem := socket_path_problem(self.path)) is not None:
+            raise ConnectionLost(problem)
         directory = os.path.dirname(self.path)
         if directory == str(fallback_socket_dir(os.getuid())):  # in /tmp: anyone may have made it
             problem = socket_dir_problem(fallback_socket_dir(os.getuid()), os.getuid())

@@ -14,16 +14,19 @@ import msgspec.inspect as mi
 from qllm.spec import RequestSpec, build_spec, request_fields
 
 DEFAULT_MODEL = "tiny"
+DEFAULT_DTYPE = "float32"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text for one prompt")
     p.add_argument("prompt", metavar="PROMPT", help="prompt text")
     p.add_argument(
-        "--model", default=DEFAULT_MODEL, help=f"preset name or model directory (default: {DEFAULT_MODEL})"
+        "--model", help=f"preset name or model directory (default: {DEFAULT_MODEL}; not with --socket)"
     )
     p.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype (default float32)"
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        help=f"weights dtype (default {DEFAULT_DTYPE}; not with --socket)",
     )
     add_spec_options(p)
     p.add_argument(
@@ -88,20 +91,15 @@ def run_remote(args: argparse.Namespace) -> int:
         if args.json:
             result = client.generate(args.prompt, spec, chat=args.chat)
             print(
-                json.dumps(
-                    {
-                        "model": client.welcome.model,
-                        "token_ids": result.token_ids,
-                        "text": result.text,
-                        "status": result.status,
-                        "prompt_tokens": result.usage.prompt_tokens,
-                        "ttft_s": result.timings.ttft,
-                        "turnaround_s": result.timings.turnaround,
-                        "tokens_per_s": _decode_rate(
-                            len(result.token_ids), result.timings.ttft, result.timings.turnaround
-                        ),
-                        "preemptions": result.preemptions,
-                    }
+                json_result(
+                    model=client.welcome.model,
+                    token_ids=result.token_ids,
+                    text=result.text,
+                    status=result.status,
+                    prompt_tokens=result.usage.prompt_tokens,
+                    ttft_s=result.timings.ttft,
+                    turnaround_s=result.timings.turnaround,
+                    preemptions=result.preemptions,
                 )
             )
             return 0
@@ -111,6 +109,35 @@ def run_remote(args: argparse.Namespace) -> int:
                 sys.stdout.flush()
         sys.stdout.write("\n")
     return 0
+
+
+def json_result(
+    *,
+    model: str,
+    token_ids: list[int],
+    text: str,
+    status: str,
+    prompt_tokens: int,
+    ttft_s: float | None,
+    turnaround_s: float,
+    preemptions: int,
+) -> str:
+    """What ``--json`` prints, in process and through a server alike: the model as named, the
+    tokens and text, the final status (``stopped`` or ``length``), times in seconds and the
+    decode rate after the first token."""
+    return json.dumps(
+        {
+            "model": model,
+            "token_ids": token_ids,
+            "text": text,
+            "status": status,
+            "prompt_tokens": prompt_tokens,
+            "ttft_s": None if ttft_s is None else round(ttft_s, 6),
+            "turnaround_s": round(turnaround_s, 6),
+            "tokens_per_s": _decode_rate(len(token_ids), ttft_s, turnaround_s),
+            "preemptions": preemptions,
+        }
+    )
 
 
 def _decode_rate(tokens: int, ttft: float | None, turnaround: float) -> float:
@@ -124,29 +151,36 @@ def run(args: argparse.Namespace) -> int:
     if args.socket:
         from qllm.errors import QllmError
 
+        ignored = [flag for flag, value in (("--model", args.model), ("--dtype", args.dtype)) if value]
+        if ignored:
+            raise ValueError(
+                f"{' and '.join(ignored)} cannot be used with --socket: the server at {args.socket} "
+                f"answers with the model it serves; drop {' and '.join(ignored)}, or drop --socket "
+                "to generate in process"
+            )
         try:
             return run_remote(args)
         except QllmError as exc:
             print(f"qllm generate: error ({exc.code}): {exc}", file=sys.stderr)
             return 1
-    from qllm.kernel.program import generate
+    from qllm.kernel.program import StopReason, generate
     from qllm.models import load_model
 
     params = spec_of(args).sampling  # checked before the model loads
-    model = load_model(args.model, dtype=args.dtype, batch_invariant=False)
+    name = args.model or DEFAULT_MODEL
+    model = load_model(name, dtype=args.dtype or DEFAULT_DTYPE, batch_invariant=False)
     result = generate(model, args.prompt, params, chat=args.chat)
     if args.json:
         print(
-            json.dumps(
-                {
-                    "model": str(args.model),
-                    "token_ids": result.token_ids,
-                    "text": result.text,
-                    "stop_reason": str(result.stop_reason),
-                    "prompt_tokens": result.prompt_tokens,
-                    "ttft_s": round(result.ttft_s, 6),
-                    "tokens_per_s": round(result.tokens_per_s, 3),
-                }
+            json_result(
+                model=str(name),
+                token_ids=result.token_ids,
+                text=result.text,
+                status="stopped" if result.stop_reason == StopReason.STOP else "length",
+                prompt_tokens=result.prompt_tokens,
+                ttft_s=result.ttft_s,
+                turnaround_s=result.total_s,
+                preemptions=0,
             )
         )
     else:

@@ -101,33 +101,38 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
+# The command-line option of each setting it overrides, by section of the config file.
+OPTIONS = {
+    "engine": {
+        key: "--" + key.replace("_", "-")
+        for key in (
+            "model", "policy", "dtype", "device", "memory_budget", "max_batch", "moe_granularity",
+            "kv_block_size", "threads", "slo",
+        )
+    },
+    "server": {
+        "socket": "--socket",
+        "http_socket": "--http-socket",
+        "http_listen": "--http-listen",
+        "socket_mode": "--socket-mode",
+        "socket_group": "--socket-group",
+        "allow_uids": "--allow-uid",
+        "allow_gids": "--allow-gid",
+        "drain_timeout": "--drain-timeout",
+    },
+    "log": {"level": "--log-level", "format": "--log-format"},
+}  # fmt: skip
+
+
 def overrides(args: argparse.Namespace) -> dict:
     """The options given on the command line, nested like the config file."""
-    return {
-        "engine": {
-            "model": args.model,
-            "policy": args.policy,
-            "dtype": args.dtype,
-            "device": args.device,
-            "memory_budget": args.memory_budget,
-            "max_batch": args.max_batch,
-            "moe_granularity": args.moe_granularity,
-            "kv_block_size": args.kv_block_size,
-            "threads": args.threads,
-            "slo": parse_slo(args.slo) if args.slo else None,
-        },
-        "server": {
-            "socket": args.socket,
-            "http_socket": args.http_socket,
-            "http_listen": args.http_listen,
-            "socket_mode": args.socket_mode,
-            "socket_group": args.socket_group,
-            "allow_uids": args.allow_uid,
-            "allow_gids": args.allow_gid,
-            "drain_timeout": args.drain_timeout,
-        },
-        "log": {"level": args.log_level, "format": args.log_format},
+    given = {
+        section: {key: getattr(args, option[2:].replace("-", "_")) for key, option in keys.items()}
+        for section, keys in OPTIONS.items()
     }
+    if given["engine"]["slo"]:
+        given["engine"]["slo"] = parse_slo(given["engine"]["slo"])
+    return given
 
 
 def run(args: argparse.Namespace) -> int:
@@ -135,6 +140,6 @@ def run(args: argparse.Namespace) -> int:
     from qllm.server.app import run as run_server
     from qllm.server.config import load_config
 
-    config = load_config(args.config, overrides(args))
+    config = load_config(args.config, overrides(args), OPTIONS)
     configure(config.log.level, config.log.format)
     return run_server(config)

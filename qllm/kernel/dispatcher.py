@@ -30,8 +30,6 @@ import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import structlog
-
 from qllm.kernel.costs import OpCosts
 from qllm.kernel.messages import Cancel, Stop
 from qllm.kernel.output import OutputProcessor
@@ -39,7 +37,7 @@ from qllm.kernel.request import Request, RequestResult, RequestStatus
 from qllm.kernel.runner import Resume, Runner, StepResult
 from qllm.kernel.scheduler import Scheduler
 from qllm.kernel.stats import TRACERS, KernelStats
-from qllm.logging import Throttled
+from qllm.logging import Throttled, get_logger
 
 if TYPE_CHECKING:
     from qllm.kernel.compute import Compute
@@ -50,7 +48,7 @@ if TYPE_CHECKING:
     from qllm.models.base import MoEModel
     from qllm.policies.api import Policy
 
-log = structlog.get_logger()
+log = get_logger()
 
 
 class Dispatcher:

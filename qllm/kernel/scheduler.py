@@ -16,10 +16,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
-import structlog
-
 from qllm.kernel.request import Request, RequestStatus
 from qllm.kernel.view import CostView, KernelView, MemoryView, RequestView
+from qllm.logging import get_logger
 
 if TYPE_CHECKING:
     from qllm.kernel.costs import OpCosts
@@ -28,7 +27,7 @@ if TYPE_CHECKING:
     from qllm.models.base import MoEModel
     from qllm.policies.api import Policy
 
-log = structlog.get_logger()
+log = get_logger()
 T = TypeVar("T")
 
 

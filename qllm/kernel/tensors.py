@@ -23,12 +23,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import structlog
 import torch
 
 from qllm.kernel.runtime.cache import BlockPool, KVCache
+from qllm.logging import get_logger
 
-log = structlog.get_logger()
+log = get_logger()
 
 
 @dataclass(eq=False)

@@ -5,8 +5,10 @@ projections, rotary embedding, norms, routers and lm_head. Experts are computed 
 fused 3D weights (``experts.gate_up_proj [E, 2I, H]``, ``experts.down_proj [E, H, I]``), in place.
 
 :meth:`MoEModel.forward` is the forward pass of one request written as a generator that yields an
-:class:`~qllm.kernel.runtime.ops.Op` at attention, router and every expert; :meth:`MoEModel.run`
-computes a list of ops with the same key as one batched call. A family adapter overrides the few
+:class:`~qllm.kernel.runtime.ops.Op` at attention and at each MoE layer: one grouped op that stops
+between experts when a request arrives (``moe_granularity="layer"``, the default), or the router
+and every expert as ops of their own (``"expert"``); :meth:`MoEModel.run` computes a list of ops
+with the same key as one batched call. A family adapter overrides the few
 hooks where its architecture differs (see ``qllm/models/qwen2_moe.py`` for a shared expert).
 
 This module holds the hooks; the op runners that call them are in qllm/models/executor.py, the

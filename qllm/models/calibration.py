@@ -13,15 +13,15 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-import structlog
 import torch
 
 from qllm.kernel.runtime.ops import Op, OpKind
+from qllm.logging import get_logger
 from qllm.models import gemm, invariance
 from qllm.models.executor import Executor
 from qllm.version import __version__ as qllm_version
 
-log = structlog.get_logger()
+log = get_logger()
 
 
 class CalibratedExecutor(Executor):

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from qllm.models.errors import ModelLoadError
-from qllm.models.registry import refused, supported_model_types
+from qllm.models.registry import refused, supported_model_types, unsupported
 
 
 def directory_error(problem: str) -> ModelLoadError:
@@ -74,9 +74,8 @@ def load_directory(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     if (error := refused(model_type)) is not None:
         raise error
     if model_type not in supported_model_types():
-        raise ModelLoadError(
-            f"model directory {str(path)!r} has unsupported architecture model_type={model_type!r}; "
-            f"supported families: {', '.join(supported_model_types())}"
+        raise unsupported(
+            model_type, raw if isinstance(raw, dict) else {}, f"model directory {str(path)!r}: "
         )
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise directory_error(f"model directory {str(path)!r} has no weights (*.safetensors)")

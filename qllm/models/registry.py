@@ -7,6 +7,7 @@ types qllm knows and refuses (qllm/models/refused.py) fail with their reason.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from qllm.models.afmoe import Afmoe
@@ -100,7 +101,16 @@ def adapter_for(config: Any) -> type[MoEModel]:
             return fam
     if (error := refused(getattr(config, "model_type", None))) is not None:
         raise error
-    raise ModelLoadError(
-        f"unsupported architecture model_type={getattr(config, 'model_type', None)!r}; "
-        f"supported families: {', '.join(supported_model_types())}"
+    raise unsupported(getattr(config, "model_type", None), vars(config))
+
+
+def unsupported(model_type: Any, config: Mapping[str, Any], where: str = "") -> ModelLoadError:
+    """The error for a model type no family runs: qllm serves Mixture-of-Experts models, and a
+    config with no expert settings is named as a dense one."""
+    dense = not any("expert" in str(key) for key in config)
+    what = "a dense (non-MoE) model" if dense else "not one of the MoE families qllm runs"
+    return ModelLoadError(
+        f"{where}model_type={model_type!r} is {what}: qllm serves Mixture-of-Experts models only. "
+        f"Supported families (`qllm models` lists them with presets): "
+        f"{', '.join(supported_model_types())}"
     )

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.machinery
 import inspect
+import os
+import sys
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
@@ -97,6 +100,45 @@ def _literal(text: str) -> Any:
         return text  # a bare word: a string
 
 
+def _import_object(ref: str) -> Any:
+    """The object ``"module:attr"`` names. A module that is not on ``sys.path`` is looked for in
+    the current directory, as ``python -m`` would find it (a ``qllm`` console script would not)."""
+    module_name, _, attr = ref.partition(":")
+    top = module_name.partition(".")[0]
+    try:
+        module = _import_from_path_or_cwd(module_name, top)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or top != exc.name.partition(".")[0]:
+            raise PolicyError(f"policy {ref!r} failed to load: {exc}") from exc
+        raise PolicyError(
+            f"cannot import policy {ref!r}: no module {top!r} on the Python path or in the "
+            f"current directory ({os.getcwd()}); run qllm from the directory that holds "
+            f"{top}.py, add that directory to PYTHONPATH, or install the plugin as a package "
+            f"that declares it under the entry-point group {GROUP!r}"
+        ) from exc
+    except Exception as exc:  # a plugin that raises on import: the same clean error as by name
+        raise PolicyError(f"policy {ref!r} failed to load: {exc}") from exc
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise PolicyError(
+            f"cannot import policy {ref!r}: module {module_name!r} ({getattr(module, '__file__', '?')}) "
+            f"has no attribute {attr!r}"
+        ) from None
+
+
+def _import_from_path_or_cwd(module_name: str, top: str) -> Any:
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        cwd = os.getcwd()
+        missing_top = exc.name == top
+        if not missing_top or importlib.machinery.PathFinder.find_spec(top, [cwd]) is None:
+            raise
+    sys.path.append(cwd)  # after everything installed: a local file never shadows a package
+    return importlib.import_module(module_name)
+
+
 def load_policy(spec: str | type[Policy] | Policy | None = None) -> Policy:
     """A policy instance from a registered name, ``"module:Class"`` (either with ``:key=value``
     options for its constructor), a class or an instance."""
@@ -105,12 +147,7 @@ def load_policy(spec: str | type[Policy] | Policy | None = None) -> Policy:
         return _instantiate(spec, repr(spec))
     ref, options = parse_spec(spec)
     if ":" in ref:
-        module_name, _, attr = ref.partition(":")
-        try:
-            obj = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise PolicyError(f"cannot import policy {ref!r}: {exc}") from exc
-        return _instantiate(obj, repr(spec), options)
+        return _instantiate(_import_object(ref), repr(spec), options)
     registered = available_policies()
     if ref not in registered:
         raise PolicyError(

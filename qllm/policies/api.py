@@ -1,8 +1,10 @@
 """The policy plugin interface (API version 1): the one module a policy imports its types from.
 
 A policy is a pure decision-maker over a read-only :class:`KernelView`. The kernel asks it, at
-every op boundary, which waiting requests to admit and which ready requests' pending ops to run
-next as one batch. It never computes anything itself. Besides :class:`Policy` and
+op boundaries, which waiting requests to admit and which ready requests' pending ops to run next
+as one batch: at every boundary unless :meth:`Policy.steady` says it would choose the batch in
+flight again, and at an arrival that :meth:`Policy.interrupts` lets stop a grouped MoE op. It never
+computes anything itself. Besides :class:`Policy` and
 :func:`batch_for`, this module holds what a policy reads: the views (:class:`KernelView`,
 :class:`RequestView`, :class:`MemoryView`, :class:`CostView`) and the values they hold
 (:class:`Phase`, :class:`PriorityClass`, :class:`RequestStatus`, :class:`OpKind`).

@@ -7,7 +7,8 @@ Queues LS-prefill, LS-decode, BE-prefill, BE-decode; the batch builder (their Al
 4. else BE-decode (filled from BE-prefill), then BE-prefill.
 "Run a queue" means: the op of that queue that is furthest behind, with every request of the queue
 at the same op, then fill-queue requests at that op. A preempted BE request keeps its state and
-resumes where it stopped; prefill is preemptible too (it yields at every expert).
+resumes where it stopped; prefill is preemptible too (at every op; a grouped MoE op stops between
+experts when a request arrives).
 """
 
 from __future__ import annotations

@@ -23,11 +23,9 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-import structlog
-
 import qllm
 from qllm import protocol as p
-from qllm.logging import Throttled
+from qllm.logging import Throttled, get_logger
 from qllm.server import systemd
 from qllm.server.config import Config
 from qllm.server.limits import ConnectionLimits
@@ -38,7 +36,7 @@ if TYPE_CHECKING:
     from qllm.engine import Engine
     from qllm.server.http import HttpFront
 
-log = structlog.get_logger()
+log = get_logger()
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 FORCED_EXIT_CODE = 130
@@ -119,11 +117,10 @@ class Server:
         return stats
 
     def stats_reply(self) -> dict[str, Any]:
-        """What a ``stats`` request gets: the engine's statistics, the model as the server names
-        it (``family`` is the architecture), and the server's own fields."""
+        """What a ``stats`` request gets: the engine's statistics (``model`` as the server names it,
+        ``family`` the architecture, as in process) and the server's own fields."""
         stats = self.engine.stats()
-        stats["family"] = stats.get("model")
-        stats["model"] = self.model_name
+        stats["model"] = self.model_name  # the configured name, also for an engine passed in
         stats["server"] = self.stats()
         return stats
 

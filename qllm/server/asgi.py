@@ -11,16 +11,14 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import structlog
-
-from qllm.logging import cut
+from qllm.logging import cut, get_logger
 from qllm.server.connection import STATUS_KEY
 from qllm.server.openai_api import QUOTE_CHARS, ApiError
 
 if TYPE_CHECKING:
     from qllm.engine import RequestHandle
 
-log = structlog.get_logger()
+log = get_logger()
 REQUEST_ID_HEADER = "x-request-id"
 MAX_LOGGED_PATH = 256  # characters of a request path in the log
 

@@ -21,8 +21,11 @@ A bad key or value is one :class:`ConfigError` naming the file and the field.
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -104,8 +107,18 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                 raise msgspec.ValidationError(
                     f"server.socket_mode must be octal like '0660', got {self.socket_mode!r}"
                 ) from None
-        if not 0 <= mode <= 0o777:
-            raise msgspec.ValidationError(f"server.socket_mode must be within 0o000..0o777, got {oct(mode)}")
+            if not 0 <= mode <= 0o777:
+                raise msgspec.ValidationError(
+                    f"server.socket_mode must be within 0000..0777, got {self.socket_mode!r}"
+                )
+        elif not 0 <= mode <= 0o777:
+            # A TOML integer is decimal (660 is 0o1224): say so with the number as it was written.
+            octal = set(str(mode)) <= set("01234567")
+            write = f'"0{mode}" (a string) or 0o{mode}' if octal else '"0660" (a string) or 0o660'
+            raise msgspec.ValidationError(
+                f"server.socket_mode = {mode} is not a file mode (0 to 0o777): a TOML integer is "
+                f"decimal, a mode octal; write it as {write}"
+            )
         self.socket_mode = mode
 
 
@@ -130,12 +143,17 @@ def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> Config:
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: dict[str, Any] | None = None,
+    options: Mapping[str, Mapping[str, str]] | None = None,
+) -> Config:
     """Settings from ``path`` (or ``/etc/qllm/qllm.toml`` when present), then ``overrides``.
 
     ``overrides`` is nested like the file (``{"server": {"socket": "/tmp/q.sock"}}``); a value of
-    None leaves the file's value in place. Raises :class:`ConfigError` for a missing or malformed
-    file and for any unknown key or bad value.
+    None leaves the file's value in place. ``options`` names the command-line option that gave
+    each override (``{"engine": {"max_batch": "--max-batch"}}``), for error messages. Raises
+    :class:`ConfigError` for a missing or malformed file and for any unknown key or bad value.
     """
     data: dict[str, Any] = {}
     source = "defaults"
@@ -155,9 +173,60 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
         for section, values in (overrides or {}).items()
         if (given := {k: v for k, v in values.items() if v is not None})
     }
-    data = _merge(data, pruned)
+    check_keys(data, source)
+    check_keys(pruned, "the overrides")
     try:
-        return msgspec.convert(data, Config)
+        return msgspec.convert(_merge(data, pruned), Config)
     except msgspec.ValidationError as exc:
-        where = source if not pruned else f"{source} with command-line overrides"
-        raise ConfigError(f"invalid setting in {where}: {exc}") from None
+        raise _value_error(str(exc), source, pruned, options or {}) from None
+
+
+def check_keys(data: Mapping[str, Any], source: str) -> None:
+    """ConfigError for a key no section has: it lists the section's keys, and names the section
+    where a key of another one belongs."""
+    keys = {"engine": EngineConfig, "server": ServerConfig, "log": LogConfig}
+    fields = {name: kind.__struct_fields__ for name, kind in keys.items()}
+    for section, values in data.items():
+        home = [name for name, names in fields.items() if section in names]
+        if section not in fields:
+            where = f"`{section}` belongs in [{home[0]}]" if home else f"there is no [{section}] section"
+            raise ConfigError(
+                f"unknown setting `{section}` in {source}: {where}; the sections are "
+                + ", ".join(f"[{name}]" for name in fields)
+            )
+        if not isinstance(values, Mapping):
+            continue  # not a table: the conversion says so
+        for key in values:
+            if key in fields[section]:
+                continue
+            home = [name for name, names in fields.items() if key in names]
+            if home:
+                hint = f"`{key}` belongs in [{home[0]}]"
+            else:
+                close = difflib.get_close_matches(key, fields[section], n=1)
+                hint = f"did you mean `{close[0]}`?" if close else "no section has it"
+            raise ConfigError(
+                f"unknown key `{key}` in [{section}] of {source} ({hint}); the keys of [{section}] "
+                "are " + ", ".join(fields[section])
+            )
+
+
+_AT = re.compile(r"^(?P<detail>.*?)(?: - at `\$\.(?P<section>\w+)\.(?P<key>\w+)(?P<rest>[^`]*)`)?$", re.S)
+
+
+def _value_error(
+    message: str, source: str, overrides: Mapping[str, Any], options: Mapping[str, Mapping[str, str]]
+) -> ConfigError:
+    """A bad value: by the command-line option that gave it, else by the file that holds it."""
+    found = _AT.match(message)
+    detail, section, key = found["detail"], found["section"], found["key"]
+    if section is None and (named := re.match(r"(\w+)\.(\w+)", message)):  # a check of our own
+        section, key = named.groups()
+    if section is not None and key in overrides.get(section, {}):
+        value = overrides[section][key]
+        option = options.get(section, {}).get(key)
+        if option is not None:
+            shown = "" if isinstance(value, list | dict) else f" {value}"
+            return ConfigError(f"invalid {option}{shown}: {detail}")
+        return ConfigError(f"invalid setting {section}.{key} = {value!r}: {detail}")
+    return ConfigError(f"invalid setting in {source}: {message}")

@@ -23,11 +23,10 @@ import socket
 from typing import TYPE_CHECKING, Literal
 
 import httptools
-import structlog
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from qllm import protocol as p
-from qllm.logging import cut
+from qllm.logging import cut, get_logger
 from qllm.server.openai_api import ApiError
 
 if TYPE_CHECKING:
@@ -37,7 +36,7 @@ if TYPE_CHECKING:
     from qllm.server.limits import TcpLimits
     from qllm.server.listener import Credentials
 
-log = structlog.get_logger()
+log = get_logger()
 Phase = Literal["idle", "head", "body", "busy"]
 MAX_LINGERING = 64  # connections answered with an error kept open at once to let clients read it
 LINGER_S = 1.0  # how long such a connection waits for its client to close first

@@ -6,14 +6,12 @@ import collections
 import time
 from typing import Any, Protocol
 
-import structlog
-
 from qllm import protocol as p
-from qllm.logging import Throttled
+from qllm.logging import Throttled, get_logger
 from qllm.server.config import ServerConfig
 from qllm.server.listener import Credentials, allowed
 
-log = structlog.get_logger()
+log = get_logger()
 
 
 class ConnectionLimits:

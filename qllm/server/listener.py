@@ -14,7 +14,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
-from qllm.paths import HTTP_SOCKET_NAME, default_socket_path, socket_dir_problem
+from qllm.paths import HTTP_SOCKET_NAME, default_socket_path, socket_dir_problem, socket_path_problem
 from qllm.server import systemd
 from qllm.server.config import ServerConfig
 
@@ -160,6 +160,9 @@ def open_listeners(
     named ``http`` (FileDescriptorName=http) is the HTTP one and the first other is the native
     one; otherwise both Unix sockets are bound here (``http_socket``, by default ``qllm-http.sock``
     beside the native one, unless ``http_socket = ""``), and TCP only with ``http_listen``."""
+    for given in (config.socket, config.http_socket if http else None):
+        if given and (problem := socket_path_problem(given)) is not None:
+            raise ValueError(problem)  # before any directory is made
     inherited = systemd.listen_fds_named(env)
     native_sock = next((sock for name, sock in inherited if name != HTTP_FD_NAME), None)
     http_sock = next((sock for name, sock in inherited if name == HTTP_FD_NAME), None)
@@ -236,6 +239,8 @@ def _bind_tcp(value: str) -> Listener:
 
 
 def _bind_unix(path: Path, config: ServerConfig, make_parent: bool = False) -> Listener:
+    if (problem := socket_path_problem(path)) is not None:
+        raise ValueError(problem)
     if make_parent:
         path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     lock = _lock(path)

@@ -20,10 +20,9 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
-import structlog
 
 from qllm import protocol as p
-from qllm.logging import Throttled
+from qllm.logging import Throttled, get_logger
 from qllm.server.config import ServerConfig
 from qllm.server.listener import Credentials
 from qllm.server.outbox import Outbox
@@ -32,7 +31,7 @@ from qllm.server.relay import refusal, relay
 if TYPE_CHECKING:
     from qllm.engine import Engine, RequestHandle
 
-log = structlog.get_logger()
+log = get_logger()
 
 
 class Host(Protocol):

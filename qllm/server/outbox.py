@@ -15,9 +15,9 @@ import asyncio
 import collections
 from collections.abc import Callable
 
-import structlog
+from qllm.logging import get_logger
 
-log = structlog.get_logger()
+log = get_logger()
 
 
 class Outbox:

@@ -20,6 +20,37 @@ from qllm.kernel.stats import COUNTERS, HISTOGRAMS
 PREFIX = "qllm"
 # Per-request histograms whose plain names would clash with the counters of the same name.
 HISTOGRAM_NAMES = {"preemptions": "request_preemptions", "tokens": "request_tokens"}
+# The numbers of the memory, kernel and server sections that only go up (since the process
+# started; the kernel's since Engine.reset_stats): Prometheus counters, exposed with ``_total``.
+# Every other number there is a gauge.
+COUNTS = {
+    "kernel": {"batches", "ops", "rows", "decisions", "policy_errors"},
+    "memory": {"offloads", "restores", "prefetches", "over_budget_events"},
+    "memory_kv_blocks": {"blocks_allocated"},
+    "server": {
+        "connections_accepted",
+        "connections_refused",
+        "tcp_connections_refused",
+        "tcp_connections_shed",
+    },
+}
+
+
+def metric_name(section: str, key: str) -> str:
+    """The metric of ``stats[section][key]``: units spelled out (``uptime_s``: ``uptime_seconds``)."""
+    if key.endswith("_s"):
+        key = key.removesuffix("_s") + "_seconds"
+    return f"{PREFIX}_{section}_{key}"
+
+
+def _number_family(section: str, key: str, help_text: str, value: float) -> Any:
+    """One unlabelled sample: a counter if the key is one of ``COUNTS[section]``, else a gauge."""
+    name = metric_name(section, key)
+    if key in COUNTS.get(section, ()):
+        family = CounterMetricFamily(name, help_text)
+        family.add_metric([], value)
+        return family
+    return GaugeMetricFamily(name, help_text, value=value)
 
 
 def _number(value: Any) -> bool:
@@ -87,12 +118,12 @@ class StatsCollector(Collector):
             for key, value in values.items():
                 if _number(value):
                     help_text = f"{what}: {key.replace('_', ' ')}."
-                    yield GaugeMetricFamily(f"{PREFIX}_{section}_{key}", help_text, value=value)
+                    yield _number_family(section, key, help_text, value)
                 elif section == "memory" and isinstance(value, Mapping):  # the KV block pool's counts
                     for sub, v in value.items():
                         if _number(v):
                             help_text = f"{what}: {key.replace('_', ' ')}, {sub.replace('_', ' ')}."
-                            yield GaugeMetricFamily(f"{PREFIX}_{section}_{key}_{sub}", help_text, value=v)
+                            yield _number_family(f"{section}_{key}", sub, help_text, v)
 
 
 def registry(source: Callable[[], Mapping[str, Any]]) -> CollectorRegistry:

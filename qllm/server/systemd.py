@@ -11,9 +11,9 @@ import os
 import socket
 from collections.abc import MutableMapping
 
-import structlog
+from qllm.logging import get_logger
 
-log = structlog.get_logger()
+log = get_logger()
 
 SD_LISTEN_FDS_START = 3
 

@@ -91,3 +91,34 @@ def test_snippet_runs(lang, code, server, tmp_path):
     assert done.returncode == 0, (
         f"{lang} snippet failed:\n{code}\n--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}"
     )
+
+
+def documented_metrics() -> set[str]:
+    text = (ROOT / "docs" / "metrics.md").read_text()
+    names = set()
+    for line in text.splitlines():
+        if line.startswith("| `qllm_"):
+            names.update(re.findall(r"`(qllm_[a-z_]+)`", line.split("|")[1]))
+    return names
+
+
+def test_every_metric_the_server_exposes_is_in_the_metrics_reference(server):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from qllm.client import Client
+
+    with Client(server.path) as client:
+        client.generate("Hello", max_tokens=2, priority="ls")
+        client.generate("Hello", max_tokens=2)
+    exposed = subprocess.run(
+        [sys.executable, "-m", "qllm", "stats", "--socket", str(server.path), "--prometheus"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    names = {
+        family.name + ("_total" if family.type == "counter" else "")
+        for family in text_string_to_metric_families(exposed)
+    }
+
+    assert names and names <= documented_metrics(), names - documented_metrics()

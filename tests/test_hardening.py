@@ -27,6 +27,7 @@ from test_protocol import documented_frames
 from qllm import protocol as p
 from qllm.client import AsyncClient, Client, ConnectionLost, TooManyConnections
 from qllm.errors import InvalidRequest
+from qllm.kernel.config import EngineConfig
 from qllm.logging import Throttled, configure
 from qllm.paths import fallback_socket_dir
 from qllm.server.config import ServerConfig
@@ -383,7 +384,11 @@ def test_sigterm_during_the_model_load_stops_without_ready(tmp_path):
 
 def test_the_documented_exchange_and_sample_client_work_against_tiny(tmp_path, tiny):
     frames = documented_frames()
-    with server_thread(tmp_path, tiny) as running, socket.socket(socket.AF_UNIX) as sock:
+    # the example is what `qllm serve --model tiny` sends, under the default policy
+    with (
+        server_thread(tmp_path, tiny, policy=EngineConfig().policy) as running,
+        socket.socket(socket.AF_UNIX) as sock,
+    ):
         sock.settimeout(60)
         sock.connect(str(running.path))
         for direction, data, _ in frames:  # in the documented order

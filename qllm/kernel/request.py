@@ -20,6 +20,8 @@ from qllm.text import TextStream
 if TYPE_CHECKING:
     import torch
 
+    from qllm.kernel.tenants import Account
+
 
 class RequestStatus(enum.IntEnum):
     """Lifecycle of a request; finished states sort after the live ones."""
@@ -128,6 +130,7 @@ class Request:
     position: Position | None = None  # where it stands in no pass (None: in a pass, or not live)
     ops_base: int = 0  # ops run before joining the current pass
     joined_at: int = 0  # the pass's op count when this request joined it
+    account: Account | None = None  # its tenant's entry in the ledger (qllm.kernel.tenants), once accepted
     events: asyncio.Queue | None = None  # token ids, then None when finished
     done: asyncio.Future | None = None
 
@@ -169,6 +172,18 @@ class Request:
     def client(self) -> str:
         """Who sent it; requests of one class are shared fairly between clients."""
         return self.spec.client
+
+    @property
+    def tenant(self) -> str:
+        """Who it is served for (the ledger's name: ``default`` for a spec that names none)."""
+        account = self.account
+        return account.name if account is not None else self.spec.tenant or "default"
+
+    @property
+    def tenant_counter(self) -> float:
+        """Its tenant's weighted service so far (the ledger's virtual counter; 0 before it is accepted)."""
+        account = self.account
+        return 0.0 if account is None else account.counter
 
     @property
     def pending(self) -> Op | Position | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from qllm.kernel.config import parse_slo
+from qllm.kernel.config import parse_slo, parse_tenant
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -55,6 +55,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="per-class SLOs, e.g. 'ls:ttft=0.5,tpot=0.1;be:tpot=1' (TTFT: arrival to first token; "
         "TPOT: time per output token after the first; default for LS: 10 and 2 single-request "
         "decode steps; a request's ttft_deadline and tpot_slo win)",
+    )
+    p.add_argument(
+        "--tenant",
+        action="append",
+        metavar="NAME=WEIGHT[:live=N][:kv=BYTES]",
+        help="a tenant's weight and quotas (repeatable), e.g. 'team-a=2:live=8'; unnamed tenants get "
+        "weight 1 (docs/tenants.md)",
     )
     p.add_argument(
         "--socket",
@@ -109,7 +116,7 @@ OPTIONS = {
             "model", "policy", "dtype", "device", "memory_budget", "max_batch", "moe_granularity",
             "kv_block_size", "threads", "slo",
         )
-    },
+    } | {"tenants": "--tenant"},
     "server": {
         "socket": "--socket",
         "http_socket": "--http-socket",
@@ -132,6 +139,8 @@ def overrides(args: argparse.Namespace) -> dict:
     }
     if given["engine"]["slo"]:
         given["engine"]["slo"] = parse_slo(given["engine"]["slo"])
+    if given["engine"]["tenants"]:
+        given["engine"]["tenants"] = dict(map(parse_tenant, given["engine"]["tenants"]))
     return given
 
 

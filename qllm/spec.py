@@ -29,7 +29,7 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_STOPS = 16  # stop strings per request (OpenAI's API allows 4)
 MAX_STOP_CHARS = 256  # characters per stop string
 MAX_TENANT_CHARS = 64  # a tenant's name: it becomes a stats key and a metric label
-TENANT_PATTERN = r"^[\x21-\x7e]*$"  # printable ASCII, no spaces
+TENANT_PATTERN = r"^[\x21-\x7e]*\Z"  # printable ASCII, no spaces
 
 
 class PriorityClass(enum.StrEnum):

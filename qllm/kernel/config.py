@@ -18,7 +18,7 @@ class ClassSLO(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=
     tpot: Annotated[float, Meta(gt=0)] | None = None  # time per output token after the first
 
 
-TenantName = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[\x21-\x7e]*$")]
+TenantName = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[\x21-\x7e]*\Z")]
 
 
 class TenantConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):

@@ -94,7 +94,7 @@ async def test_a_flooding_tenant_leaves_another_its_share_and_ls_its_latency(tmp
         try:
             await asyncio.sleep(0.3)
             loaded_be, loaded_ls = await _median(be, target), await _median(ls, target)
-            unfinished = sum(not s.done() for s in streams)
+            unfinished = sum(not s.done for s in streams)
         finally:
             for s in streams:
                 await s.cancel()
@@ -120,7 +120,7 @@ async def test_a_pooled_connection_keeps_tenants_apart(tmp_path, tiny):
             ]
             await asyncio.sleep(0.3)
             loaded = await _median(_native_be, pooled)
-            unfinished = sum(not s.done() for s in flood)
+            unfinished = sum(not s.done for s in flood)
             for s in flood:
                 await s.cancel()
             for tenant in ("flood", "light", "light"):  # one after another on one HTTP connection

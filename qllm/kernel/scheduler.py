@@ -210,18 +210,21 @@ class Scheduler:
             yield request
 
     def _admission_order(self) -> list[Request]:
-        precedence = self._precedence
-        ordered = sorted(self.waiting, key=lambda r: (precedence(r), r.arrival, r.seq))
+        waiting = self.waiting
+        first = {r.id: self._precedence(r) for r in waiting}  # one policy call per request
+        ordered = sorted(waiting, key=lambda r: (first[r.id], r.arrival, r.seq))
         # Tenants in turn (the least served first), and within a tenant its clients in turn: a
         # turn counts the requests of the same tenant (client) live or ahead of this one.
         live = self.live.values()
-        for sender in (lambda r: (r.tenant, r.client), lambda r: r.tenant):
-            held = Counter(sender(r) for r in live)
+        senders = {r.id: (r.tenant, r.client) for r in ordered}
+        for by_tenant in (False, True):
+            held = Counter(r.tenant if by_tenant else (r.tenant, r.client) for r in live)
             turns = {}
             for r in ordered:
-                turns[r.id] = held[sender(r)]
-                held[sender(r)] += 1
-            ordered.sort(key=lambda r: (precedence(r), turns[r.id], r.tenant_counter))
+                sender = senders[r.id][0] if by_tenant else senders[r.id]
+                turns[r.id] = held[sender]
+                held[sender] += 1
+            ordered.sort(key=lambda r, turns=turns: (first[r.id], turns[r.id], r.tenant_counter))
         return ordered
 
     def _over_quota(self, request: Request) -> bool:

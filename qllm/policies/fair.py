@@ -56,17 +56,21 @@ def fair_order(
     a prefix of ``key``): tenants in turn, the least served first, and each tenant's clients in
     turn among its requests."""
     ordered = sorted(requests, key=key)
-    if len({sender(r) for r in ordered}) <= 1:
+    senders = {r.id: sender(r) for r in ordered}
+    if len(set(senders.values())) <= 1:
         return ordered
-    for who in (sender, lambda r: r.tenant):  # clients in turn, then tenants in turn around them
+    groups = {r.id: group(r) for r in ordered}
+    classes = {r.id: r.is_ls for r in ordered}
+    counters = {r.id: r.tenant_counter for r in ordered}
+    for by_tenant in (False, True):  # clients in turn, then tenants in turn around them
         seen: Counter = Counter()
         turns: dict[str, int] = {}
         for r in ordered:
-            slot = (r.is_ls, group(r), who(r))
+            slot = (classes[r.id], groups[r.id], senders[r.id][0] if by_tenant else senders[r.id])
             turns[r.id] = seen[slot]
             seen[slot] += 1
         # stable: the previous order within a turn
-        ordered.sort(key=lambda r, turns=turns: (group(r), turns[r.id], r.tenant_counter))
+        ordered.sort(key=lambda r, turns=turns: (groups[r.id], turns[r.id], counters[r.id]))
     return ordered
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import itertools
 import time
 from collections.abc import Generator
@@ -186,6 +187,12 @@ class Request:
         return 0.0 if account is None else account.counter
 
     @property
+    def tenant_live(self) -> int:
+        """Requests of its tenant accepted and not finished, this one included (0 before it is accepted)."""
+        account = self.account
+        return 0 if account is None else account.live
+
+    @property
     def pending(self) -> Op | Position | None:
         """What this request waits on: its pass's pending op, or its :attr:`position` in no pass."""
         group = self.group
@@ -223,8 +230,8 @@ class Request:
     def phase(self) -> Phase:
         return Phase.PREFILL if not self.token_ids else Phase.DECODE
 
-    @property
-    def is_ls(self) -> bool:
+    @functools.cached_property
+    def is_ls(self) -> bool:  # read at every decision for every request: the spec never changes
         return self.priority_class is PriorityClass.LS
 
     def sort_key(self) -> tuple[int, int, float, int]:

@@ -36,6 +36,8 @@ class RequestView:
     tenant: str = property(lambda self: self._r.tenant)  # type: ignore[assignment]
     # Its tenant's weighted service so far (lower: served first within a class; qllm.kernel.tenants).
     tenant_counter: float = property(lambda self: self._r.tenant_counter)  # type: ignore[assignment]
+    # Requests of its tenant waiting or running, this one included (1: its tenant was idle).
+    tenant_live: int = property(lambda self: self._r.tenant_live)  # type: ignore[assignment]
     status: RequestStatus = property(lambda self: self._r.status)  # type: ignore[assignment]
     phase: Phase = property(lambda self: self._r.phase)  # type: ignore[assignment]
     prompt_tokens: int = property(lambda self: len(self._r.prompt_ids))  # type: ignore[assignment]

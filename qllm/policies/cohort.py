@@ -209,8 +209,9 @@ class CohortPolicy(Policy):
 
     def interrupts(self, request: RequestView) -> bool:
         # Best-effort newcomers start at a pass boundary, after the cohort's pass: only an LS
-        # arrival changes what runs before then.
-        return request.is_ls
+        # arrival changes what runs before then, or the first request of a tenant back from idle,
+        # which the running tenants may be ahead of by more than their share (qllm/policies/fair.py).
+        return request.is_ls or request.tenant_live == 1
 
     def on_finish(self, request: RequestView, kernel: KernelView) -> None:
         self.solo_s.pop(request.id, None)

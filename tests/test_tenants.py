@@ -274,3 +274,15 @@ async def test_outputs_under_fairness_preemption_equal_solo_runs(tiny):
     start = min(r.arrival for r in results.values())
     last = {t: max(r.finished for k, r in results.items() if k[0] == t) - start for t in "ab"}
     assert last["b"] < 0.85 * last["a"], last
+
+
+def test_the_first_request_of_a_tenant_back_from_idle_interrupts_the_op_in_flight():
+    from qllm.policies.cohort import CohortPolicy
+
+    ledger = TenantLedger()
+    first, second = request("a1", "a"), request("a2", "a")
+    ledger.enter(first)
+    policy = CohortPolicy()
+    assert policy.interrupts(RequestView(first))  # its tenant was idle: it may be owed the machine
+    ledger.enter(second)
+    assert not policy.interrupts(RequestView(second))  # a best-effort newcomer waits for the pass

@@ -48,6 +48,7 @@ FLOOD = 64  # long BE requests of the flooding tenant
 FLOOD_TOKENS = 64
 LIGHT_TOKENS = 8  # the other tenant's short BE request
 ROUNDS = 3  # each figure is the median of this many requests
+LS_PROMPT = [9, 8, 7, 6] * 8  # an LS request's prompt: 32 tokens, as a short question has
 
 
 def _uds(running) -> str:
@@ -67,7 +68,7 @@ async def _native_be(client: AsyncClient) -> float:
 
 
 async def _native_ls(client: AsyncClient) -> float:
-    final = await client.generate([9, 8, 7], tenant="light", priority="ls", max_tokens=2, ignore_eos=True)
+    final = await client.generate(LS_PROMPT, tenant="light", priority="ls", max_tokens=2, ignore_eos=True)
     return final.timings.ttft
 
 
@@ -80,7 +81,7 @@ async def _http_be(http: httpx.AsyncClient) -> float:
 
 
 async def _http_ls(http: httpx.AsyncClient) -> float:
-    body = {"prompt": [9, 8, 7], "max_tokens": 2, "ignore_eos": True, "stream": True, "priority": "ls"}
+    body = {"prompt": LS_PROMPT, "max_tokens": 2, "ignore_eos": True, "stream": True, "priority": "ls"}
     started = time.monotonic()
     async with http.stream("POST", "/v1/completions", json=body, headers={"X-Qllm-Tenant": "light"}) as reply:
         ttft = None
@@ -90,8 +91,8 @@ async def _http_ls(http: httpx.AsyncClient) -> float:
     return ttft
 
 
-async def _median(measure, *args) -> float:
-    return statistics.median([await measure(*args) for _ in range(ROUNDS)])
+async def _median(measure, *args, rounds: int = ROUNDS) -> float:
+    return statistics.median([await measure(*args) for _ in range(rounds)])
 
 
 async def _flood_native(running) -> list:
@@ -114,11 +115,11 @@ async def test_a_flooding_tenant_leaves_another_its_share_and_ls_its_latency(tmp
         be, ls = (_native_be, _native_ls) if front == "native" else (_http_be, _http_ls)
         target = client if front == "native" else http
         await be(target)  # warm: the cost model learns the op times
-        solo_be, solo_ls = await _median(be, target), await _median(ls, target)
+        solo_be, solo_ls = await _median(be, target), await _median(ls, target, rounds=5)
         flooder, streams = await _flood_native(running)
         try:
             await asyncio.sleep(0.3)
-            loaded_be, loaded_ls = await _median(be, target), await _median(ls, target)
+            loaded_be, loaded_ls = await _median(be, target), await _median(ls, target, rounds=5)
             unfinished = sum(not s.done for s in streams)
         finally:
             for s in streams:

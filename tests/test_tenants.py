@@ -286,3 +286,17 @@ def test_the_first_request_of_a_tenant_back_from_idle_interrupts_the_op_in_fligh
     assert policy.interrupts(RequestView(first))  # its tenant was idle: it may be owed the machine
     ledger.enter(second)
     assert not policy.interrupts(RequestView(second))  # a best-effort newcomer waits for the pass
+
+
+def test_the_bench_reports_shares_against_weights_and_checks_its_options():
+    from qllm.bench.tenants import parse_weights
+
+    report = share_report(["a", "b", "c"], [1, 1, 2], {"a": 1.0, "b": 1.1, "c": 1.9}, 4.0)
+    assert report["tenants"]["c"]["fair_share"] == 0.5
+    assert report["tenants"]["c"]["share"] == pytest.approx(0.475)
+    assert report["worst_error"] == pytest.approx(0.1)  # b: 0.275 against 0.25
+    assert 0.99 < report["jain_index"] < 1.0
+    assert parse_weights("1,1,2") == [1.0, 1.0, 2.0]
+    for bad in ("1", "1,x", "1,0", "1,-2"):
+        with pytest.raises(ValueError, match="--weights"):
+            parse_weights(bad)

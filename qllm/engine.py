@@ -267,6 +267,7 @@ class Engine:
             "request_finished",
             request_id=result.id,
             priority=result.priority,
+            tenant=result.tenant,
             status=result.status,
             ttft_s=None if result.ttft is None else round(result.ttft, 6),
             tokens=len(result.token_ids),

@@ -300,3 +300,16 @@ def test_the_bench_reports_shares_against_weights_and_checks_its_options():
     for bad in ("1", "1,x", "1,0", "1,-2"):
         with pytest.raises(ValueError, match="--weights"):
             parse_weights(bad)
+
+
+async def test_a_finished_requests_result_and_log_line_name_its_tenant(tiny):
+    from structlog.testing import capture_logs
+
+    async with Engine(model=tiny) as engine:
+        with capture_logs() as logs:
+            result = await engine.generate("Hello", tenant="team-a", max_tokens=2)
+            unnamed = await engine.generate("Hello", max_tokens=2)
+    assert (result.tenant, unnamed.tenant) == ("team-a", "default")
+    finished = [e for e in logs if e["event"] == "request_finished"]
+    assert [e["tenant"] for e in finished] == ["team-a", "default"]
+    assert all("Hello" not in str(e) for e in logs)

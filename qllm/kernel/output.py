@@ -119,6 +119,7 @@ class OutputProcessor:
             error=request.error,
             ttft_slo=request.ttft_slo,
             tpot_slo=request.tpot_slo,
+            tenant=request.tenant,
         )
 
     @staticmethod

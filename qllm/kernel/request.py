@@ -92,6 +92,7 @@ class RequestResult:
     error: str | None = None
     ttft_slo: float | None = None  # the SLOs it was served under (seconds; None: none)
     tpot_slo: float | None = None
+    tenant: str = "default"  # who it was served for (the ledger's name)
 
     @property
     def ttft(self) -> float | None:

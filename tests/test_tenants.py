@@ -313,3 +313,34 @@ async def test_a_finished_requests_result_and_log_line_name_its_tenant(tiny):
     finished = [e for e in logs if e["event"] == "request_finished"]
     assert [e["tenant"] for e in finished] == ["team-a", "default"]
     assert all("Hello" not in str(e) for e in logs)
+
+
+@pytest.mark.parametrize(
+    ("body", "header", "default", "tenant"),
+    [
+        ({"user": "u", "tenant": "t"}, "h", "1000", "h"),  # the header first
+        ({"user": "u", "tenant": "t"}, None, "1000", "t"),  # then the body's tenant
+        ({"user": "u"}, None, "1000", "u"),  # then OpenAI's user
+        ({}, None, "1000", "1000"),  # then the peer's uid
+        ({}, None, "", ""),  # a TCP peer: the engine's default tenant
+    ],
+)
+def test_the_tenant_of_an_http_request(body, header, default, tenant):
+    import json
+
+    from qllm.server import openai_api as api
+
+    req, fields = api.decode(json.dumps({"prompt": "a", **body}).encode(), api.CompletionRequest)
+    spec = api.to_spec(req, fields, None, 16, "h1", tenant_header=header, default_tenant=default)
+    assert spec.tenant == tenant
+
+
+def test_a_bad_tenant_over_http_is_a_400_naming_it():
+    import json
+
+    from qllm.server import openai_api as api
+
+    req, fields = api.decode(json.dumps({"prompt": "a", "user": "has space"}).encode(), api.CompletionRequest)
+    with pytest.raises(api.ApiError, match="tenant") as error:
+        api.to_spec(req, fields, None, 16, "h1")
+    assert error.value.status == 400

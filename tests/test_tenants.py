@@ -9,6 +9,7 @@ import pytest
 
 from qllm import Engine
 from qllm.bench.tenants import share_report
+from qllm.commands import serve
 from qllm.commands.serve import overrides
 from qllm.errors import InvalidRequest, TenantOverQuota
 from qllm.kernel.config import FairnessConfig, TenantConfig, engine_config, parse_tenant
@@ -344,3 +345,22 @@ def test_a_bad_tenant_over_http_is_a_400_naming_it():
     with pytest.raises(api.ApiError, match="tenant") as error:
         api.to_spec(req, fields, None, 16, "h1")
     assert error.value.status == 400
+
+
+def test_the_config_file_names_tenants_and_the_command_line_adds_to_them(tmp_path):
+    from qllm.server.config import ConfigError, load_config
+
+    path = tmp_path / "qllm.toml"
+    path.write_text(
+        "[engine.tenants.chat]\nweight = 3\n[engine.tenants.jobs]\nmax_live = 16\n"
+        '[engine.fairness]\ndefault = { weight = 0.5 }\nquota_action = "reject"\n'
+    )
+    config = load_config(path, {"engine": {"tenants": {"jobs": {"weight": 2.0}}}}, serve.OPTIONS)
+    assert config.engine.tenants == {
+        "chat": TenantConfig(weight=3),
+        "jobs": TenantConfig(weight=2, max_live=16),
+    }
+    assert config.engine.fairness.default.weight == 0.5 and config.engine.fairness.quota_action == "reject"
+    path.write_text("[engine.tenants.chat]\nweight = -1\n")
+    with pytest.raises(ConfigError, match="weight"):
+        load_config(path)

@@ -163,10 +163,8 @@ def test_the_tenant_option():
             parse_tenant(bad)
 
 
-def test_serve_options_name_tenants(tmp_path):
+def test_serve_options_name_tenants():
     import argparse
-
-    from qllm.commands import serve
 
     parser = argparse.ArgumentParser()
     serve.add_parser(parser.add_subparsers())

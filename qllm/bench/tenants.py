@@ -8,7 +8,8 @@ Prints one JSON object with two parts, measured in one process on one engine (``
   then for ``--window`` seconds, during which the op time each tenant received is read from the
   engine's ledger (``stats()["tenants"][...]["service_s"]``: the kernel's measured op cost).
   Reported per tenant: its weight's share, the share of op time it received and the relative
-  error; and Jain's index over the service divided by weight (1: exactly the weighted share).
+  error; Jain's index over the service divided by weight (1: exactly the weighted share); and the
+  tokens generated per second in all (what the share costs: compare ``--policy qllm``).
 - ``flood``: a tenant submits ``--flood`` long best-effort requests at once; while they run, a
   light tenant sends ``--light`` short best-effort requests and another ``--light`` LS requests,
   one at a time, each ``--light-interval`` seconds apart. Each light request's turnaround (BE) or
@@ -154,10 +155,10 @@ async def _main(args: argparse.Namespace, weights: list[float], skip: set[str]) 
     return rounded(out, 4)
 
 
-def service(engine: Any, names: Sequence[str]) -> dict[str, float]:
-    """Op seconds each tenant has received."""
+def service(engine: Any, names: Sequence[str], key: str = "service_s") -> dict[str, float]:
+    """Op seconds each tenant has received (``key="tokens"``: tokens generated for it)."""
     accounts = engine.stats()["tenants"]
-    return {name: accounts.get(name, {}).get("service_s", 0.0) for name in names}
+    return {name: accounts.get(name, {}).get(key, 0.0) for name in names}
 
 
 async def shares(
@@ -191,13 +192,14 @@ async def shares(
         for name in names:
             tg.create_task(keep_backlogged(name))
         await asyncio.sleep(warmup)
-        before = service(engine, names)
+        before, tokens = service(engine, names), sum(service(engine, names, "tokens").values())
         started = time.monotonic()
         await asyncio.sleep(window)
-        after = service(engine, names)
+        after, tokens = service(engine, names), sum(service(engine, names, "tokens").values()) - tokens
         elapsed = time.monotonic() - started
         stop.set()
-    return share_report(names, weights, {n: after[n] - before[n] for n in names}, elapsed)
+    report = share_report(names, weights, {n: after[n] - before[n] for n in names}, elapsed)
+    return report | {"tokens_per_s": tokens / elapsed}
 
 
 def share_report(

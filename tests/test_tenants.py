@@ -362,3 +362,25 @@ def test_the_config_file_names_tenants_and_the_command_line_adds_to_them(tmp_pat
     path.write_text("[engine.tenants.chat]\nweight = -1\n")
     with pytest.raises(ConfigError, match="weight"):
         load_config(path)
+
+
+def test_a_plugin_that_keeps_the_base_select_keeps_the_shares():
+    from qllm.policies.api import Policy
+
+    class ByArrival(Policy):  # a plugin that only orders
+        def order(self, ready, kernel):
+            return sorted(ready, key=lambda r: (r.arrival, r.seq))
+
+    from qllm.kernel.request import NEXT_PASS
+
+    ledger = TenantLedger()
+    reqs = [request("a1", "a", arrival=1), request("a2", "a", arrival=2), request("b1", "b", arrival=3)]
+    for r in reqs:
+        ledger.enter(r)
+        r.position = NEXT_PASS  # ready, at the first op of a pass
+    views = [RequestView(r) for r in reqs]
+    assert [v.id for v in ByArrival().select(kernel(views, ledger))] == ["a1", "a2", "b1"]
+
+    ledger.charge([(ledger.accounts["a"], 1)], 0.5)  # a is ahead of b by more than the quantum
+
+    assert [v.id for v in ByArrival().select(kernel(views, ledger))] == ["b1"]

@@ -16,8 +16,10 @@ lowest counter is the one served least.
 - :func:`fair_share` and :func:`runnable` keep one sender's surplus beyond ``max_batch`` from
   crowding out another's share of the batch.
 
-``cohort`` (the default) and ``priority-aging`` use all of them; a plugin gets the same fairness
-by filtering its ready requests through :func:`within_share` and ordering with :func:`fair_order`.
+``cohort`` (the default) and ``priority-aging`` use all of them, and the base
+:meth:`Policy.select` filters through :func:`within_share` (defined in :mod:`qllm.policies.api`),
+so a plugin that keeps it keeps the shares; one with its own ``select`` filters its ready
+requests through :func:`within_share` and orders with :func:`fair_order`.
 The kernel admits waiting requests taking tenants and clients in turn for every policy.
 """
 
@@ -27,24 +29,12 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from qllm.policies.api import KernelView, RequestView
+from qllm.policies.api import KernelView, RequestView, within_share
 
 
 def sender(r: RequestView) -> tuple[str, str]:
     """Who a request's share is counted for: its tenant and client."""
     return (r.tenant, r.client)
-
-
-def within_share(requests: Sequence[RequestView], kernel: KernelView) -> list[RequestView]:
-    """``requests`` without the best-effort ones whose tenant is over its share: more than
-    ``kernel.tenants.quantum`` seconds of weighted op time ahead of the least-served tenant with
-    best-effort requests among ``requests``. LS requests always stay (LS comes before BE, and an
-    LS request's latency is not traded for fairness)."""
-    counters = {r.tenant: r.tenant_counter for r in requests if not r.is_ls}
-    if len(counters) <= 1:
-        return list(requests)
-    limit = min(counters.values()) + kernel.tenants.quantum
-    return [r for r in requests if r.is_ls or r.tenant_counter <= limit]
 
 
 def fair_order(
@@ -100,3 +90,6 @@ def runnable(queues: Sequence[list[RequestView]], max_batch: int) -> list[list[R
         ]
     }
     return [[r for r in queue if r.id in keep] for queue in queues]
+
+
+__all__ = ["fair_order", "fair_share", "runnable", "sender", "within_share"]

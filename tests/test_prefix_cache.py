@@ -1,0 +1,393 @@
+"""Prefix caching (qllm/kernel/runtime/prefix.py, docs/engine.md "Prefix caching").
+
+What a user relies on: a request whose prompt starts with a cached prefix gets exactly the tokens
+it gets alone (under every policy, preempted, batched, under a memory budget), while computing
+only the rest of its prompt; a prefix is published once the chunks that computed it finished every
+layer, so an LS request reuses what a running BE prefill has done; shared blocks are counted once
+and never offloaded with a request; unreferenced prefixes are evicted in the documented order;
+nothing is left held once every request ended; the switch turns it all off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from kernel_helpers import Recorder, isolated, run
+
+import qllm
+from qllm.commands import serve as serve_command
+from qllm.kernel.runtime.cache import KVCache
+from qllm.kernel.runtime.prefix import reusable
+from qllm.kernel.tensors import TensorManager
+from qllm.policies import load_policy
+from qllm.spec import SamplingParams
+
+POLICIES = ("fcfs", "qllm", "priority-aging", "cohort")
+LAYERS, HEADS, DIM = 2, 2, 4
+CPU = torch.device("cpu")
+
+
+# ---------------------------------------------------------------- the index, under the tensor manager
+def manager(block: int = 2, chunk: int = 4, budget: int | None = None) -> TensorManager:
+    return TensorManager("cpu", budget, block_size=block, prefix_chunk=chunk)
+
+
+def prefill(tm: TensorManager, rid: str, prompt: list[int], *, ls: bool = False, chunk: int = 4) -> KVCache:
+    """Admit ``rid`` and run its prefill as the kernel does: cached prefix, then chunk by chunk,
+    each chunk's keys a function of its tokens and positions (so equal prefixes hold equal keys)."""
+    cache = KVCache(LAYERS, HEADS, DIM, torch.float32, CPU, tm.pool)
+    tm.register(rid, cache)
+    done = tm.attach_prefix(rid, prompt, ls=ls)
+    starts = range(done, len(prompt) - chunk, chunk)
+    for start in [*starts, reusable(len(prompt), chunk)]:
+        end = min(start + chunk, len(prompt))
+        ids = torch.tensor(prompt[start:end], dtype=torch.float32)
+        pos = torch.arange(start, end, dtype=torch.float32)
+        for layer in range(LAYERS):
+            k = (ids * 1000 + pos + layer).view(1, -1, 1).expand(HEADS, -1, DIM).contiguous()
+            cache.append(layer, k, -k)
+        tm.prefilled(rid, prompt, start, end, ls=ls)
+    return cache
+
+
+def probe(tm: TensorManager, prompt: list[int]) -> int:
+    """Cached tokens a request with ``prompt`` would take now (it is admitted, then released)."""
+    tm.register("probe", KVCache(LAYERS, HEADS, DIM, torch.float32, CPU, tm.pool))
+    hit = tm.attach_prefix("probe", prompt, ls=False)
+    tm.release("probe")
+    return hit
+
+
+def test_a_request_takes_the_longest_cached_prefix_before_its_last_chunk():
+    tm = manager()
+    first = prefill(tm, "a", list(range(1, 14)))  # chunks of 4 up to 12, then the last token
+    assert tm.stats()["kv_blocks"]["blocks_cached"] == 3 * 2 * 2 * LAYERS  # 12 tokens: 3 spans
+
+    second = prefill(tm, "b", [*range(1, 10), 99, 98])  # shares 9 tokens: 2 spans of 4
+    # The same 12 tokens: it computes its last chunk (it needs the logits), then keeps the cached
+    # copy of that chunk's keys and values, not a second one.
+    third = prefill(tm, "c", list(range(1, 13)))
+    fourth = prefill(tm, "d", [7, *range(2, 14)])  # differs at the first token
+
+    stats = tm.prefix_stats()
+    assert (stats["tokens_hit"], stats["hits"], stats["lookups"]) == (8 + 8, 2, 4)
+    assert stats["tokens_looked_up"] == 13 + 11 + 12 + 13
+    for cache in (second, third):
+        for layer in range(LAYERS):  # what the cache reads is what the first request computed
+            assert torch.equal(cache.kv(layer)[0][:, :8], first.kv(layer)[0][:, :8])
+    assert second.shared == 4 and third.shared == fourth.shared == 6
+    assert tm.stats()["kv_blocks"]["blocks_cached"] == 6 * 2 * 2 * LAYERS  # a's 3 spans and d's 3
+
+
+def test_only_full_chunks_are_published_and_a_prefix_computed_twice_is_kept_once():
+    tm = manager(block=2, chunk=4)
+    prefill(tm, "a", [1, 2, 3])  # one partial chunk: nothing
+    assert tm.prefix_stats()["entries"] == 0
+    b = prefill(tm, "b", list(range(1, 10)))
+    cached = tm.stats()["kv_blocks"]["blocks_cached"]
+    in_use = tm.stats()["kv_blocks"]["blocks_in_use"]
+    # Two requests computing the same chunks at once (neither found it cached when admitted).
+    c = KVCache(LAYERS, HEADS, DIM, torch.float32, CPU, tm.pool)
+    tm.register("c", c)
+    for layer in range(LAYERS):
+        c.append(layer, *b.kv(layer))  # the same values b computed
+    tm.prefilled("c", list(range(1, 10)), 4, 8, ls=False)
+    assert tm.stats()["kv_blocks"]["blocks_cached"] == cached  # no second copy
+    assert c.shared == b.shared == 4
+    assert tm.stats()["kv_blocks"]["blocks_in_use"] == in_use + c.blocks
+
+
+def test_shared_blocks_count_once_and_nothing_is_held_after_release():
+    tm = manager(block=2, chunk=4)
+    prompt = list(range(1, 11))
+    a = prefill(tm, "a", prompt)
+    b = prefill(tm, "b", prompt)
+    c = prefill(tm, "c", prompt)
+    shared = tm.prefix.referenced_bytes
+    assert shared > 0 and a.shared == b.shared == c.shared == 4
+    assert tm.resident_bytes == shared + a.nbytes + b.nbytes + c.nbytes
+    for rid in "abc":
+        tm.release(rid)
+    stats = tm.stats()["kv_blocks"]
+    assert tm.resident_bytes == 0 and tm.prefix.referenced_bytes == 0
+    assert stats["blocks_in_use"] == 0 and stats["bytes_cached"] == tm.prefix.cached_bytes == shared
+    assert stats["blocks_cached"] + stats["blocks_free"] == stats["blocks_allocated"]
+
+
+def test_eviction_frees_be_prefixes_tail_first_then_ls_ones_and_never_pinned_or_held_ones():
+    tm = manager(block=2, chunk=4)
+    prefill(tm, "ls", [50, 51, 52, 53, 54], ls=True)  # 1 span (4 tokens), an LS request's
+    prefill(tm, "be", [*range(1, 13), 0])  # 3 spans, BE only
+    prefill(tm, "pinned", [60, 61, 62, 63, 64])
+    assert tm.prefix.pin([60, 61, 62, 63]) == 4
+    prefill(tm, "held", [70, 71, 72, 73, 74])  # still running
+    for rid in ("ls", "be", "pinned"):
+        tm.release(rid)
+    span = tm.prefix.cached_bytes // 6
+    assert tm.prefix.idle_bytes == 5 * span
+
+    assert tm.prefix.evict(1, ls=False) == span  # one span: the BE prefix's tail
+    assert probe(tm, [*range(1, 13), 0]) == 8
+    assert tm.prefix.evict(10 * span, ls=False) == 2 * span  # the rest of it; the LS prefix stays
+    assert tm.prefix_stats()["evictions"] == 3
+    assert tm.prefix.evict(10 * span, ls=True) == span  # now the LS one; pinned and held stay
+    assert tm.prefix_stats()["entries"] == 2
+    assert probe(tm, [60, 61, 62, 63, 64, 65]) == 4
+    assert probe(tm, [70, 71, 72, 73, 74]) == 4
+
+
+def test_a_budget_frees_be_prefixes_before_ls_ones():
+    tm = manager(block=2, chunk=4, budget=1 << 30)
+    prefill(tm, "ls", [50, 51, 52, 53, 54], ls=True)
+    prefill(tm, "be", [40, 41, 42, 43, 44])
+    tm.release("ls")
+    tm.release("be")
+    span = tm.prefix.cached_bytes // 2
+    tm.budget_bytes = span  # room for one
+    tm.enforce(set())
+    assert probe(tm, [50, 51, 52, 53, 54]) == 4  # the LS prefix stayed
+    assert probe(tm, [40, 41, 42, 43, 44]) == 0
+    assert tm.stats()["kv_blocks"]["blocks_free"] == 0  # evicted blocks freed, not kept
+
+
+# ---------------------------------------------------------------- the engine
+@dataclass(frozen=True)
+class Spec:
+    after: int  # submitted right before this batch is chosen (0: at once)
+    prompt: tuple[int, ...]
+    max_tokens: int
+    priority: str
+
+    @property
+    def params(self) -> SamplingParams:
+        return SamplingParams(max_tokens=self.max_tokens, ignore_eos=True)
+
+
+async def serve(model, policy: str, schedule: list[Spec], *, chunk: int, blocks: int, budget=None, on=True):
+    recorder = Recorder(load_policy(policy))
+    handles: dict[str, tuple[Spec, object]] = {}
+    async with qllm.Engine(
+        model=model,
+        policy=recorder,
+        prefill_chunk=chunk,
+        kv_block_size=blocks,
+        memory_budget=budget,
+        prefix_cache=on,
+        max_batch=8,
+    ) as engine:
+
+        def submit(spec: Spec) -> None:
+            handle = engine.submit(
+                list(spec.prompt), max_tokens=spec.max_tokens, ignore_eos=True, priority=spec.priority
+            )
+            handles[handle.id] = (spec, handle)
+
+        for spec in schedule:
+            if spec.after == 0:
+                submit(spec)
+            else:
+                recorder.at.setdefault(spec.after, []).append(lambda s=spec: submit(s))
+        async with asyncio.timeout(120):
+            while True:
+                pending = [h for _, h in handles.values()]
+                await asyncio.gather(*(h.result() for h in pending))
+                if len(handles) == len(pending):
+                    if not recorder.at:
+                        break
+                    recorder.fire_all()
+        results = {rid: (spec, await h.result()) for rid, (spec, h) in handles.items()}
+        return results, engine.stats()
+
+
+def assert_nothing_held(stats: dict) -> None:
+    memory, prefix = stats["memory"], stats["prefix"]
+    pool = memory["kv_blocks"]
+    assert memory["resident_bytes"] == 0 and memory["requests"] == 0
+    assert pool["blocks_in_use"] == 0 and pool["bytes_in_use"] == 0
+    # Every block is spare, cached or freed (over a budget the pool frees spare blocks).
+    assert pool["blocks_free"] + pool["blocks_cached"] <= pool["blocks_allocated"]
+    assert prefix["referenced_bytes"] == 0 and prefix["cached_bytes"] == pool["bytes_cached"]
+
+
+SYSTEM = [tuple(range(100, 124)), tuple(range(300, 317))]  # two shared "system prompts"
+
+
+@st.composite
+def shared_prompts(draw) -> tuple[int, ...]:
+    head = draw(st.sampled_from(SYSTEM))
+    head = head[: draw(st.integers(0, len(head)))]
+    return head + tuple(draw(st.lists(st.integers(1, 511), max_size=6)))
+
+
+specs = st.builds(
+    Spec,
+    after=st.one_of(st.just(0), st.integers(1, 80)),
+    prompt=shared_prompts().filter(bool),
+    max_tokens=st.integers(1, 4),
+    priority=st.sampled_from(["ls", "be"]),
+)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@settings(deadline=None, max_examples=6, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    schedule=st.lists(specs, min_size=2, max_size=5),
+    chunk=st.sampled_from([2, 4]),
+    blocks=st.sampled_from([2, 3, 4]),
+    budget=st.sampled_from([None, 4096, 1 << 16]),
+)
+def test_requests_sharing_prefixes_get_exactly_their_isolated_tokens(
+    tiny, policy, schedule, chunk, blocks, budget
+):
+    """Arrivals at random ops (LS ones preempt), a budget that evicts and offloads: every request's
+    tokens are those of its run alone, the cache hit what it says, and nothing stays held."""
+    results, stats = run(serve(tiny, policy, schedule, chunk=chunk, blocks=blocks, budget=budget))
+
+    assert len(results) == len(schedule)
+    span = stats["prefix"]["span_tokens"]
+    for rid, (spec, result) in results.items():
+        assert result.status == "length" and result.error is None
+        assert result.token_ids == isolated(tiny, spec.prompt, spec.params, chunk).token_ids, f"{rid} {spec}"
+        assert result.cached_tokens % span == 0 and result.cached_tokens <= reusable(len(spec.prompt), chunk)
+    assert stats["prefix"]["tokens_hit"] == sum(r.cached_tokens for _, r in results.values())
+    assert stats["prefix"]["tokens_looked_up"] == sum(len(s.prompt) for s, _ in results.values())
+    assert stats["kernel"]["policy_errors"] == 0
+    assert_nothing_held(stats)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_a_repeated_prompt_computes_only_its_last_chunk_and_outputs_match_caching_off(tiny, policy):
+    prompt = tuple(range(100, 126))  # 26 tokens: 24 reusable with chunks of 4
+    schedule = [
+        Spec(0, prompt, 3, "be"),
+        Spec(0, (*prompt[:20], 7, 8, 9), 3, "ls"),
+        Spec(200, prompt, 3, "ls"),
+    ]
+    on, stats = run(serve(tiny, policy, schedule, chunk=4, blocks=4))
+    off, _ = run(serve(tiny, policy, schedule, chunk=4, blocks=4, on=False))
+
+    tokens = {spec: r.token_ids for spec, r in off.values()}
+    cached = {spec: r.cached_tokens for spec, r in on.values()}
+    assert {spec: r.token_ids for spec, r in on.values()} == tokens
+    for spec in schedule:
+        assert tokens[spec] == isolated(tiny, spec.prompt, spec.params, 4).token_ids
+    assert cached[schedule[2]] == 24  # the repeat, once the first ones ended
+    assert cached[schedule[1]] % 4 == 0 and cached[schedule[1]] <= 20  # depends on when it was admitted
+    assert_nothing_held(stats)
+
+
+def test_an_ls_request_reuses_the_chunks_a_running_be_prefill_finished(tiny):
+    """The LS request arrives after a few chunks of the BE request's long prompt were computed."""
+    prompt = tuple(range(10, 60))  # 50 tokens, chunks of 2: 25 passes
+    schedule = [Spec(0, prompt, 2, "be"), Spec(30, (*prompt[:40], 5), 2, "ls")]
+    results, stats = run(serve(tiny, "cohort", schedule, chunk=2, blocks=2))
+
+    ls = next(r for spec, r in results.values() if spec.priority == "ls")
+    assert 0 < ls.cached_tokens < 40
+    for spec, result in results.values():
+        assert result.token_ids == isolated(tiny, spec.prompt, spec.params, 2).token_ids
+    assert_nothing_held(stats)
+
+
+def test_the_switch_and_the_layouts_without_caching(tiny):
+    schedule = [Spec(0, tuple(range(100, 120)), 2, "be"), Spec(50, tuple(range(100, 120)), 2, "be")]
+    _, stats = run(serve(tiny, "fcfs", schedule, chunk=4, blocks=4, on=False))
+    assert stats["prefix"] == {"enabled": False}
+
+    async def buffers():
+        async with qllm.Engine(model=tiny, prefill_chunk=4) as engine:
+            await engine.generate(list(range(100, 120)), max_tokens=2)
+            return engine.stats()["prefix"], engine.pin_prefix(list(range(100, 120)))
+
+    assert run(buffers()) == ({"enabled": False}, 0)
+
+
+def test_serve_has_a_switch_off():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    serve_command.add_parser(parser.add_subparsers())
+    on = serve_command.overrides(parser.parse_args(["serve"]))
+    off = serve_command.overrides(parser.parse_args(["serve", "--no-prefix-cache"]))
+    assert on["engine"]["prefix_cache"] is None  # the config file's, else the default (on)
+    assert off["engine"]["prefix_cache"] is False
+
+
+def test_linear_attention_families_are_excluded():
+    from qllm.models.linear_attention import HybridLinearAttention
+    from qllm.models.mla import LatentAttention
+
+    assert not HybridLinearAttention.prefix_cacheable
+    assert LatentAttention.prefix_cacheable
+
+
+def test_the_prefix_figures_are_exposed_to_prometheus_and_documented(tiny):
+    import re
+    from pathlib import Path
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from qllm.server.prometheus import exposition
+
+    prompt = tuple(range(100, 126))
+    _, stats = run(
+        serve(tiny, "cohort", [Spec(0, prompt, 2, "be"), Spec(100, prompt, 2, "ls")], chunk=4, blocks=4)
+    )
+    samples = {
+        s.name: s.value
+        for family in text_string_to_metric_families(exposition(stats).decode())
+        for s in family.samples
+    }
+    assert samples["qllm_prefix_tokens_hit_total"] == 24
+    assert samples["qllm_prefix_tokens_looked_up_total"] == 52
+    assert samples["qllm_prefix_cached_bytes"] == stats["prefix"]["cached_bytes"] > 0
+    assert samples["qllm_memory_kv_blocks_bytes_cached"] == stats["prefix"]["cached_bytes"]
+    text = (Path(__file__).resolve().parent.parent / "docs" / "metrics.md").read_text()
+    documented = {
+        n
+        for line in text.splitlines()
+        if line.startswith("| `qllm_")
+        for n in re.findall(r"`(qllm_[a-z_]+)`", line.split("|")[1])
+    }
+    exposed = {re.sub(r"_(bucket|sum|count|created)$", "", n) for n in samples}
+    assert {n for n in exposed if n.startswith(("qllm_prefix", "qllm_memory_kv"))} <= documented
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_offload_moves_only_private_blocks_and_shared_ones_stay_for_others():
+    tm = TensorManager("cuda", 0, block_size=2, prefix_chunk=4)
+    prompt = list(range(1, 11))
+
+    def admit(rid: str) -> KVCache:
+        cache = KVCache(LAYERS, HEADS, DIM, torch.float32, torch.device("cuda"), tm.pool)
+        tm.register(rid, cache)
+        done = tm.attach_prefix(rid, prompt, ls=False)
+        for start in range(done, 12, 4):
+            end = min(start + 4, len(prompt))
+            for layer in range(LAYERS):
+                k = torch.full((HEADS, end - start, DIM), float(start + layer), device="cuda")
+                cache.append(layer, k, -k)
+            tm.prefilled(rid, prompt, start, end, ls=False)
+        return cache
+
+    a, b = admit("a"), admit("b")
+    want = [t.cpu().clone() for layer in range(LAYERS) for t in a.kv(layer)]
+    shared = tm.prefix.referenced_bytes
+    private = a.nbytes
+    assert a.shared == b.shared == 4 and shared > 0
+
+    tm.enforce({"b"})  # a is not running: only its private blocks leave the device
+
+    assert tm.is_offloaded("a") and a.shared == 4 and a.blocks == 0
+    assert tm.offloaded_bytes == private and tm.prefix.referenced_bytes == shared
+    tm.before_run(["a"])
+    got = [t.cpu() for layer in range(LAYERS) for t in a.kv(layer)]
+    assert all(torch.equal(x, y) for x, y in zip(got, want))
+    tm.release("a")
+    tm.release("b")
+    assert tm.resident_bytes == 0 and tm.stats()["kv_blocks"]["blocks_in_use"] == 0

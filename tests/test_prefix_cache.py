@@ -281,14 +281,17 @@ def test_a_repeated_prompt_computes_only_its_last_chunk_and_outputs_match_cachin
     assert_nothing_held(stats)
 
 
-def test_an_ls_request_reuses_the_chunks_a_running_be_prefill_finished(tiny):
-    """The LS request arrives after a few chunks of the BE request's long prompt were computed."""
+@pytest.mark.parametrize("policy", ["qllm", "priority-aging", "cohort"])
+def test_an_ls_request_reuses_the_chunks_a_running_be_prefill_finished(tiny, policy):
+    """The LS request arrives after a few chunks of the BE request's long prompt were computed,
+    preempts it, and takes those chunks from the cache; a tight budget evicts and reclaims."""
     prompt = tuple(range(10, 60))  # 50 tokens, chunks of 2: 25 passes
     schedule = [Spec(0, prompt, 2, "be"), Spec(30, (*prompt[:40], 5), 2, "ls")]
-    results, stats = run(serve(tiny, "cohort", schedule, chunk=2, blocks=2))
+    results, stats = run(serve(tiny, policy, schedule, chunk=2, blocks=2, budget=8192))
 
-    ls = next(r for spec, r in results.values() if spec.priority == "ls")
-    assert 0 < ls.cached_tokens < 40
+    be, ls = (next(r for spec, r in results.values() if spec.priority == cls) for cls in ("be", "ls"))
+    assert 0 < ls.cached_tokens < 40 and be.cached_tokens == 0
+    assert be.preemptions >= 1
     for spec, result in results.values():
         assert result.token_ids == isolated(tiny, spec.prompt, spec.params, 2).token_ids
     assert_nothing_held(stats)

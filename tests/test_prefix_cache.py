@@ -102,6 +102,19 @@ def test_only_full_chunks_are_published_and_a_prefix_computed_twice_is_kept_once
     assert tm.stats()["kv_blocks"]["blocks_in_use"] == in_use + c.blocks
 
 
+def test_a_hash_collision_is_a_miss_and_stops_publishing(monkeypatch):
+    from qllm.kernel.runtime import prefix
+
+    monkeypatch.setattr(prefix, "hash", lambda _: 7, raising=False)  # every span collides
+    tm = manager(block=2, chunk=4)
+    first = prefill(tm, "a", list(range(1, 14)))
+    assert tm.prefix_stats()["entries"] == 1 and first.shared == 2  # its second span collided
+    assert probe(tm, [99, *range(2, 14)]) == 0  # same hash, other tokens: compared, a miss
+    assert probe(tm, list(range(1, 14))) == 4
+    tm.release("a")
+    assert tm.stats()["kv_blocks"]["blocks_in_use"] == 0
+
+
 def test_shared_blocks_count_once_and_nothing_is_held_after_release():
     tm = manager(block=2, chunk=4)
     prompt = list(range(1, 11))
@@ -394,3 +407,16 @@ def test_cuda_offload_moves_only_private_blocks_and_shared_ones_stay_for_others(
     tm.release("a")
     tm.release("b")
     assert tm.resident_bytes == 0 and tm.stats()["kv_blocks"]["blocks_in_use"] == 0
+
+
+def test_cached_tokens_reach_the_http_usage_and_the_stats_summary(tiny):
+    from qllm.commands.stats import summary
+    from qllm.server.openai_api import Reply
+
+    prompt = tuple(range(100, 126))
+    results, stats = run(
+        serve(tiny, "cohort", [Spec(0, prompt, 2, "be"), Spec(100, prompt, 2, "ls")], chunk=4, blocks=4)
+    )
+    usages = sorted(Reply.usage(r)["prompt_tokens_details"]["cached_tokens"] for _, r in results.values())
+    assert usages == [0, 24]
+    assert "prefix  hit 24 of 52 prompt tokens" in summary(stats)

@@ -18,12 +18,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kernel_helpers import Recorder, isolated, run
+from tiny_families import CASES
 
 import qllm
 from qllm.commands import serve as serve_command
 from qllm.kernel.runtime.cache import KVCache
 from qllm.kernel.runtime.prefix import reusable
 from qllm.kernel.tensors import TensorManager
+from qllm.models import load_model
 from qllm.policies import load_policy
 from qllm.spec import SamplingParams
 
@@ -420,3 +422,28 @@ def test_cached_tokens_reach_the_http_usage_and_the_stats_summary(tiny):
     usages = sorted(Reply.usage(r)["prompt_tokens_details"]["cached_tokens"] for _, r in results.values())
     assert usages == [0, 24]
     assert "prefix  hit 24 of 52 prompt tokens" in summary(stats)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+async def test_every_family_takes_cached_prefixes_with_unchanged_tokens_or_is_excluded(case):
+    """Each family's state (keys and values, latents, sliding windows, sinks, per-layer head
+    counts) read from a cached prefix gives the tokens of a run without the cache; families whose
+    state is not per-token keys and values cache nothing."""
+    model = load_model((case.build(), None))
+    prompt = list(range(100, 117))
+
+    async def serve_family(on: bool):
+        async with qllm.Engine(
+            model=model, policy="cohort", kv_block_size=3, prefill_chunk=3, prefix_cache=on
+        ) as engine:
+            first = await engine.generate(prompt, max_tokens=4, ignore_eos=True, priority="be")
+            again = await engine.generate([*prompt, 5], max_tokens=4, ignore_eos=True, priority="ls")
+            return [first.token_ids, again.token_ids], again.cached_tokens, engine.stats()["prefix"]
+
+    off, _, _ = await serve_family(False)
+    on, cached, stats = await serve_family(True)
+    assert on == off
+    if model.prefix_cacheable:
+        assert cached == 15 and stats["tokens_hit"] == 15
+    else:
+        assert cached == 0 and stats == {"enabled": False}

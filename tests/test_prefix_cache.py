@@ -447,3 +447,34 @@ async def test_every_family_takes_cached_prefixes_with_unchanged_tokens_or_is_ex
         assert cached == 15 and stats["tokens_hit"] == 15
     else:
         assert cached == 0 and stats == {"enabled": False}
+
+
+def test_a_pass_stopped_mid_layer_publishes_nothing(tiny):
+    """A BE prefill in chunks of 4: each chunk is one pass of 8 ops (4 layers, attention and MoE).
+    An LS request arriving after 12 ops finds chunk 0 cached, not chunk 1, which is half done
+    (``qllm`` admits and runs it at once, the BE pass suspended mid-layer)."""
+    assert tiny.num_layers == 4 and all(b is not None for b in tiny.moe_blocks)
+    prompt = tuple(range(100, 120))
+    schedule = [Spec(0, prompt, 2, "be"), Spec(12, (*prompt, 5), 2, "ls")]
+    results, stats = run(serve(tiny, "qllm", schedule, chunk=4, blocks=4))
+
+    be, ls = (next(r for spec, r in results.values() if spec.priority == c) for c in ("be", "ls"))
+    assert ls.cached_tokens == 4 and be.preemptions >= 1
+    for spec, result in results.values():
+        assert result.token_ids == isolated(tiny, spec.prompt, spec.params, 4).token_ids
+    assert_nothing_held(stats)
+
+
+async def test_a_pinned_prefix_survives_a_budget_that_evicts_the_rest(tiny):
+    system, other = list(range(100, 116)), list(range(300, 316))
+    async with qllm.Engine(model=tiny, kv_block_size=4, prefill_chunk=4, memory_budget=1 << 30) as engine:
+        assert engine.pin_prefix(system) == 16
+        for prompt in (system, other):
+            await engine.generate([*prompt, 1, 2], max_tokens=2, ignore_eos=True)
+        engine._tensors.budget_bytes = 1  # a budget nothing unpinned fits in
+        await engine.generate([7], max_tokens=1)  # a step enforces it
+        pinned = await engine.generate([*system, 3], max_tokens=1)
+        evicted = await engine.generate([*other, 3], max_tokens=1)
+        stats = engine.stats()["prefix"]
+    assert (pinned.cached_tokens, evicted.cached_tokens) == (16, 0)
+    assert stats["pinned_entries"] == 4 and stats["evictions"] >= 4

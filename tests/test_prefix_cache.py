@@ -249,7 +249,7 @@ specs = st.builds(
 
 
 @pytest.mark.parametrize("policy", POLICIES)
-@settings(deadline=None, max_examples=6, suppress_health_check=[HealthCheck.too_slow])
+@settings(deadline=None, max_examples=10, suppress_health_check=[HealthCheck.too_slow])
 @given(
     schedule=st.lists(specs, min_size=2, max_size=5),
     chunk=st.sampled_from([2, 4]),

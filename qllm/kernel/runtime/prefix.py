@@ -204,7 +204,8 @@ class PrefixIndex:
         if pinned == 0:
             return 0
         tokens = tuple(prompt[:pinned])
-        self._pins.append(tokens)
+        if tokens not in self._pins:
+            self._pins.append(tokens)
         for entry in self._lookup(tokens, pinned // self.span):
             entry.pinned = True
         return pinned

@@ -321,7 +321,8 @@ class Engine:
 
     def pin_prefix(self, prompt: str | list[int], *, chat: bool = False) -> int:
         """Keep the cached keys and values of ``prompt``'s prefix (a system prompt), cached now or
-        once a request computes them, from ever being evicted; returns the tokens pinned, whole
-        cached spans (0 without prefix caching). ``chat`` as for :meth:`submit`."""
+        once a request computes them, from ever being evicted; returns the tokens pinned: the
+        prompt's whole spans (docs/engine.md, "Prefix caching"; 0 without prefix caching).
+        ``chat`` as for :meth:`submit`."""
         prefix = self._tensors.prefix
         return 0 if prefix is None else prefix.pin(encode(self.model, prompt, chat=chat))

@@ -183,7 +183,9 @@ class Spec:
         return SamplingParams(max_tokens=self.max_tokens, ignore_eos=True)
 
 
-async def serve(model, policy: str, schedule: list[Spec], *, chunk: int, blocks: int, budget=None, on=True):
+async def serve(
+    model, policy: str, schedule: list[Spec], *, chunk: int, blocks: int, budget=None, on=True, moe="layer"
+):
     recorder = Recorder(load_policy(policy))
     handles: dict[str, tuple[Spec, object]] = {}
     async with qllm.Engine(
@@ -194,6 +196,7 @@ async def serve(model, policy: str, schedule: list[Spec], *, chunk: int, blocks:
         memory_budget=budget,
         prefix_cache=on,
         max_batch=8,
+        moe_granularity=moe,
     ) as engine:
 
         def submit(spec: Spec) -> None:
@@ -255,19 +258,21 @@ specs = st.builds(
     chunk=st.sampled_from([2, 4]),
     blocks=st.sampled_from([2, 3, 4]),
     budget=st.sampled_from([None, 4096, 1 << 16]),
+    moe=st.sampled_from(["layer", "expert"]),
 )
 def test_requests_sharing_prefixes_get_exactly_their_isolated_tokens(
-    tiny, policy, schedule, chunk, blocks, budget
+    tiny, policy, schedule, chunk, blocks, budget, moe
 ):
     """Arrivals at random ops (LS ones preempt), a budget that evicts and offloads: every request's
     tokens are those of its run alone, the cache hit what it says, and nothing stays held."""
-    results, stats = run(serve(tiny, policy, schedule, chunk=chunk, blocks=blocks, budget=budget))
+    results, stats = run(serve(tiny, policy, schedule, chunk=chunk, blocks=blocks, budget=budget, moe=moe))
 
     assert len(results) == len(schedule)
     span = stats["prefix"]["span_tokens"]
     for rid, (spec, result) in results.items():
         assert result.status == "length" and result.error is None
-        assert result.token_ids == isolated(tiny, spec.prompt, spec.params, chunk).token_ids, f"{rid} {spec}"
+        ref = isolated(tiny, spec.prompt, spec.params, chunk, moe)
+        assert result.token_ids == ref.token_ids, f"{rid} {spec}"
         assert result.cached_tokens % span == 0 and result.cached_tokens <= reusable(len(spec.prompt), chunk)
     assert stats["prefix"]["tokens_hit"] == sum(r.cached_tokens for _, r in results.values())
     assert stats["prefix"]["tokens_looked_up"] == sum(len(s.prompt) for s, _ in results.values())

@@ -483,3 +483,24 @@ async def test_a_pinned_prefix_survives_a_budget_that_evicts_the_rest(tiny):
         stats = engine.stats()["prefix"]
     assert (pinned.cached_tokens, evicted.cached_tokens) == (16, 0)
     assert stats["pinned_entries"] == 4 and stats["evictions"] >= 4
+
+
+async def test_policies_see_the_prefill_a_cached_prefix_leaves(tiny):
+    seen: dict[str, list[tuple[int, int]]] = {}
+
+    class Watching(Recorder):
+        def select(self, kernel):
+            for r in kernel.ready:
+                seen.setdefault(r.id, []).append((r.cached_tokens, r.prefill_remaining))
+            return super().select(kernel)
+
+    prompt = list(range(100, 126))  # 26 tokens
+    async with qllm.Engine(
+        model=tiny, policy=Watching(load_policy("cohort")), kv_block_size=4, prefill_chunk=4
+    ) as engine:
+        first = await engine.generate(prompt, max_tokens=2, ignore_eos=True)
+        again = await engine.generate(prompt, max_tokens=2, ignore_eos=True)
+    assert seen[first.id][0] == (0, 26) and seen[again.id][0] == (24, 2)
+    assert (seen[first.id][-1], seen[again.id][-1]) == ((0, 0), (24, 0))  # decoding
+    remaining = sorted({left for _, left in seen[first.id]}, reverse=True)
+    assert remaining == [26, 22, 18, 14, 10, 6, 2, 0]  # chunk by chunk, as each pass completes

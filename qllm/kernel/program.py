@@ -61,7 +61,7 @@ def generation_passes(
     generated: list[int] = []
     prompt = torch.tensor(prompt_ids, dtype=torch.long)
     chunk = prefill_chunk or len(prompt_ids)
-    if cached % chunk or cached > len(prompt_ids) - 1:
+    if cached and (cached % chunk or cached > len(prompt_ids) - 1):
         raise ValueError(
             f"a cached prefix of {cached} tokens is not a whole number of prefill chunks before the last token"
         )

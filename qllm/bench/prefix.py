@@ -32,9 +32,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--model", default="small-random", help="preset name or model directory (default small-random)"
     )
-    g.add_argument("--conversations", type=int, default=24, help="chats (default 24)")
+    g.add_argument("--conversations", type=int, default=10, help="chats (default 10)")
     g.add_argument("--turns", type=int, default=2, help="turns per chat (default 2)")
-    g.add_argument("--rate", type=float, default=1.0, help="chats starting per second (default 1)")
+    g.add_argument(
+        "--rate",
+        type=float,
+        default=0.2,
+        help="chats starting per second (default 0.2: moderate for small-random on 2 cores)",
+    )
     g.add_argument("--prompts", type=int, default=4, help="shared system prompts, K (default 4)")
     g.add_argument(
         "--prompt-tokens", type=int, default=256, help="tokens of each system prompt, L (default 256)"

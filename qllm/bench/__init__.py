@@ -18,7 +18,7 @@ from types import ModuleType
 
 from qllm.kernel.openmp import configure_openmp
 
-BENCHES = ("workload", "executor", "kernel")
+BENCHES = ("workload", "executor", "kernel", "prefix")
 """Benchmark modules, in the order ``qllm bench --help`` lists them."""
 
 DEFAULT = "workload"

@@ -206,6 +206,7 @@ class Dispatcher:
             request = resume.request
             request.join(None)
             if request.finish_time is None:
+                self.scheduler.passed(request)
                 self._apply(request, self.output.advance(request, resume.logits))
 
     def _apply(self, request: Request, outcome: Outcome | None) -> None:

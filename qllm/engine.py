@@ -104,7 +104,13 @@ class Engine:
         self._slo = config.slo
         self._compute = Compute(config.compute)
         self._tensors = TensorManager(
-            self.model.device, config.memory_budget, block_size=config.kv_block_size, dtype=self.model.dtype
+            self.model.device,
+            config.memory_budget,
+            block_size=config.kv_block_size,
+            dtype=self.model.dtype,
+            prefix_chunk=config.prefill_chunk
+            if config.prefix_cache and self.model.prefix_cacheable
+            else None,
         )
         self._dispatcher = Dispatcher(
             self.model,
@@ -272,6 +278,7 @@ class Engine:
             ttft_s=None if result.ttft is None else round(result.ttft, 6),
             tokens=len(result.token_ids),
             prompt_tokens=result.prompt_tokens,
+            cached_tokens=result.cached_tokens,
             preemptions=result.preemptions,
             turnaround_s=round(result.turnaround, 6),
             error=result.error,
@@ -307,6 +314,7 @@ class Engine:
             "queues": self._dispatcher.queues(),
             "kernel": self._dispatcher.snapshot() | {"batch_invariance": self.model.invariance_summary()},
             "memory": self._tensors.stats(),
+            "prefix": self._tensors.prefix_stats(),
             "metrics": self.metrics.snapshot(),
             "tenants": self._dispatcher.tenants.snapshot(),
             "fairness": self._dispatcher.tenants.summary(),
@@ -320,3 +328,11 @@ class Engine:
     def kv_bytes(self) -> int:
         """KV memory held now: the requests' caches, and with KV blocks the pool's spare ones."""
         return self._tensors.held_bytes
+
+    def pin_prefix(self, prompt: str | list[int], *, chat: bool = False) -> int:
+        """Keep the cached keys and values of ``prompt``'s prefix (a system prompt), cached now or
+        once a request computes them, from ever being evicted; returns the tokens pinned: the
+        prompt's whole spans (docs/engine.md, "Prefix caching"; 0 without prefix caching).
+        ``chat`` as for :meth:`submit`."""
+        prefix = self._tensors.prefix
+        return 0 if prefix is None else prefix.pin(encode(self.model, prompt, chat=chat))

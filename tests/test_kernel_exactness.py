@@ -95,8 +95,12 @@ async def serve(
     budget: int | None = None,
     moe: str = "layer",
     blocks: int | None = None,
+    prefix: bool = False,
 ):
-    """Run ``schedule`` on an engine; results, streamed chunks and specs by id, the recorder, stats, logs."""
+    """Run ``schedule`` on an engine; results, streamed chunks and specs by id, the recorder, stats, logs.
+
+    Prefix caching is off unless ``prefix``: a request that takes a cached prefix runs fewer ops
+    than its isolated run, which these tests count (tests/test_prefix_cache.py draws it)."""
     recorder = Recorder(load_policy(policy))
     handles: dict[str, object] = {}
     by_id: dict[str, Spec] = {}
@@ -108,6 +112,7 @@ async def serve(
         memory_budget=budget,
         moe_granularity=moe,
         kv_block_size=blocks,
+        prefix_cache=prefix,
     ) as engine:
 
         def submit(spec: Spec) -> None:

@@ -43,6 +43,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "offloaded and restored block by block (default: a growable buffer per request and layer)",
     )
     p.add_argument(
+        "--no-prefix-cache",
+        dest="prefix_cache",
+        action="store_const",
+        const=False,
+        help="compute every prompt in full instead of sharing cached prefixes between requests "
+        "(prefix caching is on with --kv-block-size, for models whose state is per-token KV)",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         metavar="N",
@@ -58,6 +66,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--tenant",
+        dest="tenants",
         action="append",
         metavar="NAME=WEIGHT[:live=N][:kv=BYTES]",
         help="a tenant's weight and quotas (repeatable), e.g. 'team-a=2:live=8'; unnamed tenants get "
@@ -116,7 +125,7 @@ OPTIONS = {
             "model", "policy", "dtype", "device", "memory_budget", "max_batch", "moe_granularity",
             "kv_block_size", "threads", "slo",
         )
-    } | {"tenants": "--tenant"},
+    } | {"tenants": "--tenant", "prefix_cache": "--no-prefix-cache"},
     "server": {
         "socket": "--socket",
         "http_socket": "--http-socket",
@@ -133,8 +142,12 @@ OPTIONS = {
 
 def overrides(args: argparse.Namespace) -> dict:
     """The options given on the command line, nested like the config file."""
+    # An engine setting is its option's destination (--no-prefix-cache stores prefix_cache=False).
     given = {
-        section: {key: getattr(args, option[2:].replace("-", "_")) for key, option in keys.items()}
+        section: {
+            key: getattr(args, key if section == "engine" else option[2:].replace("-", "_"))
+            for key, option in keys.items()
+        }
         for section, keys in OPTIONS.items()
     }
     if given["engine"]["slo"]:

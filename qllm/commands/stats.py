@@ -39,6 +39,12 @@ def summary(stats: dict[str, Any]) -> str:
             f"memory  resident {memory.get('resident_bytes')} B  offloaded {memory.get('offloaded_bytes')} B  "
             f"budget {memory.get('budget_bytes')}"
         )
+    prefix = stats.get("prefix", {})
+    if prefix.get("enabled"):
+        lines.append(
+            f"prefix  hit {prefix['tokens_hit']} of {prefix['tokens_looked_up']} prompt tokens  "
+            f"cached {prefix['cached_bytes']} B in {prefix['entries']} spans  evictions {prefix['evictions']}"
+        )
     for cls, m in stats.get("metrics", {}).items():
         h = m["histograms"]
         done = sum(m["requests"].values())

@@ -63,6 +63,9 @@ class EngineConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, fro
     moe_granularity: Literal["layer", "expert"] = "layer"
     # Keys and values in blocks of this many tokens from a shared pool; None: growable buffers.
     kv_block_size: Annotated[int, Meta(ge=1)] | None = None
+    # Share the keys and values of cached prompt prefixes between requests (with kv_block_size,
+    # where the model's state is per-token keys and values): docs/engine.md, "Prefix caching".
+    prefix_cache: bool = True
     threads: Annotated[int, Meta(ge=1)] | None = None  # torch intra-op threads; None: torch's default
     compute: Literal["thread", "loop"] = "thread"  # where ops run: a worker thread, or the event loop
     batch_invariant: bool = True  # a request's output does not depend on its batch mates

@@ -221,6 +221,7 @@ class Dispatcher:
             request = resume.request
             request.join(None)
             if request.finish_time is None:
+                self.scheduler.passed(request)
                 before = len(request.token_ids)
                 self._apply(request, self.output.advance(request, resume.logits))
                 if request.account is not None:

@@ -52,7 +52,11 @@ class OutputProcessor:
     def start(self, request: Request) -> Outcome | None:
         """Start an admitted request's program: run it to its first forward pass."""
         request.steps = generation_passes(
-            self.model, request.prompt_ids, request.params, prefill_chunk=self.prefill_chunk
+            self.model,
+            request.prompt_ids,
+            request.params,
+            prefill_chunk=self.prefill_chunk,
+            cached=request.cached_tokens,
         )
         return self.advance(request, None)
 
@@ -120,6 +124,7 @@ class OutputProcessor:
             ttft_slo=request.ttft_slo,
             tpot_slo=request.tpot_slo,
             tenant=request.tenant,
+            cached_tokens=request.cached_tokens,
         )
 
     @staticmethod

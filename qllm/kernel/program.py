@@ -46,19 +46,26 @@ def generation_passes(
     params: SamplingParams,
     *,
     prefill_chunk: int | None = None,
+    cached: int = 0,
 ) -> Generator[Forward | Token, Any, StopReason]:
     """Prefill then decode one request as forward passes and tokens; returns why it stopped.
 
     With ``prefill_chunk`` the prompt is prefilled that many tokens per forward pass, which bounds
     how long any single op runs (and so how long an arriving request can wait). The kernel runs the
-    passes of many requests together (qllm/kernel/runtime/passes.py).
+    passes of many requests together (qllm/kernel/runtime/passes.py). ``cached``: the first tokens
+    are in the cache already (a cached prefix, a multiple of ``prefill_chunk`` before the last
+    token), so the chunks after them are computed as they would be without it.
     """
     sampler = Sampler(params)
     eos = frozenset() if params.ignore_eos else eos_ids(model)
     generated: list[int] = []
     prompt = torch.tensor(prompt_ids, dtype=torch.long)
     chunk = prefill_chunk or len(prompt_ids)
-    for start in range(0, len(prompt_ids) - chunk, chunk):
+    if cached and (cached % chunk or cached > len(prompt_ids) - 1):
+        raise ValueError(
+            f"a cached prefix of {cached} tokens is not a whole number of prefill chunks before the last token"
+        )
+    for start in range(cached, len(prompt_ids) - chunk, chunk):
         yield Forward(prompt[start : start + chunk], logits=False)
     logits = yield Forward(prompt[(len(prompt_ids) - 1) // chunk * chunk :])
     while True:

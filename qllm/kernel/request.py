@@ -92,6 +92,7 @@ class RequestResult:
     error: str | None = None
     ttft_slo: float | None = None  # the SLOs it was served under (seconds; None: none)
     tpot_slo: float | None = None
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache, not computed
     tenant: str = "default"  # who it was served for (the ledger's name)
 
     @property
@@ -120,6 +121,8 @@ class Request:
     token_ids: list[int] = field(default_factory=list)
     preemptions: int = 0
     error: str | None = None
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache at admission
+    prefilled: int = 0  # prompt tokens in its cache: cached, then each prefill chunk's as it completes
     # Its (ttft, tpot) SLOs in seconds: the spec's, else its class's (qllm.kernel.slo); set on submit.
     slo: tuple[float | None, float | None] = (None, None)
     text: TextStream | None = None  # its output as streamed text (the output processor's)

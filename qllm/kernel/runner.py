@@ -110,6 +110,13 @@ class Runner:
                     moe_granularity=self.moe_granularity,
                 )
             )
+        # A part split off between the experts of the last layer may be done at once (its rows
+        # route to no remaining expert and want no logits): it leaves like the rest, rather than
+        # join a pass at another op.
+        done = [p for p in parts if p.done]
+        if done and len(done) < len(parts):
+            parts = [p for p in parts if not p.done]
+            rests += done
         group = Pass.merge(parts)
         leaving: list[Resume] = []
         for rest in rests:

@@ -206,8 +206,20 @@ class Scheduler:
                 request.account.admitted += 1
             request.cache = self.model.new_cache(self.tensors.pool)
             self.tensors.register(request.id, request.cache)
+            request.cached_tokens = request.prefilled = self.tensors.attach_prefix(
+                request.id, request.prompt_ids, ls=request.is_ls
+            )
             self.live[request.id] = request
             yield request
+
+    def passed(self, request: Request) -> None:
+        """``request``'s forward pass finished every layer: a prefill chunk is in its cache (and
+        may publish a prefix)."""
+        if request.token_ids or request.forward is None:
+            return
+        start = request.prefilled
+        request.prefilled += request.rows
+        self.tensors.prefilled(request.id, request.prompt_ids, start, request.prefilled, ls=request.is_ls)
 
     def _admission_order(self) -> list[Request]:
         waiting = self.waiting

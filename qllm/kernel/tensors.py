@@ -16,6 +16,15 @@ the copies ran; restoring takes blocks from the pool (reused ones where requests
 CPU nothing is over-allocated past a block per layer, so there is nothing to compact. Resident
 memory counts the blocks requests hold; blocks the pool keeps for reuse are reported beside it
 (``stats()["kv_blocks"]``) and released first when the two together pass the budget.
+
+With blocks, the manager also keeps the :class:`~qllm.kernel.runtime.prefix.PrefixIndex` (unless
+prefix caching is off, or the model's state is not per-token keys and values): an admitted
+request takes its cached prefix from it, and publishes its own as its prefill chunks complete.
+Shared blocks are counted once, in resident memory while a request holds them, and are never
+offloaded with a request (only its private blocks are). Memory is freed in this order: the pool's
+spare blocks, unreferenced prefixes only best-effort requests used, offloading suspended requests,
+then unreferenced prefixes an LS request used. Without a budget, unreferenced prefixes are kept
+up to the most resident bytes seen.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from typing import Any
 import torch
 
 from qllm.kernel.runtime.cache import BlockPool, KVCache
+from qllm.kernel.runtime.prefix import Chain, PrefixIndex
 from qllm.logging import get_logger
 
 log = get_logger()
@@ -45,6 +55,7 @@ class _Entry:
         default_factory=list
     )  # per layer: host copies of blocks
     host_value_blocks: list[list[torch.Tensor]] = field(default_factory=list)
+    chain: Chain = field(default_factory=Chain)  # the cached prefix it holds
 
 
 class TensorManager:
@@ -57,10 +68,17 @@ class TensorManager:
         *,
         block_size: int | None = None,
         dtype: torch.dtype = torch.float32,
+        prefix_chunk: int | None = None,
     ):
+        """``prefix_chunk``: the engine's prefill chunk, to cache prefixes over the block pool
+        (None: no prefix caching; it needs ``block_size``)."""
         self.device = torch.device(device)
         self.budget_bytes = budget_bytes
         self.pool = None if block_size is None else BlockPool(block_size, dtype, self.device)
+        self.prefix = (
+            None if self.pool is None or prefix_chunk is None else PrefixIndex(self.pool, prefix_chunk)
+        )
+        self._peak_resident = 0  # the most resident bytes seen (no budget: the prefix cache's bound)
         self._entries: dict[str, _Entry] = {}
         self._clock = 0
         self.offloads = 0
@@ -78,6 +96,8 @@ class TensorManager:
         """Forget a finished or cancelled request and free its buffers."""
         entry = self._entries.pop(request_id, None)
         if entry is not None:
+            if self.prefix is not None:
+                self.prefix.release(entry.chain)
             entry.cache.clear()
             entry.host_k.clear()
             entry.host_v.clear()
@@ -89,10 +109,36 @@ class TensorManager:
         self._clock += 1
         return self._clock
 
+    # ---------------------------------------------------------------- prefix cache
+    def attach_prefix(self, request_id: str, prompt: list[int], *, ls: bool) -> int:
+        """Give registered request ``request_id`` the cached prefix of ``prompt`` it may reuse;
+        returns its tokens (0 without prefix caching)."""
+        if self.prefix is None:
+            return 0
+        entry = self._entries[request_id]
+        entry.chain = self.prefix.attach(entry.cache, prompt, ls=ls)
+        return self.prefix.tokens(entry.chain)
+
+    def prefilled(self, request_id: str, prompt: list[int], start: int, end: int, *, ls: bool) -> None:
+        """Request ``request_id``'s pass of prompt tokens ``start:end`` finished every layer: a
+        full prefill chunk publishes the spans it completes."""
+        entry = self._entries.get(request_id)
+        if self.prefix is None or entry is None or entry.offloaded or end - start != self.prefix.chunk:
+            return
+        self.prefix.publish(entry.chain, entry.cache, prompt, end, ls=ls)
+
+    def prefix_stats(self) -> dict[str, Any]:
+        if self.prefix is None:
+            return {"enabled": False}
+        return self.prefix.snapshot()
+
     # ---------------------------------------------------------------- accounting
     @property
     def resident_bytes(self) -> int:
-        return sum(e.cache.nbytes for e in self._entries.values() if not e.offloaded)
+        """Request state on the device: caches not offloaded, and cached prefixes requests hold
+        (each counted once)."""
+        shared = 0 if self.prefix is None else self.prefix.referenced_bytes
+        return shared + sum(e.cache.nbytes for e in self._entries.values() if not e.offloaded)
 
     @property
     def offloaded_bytes(self) -> int:
@@ -100,8 +146,10 @@ class TensorManager:
 
     @property
     def held_bytes(self) -> int:
-        """Device memory held for KV: resident caches, and the blocks the pool keeps for reuse."""
-        return self.resident_bytes + (0 if self.pool is None else self.pool.free_bytes)
+        """Device memory held for KV: resident caches, the blocks the pool keeps for reuse, and
+        cached prefixes no request holds."""
+        idle = 0 if self.prefix is None else self.prefix.idle_bytes
+        return self.resident_bytes + idle + (0 if self.pool is None else self.pool.free_bytes)
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -159,28 +207,48 @@ class TensorManager:
             self._restore(entry)
 
     def enforce(self, running_ids: set[str]) -> None:
-        """Offload the coldest requests outside ``running_ids`` until resident memory fits the budget."""
-        if self.budget_bytes is None:
-            return
+        """Free memory until what is held fits the budget, in order: the pool's spare blocks,
+        unreferenced prefixes only BE requests used, the coldest requests outside ``running_ids``
+        (offloaded), unreferenced prefixes LS requests used."""
+        prefix, budget = self.prefix, self.budget_bytes
         resident = self.resident_bytes
-        if self.pool is not None and resident + self.pool.free_bytes > self.budget_bytes:
+        if budget is None:
+            if prefix is not None:
+                self._peak_resident = max(self._peak_resident, resident)
+                excess = prefix.idle_bytes - self._peak_resident
+                excess -= prefix.evict(excess, ls=False)
+                prefix.evict(excess, ls=True)
+            return
+        idle = 0 if prefix is None else prefix.idle_bytes
+        if self.pool is not None and resident + idle + self.pool.free_bytes > budget:
             self.pool.trim()  # the blocks kept for reuse go first: freeing them costs no request
-        if resident <= self.budget_bytes:
+        if prefix is not None and resident + idle > budget:
+            idle -= prefix.evict(resident + idle - budget, ls=False)
+        if resident + idle <= budget:
+            self._trim_evicted()
             self._over = False
             return
         for rid, entry in sorted(self._entries.items(), key=lambda kv: kv[1].last_used):
-            if resident <= self.budget_bytes:
+            if resident + idle <= budget:
                 break
             if entry.offloaded or rid in running_ids or entry.cache.nbytes == 0:
                 continue
             before = entry.cache.nbytes
             self._offload(entry)
             resident -= before - (0 if entry.offloaded else entry.cache.nbytes)
-        over = resident > self.budget_bytes
+        if prefix is not None and resident + idle > budget:
+            idle -= prefix.evict(resident + idle - budget, ls=True)
+        self._trim_evicted()
+        over = resident + idle > budget
         if over and not self._over:  # log the transition, not every op spent over budget
             self.over_budget_events += 1
             log.info("memory_over_budget", resident_bytes=resident, budget_bytes=self.budget_bytes)
         self._over = over
+
+    def _trim_evicted(self) -> None:
+        """Over the budget, evicted prefixes' blocks are freed, not kept for reuse."""
+        if self.pool is not None and self.held_bytes > self.budget_bytes:
+            self.pool.trim()
 
     # ---------------------------------------------------------------- moves
     def _offload(self, entry: _Entry) -> None:
@@ -194,8 +262,14 @@ class TensorManager:
         self._stream.wait_stream(main)  # the cache's last writes must land before we read it
         entry.host_k, entry.host_v = [], []
         with torch.cuda.stream(self._stream):
-            entry.host_key_blocks = [[_to_host(b, self._stream) for b in bs] for bs in cache.key_blocks]
-            entry.host_value_blocks = [[_to_host(b, self._stream) for b in bs] for bs in cache.value_blocks]
+            # Only its private blocks: the shared ones stay, for every request that reads them.
+            shared = cache.shared
+            entry.host_key_blocks = [
+                [_to_host(b, self._stream) for b in bs[shared:]] for bs in cache.key_blocks
+            ]
+            entry.host_value_blocks = [
+                [_to_host(b, self._stream) for b in bs[shared:]] for bs in cache.value_blocks
+            ]
             for i in range(cache.num_layers):
                 for src, dst in ((cache.keys, entry.host_k), (cache.values, entry.host_v)):
                     t = src[i]
@@ -248,7 +322,7 @@ class TensorManager:
             entry.ready_event = torch.cuda.Event()
             entry.ready_event.record(self._stream)
         states = [t for tensors in cache.states if tensors is not None for t in tensors]
-        blocks = [b for bs in (*cache.key_blocks, *cache.value_blocks) for b in bs]
+        blocks = [b for bs in (*cache.key_blocks, *cache.value_blocks) for b in bs[cache.shared :]]
         for t in (*cache.keys, *cache.values, *states, *blocks):
             if t is not None:
                 t.record_stream(torch.cuda.current_stream(self.device))

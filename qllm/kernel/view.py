@@ -46,6 +46,10 @@ class RequestView:
     first_scheduled: float | None = property(lambda self: self._r.first_scheduled)  # type: ignore[assignment]
     first_token: float | None = property(lambda self: self._r.first_token)  # type: ignore[assignment]
     preemptions: int = property(lambda self: self._r.preemptions)  # type: ignore[assignment]
+    # Prompt tokens taken from the prefix cache, and those still to prefill (of the prompt, not in
+    # its cache yet: what its prefill really costs).
+    cached_tokens: int = property(lambda self: self._r.cached_tokens)  # type: ignore[assignment]
+    prefill_remaining: int = property(lambda self: len(self._r.prompt_ids) - self._r.prefilled)  # type: ignore[assignment]
     at_boundary: bool = property(lambda self: self._r.at_boundary)  # type: ignore[assignment]
     ops_done: int = property(lambda self: self._r.ops_done)  # type: ignore[assignment]
 

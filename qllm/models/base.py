@@ -44,6 +44,9 @@ class MoEModel(CalibratedExecutor):
     """The MoE block (or MLP) reads the layer's input, as attention does, not the attention output."""
     weighted_expert_input: ClassVar[bool] = False
     """The routing weight scales each expert's input rather than its output (Llama 4)."""
+    prefix_cacheable: ClassVar[bool] = True
+    """A request's state is each token's keys and values, so a prompt prefix's may be shared
+    (qllm/kernel/runtime/prefix.py)."""
 
     def __init__(self, model: Any, tokenizer: Any = None, *, batch_invariant: bool = True):
         self.hf = model.eval()

@@ -32,6 +32,9 @@ class HybridLinearAttention(MoEModel):
     """Executor for models whose ``config.layer_types`` interleave gated DeltaNet layers
     (``linear_attention``) with full attention; family adapters supply the mixer's projections."""
 
+    # A linear layer's state sums the whole prefix in fixed-size tensors, not per-token blocks.
+    prefix_cacheable = False
+
     def __init__(self, model: Any, tokenizer: Any = None, **kwargs: Any):
         unknown = sorted(set(model.config.layer_types) - {"full_attention", *LINEAR_KINDS})
         if unknown:

@@ -295,12 +295,13 @@ class Reply:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
     @staticmethod
-    def usage(result: RequestResult) -> dict[str, int]:
+    def usage(result: RequestResult) -> dict[str, Any]:
         completion = len(result.token_ids)
         return {
             "prompt_tokens": result.prompt_tokens,
             "completion_tokens": completion,
             "total_tokens": result.prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": result.cached_tokens},
         }
 
     def full(self, result: RequestResult) -> dict[str, Any]:

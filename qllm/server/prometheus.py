@@ -27,6 +27,15 @@ COUNTS = {
     "kernel": {"batches", "ops", "rows", "decisions", "policy_errors"},
     "memory": {"offloads", "restores", "prefetches", "over_budget_events"},
     "memory_kv_blocks": {"blocks_allocated"},
+    "prefix": {
+        "lookups",
+        "hits",
+        "tokens_looked_up",
+        "tokens_hit",
+        "published",
+        "evictions",
+        "evicted_bytes",
+    },
     "server": {
         "connections_accepted",
         "connections_refused",
@@ -112,7 +121,13 @@ class StatsCollector(Collector):
             if _number(n):
                 queues.add_metric([str(queue)], n)
         yield queues
-        for section, what in (("memory", "Tensor manager"), ("kernel", "Kernel"), ("server", "Server")):
+        sections = (
+            ("memory", "Tensor manager"),
+            ("prefix", "Prefix cache"),
+            ("kernel", "Kernel"),
+            ("server", "Server"),
+        )
+        for section, what in sections:
             values = stats.get(section)
             if not isinstance(values, Mapping):
                 continue

@@ -39,6 +39,8 @@ class BlockPool:
         self.in_use = 0
         self.bytes_in_use = 0
         self.free_bytes = 0
+        self.cached = 0  # blocks the prefix index holds (qllm/kernel/runtime/prefix.py), not in use
+        self.cached_bytes = 0
         self.allocated = 0  # blocks made so far (a measure of the pool's churn)
 
     def take(self, heads: int, width: int) -> torch.Tensor:
@@ -70,6 +72,22 @@ class BlockPool:
             self.in_use -= 1
             self.bytes_in_use -= block.nbytes
 
+    def cache(self, blocks: Sequence[torch.Tensor]) -> None:
+        """Count blocks a request held as the prefix index's from now on."""
+        for block in blocks:
+            self.in_use -= 1
+            self.bytes_in_use -= block.nbytes
+            self.cached += 1
+            self.cached_bytes += block.nbytes
+
+    def uncache(self, blocks: Sequence[torch.Tensor]) -> None:
+        """Take back blocks the prefix index evicted (kept for reuse, as :meth:`give`)."""
+        for block in blocks:
+            self._free.setdefault((block.shape[0], block.shape[2]), []).append(block)
+            self.cached -= 1
+            self.cached_bytes -= block.nbytes
+            self.free_bytes += block.nbytes
+
     @property
     def free(self) -> int:
         return sum(len(blocks) for blocks in self._free.values())
@@ -87,6 +105,8 @@ class BlockPool:
             "blocks_free": self.free,
             "bytes_in_use": self.bytes_in_use,
             "bytes_free": self.free_bytes,
+            "blocks_cached": self.cached,
+            "bytes_cached": self.cached_bytes,
             "blocks_allocated": self.allocated,
         }
 
@@ -120,7 +140,10 @@ class KVCache:
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.key_blocks: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]  # with a pool
         self.value_blocks: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
-        self.block_bytes = 0  # bytes of the blocks held, kept as they come and go
+        self.block_bytes = 0  # bytes of the private blocks held, kept as they come and go
+        # The first ``shared`` blocks of every layer's keys and values belong to the prefix index
+        # (qllm/kernel/runtime/prefix.py): read-only, counted there, never given back from here.
+        self.shared = 0
         self.lengths = [0] * num_layers
         self.states: list[list[torch.Tensor] | None] = [None] * num_layers
 
@@ -207,6 +230,45 @@ class KVCache:
         self.block_bytes += block.nbytes
         return block
 
+    def adopt(self, key_blocks: list[list[torch.Tensor]], value_blocks: list[list[torch.Tensor]]) -> None:
+        """Start an empty cache with shared blocks (full ones, every layer the same count): the
+        keys and values of its first tokens, computed by another request."""
+        if self.pool is None or any(self.lengths):
+            raise ValueError("only an empty cache of blocks adopts shared blocks")
+        for layer in range(self.num_layers):
+            self.key_blocks[layer] = list(key_blocks[layer])
+            self.value_blocks[layer] = list(value_blocks[layer])
+        self.shared = len(key_blocks[0])
+        self.lengths = [self.shared * self.pool.block_size] * self.num_layers
+
+    def share(self, start: int, count: int) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
+        """Hand blocks ``start:start + count`` of every layer (full, right after the shared ones)
+        to the prefix index: returns them, keys and values per layer, no longer counted here."""
+        if start != self.shared:
+            raise ValueError(f"blocks from {start} cannot be shared after {self.shared} shared blocks")
+        end = start + count
+        keys = [blocks[start:end] for blocks in self.key_blocks]
+        values = [blocks[start:end] for blocks in self.value_blocks]
+        self.block_bytes -= sum(b.nbytes for bs in (*keys, *values) for b in bs)
+        self.shared = end
+        return keys, values
+
+    def replace(
+        self, start: int, key_blocks: list[list[torch.Tensor]], value_blocks: list[list[torch.Tensor]]
+    ) -> list[torch.Tensor]:
+        """Put shared blocks (holding the same values) in place of private blocks ``start:``
+        onwards, right after the shared ones; returns the private blocks replaced."""
+        if start != self.shared:
+            raise ValueError(f"blocks from {start} cannot be shared after {self.shared} shared blocks")
+        count = len(key_blocks[0])
+        replaced = []
+        for ours, theirs in (*zip(self.key_blocks, key_blocks), *zip(self.value_blocks, value_blocks)):
+            replaced += ours[start : start + count]
+            ours[start : start + count] = theirs
+        self.block_bytes -= sum(b.nbytes for b in replaced)
+        self.shared = start + count
+        return replaced
+
     def state(self, layer: int) -> list[torch.Tensor] | None:
         """The recurrent state tensors of linear-attention ``layer`` (None before its first token)."""
         return self.states[layer]
@@ -221,8 +283,8 @@ class KVCache:
 
     @property
     def blocks(self) -> int:
-        """Blocks held (0 without a pool)."""
-        return sum(len(b) for b in (*self.key_blocks, *self.value_blocks))
+        """Private blocks held (0 without a pool; shared blocks are the prefix index's)."""
+        return sum(len(b) for b in (*self.key_blocks, *self.value_blocks)) - 2 * self.num_layers * self.shared
 
     @property
     def nbytes(self) -> int:
@@ -232,17 +294,21 @@ class KVCache:
         return self.block_bytes + sum(t.nbytes for t in (*self.keys, *self.values, *states) if t is not None)
 
     def release_blocks(self, reuse: bool = True) -> None:
-        """Give every block back to the pool, or with ``reuse`` False let them go (the lengths stay:
-        the tensor manager offloaded them)."""
+        """Give every private block back to the pool, or with ``reuse`` False let them go (the
+        lengths and the shared blocks stay: the tensor manager offloaded the private ones)."""
         if self.pool is not None:
             for blocks in (*self.key_blocks, *self.value_blocks):
-                (self.pool.give if reuse else self.pool.drop)(blocks)
-                blocks.clear()
+                (self.pool.give if reuse else self.pool.drop)(blocks[self.shared :])
+                del blocks[self.shared :]
             self.block_bytes = 0
 
     def clear(self) -> None:
-        """Drop every buffer and give back every block (the request is finished or cancelled)."""
+        """Drop every buffer, give back every private block and let go of the shared ones (the
+        request is finished or cancelled)."""
         self.release_blocks()
+        for blocks in (*self.key_blocks, *self.value_blocks):
+            blocks.clear()
+        self.shared = 0
         self.keys = [None] * self.num_layers
         self.values = [None] * self.num_layers
         self.lengths = [0] * self.num_layers

@@ -19,6 +19,7 @@ from qllm.kernel.output import StreamChunk
 from qllm.kernel.request import PriorityClass, Request, RequestResult
 from qllm.kernel.slo import class_slo, decode_step_s
 from qllm.kernel.stats import Metrics
+from qllm.kernel.tenants import TenantLedger
 from qllm.kernel.tensors import TensorManager
 from qllm.logging import get_logger
 from qllm.models import load_model
@@ -121,6 +122,7 @@ class Engine:
             prefill_chunk=config.prefill_chunk,
             moe_granularity=config.moe_granularity,
             on_finish=self._finished,
+            tenants=TenantLedger(config.fairness, config.tenants),
         )
         self._group: asyncio.TaskGroup | None = None
         self._task: asyncio.Task | None = None
@@ -184,12 +186,14 @@ class Engine:
         chat: bool = False,
         **fields: Any,
     ) -> RequestHandle:
-        """Accept a request; returns at once. Raises InvalidRequest or EngineClosed.
+        """Accept a request; returns at once. Raises InvalidRequest, EngineClosed, or
+        TenantOverQuota (its tenant is at a quota and the engine's ``quota_action`` is ``reject``).
 
         What it asks for is ``spec``, or built from ``fields``, the spec's fields as keywords
-        (``max_tokens=16, priority="ls"``; see :mod:`qllm.spec`). Its ``client`` names who sent it
-        (the server passes its connection): policies share a class's compute fairly between
-        clients."""
+        (``max_tokens=16, priority="ls"``; see :mod:`qllm.spec`). Its ``tenant`` is who it is
+        served for (tenants share the engine by weight, docs/tenants.md); its ``client`` names who
+        sent it (the server passes its connection): policies share a class's compute fairly
+        between clients."""
         if not self._accepting:
             raise EngineClosed("the engine is not accepting requests")
         if spec is not None and fields:
@@ -211,8 +215,11 @@ class Engine:
             events=asyncio.Queue(),
             done=loop.create_future(),
         )
+        dispatcher = self._dispatcher
+        kv_bytes = dispatcher.scheduler.kv_bytes(request.tenant) if dispatcher.tenants.quotas else 0
+        dispatcher.tenants.enter(request, kv_bytes)
         self._requests[request_id] = request
-        self._dispatcher.post(request)
+        dispatcher.post(request)
         return RequestHandle(self, request)
 
     def _slo_of(self, spec: RequestSpec) -> tuple[float | None, float | None]:
@@ -266,6 +273,7 @@ class Engine:
             "request_finished",
             request_id=result.id,
             priority=result.priority,
+            tenant=result.tenant,
             status=result.status,
             ttft_s=None if result.ttft is None else round(result.ttft, 6),
             tokens=len(result.token_ids),
@@ -308,6 +316,8 @@ class Engine:
             "memory": self._tensors.stats(),
             "prefix": self._tensors.prefix_stats(),
             "metrics": self.metrics.snapshot(),
+            "tenants": self._dispatcher.tenants.snapshot(),
+            "fairness": self._dispatcher.tenants.summary(),
         }
 
     def reset_stats(self) -> None:

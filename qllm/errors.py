@@ -31,3 +31,11 @@ class PolicyError(QllmError, ValueError):
     """A policy name or class could not be loaded."""
 
     code = "bad_policy"
+
+
+class TenantOverQuota(QllmError):
+    """The request's tenant is at one of its quotas (live requests, KV bytes) and the engine
+    refuses new requests over a quota rather than queueing them (``quota_action = "reject"``;
+    HTTP 429). Try again once some of the tenant's requests have finished."""
+
+    code = "tenant_over_quota"

@@ -28,6 +28,8 @@ SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed acc
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_STOPS = 16  # stop strings per request (OpenAI's API allows 4)
 MAX_STOP_CHARS = 256  # characters per stop string
+MAX_TENANT_CHARS = 64  # a tenant's name: it becomes a stats key and a metric label
+TENANT_PATTERN = r"^[\x21-\x7e]*\Z"  # printable ASCII, no spaces
 
 
 class PriorityClass(enum.StrEnum):
@@ -100,6 +102,16 @@ class RequestSpec(msgspec.Struct, frozen=True, kw_only=True):
             description="seconds per output token after the first that the client wants (policies may use it)"
         ),
     ] = None
+    tenant: Annotated[
+        str,
+        Meta(
+            max_length=MAX_TENANT_CHARS,
+            pattern=TENANT_PATTERN,
+            description=f"who the request is served for: tenants share the engine by weight (printable "
+            f"ASCII without spaces, at most {MAX_TENANT_CHARS} characters; empty: the sender's default, "
+            "docs/tenants.md)",
+        ),
+    ] = ""
     # Set by whoever accepts the request (the server names the connection), never by the request
     # itself: policies share a class's compute fairly between clients.
     client: Annotated[str, Meta(description="who sent the request")] = ""

@@ -257,14 +257,18 @@ class InterruptsRaise(Recorder):
 
 
 async def test_an_arrival_stops_the_op_in_flight_only_when_the_policy_says_so(tiny):
-    """Under ``cohort`` a best-effort arrival leaves a grouped MoE op running whole (it would not
-    run before that pass ends); an LS arrival, a cancellation, or a policy whose hook raises stop
-    it at the next expert. Every request still gets its result."""
+    """Under ``cohort`` a best-effort arrival of a tenant with requests live leaves a grouped MoE
+    op running whole (it would not run before that pass ends); an LS arrival, the first request of
+    a tenant back from idle, a cancellation, or a policy whose hook raises stop it at the next
+    expert. Every request still gets its result."""
     policies = {"cohort": load_policy("cohort"), "raising": InterruptsRaise(load_policy("cohort"))}
     for name, policy in policies.items():
         async with qllm.Engine(model=tiny, policy=policy) as engine:
             runner = engine._dispatcher.runner
             runner.interrupt_requested = False  # as when an op starts
+            first = engine.submit([3, 4, 5], max_tokens=2, ignore_eos=True)
+            assert runner.interrupt_requested  # its tenant was idle
+            runner.interrupt_requested = False
             be = engine.submit([3, 4, 5], max_tokens=2, ignore_eos=True)
             assert runner.interrupt_requested is (name == "raising")
             runner.interrupt_requested = False
@@ -275,6 +279,7 @@ async def test_an_arrival_stops_the_op_in_flight_only_when_the_policy_says_so(ti
             assert runner.interrupt_requested
             assert len((await ls.result()).token_ids) == 2
             assert (await be.result()).status in ("aborted", "length")
+            assert len((await first.result()).token_ids) == 2
             assert engine.stats()["kernel"]["policy_errors"] == (
-                2 if name == "raising" else 0
+                3 if name == "raising" else 0
             )  # one per arrival

@@ -18,7 +18,7 @@ from types import ModuleType
 
 from qllm.kernel.openmp import configure_openmp
 
-BENCHES = ("workload", "executor", "kernel", "prefix")
+BENCHES = ("workload", "executor", "kernel", "prefix", "tenants")
 """Benchmark modules, in the order ``qllm bench --help`` lists them."""
 
 DEFAULT = "workload"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from qllm import protocol as p
-from qllm.errors import EngineClosed, InvalidRequest, QllmError, RequestFailed
+from qllm.errors import EngineClosed, InvalidRequest, QllmError, RequestFailed, TenantOverQuota
 
 
 class ServerError(QllmError):
@@ -70,6 +70,7 @@ ERRORS: dict[str, type[QllmError]] = {
     "invalid_request": _subclass(InvalidRequest),
     "engine_closed": _subclass(EngineClosed),
     "request_failed": _subclass(RequestFailed),
+    "tenant_over_quota": _subclass(TenantOverQuota),
     p.PROMPT_TOO_LONG: PromptTooLong,
     p.MAX_TOKENS_TOO_LARGE: MaxTokensTooLarge,
     p.TOO_MANY_REQUESTS: TooManyRequests,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from qllm.kernel.config import parse_slo
+from qllm.kernel.config import parse_slo, parse_tenant
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -65,6 +65,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "decode steps; a request's ttft_deadline and tpot_slo win)",
     )
     p.add_argument(
+        "--tenant",
+        dest="tenants",
+        action="append",
+        metavar="NAME=WEIGHT[:live=N][:kv=BYTES]",
+        help="a tenant's weight and quotas (repeatable), e.g. 'team-a=2:live=8'; unnamed tenants get "
+        "weight 1 (docs/tenants.md)",
+    )
+    p.add_argument(
         "--socket",
         metavar="PATH",
         help="socket path (default $XDG_RUNTIME_DIR/qllm.sock, /run/qllm under systemd or for root, else "
@@ -117,7 +125,7 @@ OPTIONS = {
             "model", "policy", "dtype", "device", "memory_budget", "max_batch", "moe_granularity",
             "kv_block_size", "threads", "slo",
         )
-    } | {"prefix_cache": "--no-prefix-cache"},
+    } | {"tenants": "--tenant", "prefix_cache": "--no-prefix-cache"},
     "server": {
         "socket": "--socket",
         "http_socket": "--http-socket",
@@ -144,6 +152,8 @@ def overrides(args: argparse.Namespace) -> dict:
     }
     if given["engine"]["slo"]:
         given["engine"]["slo"] = parse_slo(given["engine"]["slo"])
+    if given["engine"]["tenants"]:
+        given["engine"]["tenants"] = dict(map(parse_tenant, given["engine"]["tenants"]))
     return given
 
 

@@ -54,6 +54,14 @@ def summary(stats: dict[str, Any]) -> str:
             f"queue p99 {_ms(quantile(h['queue_seconds'], 0.99))}  "
             f"turnaround p50 {_ms(quantile(h['turnaround_seconds'], 0.5))}"
         )
+    tenants = stats.get("tenants") or {}
+    if tenants:
+        jain = (stats.get("fairness") or {}).get("jain_index")
+        shown = "  ".join(
+            f"{name}: {t['service_s']:.2f} s (weight {t['weight']:g}, live {t['live']})"
+            for name, t in sorted(tenants.items(), key=lambda kv: -kv[1]["service_s"])[:8]
+        )
+        lines.append(f"tenants {shown}  jain {'-' if jain is None else f'{jain:.3f}'}")
     return "\n".join(lines)
 
 

@@ -18,6 +18,34 @@ class ClassSLO(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=
     tpot: Annotated[float, Meta(gt=0)] | None = None  # time per output token after the first
 
 
+TenantName = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[\x21-\x7e]*\Z")]
+
+
+class TenantConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    """One tenant's share and quotas (docs/tenants.md)."""
+
+    # Its share of a class's op time against the other backlogged tenants'.
+    weight: Annotated[float, Meta(gt=0, le=1e6)] = 1.0
+    max_live: Annotated[int, Meta(ge=1)] | None = None  # most requests waiting or running; None: no quota
+    max_kv_bytes: Annotated[int, Meta(ge=1)] | None = None  # most resident KV bytes; None: no quota
+
+
+class FairnessConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    """How tenants share the engine (docs/tenants.md)."""
+
+    default: TenantConfig = msgspec.field(
+        default_factory=TenantConfig
+    )  # weight and quotas of a tenant not configured by name
+    # Tenants tracked at once; an idle one is forgotten first (least recently served), and a new
+    # tenant's requests beyond it are served as the tenant "other".
+    max_tenants: Annotated[int, Meta(ge=1, le=100_000)] = 64
+    # Seconds of weighted op time a tenant may run ahead of the least-served backlogged tenant of
+    # a class before its best-effort requests wait (the grain of the fair share).
+    quantum: Annotated[float, Meta(gt=0, le=60)] = 0.05
+    # A request over its tenant's quota waits (is not admitted) or is refused (TenantOverQuota).
+    quota_action: Literal["wait", "reject"] = "wait"
+
+
 class EngineConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
     """Arguments of :class:`qllm.Engine` (docs/engine.md)."""
 
@@ -44,6 +72,9 @@ class EngineConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, fro
     # Per-class SLOs (``[engine.slo.ls]`` in the config file, ``--slo ls:ttft=0.5,tpot=0.1``);
     # a class or figure left out gets its default from the single-request decode step.
     slo: dict[Literal["ls", "be"], ClassSLO] = msgspec.field(default_factory=dict)
+    # Tenants by name: weight and quotas (``[engine.tenants.NAME]``, ``--tenant NAME=WEIGHT``).
+    tenants: dict[TenantName, TenantConfig] = msgspec.field(default_factory=dict)
+    fairness: FairnessConfig = msgspec.field(default_factory=FairnessConfig)  # ``[engine.fairness]``
 
 
 def engine_config(
@@ -75,3 +106,27 @@ def parse_slo(text: str) -> dict[str, dict[str, float]]:
             except ValueError:
                 raise ValueError(f"--slo {item!r}: {value!r} is not a number of seconds") from None
     return out
+
+
+def parse_tenant(text: str) -> tuple[str, dict[str, float | int]]:
+    """``team-a=2:live=8:kv=1000000`` -> ``("team-a", {"weight": 2.0, "max_live": 8,
+    "max_kv_bytes": 1000000})`` (the form of ``--tenant``). ValueError saying what is wrong."""
+    name, eq, rest = text.partition("=")
+    if not eq or not name.strip():
+        raise ValueError(f"--tenant {text!r}: expected NAME=WEIGHT[:live=N][:kv=BYTES]")
+    weight, *quotas = rest.split(":")
+    out: dict[str, float | int] = {}
+    try:
+        out["weight"] = float(weight)
+    except ValueError:
+        raise ValueError(f"--tenant {text!r}: the weight {weight!r} is not a number") from None
+    for item in quotas:
+        key, eq, value = item.partition("=")
+        field = {"live": "max_live", "kv": "max_kv_bytes"}.get(key.strip())
+        if not eq or field is None:
+            raise ValueError(f"--tenant {text!r}: {item!r} is not live=N or kv=BYTES")
+        try:
+            out[field] = int(value)
+        except ValueError:
+            raise ValueError(f"--tenant {text!r}: {value!r} is not an integer") from None
+    return name.strip(), out

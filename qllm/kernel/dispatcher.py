@@ -37,6 +37,7 @@ from qllm.kernel.request import Request, RequestResult, RequestStatus
 from qllm.kernel.runner import Resume, Runner, StepResult
 from qllm.kernel.scheduler import Scheduler
 from qllm.kernel.stats import TRACERS, KernelStats
+from qllm.kernel.tenants import TenantLedger
 from qllm.logging import Throttled, get_logger
 
 if TYPE_CHECKING:
@@ -66,6 +67,7 @@ class Dispatcher:
         prefill_chunk: int,
         moe_granularity: MoEGranularity = "layer",  # EngineConfig checks it before the model loads
         on_finish: Callable[[RequestResult], None] | None = None,
+        tenants: TenantLedger | None = None,
     ):
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
@@ -73,8 +75,16 @@ class Dispatcher:
         self.on_finish = on_finish
         self.stats = KernelStats()
         self.costs = OpCosts()  # the cost model policies read through KernelView.costs
+        self.tenants = tenants or TenantLedger()  # op time charged to tenants (KernelView.tenants)
         self.scheduler = Scheduler(
-            model, policy, fallback, tensors, stats=self.stats, costs=self.costs, max_batch=max_batch
+            model,
+            policy,
+            fallback,
+            tensors,
+            stats=self.stats,
+            costs=self.costs,
+            max_batch=max_batch,
+            tenants=self.tenants,
         )
         self.runner = Runner(model, compute, moe_granularity=moe_granularity)
         self.output = OutputProcessor(model, prefill_chunk=prefill_chunk)
@@ -174,6 +184,11 @@ class Dispatcher:
         for timing in result.timings:
             if timing.whole:  # only whole MoE ops tell a MoE op's cost
                 self.costs.record(timing.kind, timing.rows, timing.seconds)
+        # Each tenant pays for its rows of the pass (prefill chunks and decode rows alike).
+        self.tenants.charge(
+            ((s.owner.account, s.rows) for s in group.segments if s.owner.account is not None),
+            sum(t.seconds for t in result.timings),
+        )
         self.stats.record_step(result, len(members))
         for tracer in TRACERS:
             tracer.stepped(self, members, result)
@@ -207,7 +222,10 @@ class Dispatcher:
             request.join(None)
             if request.finish_time is None:
                 self.scheduler.passed(request)
+                before = len(request.token_ids)
                 self._apply(request, self.output.advance(request, resume.logits))
+                if request.account is not None:
+                    request.account.tokens += len(request.token_ids) - before
 
     def _apply(self, request: Request, outcome: Outcome | None) -> None:
         if outcome is None:
@@ -233,6 +251,8 @@ class Dispatcher:
         self._resume(self.runner.leave(request))
         self.output.close(request, status, error)
         self.scheduler.remove(request)
+        if request.account is not None:
+            self.tenants.leave(request.account)
         result = self.output.result(request)
         self.output.deliver(request, result)
         for tracer in TRACERS:

@@ -123,6 +123,7 @@ class OutputProcessor:
             error=request.error,
             ttft_slo=request.ttft_slo,
             tpot_slo=request.tpot_slo,
+            tenant=request.tenant,
             cached_tokens=request.cached_tokens,
         )
 

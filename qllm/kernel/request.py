@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import itertools
 import time
 from collections.abc import Generator
@@ -19,6 +20,8 @@ from qllm.text import TextStream
 
 if TYPE_CHECKING:
     import torch
+
+    from qllm.kernel.tenants import Account
 
 
 class RequestStatus(enum.IntEnum):
@@ -90,6 +93,7 @@ class RequestResult:
     ttft_slo: float | None = None  # the SLOs it was served under (seconds; None: none)
     tpot_slo: float | None = None
     cached_tokens: int = 0  # prompt tokens taken from the prefix cache, not computed
+    tenant: str = "default"  # who it was served for (the ledger's name)
 
     @property
     def ttft(self) -> float | None:
@@ -131,6 +135,7 @@ class Request:
     position: Position | None = None  # where it stands in no pass (None: in a pass, or not live)
     ops_base: int = 0  # ops run before joining the current pass
     joined_at: int = 0  # the pass's op count when this request joined it
+    account: Account | None = None  # its tenant's entry in the ledger (qllm.kernel.tenants), once accepted
     events: asyncio.Queue | None = None  # token ids, then None when finished
     done: asyncio.Future | None = None
 
@@ -174,6 +179,24 @@ class Request:
         return self.spec.client
 
     @property
+    def tenant(self) -> str:
+        """Who it is served for (the ledger's name: ``default`` for a spec that names none)."""
+        account = self.account
+        return account.name if account is not None else self.spec.tenant or "default"
+
+    @property
+    def tenant_counter(self) -> float:
+        """Its tenant's weighted service so far (the ledger's virtual counter; 0 before it is accepted)."""
+        account = self.account
+        return 0.0 if account is None else account.counter
+
+    @property
+    def tenant_live(self) -> int:
+        """Requests of its tenant accepted and not finished, this one included (0 before it is accepted)."""
+        account = self.account
+        return 0 if account is None else account.live
+
+    @property
     def pending(self) -> Op | Position | None:
         """What this request waits on: its pass's pending op, or its :attr:`position` in no pass."""
         group = self.group
@@ -211,8 +234,8 @@ class Request:
     def phase(self) -> Phase:
         return Phase.PREFILL if not self.token_ids else Phase.DECODE
 
-    @property
-    def is_ls(self) -> bool:
+    @functools.cached_property
+    def is_ls(self) -> bool:  # read at every decision for every request: the spec never changes
         return self.priority_class is PriorityClass.LS
 
     def sort_key(self) -> tuple[int, int, float, int]:

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 from qllm.kernel.request import Request, RequestStatus
-from qllm.kernel.view import CostView, KernelView, MemoryView, RequestView
+from qllm.kernel.tenants import TenantLedger, over_quota
+from qllm.kernel.view import CostView, KernelView, MemoryView, RequestView, TenantView
 from qllm.logging import get_logger
 
 if TYPE_CHECKING:
@@ -129,6 +130,7 @@ class Scheduler:
         stats: KernelStats,
         costs: OpCosts,
         max_batch: int,
+        tenants: TenantLedger | None = None,
     ):
         self.model = model
         self.policy = GuardedPolicy(policy, fallback, stats)
@@ -139,6 +141,8 @@ class Scheduler:
         self.live: dict[str, Request] = {}  # admitted, not finished
         self.views: dict[str, RequestView] = {}  # of every waiting and live request
         self._costs = CostView(costs)
+        self.tenants = tenants or TenantLedger()
+        self._tenants = TenantView(self.tenants)
 
     def view(self) -> KernelView:
         views = self.views
@@ -151,6 +155,7 @@ class Scheduler:
             max_batch=self.max_batch,
             memory=MemoryView.of(self.tensors),
             costs=self._costs,
+            tenants=self._tenants,
         )
 
     # ---------------------------------------------------------------- arrivals and departures
@@ -169,7 +174,8 @@ class Scheduler:
 
     def remove(self, request: Request) -> None:
         """A finished request leaves: its memory is released and the policy told."""
-        self.live.pop(request.id, None)
+        if self.live.pop(request.id, None) is not None and request.account is not None:
+            request.account.admitted -= 1
         if request in self.waiting:
             self.waiting.remove(request)
         self.tensors.release(request.id)
@@ -182,16 +188,22 @@ class Scheduler:
         """Admit waiting requests the policy lets start, each yielded as it becomes live (with its
         cache) and before the policy is asked about the next.
 
-        They are offered by the policy's precedence, then clients in turn, then arrival; the first
-        refusal ends admission (so an LS request never queues behind BE requests that cannot start
-        yet, nor one client's request behind another client's backlog). With nothing live the
-        first is admitted whatever the policy says, so that work always progresses."""
+        They are offered by the policy's precedence, then tenants and clients in turn (the tenant
+        served least first), then arrival; the first refusal ends admission (so an LS request never
+        queues behind BE requests that cannot start yet, nor one client's request behind another
+        client's backlog). A request whose tenant is at a quota waits without ending admission.
+        With nothing live the first is admitted whatever the policy says, so that work always
+        progresses."""
         if not self.waiting:
             return
         for request in self._admission_order():
+            if self._over_quota(request):
+                continue
             if not self.policy.admit(self.views[request.id], self.view()) and self.live:
                 return
             self.waiting.remove(request)
+            if request.account is not None:
+                request.account.admitted += 1
             request.cache = self.model.new_cache(self.tensors.pool)
             self.tensors.register(request.id, request.cache)
             request.cached_tokens = request.prefilled = self.tensors.attach_prefix(
@@ -210,15 +222,33 @@ class Scheduler:
         self.tensors.prefilled(request.id, request.prompt_ids, start, request.prefilled, ls=request.is_ls)
 
     def _admission_order(self) -> list[Request]:
-        precedence = self._precedence
-        ordered = sorted(self.waiting, key=lambda r: (precedence(r), r.arrival, r.seq))
-        # A client's turn: how many of its requests are live or ahead of this one.
-        held = Counter(r.client for r in self.live.values())
-        turns = {}
-        for r in ordered:
-            turns[r.id] = held[r.client]
-            held[r.client] += 1
-        return sorted(ordered, key=lambda r: (precedence(r), turns[r.id]))
+        waiting = self.waiting
+        first = {r.id: self._precedence(r) for r in waiting}  # one policy call per request
+        ordered = sorted(waiting, key=lambda r: (first[r.id], r.arrival, r.seq))
+        # Tenants in turn (the least served first), and within a tenant its clients in turn: a
+        # turn counts the requests of the same tenant (client) live or ahead of this one.
+        live = self.live.values()
+        senders = {r.id: (r.tenant, r.client) for r in ordered}
+        for by_tenant in (False, True):
+            held = Counter(r.tenant if by_tenant else (r.tenant, r.client) for r in live)
+            turns = {}
+            for r in ordered:
+                sender = senders[r.id][0] if by_tenant else senders[r.id]
+                turns[r.id] = held[sender]
+                held[sender] += 1
+            ordered.sort(key=lambda r, turns=turns: (first[r.id], turns[r.id], r.tenant_counter))
+        return ordered
+
+    def _over_quota(self, request: Request) -> bool:
+        """Whether ``request``'s tenant is at a quota, so that it waits (``quota_action = "wait"``)."""
+        account = request.account
+        if account is None or (account.config.max_live is None and account.config.max_kv_bytes is None):
+            return False
+        return over_quota(account, self.kv_bytes(request.tenant), live=account.admitted) is not None
+
+    def kv_bytes(self, tenant: str) -> int:
+        """KV bytes held by ``tenant``'s running requests."""
+        return sum(r.cache.nbytes for r in self.live.values() if r.cache is not None and r.tenant == tenant)
 
     def _precedence(self, request: Request) -> tuple:
         return self.policy.precedence(self.views[request.id])

@@ -11,6 +11,7 @@ from qllm.kernel.request import Phase, PriorityClass, Request, RequestStatus
 from qllm.kernel.runtime.ops import OpKind
 
 if TYPE_CHECKING:
+    from qllm.kernel.tenants import TenantLedger
     from qllm.kernel.tensors import TensorManager
 
 
@@ -32,6 +33,11 @@ class RequestView:
     tpot_slo: float | None = property(lambda self: self._r.tpot_slo)  # type: ignore[assignment]
     last_token: float | None = property(lambda self: self._r.last_token)  # type: ignore[assignment]
     client: str = property(lambda self: self._r.client)  # type: ignore[assignment]
+    tenant: str = property(lambda self: self._r.tenant)  # type: ignore[assignment]
+    # Its tenant's weighted service so far (lower: served first within a class; qllm.kernel.tenants).
+    tenant_counter: float = property(lambda self: self._r.tenant_counter)  # type: ignore[assignment]
+    # Requests of its tenant waiting or running, this one included (1: its tenant was idle).
+    tenant_live: int = property(lambda self: self._r.tenant_live)  # type: ignore[assignment]
     status: RequestStatus = property(lambda self: self._r.status)  # type: ignore[assignment]
     phase: Phase = property(lambda self: self._r.phase)  # type: ignore[assignment]
     prompt_tokens: int = property(lambda self: len(self._r.prompt_ids))  # type: ignore[assignment]
@@ -141,6 +147,30 @@ class CostView:
         return self._c.known(kind)
 
 
+class TenantView:
+    """What a policy may read of the tenants' ledger (:class:`~qllm.kernel.tenants.TenantLedger`)."""
+
+    __slots__ = ("_t",)
+
+    def __init__(self, ledger: TenantLedger | None = None):
+        self._t = ledger
+
+    @property
+    def quantum(self) -> float:
+        """Seconds of weighted op time a tenant may run ahead of the least served one before its
+        best-effort requests wait."""
+        return 0.05 if self._t is None else self._t.quantum
+
+    def weight(self, tenant: str) -> float:
+        account = None if self._t is None else self._t.accounts.get(tenant)
+        return 1.0 if account is None else account.weight
+
+    def counter(self, tenant: str) -> float:
+        """Weighted op seconds ``tenant`` received (0: unknown)."""
+        account = None if self._t is None else self._t.accounts.get(tenant)
+        return 0.0 if account is None else account.counter
+
+
 @dataclass(frozen=True)
 class KernelView:
     """Snapshot handed to a policy at each decision (lists are fresh; request views are live)."""
@@ -152,3 +182,4 @@ class KernelView:
     max_batch: int
     memory: MemoryView
     costs: CostView = field(default_factory=lambda: CostView(OpCosts()))  # op time by kind and rows
+    tenants: TenantView = field(default_factory=TenantView)  # the tenants' ledger

@@ -46,8 +46,10 @@ class Policy:
 
         Default: the most urgent request's class leads; among that class the op furthest behind
         runs first (so requests converge into one batch), with every ready request at that op.
+        Best-effort requests of a tenant over its share wait (:func:`within_share`), so a policy
+        that keeps this method keeps tenants' weighted shares.
         """
-        ordered = self.order(kernel.ready, kernel)
+        ordered = self.order(within_share(kernel.ready, kernel), kernel)
         if not ordered:
             return []
         lead = ordered[0].priority_class
@@ -91,6 +93,19 @@ class Policy:
         """A request finished (any final status)."""
 
 
+def within_share(requests: Sequence[RequestView], kernel: KernelView) -> list[RequestView]:
+    """``requests`` without the best-effort ones whose tenant is over its share: more than
+    ``kernel.tenants.quantum`` seconds of weighted op time ahead of the least-served tenant with
+    best-effort requests among ``requests`` (they wait where they stand, their state kept, until
+    it catches up). LS requests always stay (LS comes before BE, and an LS request's latency is
+    not traded for fairness). See qllm/policies/fair.py."""
+    counters = {r.tenant: r.tenant_counter for r in requests if not r.is_ls}
+    if len(counters) <= 1:
+        return list(requests)
+    limit = min(counters.values()) + kernel.tenants.quantum
+    return [r for r in requests if r.is_ls or r.tenant_counter <= limit]
+
+
 def batch_for(
     key: tuple[int, int, int] | None,
     primary: Sequence[RequestView],
@@ -126,4 +141,5 @@ __all__ = [
     "RequestStatus",
     "RequestView",
     "batch_for",
+    "within_share",
 ]

@@ -27,6 +27,9 @@
   ``tpot_scale`` (default 0.9) is the plan's deadline in TPOT SLOs after the latest token; higher
   (``cohort:tpot_scale=2``) cuts riders later, for more best-effort throughput and a slower LS
   stream.
+- **Tenants share each class by weight.** Best-effort requests of a tenant more than a quantum
+  of weighted op time ahead of the least-served tenant wait where they stand until it catches
+  up; requests a rule ranks equally take tenants and clients in turn (qllm/policies/fair.py).
 - **At most ``max_batch`` requests run per step.** LS requests are admitted beyond ``max_batch``;
   the best-effort requests beyond it then wait at their pass boundary until requests finish
   (:meth:`CohortPolicy.runnable`), so that the cohort stays one batch instead of running each op
@@ -60,7 +63,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from qllm.policies.api import KernelView, OpKind, Phase, Policy, RequestView
-from qllm.policies.fair import fair_order, fair_share
+from qllm.policies.fair import fair_order, fair_share, within_share
 from qllm.policies.pace import FREE, SCALE, Pacer
 
 RIDE = 1.0
@@ -166,13 +169,17 @@ class CohortPolicy(Policy):
         return self._fit(primary, decoding, kernel, self.ride * alone)
 
     def runnable(self, kernel: KernelView) -> Sequence[RequestView]:
-        """The ready requests this step may run: all of them, or when more than ``max_batch`` are
-        live (LS requests are admitted beyond it), the first ``max_batch`` of: LS requests waiting
-        for their first token (oldest first), LS requests decoding, best-effort requests in the
-        middle of a pass, best-effort requests at a pass boundary (clients in turn). The others
-        wait where they stand, at a pass boundary as a rule, until requests finish: else the cohort
-        would run every op twice, once for ``max_batch`` requests and once for the excess."""
+        """The ready requests this step may run: those within their tenant's share
+        (qllm/policies/fair.py: best-effort requests of a tenant over it wait), and of those all,
+        or when more than ``max_batch`` (LS requests are admitted beyond it), the first
+        ``max_batch`` of: LS requests waiting for their first token (oldest first), LS requests
+        decoding, best-effort requests in the middle of a pass, best-effort requests at a pass
+        boundary (tenants and clients in turn). The others wait where they stand, at a pass
+        boundary as a rule, until requests finish: else the cohort would run every op twice, once
+        for ``max_batch`` requests and once for the excess."""
         ready = kernel.ready
+        if len(ready) > 1:
+            ready = within_share(ready, kernel)
         if len(ready) <= kernel.max_batch:
             return ready
         order = [
@@ -228,8 +235,9 @@ class CohortPolicy(Policy):
 
     def interrupts(self, request: RequestView) -> bool:
         # Best-effort newcomers start at a pass boundary, after the cohort's pass: only an LS
-        # arrival changes what runs before then.
-        return request.is_ls
+        # arrival changes what runs before then, or the first request of a tenant back from idle,
+        # which the running tenants may be ahead of by more than their share (qllm/policies/fair.py).
+        return request.is_ls or request.tenant_live == 1
 
     def on_finish(self, request: RequestView, kernel: KernelView) -> None:
         self.solo_s.pop(request.id, None)

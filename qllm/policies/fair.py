@@ -1,12 +1,26 @@
-"""Fair sharing of a class between clients (pure helpers for policies).
+"""Fair sharing of a class between tenants and between clients (pure helpers for policies).
 
-A request carries the client that sent it (``RequestView.client``: the server passes the
-connection; the per-user connection cap bounds how many shares one user can hold). Among requests
-a policy ranks equally (same class and rank), these helpers take clients in turn: each client's
-first request comes before any client's second, and so on. With one client they return exactly
-the order they were given, so single-client behaviour is unchanged. ``cohort`` (the default)
-and ``priority-aging`` use them; the kernel admits waiting requests taking clients in turn for
-every policy.
+A request is served for a tenant (``RequestView.tenant``: the request names it, else the server
+names the peer's uid) and sent by a client (``RequestView.client``: the connection). The kernel
+charges every op it runs to the tenants of its rows (qllm/kernel/tenants.py), weighted:
+``RequestView.tenant_counter`` is a tenant's weighted op time so far, and the tenant with the
+lowest counter is the one served least.
+
+- :func:`within_share` is the enforcement: best-effort requests of a tenant more than a quantum
+  ahead of the least-served backlogged tenant wait where they stand (a preemption at an op
+  boundary; their state is kept) until the others catch up. So backlogged tenants receive a
+  class's op time in proportion to their weights, whatever their numbers of requests.
+- :func:`fair_order` is the order among requests a policy ranks equally (same class and rank):
+  tenants in turn, the least served first, and within a tenant its clients in turn. With one
+  tenant and one client it returns exactly the order it was given.
+- :func:`fair_share` and :func:`runnable` keep one sender's surplus beyond ``max_batch`` from
+  crowding out another's share of the batch.
+
+``cohort`` (the default) and ``priority-aging`` use all of them, and the base
+:meth:`Policy.select` filters through :func:`within_share` (defined in :mod:`qllm.policies.api`),
+so a plugin that keeps it keeps the shares; one with its own ``select`` filters its ready
+requests through :func:`within_share` and orders with :func:`fair_order`.
+The kernel admits waiting requests taking tenants and clients in turn for every policy.
 """
 
 from __future__ import annotations
@@ -15,7 +29,12 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from qllm.policies.api import KernelView, RequestView
+from qllm.policies.api import KernelView, RequestView, within_share
+
+
+def sender(r: RequestView) -> tuple[str, str]:
+    """Who a request's share is counted for: its tenant and client."""
+    return (r.tenant, r.client)
 
 
 def fair_order(
@@ -23,36 +42,44 @@ def fair_order(
     key: Callable[[RequestView], Any],
     group: Callable[[RequestView], Any] = lambda r: (not r.is_ls, r.rank),
 ) -> list[RequestView]:
-    """``requests`` sorted by ``key``, then round-robin across clients within each ``group``
-    (which must order like a prefix of ``key``)."""
+    """``requests`` sorted by ``key``, then round-robin within each ``group`` (which must order like
+    a prefix of ``key``): tenants in turn, the least served first, and each tenant's clients in
+    turn among its requests."""
     ordered = sorted(requests, key=key)
-    if len({r.client for r in ordered}) <= 1:
+    senders = {r.id: sender(r) for r in ordered}
+    if len(set(senders.values())) <= 1:
         return ordered
-    seen: Counter = Counter()
-    turns: dict[str, int] = {}
-    for r in ordered:
-        slot = (r.is_ls, group(r), r.client)
-        turns[r.id] = seen[slot]
-        seen[slot] += 1
-    return sorted(ordered, key=lambda r: (group(r), turns[r.id]))  # stable: ``key`` order within a turn
+    groups = {r.id: group(r) for r in ordered}
+    classes = {r.id: r.is_ls for r in ordered}
+    counters = {r.id: r.tenant_counter for r in ordered}
+    for by_tenant in (False, True):  # clients in turn, then tenants in turn around them
+        seen: Counter = Counter()
+        turns: dict[str, int] = {}
+        for r in ordered:
+            slot = (classes[r.id], groups[r.id], senders[r.id][0] if by_tenant else senders[r.id])
+            turns[r.id] = seen[slot]
+            seen[slot] += 1
+        # stable: the previous order within a turn
+        ordered.sort(key=lambda r, turns=turns: (groups[r.id], turns[r.id], counters[r.id]))
+    return ordered
 
 
 def fair_share(request: RequestView, kernel: KernelView) -> bool:
     """Whether a best-effort ``request`` may start beyond ``max_batch`` to even out the class:
-    its client holds less than an equal share of ``max_batch`` while another holds more. (The
-    batch builder then passes over the excess, see :func:`runnable`.) Live requests stay under
-    twice ``max_batch``."""
+    its sender (tenant and client) holds less than an equal share of ``max_batch`` while another
+    holds more. (The batch builder then passes over the excess, see :func:`runnable`.) Live
+    requests stay under twice ``max_batch``."""
     if request.is_ls or len(kernel.live) >= 2 * kernel.max_batch:
         return False
     same = [r for r in (*kernel.live, *kernel.waiting) if r.is_ls == request.is_ls]
-    share = max(1, kernel.max_batch // len({r.client for r in same}))
-    held = Counter(r.client for r in kernel.live if r.is_ls == request.is_ls)
-    return held[request.client] < share and any(n > share for n in held.values())
+    share = max(1, kernel.max_batch // len({sender(r) for r in same}))
+    held = Counter(sender(r) for r in kernel.live if r.is_ls == request.is_ls)
+    return held[sender(request)] < share and any(n > share for n in held.values())
 
 
 def runnable(queues: Sequence[list[RequestView]], max_batch: int) -> list[list[RequestView]]:
     """The same queues (of one class) without the requests past the first ``max_batch`` in fair
-    order over all of them: those wait, so one client's surplus cannot crowd out another's share."""
+    order over all of them: those wait, so one sender's surplus cannot crowd out another's share."""
     merged = [r for queue in queues for r in queue]
     if len(merged) <= max_batch:
         return [list(queue) for queue in queues]
@@ -63,3 +90,6 @@ def runnable(queues: Sequence[list[RequestView]], max_batch: int) -> list[list[R
         ]
     }
     return [[r for r in queue if r.id in keep] for queue in queues]
+
+
+__all__ = ["fair_order", "fair_share", "runnable", "sender", "within_share"]

@@ -6,7 +6,8 @@ the recent past (an exponentially weighted window of ``window_s`` seconds), or n
 for ``max_wait_s`` while BE work waited, one BE batch runs next. Each guard grants BE one op at a
 time, so an LS request never waits behind more than one BE op because of them. LS batches take BE
 requests at the same op along only up to ``fill_rows`` rows, so that riding along is almost free
-for the LS request (batched matmuls are padded to 4 rows anyway).
+for the LS request (batched matmuls are padded to 4 rows anyway). Best-effort requests of a tenant
+over its weighted share wait until the others catch up (qllm/policies/fair.py).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import math
 from collections.abc import Sequence
 
 from qllm.policies.api import KernelView, Policy, RequestView, batch_for
-from qllm.policies.fair import fair_order, fair_share, runnable
+from qllm.policies.fair import fair_order, fair_share, runnable, within_share
 from qllm.policies.qllm import algorithm1, queues
 
 
@@ -36,8 +37,8 @@ class PriorityAgingPolicy(Policy):
         self._last: tuple[float, bool] | None = None  # (decision time, last batch was BE-led)
         self._be_last_run = -math.inf  # when the last BE-led batch ran
 
-    # Fairness between clients (qllm/policies/fair.py): equally ranked requests of different
-    # connections take turns, and one connection's surplus cannot crowd out another's share.
+    # Fairness between tenants and clients (qllm/policies/fair.py): equally ranked requests of
+    # different tenants and connections take turns, and one's surplus cannot crowd out another's share.
     def order(self, ready: Sequence[RequestView], kernel: KernelView) -> list[RequestView]:
         return fair_order(ready, key=lambda r: (r.rank, r.arrival, r.seq), group=lambda r: r.rank)
 
@@ -64,7 +65,10 @@ class PriorityAgingPolicy(Policy):
         now = kernel.now
         self._account(now)
         ls_p, ls_d, be_p, be_d = queues(kernel, self.order)
-        be_p, be_d = runnable((be_p, be_d), kernel.max_batch)  # fairness between clients
+        # Fairness between tenants (BE requests of a tenant over its share wait) and clients.
+        allowed = {r.id for r in within_share(kernel.ready, kernel)}
+        be_p, be_d = ([r for r in q if r.id in allowed] for q in (be_p, be_d))
+        be_p, be_d = runnable((be_p, be_d), kernel.max_batch)
         if (ls_p or ls_d) and self._be_starved(be_d + be_p, now):
             primary, fill = (be_d, be_p) if be_d else (be_p, [])
         else:

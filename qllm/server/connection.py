@@ -256,6 +256,8 @@ def protocol_class(server: Server, tcp: TcpLimits, conn_ids: itertools.count) ->
         def on_message_begin(self) -> None:
             super().on_message_begin()
             self.scope["qllm.conn"] = self.name  # type: ignore[typeddict-unknown-key]
+            if self.creds is not None:  # a Unix peer: its uid is its requests' default tenant
+                self.scope["qllm.tenant"] = str(self.creds.uid)  # type: ignore[typeddict-unknown-key]
             if self.address is not None:
                 self.scope["qllm.peer"] = self  # type: ignore[typeddict-unknown-key]
             self._in_head = True

@@ -29,7 +29,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from qllm.errors import EngineClosed, QllmError
+from qllm.errors import EngineClosed, QllmError, TenantOverQuota
 from qllm.logging import cut
 from qllm.server import openai_api as api
 from qllm.server.asgi import (
@@ -223,7 +223,15 @@ class HttpFront:
                 "model_not_found",
             )
         client = request.scope.get("qllm.conn", "http")  # the connection: shared fairly with others
-        spec = api.to_spec(req, fields, request.headers.get(api.PRIORITY_HEADER), cfg.max_tokens, client)
+        spec = api.to_spec(
+            req,
+            fields,
+            request.headers.get(api.PRIORITY_HEADER),
+            cfg.max_tokens,
+            client,
+            tenant_header=request.headers.get(api.TENANT_HEADER),
+            default_tenant=request.scope.get("qllm.tenant", ""),  # the Unix peer's uid
+        )
         if server.draining:
             raise api.ApiError(503, "the server is shutting down", "server_shutting_down", "server_error")
         self._admit(request, spec.priority)
@@ -262,6 +270,8 @@ class HttpFront:
             handle = server.engine.submit(ids, spec=spec, request_id=f"http.{request_id}.{next(self._ids)}")
         except EngineClosed as exc:
             raise api.ApiError(503, str(exc), "server_shutting_down", "server_error") from None
+        except TenantOverQuota as exc:
+            raise api.ApiError(429, str(exc), exc.code, "rate_limit_error") from None
         except QllmError as exc:
             raise api.bad_request(str(exc), exc.code) from None
         options = req.stream_options or api.StreamOptions()

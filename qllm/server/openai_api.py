@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from qllm.kernel.request import RequestResult
 
 PRIORITY_HEADER = "x-qllm-priority"
+TENANT_HEADER = "x-qllm-tenant"
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 MAX_MESSAGE_CHARS = 1024  # an error message, whatever input it quotes
 QUOTE_CHARS = 64  # a piece of input an error message quotes
@@ -211,10 +212,18 @@ def _unsupported(req: _Sampling) -> str | None:
 
 
 def to_spec(
-    req: _Sampling, fields: dict[str, Any], header: str | None, max_tokens_limit: int, client: str
+    req: _Sampling,
+    fields: dict[str, Any],
+    header: str | None,
+    max_tokens_limit: int,
+    client: str,
+    tenant_header: str | None = None,
+    default_tenant: str = "",
 ) -> RequestSpec:
     """The request spec of a request: its spec ``fields`` and the mapped OpenAI ones, sent by
-    ``client``; ApiError when unsupported or invalid."""
+    ``client``; ApiError when unsupported or invalid. Its tenant is the first given of the
+    ``X-Qllm-Tenant`` header (``tenant_header``), the body's ``tenant`` field, the OpenAI ``user``
+    field, and ``default_tenant`` (the peer's uid on a Unix socket)."""
     problem = _unsupported(req)
     if problem is not None:
         raise bad_request(problem, "unsupported_parameter")
@@ -233,6 +242,7 @@ def to_spec(
         mapped["rank"] = rank
     if req.stop is not None:
         mapped["stop"] = req.stop
+    mapped["tenant"] = tenant_header or fields.get("tenant") or req.user or default_tenant
     try:
         return build_spec({**fields, **mapped, "client": client})
     except InvalidRequest as exc:

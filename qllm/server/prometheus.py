@@ -78,6 +78,7 @@ class StatsCollector(Collector):
         classes = [c for c, m in metrics.items() if isinstance(m, Mapping) and "histograms" in m]
         yield from self._per_class(metrics, classes)
         yield from self._gauges(stats)
+        yield from self._tenants(stats)
 
     def _per_class(self, metrics: Mapping[str, Any], classes: list[str]) -> Iterator[Any]:
         requests = CounterMetricFamily(
@@ -139,6 +140,42 @@ class StatsCollector(Collector):
                         if _number(v):
                             help_text = f"{what}: {key.replace('_', ' ')}, {sub.replace('_', ' ')}."
                             yield _number_family(f"{section}_{key}", sub, help_text, v)
+
+    def _tenants(self, stats: Mapping[str, Any]) -> Iterator[Any]:
+        tenants = stats.get("tenants")
+        if isinstance(tenants, Mapping):
+            yield from _tenant_families(tenants)
+        fairness = stats.get("fairness")
+        if isinstance(fairness, Mapping):
+            for key, help_text in (
+                ("jain_index", "Jain's fairness index of the backlogged tenants' recent weighted service."),
+                ("backlogged", "Tenants with requests waiting or running."),
+            ):
+                if _number(fairness.get(key)):
+                    yield GaugeMetricFamily(f"{PREFIX}_fairness_{key}", help_text, value=fairness[key])
+
+
+# Per-tenant figures of ``stats["tenants"]``: (metric, key, help, counter?). The ``tenant`` label
+# is bounded: the ledger tracks at most ``max_tenants`` tenants besides the named ones.
+TENANT_METRICS = (
+    ("tenant_service_seconds", "service_s", "Op seconds the tenant's requests received.", True),
+    ("tenant_requests", "requests", "Requests accepted for the tenant.", True),
+    ("tenant_rejected", "rejected", "Requests refused over the tenant's quota.", True),
+    ("tenant_tokens", "tokens", "Tokens generated for the tenant.", True),
+    ("tenant_weight", "weight", "The tenant's weight.", False),
+    ("tenant_counter_seconds", "counter", "The tenant's weighted service (op seconds / weight).", False),
+    ("tenant_live_requests", "live", "The tenant's requests waiting or running.", False),
+)
+
+
+def _tenant_families(tenants: Mapping[str, Any]) -> Iterator[Any]:
+    for name, key, help_text, counter in TENANT_METRICS:
+        kind = CounterMetricFamily if counter else GaugeMetricFamily
+        family = kind(f"{PREFIX}_{name}", help_text, labels=["tenant"])
+        for tenant, figures in tenants.items():
+            if isinstance(figures, Mapping) and _number(figures.get(key)):
+                family.add_metric([str(tenant)], figures[key])
+        yield family
 
 
 def registry(source: Callable[[], Mapping[str, Any]]) -> CollectorRegistry:

@@ -82,6 +82,12 @@ def refusal(conn: Connection, msg: p.Generate) -> p.Error | None:
     return None
 
 
+def default_tenant(conn: Connection) -> str:
+    """The tenant of a request that names none: the peer's uid ("" when unknown: the engine's
+    default tenant)."""
+    return "" if conn.creds is None else str(conn.creds.uid)
+
+
 async def relay(conn: Connection, msg: p.Generate, slot: asyncio.Semaphore) -> None:
     """Tokenize (then release ``slot``), submit, and send the request's frames until its last."""
     rid = msg.id
@@ -102,8 +108,10 @@ async def relay(conn: Connection, msg: p.Generate, slot: asyncio.Semaphore) -> N
             cancelled = p.ErrorInfo(code="cancelled", message="cancelled by the client")
             return conn.send(p.Final(id=rid, status="aborted", priority=msg.spec.priority, error=cancelled))
         try:
-            # The connection names the client: the engine shares a class's compute between them.
-            spec = msgspec.structs.replace(msg.spec, client=conn.name)
+            # The connection names the client, and the tenant unless the request names one: the
+            # peer's uid (docs/tenants.md).
+            tenant = msg.spec.tenant or default_tenant(conn)
+            spec = msgspec.structs.replace(msg.spec, client=conn.name, tenant=tenant)
             handle = conn.engine.submit(ids, spec=spec, request_id=f"{conn.name}.{rid}")
         except QllmError as exc:
             return conn.send(p.Error(id=rid, code=exc.code, message=str(exc)))

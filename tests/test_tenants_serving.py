@@ -140,8 +140,10 @@ async def test_a_flooding_tenant_leaves_another_its_share_and_ls_its_latency(tmp
                 await s.cancel()
             await flooder.close()
     assert unfinished > FLOOD // 2  # measured while the flood was backlogged
-    assert loaded_be < 3 * solo_be, f"BE turnaround {loaded_be:.3f} s under the flood, {solo_be:.3f} s solo"
-    assert loaded_ls < 1.5 * solo_ls, f"LS TTFT {loaded_ls:.4f} s under the flood, {solo_ls:.4f} s solo"
+    # qllm bench tenants measures 1.5-1.9x and 0.95-1.3x on small-random; these bounds leave room
+    # for a loaded machine and still fail where the flood's requests go first (fcfs: over 30x).
+    assert loaded_be < 4 * solo_be, f"BE turnaround {loaded_be:.3f} s under the flood, {solo_be:.3f} s solo"
+    assert loaded_ls < 2 * solo_ls, f"LS TTFT {loaded_ls:.4f} s under the flood, {solo_ls:.4f} s solo"
 
 
 async def test_a_pooled_connection_keeps_tenants_apart(tmp_path, moe):
@@ -169,7 +171,7 @@ async def test_a_pooled_connection_keeps_tenants_apart(tmp_path, moe):
                 assert reply.status_code == 200
         tenants = running.engine.stats()["tenants"]
     assert unfinished > FLOOD // 2
-    assert loaded < 3 * solo, f"{loaded:.3f} s beside the flood on the same connection, {solo:.3f} s solo"
+    assert loaded < 4 * solo, f"{loaded:.3f} s beside the flood on the same connection, {solo:.3f} s solo"
     assert tenants["flood"]["requests"] == FLOOD + 1
     assert tenants["light"]["requests"] == 1 + 2 * ROUNDS + 2
 

@@ -222,28 +222,6 @@ def test_cohort_riders_stop_at_the_latency_budget():
     assert ids(policy.select(make_kernel([big, *small, ls], costs=one))) == ["ls"]
 
 
-def test_cohort_ride_lets_ls_requests_decoding_ride_a_lead_within_its_factor():
-    # 1 ms + 0.1 ms a row: the 8-row lead alone predicts 1.8 ms; ride 1.5 allows 2.7 ms.
-    costs = linear_costs(OpKind.EXPERT, 0.001, 0.0001)
-    lead = make_request("ls", "ls", op=EXPERT0, rows=8, arrival=5.0)
-    decoding = [make_request(f"lsd{i}", "ls", decode=True, op=EXPERT0, arrival=1.0 + i) for i in range(12)]
-    be = make_request("bed", decode=True, op=EXPERT0, arrival=0.0)
-    kernel = make_kernel([be, *decoding, lead], costs=costs)
-    assert ids(CohortPolicy().select(kernel)) == ["ls"]  # ride 1: riders only where free
-    batch = CohortPolicy(ride=1.5).select(kernel)
-    rows = sum(r.rows for r in batch)
-    assert ids(batch) == ["ls", *(f"lsd{i}" for i in range(rows - 8))]  # the oldest first; BE stays out
-    budget = 1.5 * costs.predict(OpKind.EXPERT, 8)
-    assert rows > 12 and costs.predict(OpKind.EXPERT, rows) <= budget < costs.predict(OpKind.EXPERT, rows + 1)
-    everyone = CohortPolicy(ride="inf").select(kernel)
-    assert ids(everyone) == ["ls", *(f"lsd{i}" for i in range(12))]
-    # A lead out of slack still takes them: they are LS, and waiting out its pass costs them a token.
-    late = make_kernel([be, *decoding, lead], costs=costs, now=60.0)
-    assert ids(CohortPolicy(ride=1.5).select(late)) == ids(batch)
-    with pytest.raises(ValueError, match="ride"):
-        CohortPolicy(ride=0.5)
-
-
 def test_cohort_ls_runs_alone_until_it_reaches_the_cohort():
     policy = CohortPolicy(stretch=1.3)
     policy.layers = 8

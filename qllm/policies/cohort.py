@@ -66,9 +66,6 @@ from qllm.policies.api import KernelView, OpKind, Phase, Policy, RequestView
 from qllm.policies.fair import fair_order, fair_share, within_share
 from qllm.policies.pace import FREE, SCALE, Pacer
 
-RIDE = 1.0
-"""How much longer than the lead's rows alone an op may take with LS requests decoding riding it
-(``ride``; 1: only where they cost nothing, as every rider under ``stretch`` 1)."""
 TAIL_WINDOW = 64
 """With ``tail``: how many recent LS requests' passes alone make the floor."""
 TAIL_QUANTILE = 0.9
@@ -92,15 +89,10 @@ class CohortPolicy(Policy):
         floor: float = 0.2,
         tpot_scale: float = SCALE,
         free: float = FREE,
-        ride: float = RIDE,
     ):
         if stretch < 1:
             raise ValueError("stretch must be >= 1 (the LS op's own time is the least it can take)")
-        ride = float(ride)
-        if not ride >= 1:
-            raise ValueError("ride must be >= 1 (the lead's op alone is the least it can take)")
         self.stretch = stretch
-        self.ride = ride  # LS requests decoding ride a lead's op while it takes at most ride x alone
         self.pairs = pairs  # the next LS request catches up with the lead where that lowers the worse ratio
         self.tail = tail  # an LS request's budget is the tail of LS passes alone, not its own pass
         self.layers = 0  # layers of the model, as seen in the ops so far
@@ -142,31 +134,13 @@ class CohortPolicy(Policy):
             riders = fair_order(
                 (r for r in ready if r.op_key == lead.op_key and r.id not in chosen), key=lambda r: r.sort_key
             )
-            primary = self.decoders_ride(primary, riders, kernel)
-            chosen = {r.id for r in primary}
-            batch = self.fill(primary, [r for r in riders if r.id not in chosen], kernel, slack)
+            batch = self.fill(primary, riders, kernel, slack)
         for r in batch:
             if r.is_ls and r.phase is Phase.PREFILL:
                 self.solo_s[r.id] = self.solo_s.get(r.id, 0.0) + (
                     kernel.costs.predict(r.op_kind, r.rows) or 0.0
                 )
         return batch
-
-    def decoders_ride(
-        self, primary: list[RequestView], riders: Sequence[RequestView], kernel: KernelView
-    ) -> list[RequestView]:
-        """``primary`` (the lead's rows) plus the LS requests decoding among ``riders`` that keep
-        the op's predicted time within ``ride`` times ``primary`` alone, whatever the lead's slack.
-        An LS request decoding that waits out a lead's pass loses a token's time; riding the ops
-        the lead runs anyway (a CPU MoE op over a prefill chunk reads every expert already) costs
-        the lead a share of each op instead."""
-        decoding = [r for r in riders if r.is_ls and r.phase is not Phase.PREFILL]
-        if self.ride <= 1 or not decoding:
-            return primary
-        alone = kernel.costs.predict(primary[0].op_kind, sum(r.rows for r in primary))
-        if alone is None:
-            return primary
-        return self._fit(primary, decoding, kernel, self.ride * alone)
 
     def runnable(self, kernel: KernelView) -> Sequence[RequestView]:
         """The ready requests this step may run: those within their tenant's share

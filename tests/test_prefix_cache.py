@@ -11,13 +11,12 @@ eviction order, pinning, offload of private blocks only).
 
 from __future__ import annotations
 
-import asyncio
-from dataclasses import dataclass
-
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kernel_helpers import Recorder, isolated, run
+from test_kernel_exactness import Spec
+from test_kernel_exactness import serve as serve_schedule
 from tiny_families import CASES
 
 import qllm
@@ -25,60 +24,24 @@ from qllm.commands import serve as serve_command
 from qllm.kernel.runtime.prefix import reusable
 from qllm.models import load_model
 from qllm.policies import load_policy
-from qllm.spec import SamplingParams
 
 POLICIES = ("fcfs", "qllm", "priority-aging", "cohort")
 
 
-@dataclass(frozen=True)
-class Spec:
-    after: int  # submitted right before this batch is chosen (0: at once)
-    prompt: tuple[int, ...]
-    max_tokens: int
-    priority: str
-
-    @property
-    def params(self) -> SamplingParams:
-        return SamplingParams(max_tokens=self.max_tokens, ignore_eos=True)
+def greedy(after: int, prompt: tuple[int, ...], max_tokens: int, priority: str) -> Spec:
+    """A greedy request of ``schedule``: submitted right after ``after`` batches ran (0: at once)."""
+    return Spec(after, prompt, max_tokens, priority, rank=0, temperature=0.0, seed=None, ignore_eos=True)
 
 
 async def serve(
     model, policy: str, schedule: list[Spec], *, chunk: int, blocks: int, budget=None, on=True, moe="layer"
 ):
-    recorder = Recorder(load_policy(policy))
-    handles: dict[str, tuple[Spec, object]] = {}
-    async with qllm.Engine(
-        model=model,
-        policy=recorder,
-        prefill_chunk=chunk,
-        kv_block_size=blocks,
-        memory_budget=budget,
-        prefix_cache=on,
-        max_batch=8,
-        moe_granularity=moe,
-    ) as engine:
-
-        def submit(spec: Spec) -> None:
-            handle = engine.submit(
-                list(spec.prompt), max_tokens=spec.max_tokens, ignore_eos=True, priority=spec.priority
-            )
-            handles[handle.id] = (spec, handle)
-
-        for spec in schedule:
-            if spec.after == 0:
-                submit(spec)
-            else:
-                recorder.at.setdefault(spec.after, []).append(lambda s=spec: submit(s))
-        async with asyncio.timeout(120):
-            while True:
-                pending = [h for _, h in handles.values()]
-                await asyncio.gather(*(h.result() for h in pending))
-                if len(handles) == len(pending):
-                    if not recorder.at:
-                        break
-                    recorder.fire_all()
-        results = {rid: (spec, await h.result()) for rid, (spec, h) in handles.items()}
-        return results, engine.stats()
+    """Run ``schedule`` (tests/test_kernel_exactness.py) with caching ``on``: ``(spec, result)`` by
+    id, and the engine's stats."""
+    results, _, by_id, _, stats, _ = await serve_schedule(
+        model, policy, schedule, chunk=chunk, max_batch=8, budget=budget, moe=moe, blocks=blocks, prefix=on
+    )
+    return {rid: (by_id[rid], result) for rid, result in results.items()}, stats
 
 
 def assert_nothing_held(stats: dict) -> None:
@@ -102,7 +65,7 @@ def shared_prompts(draw) -> tuple[int, ...]:
 
 
 specs = st.builds(
-    Spec,
+    greedy,
     after=st.one_of(st.just(0), st.integers(1, 80)),
     prompt=shared_prompts().filter(bool),
     max_tokens=st.integers(1, 4),
@@ -143,9 +106,9 @@ def test_requests_sharing_prefixes_get_exactly_their_isolated_tokens(
 def test_a_repeated_prompt_computes_only_its_last_chunk_and_outputs_match_caching_off(tiny, policy):
     prompt = tuple(range(100, 126))  # 26 tokens: 24 reusable with chunks of 4
     schedule = [
-        Spec(0, prompt, 3, "be"),
-        Spec(0, (*prompt[:20], 7, 8, 9), 3, "ls"),
-        Spec(200, prompt, 3, "ls"),
+        greedy(0, prompt, 3, "be"),
+        greedy(0, (*prompt[:20], 7, 8, 9), 3, "ls"),
+        greedy(200, prompt, 3, "ls"),
     ]
     on, stats = run(serve(tiny, policy, schedule, chunk=4, blocks=4))
     off, _ = run(serve(tiny, policy, schedule, chunk=4, blocks=4, on=False))
@@ -165,7 +128,7 @@ def test_an_ls_request_reuses_the_chunks_a_running_be_prefill_finished(tiny, pol
     """The LS request arrives after a few chunks of the BE request's long prompt were computed,
     preempts it, and takes those chunks from the cache; a tight budget evicts and reclaims."""
     prompt = tuple(range(10, 60))  # 50 tokens, chunks of 2: 25 passes
-    schedule = [Spec(0, prompt, 2, "be"), Spec(30, (*prompt[:40], 5), 2, "ls")]
+    schedule = [greedy(0, prompt, 2, "be"), greedy(30, (*prompt[:40], 5), 2, "ls")]
     results, stats = run(serve(tiny, policy, schedule, chunk=2, blocks=2, budget=8192))
 
     be, ls = (next(r for spec, r in results.values() if spec.priority == cls) for cls in ("be", "ls"))
@@ -177,7 +140,7 @@ def test_an_ls_request_reuses_the_chunks_a_running_be_prefill_finished(tiny, pol
 
 
 def test_the_switch_and_the_layouts_without_caching(tiny):
-    schedule = [Spec(0, tuple(range(100, 120)), 2, "be"), Spec(50, tuple(range(100, 120)), 2, "be")]
+    schedule = [greedy(0, tuple(range(100, 120)), 2, "be"), greedy(50, tuple(range(100, 120)), 2, "be")]
     _, stats = run(serve(tiny, "fcfs", schedule, chunk=4, blocks=4, on=False))
     assert stats["prefix"] == {"enabled": False}
 
@@ -218,7 +181,7 @@ def test_the_prefix_figures_are_exposed_to_prometheus_and_documented(tiny):
 
     prompt = tuple(range(100, 126))
     _, stats = run(
-        serve(tiny, "cohort", [Spec(0, prompt, 2, "be"), Spec(100, prompt, 2, "ls")], chunk=4, blocks=4)
+        serve(tiny, "cohort", [greedy(0, prompt, 2, "be"), greedy(100, prompt, 2, "ls")], chunk=4, blocks=4)
     )
     samples = {
         s.name: s.value
@@ -246,7 +209,7 @@ def test_cached_tokens_reach_the_http_usage_and_the_stats_summary(tiny):
 
     prompt = tuple(range(100, 126))
     results, stats = run(
-        serve(tiny, "cohort", [Spec(0, prompt, 2, "be"), Spec(100, prompt, 2, "ls")], chunk=4, blocks=4)
+        serve(tiny, "cohort", [greedy(0, prompt, 2, "be"), greedy(100, prompt, 2, "ls")], chunk=4, blocks=4)
     )
     usages = sorted(Reply.usage(r)["prompt_tokens_details"]["cached_tokens"] for _, r in results.values())
     assert usages == [0, 24]
@@ -284,7 +247,7 @@ def test_a_pass_stopped_mid_layer_publishes_nothing(tiny):
     (``qllm`` admits and runs it at once, the BE pass suspended mid-layer)."""
     assert tiny.num_layers == 4 and all(b is not None for b in tiny.moe_blocks)
     prompt = tuple(range(100, 120))
-    schedule = [Spec(0, prompt, 2, "be"), Spec(12, (*prompt, 5), 2, "ls")]
+    schedule = [greedy(0, prompt, 2, "be"), greedy(12, (*prompt, 5), 2, "ls")]
     results, stats = run(serve(tiny, "qllm", schedule, chunk=4, blocks=4))
 
     be, ls = (next(r for spec, r in results.values() if spec.priority == c) for c in ("be", "ls"))

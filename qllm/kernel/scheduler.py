@@ -11,13 +11,12 @@ prefetched.
 from __future__ import annotations
 
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 from qllm.kernel.request import Request, RequestStatus
-from qllm.kernel.tenants import TenantLedger, over_quota
+from qllm.kernel.tenants import TenantLedger, over_quota, take_turns
 from qllm.kernel.view import CostView, KernelView, MemoryView, RequestView, TenantView
 from qllm.logging import get_logger
 
@@ -225,18 +224,9 @@ class Scheduler:
         waiting = self.waiting
         first = {r.id: self._precedence(r) for r in waiting}  # one policy call per request
         ordered = sorted(waiting, key=lambda r: (first[r.id], r.arrival, r.seq))
-        # Tenants in turn (the least served first), and within a tenant its clients in turn: a
-        # turn counts the requests of the same tenant (client) live or ahead of this one.
-        live = self.live.values()
-        senders = {r.id: (r.tenant, r.client) for r in ordered}
-        for by_tenant in (False, True):
-            held = Counter(r.tenant if by_tenant else (r.tenant, r.client) for r in live)
-            turns = {}
-            for r in ordered:
-                sender = senders[r.id][0] if by_tenant else senders[r.id]
-                turns[r.id] = held[sender]
-                held[sender] += 1
-            ordered.sort(key=lambda r, turns=turns: (first[r.id], turns[r.id], r.tenant_counter))
+        # Tenants in turn (the least served first), and within a tenant its clients in turn,
+        # counting the requests of the same tenant (client) live or ahead.
+        take_turns(ordered, group=lambda r: first[r.id], live=self.live.values())
         return ordered
 
     def _over_quota(self, request: Request) -> bool:

@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import math
 import time
-from collections import OrderedDict
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from qllm.errors import TenantOverQuota
 from qllm.kernel.config import FairnessConfig, TenantConfig
 
 if TYPE_CHECKING:
     from qllm.kernel.request import Request
+
+T = TypeVar("T")  # a request or a policy's view of one: it has tenant, client and tenant_counter
 
 DEFAULT_TENANT = "default"  # the tenant of a request that names none
 OVERFLOW_TENANT = "other"  # the tenant of new tenants' requests while every slot is busy
@@ -220,3 +222,28 @@ def jain_index(values: Iterable[float]) -> float | None:
     if len(values) < 2 or squares <= 0:
         return None
     return sum(values) ** 2 / (len(values) * squares)
+
+
+def take_turns(
+    ordered: list[T],
+    group: Callable[[T], Any],
+    within: Callable[[T], tuple] = lambda r: (),
+    live: Iterable[T] = (),
+) -> list[T]:
+    """``ordered`` (in the caller's order) sorted in place so that its senders take turns within
+    each ``group``: each tenant's clients in turn, then tenants in turn around them, the least
+    served tenant first within a turn; ties keep their order. A request's turn counts the
+    requests of its client (then its tenant) with the same ``within`` that are in ``live`` or
+    ahead of it in ``ordered``."""
+    facts = {id(r): (group(r), within(r), r.tenant, r.client, r.tenant_counter) for r in ordered}
+    held_by = [(within(r), r.tenant, r.client) for r in live]
+    for by_tenant in (False, True):  # clients in turn, then tenants in turn around them
+        held = Counter((*w, t) if by_tenant else (*w, t, c) for w, t, c in held_by)
+        turns: dict[int, int] = {}
+        for r in ordered:
+            _, w, t, c, _ = facts[id(r)]
+            slot = (*w, t) if by_tenant else (*w, t, c)
+            turns[id(r)] = held[slot]
+            held[slot] += 1
+        ordered.sort(key=lambda r, turns=turns: (facts[id(r)][0], turns[id(r)], facts[id(r)][4]))
+    return ordered

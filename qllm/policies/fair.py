@@ -29,6 +29,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from qllm.kernel.tenants import take_turns
 from qllm.policies.api import KernelView, RequestView, within_share
 
 
@@ -50,18 +51,7 @@ def fair_order(
     if len(set(senders.values())) <= 1:
         return ordered
     groups = {r.id: group(r) for r in ordered}
-    classes = {r.id: r.is_ls for r in ordered}
-    counters = {r.id: r.tenant_counter for r in ordered}
-    for by_tenant in (False, True):  # clients in turn, then tenants in turn around them
-        seen: Counter = Counter()
-        turns: dict[str, int] = {}
-        for r in ordered:
-            slot = (classes[r.id], groups[r.id], senders[r.id][0] if by_tenant else senders[r.id])
-            turns[r.id] = seen[slot]
-            seen[slot] += 1
-        # stable: the previous order within a turn
-        ordered.sort(key=lambda r, turns=turns: (groups[r.id], turns[r.id], counters[r.id]))
-    return ordered
+    return take_turns(ordered, lambda r: groups[r.id], within=lambda r: (r.is_ls, groups[r.id]))
 
 
 def fair_share(request: RequestView, kernel: KernelView) -> bool:

@@ -58,12 +58,8 @@ class BlockPool:
 
     def give(self, blocks: Sequence[torch.Tensor]) -> None:
         """Take back blocks that a cache no longer holds."""
-        for block in blocks:
-            self._free.setdefault((block.shape[0], block.shape[2]), []).append(block)
-            n = block.nbytes
-            self.in_use -= 1
-            self.bytes_in_use -= n
-            self.free_bytes += n
+        self.drop(blocks)
+        self._keep(blocks)
 
     def drop(self, blocks: Sequence[torch.Tensor]) -> None:
         """Stop counting blocks that leave the pool for good (their memory is freed when the last
@@ -74,18 +70,20 @@ class BlockPool:
 
     def cache(self, blocks: Sequence[torch.Tensor]) -> None:
         """Count blocks a request held as the prefix index's from now on."""
-        for block in blocks:
-            self.in_use -= 1
-            self.bytes_in_use -= block.nbytes
-            self.cached += 1
-            self.cached_bytes += block.nbytes
+        self.drop(blocks)
+        self.cached += len(blocks)
+        self.cached_bytes += sum(block.nbytes for block in blocks)
 
     def uncache(self, blocks: Sequence[torch.Tensor]) -> None:
         """Take back blocks the prefix index evicted (kept for reuse, as :meth:`give`)."""
+        self.cached -= len(blocks)
+        self.cached_bytes -= sum(block.nbytes for block in blocks)
+        self._keep(blocks)
+
+    def _keep(self, blocks: Sequence[torch.Tensor]) -> None:
+        """Keep blocks no one holds for reuse."""
         for block in blocks:
             self._free.setdefault((block.shape[0], block.shape[2]), []).append(block)
-            self.cached -= 1
-            self.cached_bytes -= block.nbytes
             self.free_bytes += block.nbytes
 
     @property

@@ -24,6 +24,7 @@ from qllm.kernel.tensors import TensorManager
 from qllm.logging import get_logger
 from qllm.models import load_model
 from qllm.models.base import MoEModel
+from qllm.parallel.group import ExpertGroup, start_experts
 from qllm.policies import DEFAULT_POLICY, Policy, load_policy
 from qllm.policies.fallback import Fallback
 from qllm.spec import RequestSpec, build_spec, checked
@@ -97,6 +98,9 @@ class Engine:
         self.model: MoEModel = load_model(
             model, dtype=config.dtype, device=device or "cpu", batch_invariant=config.batch_invariant
         )
+        self.experts: ExpertGroup | None = None  # expert parallel's other ranks (docs/scaling.md)
+        if config.expert_parallel > 1:
+            self.experts = start_experts(self.model, model, config)
         # The model as the user named it (a preset or a directory; a loaded model: its family), the
         # same name a server reports in its welcome and stats.
         self.model_name = str(model) if isinstance(model, str | os.PathLike) else self.model.family
@@ -175,6 +179,8 @@ class Engine:
         finally:
             self._group = None
             self._compute.close()
+            if self.experts is not None:
+                await asyncio.to_thread(self.experts.close)
 
     # ---------------------------------------------------------------- requests
     def submit(
@@ -295,6 +301,12 @@ class Engine:
         return self._dispatcher.busy or bool(self._requests)
 
     @property
+    def healthy(self) -> bool:
+        """False once expert parallel has failed (a rank died, hung or erred): requests cannot be
+        computed any more."""
+        return self.experts is None or self.experts.healthy
+
+    @property
     def accepting(self) -> bool:
         return self._accepting
 
@@ -318,6 +330,7 @@ class Engine:
             "metrics": self.metrics.snapshot(),
             "tenants": self._dispatcher.tenants.snapshot(),
             "fairness": self._dispatcher.tenants.summary(),
+            "expert_parallel": self.experts.stats() if self.experts is not None else {"ranks": 1},
         }
 
     def reset_stats(self) -> None:

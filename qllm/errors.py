@@ -39,3 +39,12 @@ class TenantOverQuota(QllmError):
     HTTP 429). Try again once some of the tenant's requests have finished."""
 
     code = "tenant_over_quota"
+
+
+class ExpertParallelError(QllmError):
+    """Expert parallel failed: a rank could not start or load, the ranks disagree on batch
+    invariance, or a worker died, hung past the timeout or failed an expert (the message names the
+    rank). Requests computing at the time end with this error, and the server reports itself
+    unhealthy."""
+
+    code = "expert_parallel"

@@ -16,8 +16,8 @@ import torch
 from tiny_families import CASES_BY_NAME, greedy, torch_threads
 
 from qllm.kernel.program import Forward, generation_passes
-from qllm.kernel.runtime.ops import OpKind, Token
-from qllm.kernel.runtime.passes import Partial, Pass, Stage
+from qllm.kernel.runtime.ops import OpKind, Partial, Token
+from qllm.kernel.runtime.passes import Pass, Stage
 from qllm.models import load_model
 from qllm.models.base import MoEModel
 

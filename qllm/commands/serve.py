@@ -98,6 +98,25 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="only these uids may connect (repeatable)",
     )
     p.add_argument(
+        "--expert-parallel",
+        type=int,
+        metavar="N",
+        help="split the routed experts across N ranks: N-1 worker processes on this machine, or "
+        "the processes torchrun started (docs/scaling.md; default 1, one process)",
+    )
+    p.add_argument(
+        "--expert-placement",
+        choices=["contiguous", "round-robin"],
+        help="experts to ranks in contiguous runs (default) or expert e on rank e %% N",
+    )
+    p.add_argument(
+        "--expert-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="a rank that does not answer within this long fails its requests and makes the "
+        "server unhealthy (default 30)",
+    )
+    p.add_argument(
         "--allow-gid",
         type=int,
         action="append",
@@ -123,7 +142,7 @@ OPTIONS = {
         key: "--" + key.replace("_", "-")
         for key in (
             "model", "policy", "dtype", "device", "memory_budget", "max_batch", "moe_granularity",
-            "kv_block_size", "threads", "slo",
+            "kv_block_size", "threads", "slo", "expert_parallel", "expert_placement", "expert_timeout",
         )
     } | {"tenants": "--tenant", "prefix_cache": "--no-prefix-cache"},
     "server": {

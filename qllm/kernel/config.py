@@ -75,6 +75,14 @@ class EngineConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, fro
     # Tenants by name: weight and quotas (``[engine.tenants.NAME]``, ``--tenant NAME=WEIGHT``).
     tenants: dict[TenantName, TenantConfig] = msgspec.field(default_factory=dict)
     fairness: FairnessConfig = msgspec.field(default_factory=FairnessConfig)  # ``[engine.fairness]``
+    # Ranks (processes) the routed experts are split across; 1: one process. docs/scaling.md.
+    expert_parallel: Annotated[int, Meta(ge=1, le=256)] = 1
+    # How experts are dealt to ranks: contiguous runs, or expert e on rank e % ranks.
+    expert_placement: Literal["contiguous", "round-robin"] = "contiguous"
+    # Seconds a rank may take to answer rank 0 before expert parallel counts as failed.
+    expert_timeout: Annotated[float, Meta(gt=0, le=86400)] = 30.0
+    # Remote expert calls a MoE op posts ahead of the expert it computes.
+    expert_window: Annotated[int, Meta(ge=1, le=256)] = 4
 
 
 def engine_config(

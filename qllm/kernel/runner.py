@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from qllm.kernel.runtime.passes import Partial, Pass
+from qllm.kernel.runtime.ops import Partial
+from qllm.kernel.runtime.passes import Pass
 
 if TYPE_CHECKING:
     import torch

@@ -15,8 +15,7 @@ from typing import Any
 import torch
 
 from qllm.kernel.runtime.cache import append_all
-from qllm.kernel.runtime.ops import Op, OpKind
-from qllm.kernel.runtime.passes import Partial
+from qllm.kernel.runtime.ops import Op, OpKind, Partial, merge_ready
 from qllm.models import gemm, invariance
 from qllm.models.attention import attend, small_attention
 
@@ -41,6 +40,9 @@ class Executor:
         # without batch invariance.
         self._padding: dict[OpKind, invariance.Padding] = {kind: invariance.NO_PADDING for kind in OpKind}
         self._rotary_memo: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # Expert parallel: the group whose ranks hold some of the experts (qllm/parallel); None:
+        # every expert is computed here.
+        self.remote: Any = None
         self._runners: dict[OpKind, Callable[[list[Op]], list[Any]]] = {
             OpKind.ATTENTION: self._run_attention,
             OpKind.ROUTER: self._run_router,
@@ -188,15 +190,31 @@ class Executor:
         return list(zip(self._split(x, sizes), self._split(weights, sizes), self._split(indices, sizes)))
 
     def _run_expert(self, ops: list[Op]) -> list[torch.Tensor]:
+        x, sizes, w = self._expert_input(ops)
+        layer, e = ops[0].layer, ops[0].expert
+        remote = self.remote
+        if remote is None or remote.holds(layer, e):
+            y = self.expert(self.moe_blocks[layer], e, x)
+        else:
+            y = remote.call(layer, e, x)
+        return self._expert_output(y, sizes, w)
+
+    def _expert_input(self, ops: list[Op]) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+        """An expert call's input rows (padded; scaled by the routing weights where the family
+        scales inputs), the ops' row counts and the routing weights."""
         x, sizes = self._rows(ops)
-        if self.weighted_expert_input:
-            w = ops[0].weight if len(ops) == 1 else torch.cat([op.weight for op in ops])
-            w = torch.cat([w.to(x.dtype), w.new_zeros(x.shape[0] - w.shape[0], dtype=x.dtype)])
-            return self._split(
-                self.expert(self.moe_blocks[ops[0].layer], ops[0].expert, x * w[:, None]), sizes
-            )
-        y = self.expert(self.moe_blocks[ops[0].layer], ops[0].expert, x)[: sum(sizes)]
         w = ops[0].weight if len(ops) == 1 else torch.cat([op.weight for op in ops])
+        if self.weighted_expert_input:
+            w = torch.cat([w.to(x.dtype), w.new_zeros(x.shape[0] - w.shape[0], dtype=x.dtype)])
+            x = x * w[:, None]
+        return x, sizes, w
+
+    def _expert_output(self, y: torch.Tensor, sizes: list[int], w: torch.Tensor) -> list[torch.Tensor]:
+        """Each op's rows of an expert call's output ``y``, scaled by the routing weights where the
+        family scales outputs."""
+        if self.weighted_expert_input:
+            return self._split(y, sizes)
+        y = y[: sum(sizes)]
         return self._split((y * w[:, None]).to(y.dtype), sizes)
 
     def _run_shared(self, ops: list[Op]) -> list[torch.Tensor]:
@@ -209,10 +227,16 @@ class Executor:
         ops, so each row's result is the same bits as theirs. Result per op: ``(routed, shared)``
         (``shared`` None without a shared expert); ``residual + routed + shared`` for an op with a
         residual; a :class:`Partial` when ``stop`` fired. An op with :attr:`Op.partial` set resumes
-        such a stopped op: routing and partial sums as it left them, experts from ``expert`` on."""
+        such a stopped op: routing and partial sums as it left them, experts from ``expert`` on.
+
+        With experts on other ranks (:attr:`remote`), their calls are posted up to the group's
+        window ahead and added when their turn in the ascending order comes, so the sums are the
+        single-process sums. A stopped op first collects what it posted (kept in the Partial's
+        ``ready``, used on resume); a failed one collects it and raises."""
         layer = ops[0].layer
         block = self.moe_blocks[layer]
         first = ops[0].partial
+        ready: dict[int, torch.Tensor] = {}
         if first is None:
             x, weights, indices, sizes = self._route(ops)
             out = torch.zeros_like(x)
@@ -221,35 +245,118 @@ class Executor:
             parts = [op.partial for op in ops]
             if len(parts) == 1:  # the sums accumulate in place: the pass's own tensor stays as it was
                 x, weights, indices, out = first.x, first.weights, first.indices, first.out.clone()
+                ready = dict(first.ready or {})
             else:
                 x, weights, indices, out = (
                     torch.cat([getattr(p, name) for p in parts])
                     for name in ("x", "weights", "indices", "out")
                 )
+                ready = merge_ready([p.ready for p in parts])
             sizes = [op.rows for op in ops]
             start = first.next_expert
         experts = expert_rows(indices.tolist(), start)
-        for j, (e, rows, slots) in enumerate(experts):
-            if len(rows) == 1:  # a lone row: views, no gather or scatter (the same sums)
-                r, s = rows[0], slots[0]
-                y = self._run_expert(
-                    [Op(OpKind.EXPERT, layer, x[r : r + 1], expert=e, weight=weights[r, s : s + 1])]
-                )
-                out[r : r + 1] += y[0]
-            else:
-                at = torch.tensor(rows, device=x.device)
-                w = weights[at, torch.tensor(slots, device=x.device)]
-                y = self._run_expert([Op(OpKind.EXPERT, layer, x.index_select(0, at), expert=e, weight=w)])
-                out.index_put_((at,), y[0], accumulate=True)
-            if stop is not None and j + 1 < len(experts) and stop():
-                parts = zip(*(self._split(t, sizes) for t in (x, weights, indices, out)))
-                return [Partial(*p, next_expert=experts[j + 1][0]) for p in parts]
+        built: dict[int, tuple[Op, torch.Tensor | None]] = {}
+
+        def calls(j: int) -> tuple[Op, torch.Tensor | None]:  # expert j's op, built when first needed
+            if j not in built:
+                built[j] = self._moe_call(layer, x, weights, *experts[j])
+            return built[j]
+
+        remote = self.remote
+        posted: dict[int, Any] = {}  # index in ``experts`` -> ticket of its remote call
+        ahead = 0  # the next expert to consider posting
+        try:
+            if remote is not None and first is None:
+                remote.count_op(x.shape[0])
+            for j, (e, rows, _slots) in enumerate(experts):
+                if remote is not None:
+                    ahead = self._post_ahead(remote, layer, experts, calls, ready, posted, ahead)
+                op, at = calls(j)
+                if e in ready:  # computed by a remote rank before the op stopped
+                    y = ready.pop(e)[at if at is not None else slice(rows[0], rows[0] + 1)]
+                elif j in posted:
+                    ticket, sizes_e, w = posted.pop(j)
+                    y = self._expert_output(remote.wait(ticket), sizes_e, w)[0]
+                else:
+                    y = self._run_expert([op])[0]
+                if at is None:  # a lone row: views, no gather or scatter (the same sums)
+                    out[rows[0] : rows[0] + 1] += y
+                else:
+                    out.index_put_((at,), y, accumulate=True)
+                built.pop(j, None)
+                if stop is not None and j + 1 < len(experts) and stop():
+                    for k in sorted(posted):
+                        ready[experts[k][0]] = self._collect(
+                            remote, posted.pop(k), calls(k)[1], experts[k][1], x
+                        )
+                    ready = {e: t for e, t in ready.items() if e > experts[j][0]}
+                    parts = zip(*(self._split(t, sizes) for t in (x, weights, indices, out)))
+                    splits = {e: self._split(t, sizes) for e, t in ready.items()}
+                    return [
+                        Partial(*p, next_expert=experts[j + 1][0], ready={e: t[i] for e, t in splits.items()})
+                        for i, p in enumerate(parts)
+                    ]
+        except BaseException:
+            if posted:
+                remote.drain([ticket for ticket, _, _ in posted.values()])
+            raise
         shared = self._run_shared([Op(OpKind.SHARED, layer, x)])[0] if self.has_shared(block) else None
         outs = self._split(out, sizes)
         shareds = self._split(shared, sizes) if shared is not None else [None] * len(sizes)
         if ops[0].residual is not None:  # residual + (routed + shared), as the pass would add them
             return [op.residual + (o if s is None else o + s) for op, o, s in zip(ops, outs, shareds)]
         return list(zip(outs, shareds))
+
+    def _moe_call(
+        self, layer: int, x: torch.Tensor, weights: torch.Tensor, e: int, rows: list[int], slots: list[int]
+    ) -> tuple[Op, torch.Tensor | None]:
+        """The expert op of a grouped MoE op for expert ``e`` on its rows, and the rows' indices
+        (None for a lone row, taken as views)."""
+        if len(rows) == 1:
+            r, s = rows[0], slots[0]
+            return Op(OpKind.EXPERT, layer, x[r : r + 1], expert=e, weight=weights[r, s : s + 1]), None
+        at = torch.tensor(rows, device=x.device)
+        w = weights[at, torch.tensor(slots, device=x.device)]
+        return Op(OpKind.EXPERT, layer, x.index_select(0, at), expert=e, weight=w), at
+
+    def _post_ahead(
+        self,
+        remote: Any,
+        layer: int,
+        experts: list[tuple[int, list[int], list[int]]],
+        calls: Callable[[int], tuple[Op, torch.Tensor | None]],
+        ready: dict[int, torch.Tensor],
+        posted: dict[int, Any],
+        ahead: int,
+    ) -> int:
+        """Post the remote calls of the experts from ``ahead`` on while fewer than the group's
+        window are in flight; returns the next expert to consider."""
+        while ahead < len(experts) and len(posted) < remote.window:
+            e = experts[ahead][0]
+            if e not in ready and not remote.holds(layer, e):
+                xin, sizes, w = self._expert_input([calls(ahead)[0]])
+                posted[ahead] = (remote.post(layer, e, xin), sizes, w)
+            ahead += 1
+        return ahead
+
+    def _collect(
+        self,
+        remote: Any,
+        posted: tuple[Any, list[int], torch.Tensor],
+        at: torch.Tensor | None,
+        rows: list[int],
+        x: torch.Tensor,
+    ) -> torch.Tensor:
+        """A posted call's output as a tensor over all the op's rows (its own rows filled), so it
+        splits and merges with the op's other row state."""
+        ticket, sizes, w = posted
+        y = self._expert_output(remote.wait(ticket), sizes, w)[0]
+        dense = torch.zeros_like(x)
+        if at is None:
+            dense[rows[0]] = y[0]
+        else:
+            dense[at] = y
+        return dense
 
     def _run_mlp(self, ops: list[Op]) -> list[torch.Tensor]:
         layer = self.layers[ops[0].layer]

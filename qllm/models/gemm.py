@@ -141,6 +141,13 @@ def pack_all(module: torch.nn.Module) -> int:
     return count
 
 
+def forget(weight: torch.Tensor) -> None:
+    """Drop the packed copies made of ``weight`` (and of its views): it is about to be freed or
+    replaced, and its packed copy would otherwise live as long as the tensor object does."""
+    _packed.pop(_base(weight), None)
+    _fused.pop(weight, None)
+
+
 _fused: WeakIdKeyDictionary = WeakIdKeyDictionary()
 """first weight -> (stamps of all the weights, their concatenation as :func:`linear` runs it)"""
 

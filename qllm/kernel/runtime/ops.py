@@ -9,14 +9,15 @@ each request gets the same result as when its op runs alone.
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-if TYPE_CHECKING:
-    import torch
+import torch
 
+if TYPE_CHECKING:
     from qllm.kernel.runtime.cache import KVCache
-    from qllm.kernel.runtime.passes import Partial, Segment
+    from qllm.kernel.runtime.passes import Segment
 
 
 class OpKind(enum.IntEnum):
@@ -88,3 +89,28 @@ class Token:
     is sent back whether a stop string ended the output with it."""
 
     token_id: int
+
+
+@dataclass(slots=True, eq=False)
+class Partial:
+    """Result of a grouped MoE op stopped between experts: the routing, the experts' partial sums,
+    and the first expert not yet computed. The pass resumes the layer from there as one grouped
+    op again (stoppable like the first), carrying this state in :attr:`Op.partial`."""
+
+    x: torch.Tensor
+    weights: torch.Tensor
+    indices: torch.Tensor
+    out: torch.Tensor
+    next_expert: int
+    # Expert parallel: outputs of remote experts that arrived before the op stopped, per expert
+    # over all the op's rows (its rows filled); the resumed op adds them instead of computing.
+    ready: dict[int, torch.Tensor] | None = None
+
+
+def merge_ready(parts: Sequence[dict[int, torch.Tensor] | None]) -> dict[int, torch.Tensor]:
+    """The remote outputs of merged stopped MoE ops (see :attr:`Partial.ready`): those of the
+    experts every op collected. Any other is computed again on resume, with the same result."""
+    if not parts or any(not p for p in parts):
+        return {}
+    common = set.intersection(*(set(p) for p in parts))
+    return {e: torch.cat([p[e] for p in parts]) for e in sorted(common)}

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from qllm.kernel.runtime.ops import MoEGranularity, Op, OpKind, check_moe_granularity
+from qllm.kernel.runtime.ops import MoEGranularity, Op, OpKind, Partial, check_moe_granularity, merge_ready
 
 if TYPE_CHECKING:
     from qllm.kernel.runtime.cache import KVCache
@@ -41,19 +41,6 @@ class Segment:
     logits: bool = True
     owner: Any = None
     experts: frozenset[int] | None = None  # experts its rows use in the MoE layer in progress
-
-
-@dataclass(slots=True, eq=False)
-class Partial:
-    """Result of a grouped MoE op stopped between experts: the routing, the experts' partial sums,
-    and the first expert not yet computed. The pass resumes the layer from there as one grouped
-    op again (stoppable like the first), carrying this state in :attr:`Op.partial`."""
-
-    x: torch.Tensor
-    weights: torch.Tensor
-    indices: torch.Tensor
-    out: torch.Tensor
-    next_expert: int
 
 
 class Stage(enum.IntEnum):
@@ -88,6 +75,7 @@ class Pass:
         "ops_run",
         "out",
         "pending",
+        "ready",
         "resume",
         "segments",
         "stage",
@@ -112,6 +100,7 @@ class Pass:
         weights: torch.Tensor | None = None,
         indices: torch.Tensor | None = None,
         out: torch.Tensor | None = None,
+        ready: dict[int, torch.Tensor] | None = None,
     ):
         """A pass of ``segments`` whose residual stream is ``h``, at the start of the forward pass
         or, for the parts of passes split or merged, at ``stage`` of ``layer`` with the state of
@@ -128,6 +117,7 @@ class Pass:
         self.weights = weights
         self.indices = indices
         self.out = out
+        self.ready = ready
         self.todo: list[int] = []  # experts of the layer in progress still to compute, ascending
         self.resume = resume  # a stopped grouped MoE op: the first expert its resumed op computes
         self.expert_rows: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -207,6 +197,7 @@ class Pass:
                     result.indices,
                     result.out,
                 )
+                self.ready = result.ready or None
                 self.resume = result.next_expert
             elif isinstance(result, tuple):
                 self._finish_moe(*result)
@@ -294,7 +285,7 @@ class Pass:
 
     def _next_layer(self) -> None:
         self.mlp_in = None
-        self.x = self.weights = self.indices = self.out = None  # the MoE state of the layer done
+        self.x = self.weights = self.indices = self.out = self.ready = None  # the layer done's MoE state
         self.resume = -1
         self.layer += 1
         if self.layer < self.model.num_layers:
@@ -317,7 +308,7 @@ class Pass:
         if stage is Stage.MOE:
             residual = self.h if self.model.moe_adds_residual else None
             if self.resume >= 0:
-                partial = Partial(self.x, self.weights, self.indices, self.out, self.resume)
+                partial = Partial(self.x, self.weights, self.indices, self.out, self.resume, self.ready)
                 return Op(OpKind.MOE, layer, self.x, expert=self.resume, residual=residual, partial=partial)
             return Op(OpKind.MOE, layer, self.mlp_in, residual=residual)
         if stage is Stage.ROUTER:
@@ -361,6 +352,8 @@ class Pass:
             ]
         )
         state = {name: None if (value := getattr(self, name)) is None else value[rows] for name in _ROW_STATE}
+        if self.ready:
+            state["ready"] = {e: t[rows] for e, t in self.ready.items()}
         return Pass(
             self.model,
             [self.segments[i] for i in indices],
@@ -384,6 +377,7 @@ class Pass:
         for name in _ROW_STATE:
             values = [getattr(p, name) for p in passes]
             state[name] = None if values[0] is None else torch.cat(values)
+        state["ready"] = merge_ready([p.ready for p in passes]) or None
         return cls(
             first.model,
             [s for p in passes for s in p.segments],

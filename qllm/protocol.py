@@ -179,7 +179,7 @@ class StatsReply(Message, tag="stats_reply"):
 
 class HealthReply(Message, tag="health_reply"):
     id: RequestId
-    status: Literal["ok", "draining"] = "ok"
+    status: Literal["ok", "draining", "unhealthy"] = "ok"  # unhealthy: expert parallel failed
     model: str = ""
     policy: str = ""
     live: int = 0

@@ -183,4 +183,31 @@ def run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, overrides(args), OPTIONS)
     configure(config.log.level, config.log.format)
+    worker = worker_rank(config.engine)
+    if worker is not None:  # a rank after the first under torchrun: serves rank 0's experts
+        from qllm.parallel.group import rank_spec
+        from qllm.parallel.worker import serve_rank
+
+        rank, world = worker
+        return serve_rank(
+            rank_spec(config.engine, config.engine.model, config.engine.device or "cpu"), rank, world
+        )
     return run_server(config)
+
+
+def worker_rank(engine) -> tuple[int, int] | None:
+    """``(rank, world size)`` when torchrun started this process as a rank other than 0 of an
+    expert-parallel server (rank 0 serves); None otherwise. ValueError when the launch does not
+    match ``expert_parallel``."""
+    from qllm.parallel.group import torchrun_env
+
+    launched = torchrun_env()
+    if launched is None or launched[0] == 0:
+        return None
+    _, world = launched
+    if world != engine.expert_parallel:
+        raise ValueError(
+            f"torchrun started {world} processes but --expert-parallel is {engine.expert_parallel}: "
+            "start one process per rank"
+        )
+    return launched

@@ -39,6 +39,10 @@ if TYPE_CHECKING:
 
 log = get_logger()
 
+START_TIMEOUT = 600.0
+"""Seconds the ranks have to start, load the model and meet (a large model loads slowly); the
+expert timeout bounds every call after that."""
+
 STOP_TIMEOUT = 5.0
 """Seconds a worker gets to acknowledge STOP and exit before it is killed."""
 
@@ -97,7 +101,7 @@ def backend(device: str) -> str:
 def init_ranks(spec: RankSpec, rank: int, world: int) -> Any:
     """Join the ranks: the data group (NCCL on GPU, gloo on CPU) is the default group; returns the
     gloo control group."""
-    timeout = datetime.timedelta(seconds=spec.timeout)
+    timeout = datetime.timedelta(seconds=max(spec.timeout, START_TIMEOUT))
     kwargs: dict[str, Any] = {"backend": backend(spec.device), "timeout": timeout}
     if spec.init_method != "env://":
         kwargs.update(init_method=spec.init_method, rank=rank, world_size=world)
@@ -161,7 +165,7 @@ class ExpertGroup:
         try:
             control = init_ranks(spec, 0, world)
         except Exception as exc:
-            _kill(processes)
+            _kill(processes, 0.0)
             raise ExpertParallelError(f"expert parallel ranks did not start: {exc}") from None
         group = cls(model, spec, world, control, processes, window)
         try:
@@ -177,23 +181,13 @@ class ExpertGroup:
         reports: list[Any] = [None] * self.world
         dist.all_gather_object(reports, mine, group=self.control)
         self.ranks = reports
-        for report in reports[1:]:
-            if report.get("error"):
-                raise ExpertParallelError(f"rank {report['rank']} failed to start: {report['error']}")
-        if self.spec.batch_invariant:
-            for report in reports[1:]:
-                if report["padding"] != mine["padding"]:
-                    raise ExpertParallelError(
-                        "the ranks disagree on batch-invariance padding "
-                        f"(rank 0 {mine['padding']}, rank {report['rank']} {report['padding']}): "
-                        "exact mode is refused; run the ranks on identical machines and thread "
-                        "counts, or set batch_invariant = false"
-                    )
+        check_reports(reports, self.spec.batch_invariant)
         log.info(
             "expert_parallel_ready",
             ranks=self.world,
             placement=self.placement.kind,
             expert_bytes=[r["expert_bytes"] for r in reports],
+            pids=[r["pid"] for r in reports],
         )
 
     # ---------------------------------------------------------------- calls
@@ -299,6 +293,7 @@ class ExpertGroup:
             "healthy": self.failed is None and not self.closed,
             "error": self.failed,
             "expert_bytes": [r.get("expert_bytes", 0) for r in self.ranks],
+            "pids": [r.get("pid") for r in self.ranks],
             "window": self.window,
             "remote_calls": c.calls,
             "remote_calls_by_rank": {str(r): n for r, n in sorted(c.per_rank_calls.items())},
@@ -325,9 +320,23 @@ class ExpertGroup:
                     dist.irecv(reply, src=rank, group=self.control).wait(stop)
                 except Exception:
                     break
-        _kill(self.processes)
+        _kill(self.processes, STOP_TIMEOUT if self.failed is None else 0.0)
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
+
+
+def rank_spec(config: EngineConfig, model: str, device: str) -> RankSpec:
+    """What every rank of ``config``'s expert parallel loads and how."""
+    return RankSpec(
+        model=model,
+        dtype=config.dtype,
+        device=device,
+        batch_invariant=config.batch_invariant,
+        threads=config.threads or torch.get_num_threads(),  # the padding is calibrated per thread count
+        placement=Placement(config.expert_parallel, config.expert_placement),
+        timeout=config.expert_timeout,
+        init_method="env://",
+    )
 
 
 def start_experts(model: MoEModel, name: Any, config: EngineConfig) -> ExpertGroup:
@@ -338,20 +347,29 @@ def start_experts(model: MoEModel, name: Any, config: EngineConfig) -> ExpertGro
         raise ValueError(
             "expert_parallel needs the model as a preset name or a model directory: every rank loads it"
         )
-    spec = RankSpec(
-        model=str(name),
-        dtype=config.dtype,
-        device=str(model.device),
-        batch_invariant=config.batch_invariant,
-        threads=config.threads or torch.get_num_threads(),  # the padding is calibrated per thread count
-        placement=Placement(config.expert_parallel, config.expert_placement),
-        timeout=config.expert_timeout,
-        init_method="",
-    )
+    spec = rank_spec(config, str(name), str(model.device))
     group = ExpertGroup.start(model, spec, config.expert_parallel, window=config.expert_window)
     model.remote = group
     atexit.register(group.close)
     return group
+
+
+def check_reports(reports: list[dict[str, Any]], batch_invariant: bool) -> None:
+    """ExpertParallelError when a rank failed to load, or (in exact mode) the ranks' batch-invariance
+    padding differs from rank 0's: the same rows would round differently on different ranks."""
+    for report in reports[1:]:
+        if report.get("error"):
+            raise ExpertParallelError(f"rank {report['rank']} failed to start: {report['error']}")
+    if batch_invariant:
+        mine = reports[0]
+        for report in reports[1:]:
+            if report["padding"] != mine["padding"]:
+                raise ExpertParallelError(
+                    "the ranks disagree on batch-invariance padding "
+                    f"(rank 0 {mine['padding']}, rank {report['rank']} {report['padding']}): "
+                    "exact mode is refused; run the ranks on identical machines and thread "
+                    "counts, or set batch_invariant = false"
+                )
 
 
 def rank_report(
@@ -368,13 +386,15 @@ def rank_report(
         "verified": summary.get("verified"),
         "threads": torch.get_num_threads(),
         "expert_bytes": held["held"] + held["whole"],
+        "pid": os.getpid(),
     }
 
 
-def _kill(processes: Any) -> None:
+def _kill(processes: Any, wait: float = STOP_TIMEOUT) -> None:
+    """Join the spawned workers for up to ``wait`` s; kill those still alive."""
     if processes is None:
         return
-    deadline = time.monotonic() + STOP_TIMEOUT
+    deadline = time.monotonic() + wait
     for p in processes.processes:
         p.join(max(0.0, deadline - time.monotonic()))
         if p.is_alive():

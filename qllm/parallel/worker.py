@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import os
 import signal
 import sys
 from typing import Any
@@ -30,9 +29,11 @@ FOREVER = datetime.timedelta(days=3650)
 
 
 def spawned_main(index: int, spec: RankSpec, world: int) -> None:
-    """Entry point of a worker spawned by rank 0 (``torch.multiprocessing``): rank ``index + 1``."""
-    # SIGINT goes to the whole process group from a terminal: rank 0 decides when workers stop.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """Entry point of a worker spawned by rank 0 (``torch.multiprocessing``): rank ``index + 1``.
+    Its log lines (warnings and errors: a failed call) go to the shared stderr as JSON."""
+    from qllm.logging import configure
+
+    configure("warning", "json")
     sys.exit(serve_rank(spec, index + 1, world))
 
 
@@ -41,6 +42,10 @@ def serve_rank(spec: RankSpec, rank: int, world: int) -> int:
     from qllm.kernel.openmp import configure_openmp
     from qllm.models.loading import load_model
 
+    # A terminal's SIGINT and a launcher's SIGTERM reach every rank: rank 0 drains its requests,
+    # which need this rank, and then stops it (or exits, which ends this rank's wait).
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
     configure_openmp()
     if spec.threads is not None:
         torch.set_num_threads(spec.threads)
@@ -57,7 +62,7 @@ def serve_rank(spec: RankSpec, rank: int, world: int) -> int:
     dist.all_gather_object([None] * world, rank_report(model, rank, held, error), group=control)
     if model is None:
         return 1
-    log.info("expert_parallel_worker_ready", rank=rank, pid=os.getpid())
+    log.info("expert_parallel_worker_ready", rank=rank)
     try:
         return _loop(model, control, spec.device)
     finally:

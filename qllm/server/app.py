@@ -90,7 +90,7 @@ class Server:
     def health(self, rid: int) -> p.HealthReply:
         return p.HealthReply(
             id=rid,
-            status="draining" if self.draining else "ok",
+            status="draining" if self.draining else "ok" if self.engine.healthy else "unhealthy",
             model=self.model_name,
             policy=self.engine.policy.name,
             live=sum(c.live for c in self._connections) + (self.http_front.live if self.http_front else 0),
@@ -271,7 +271,8 @@ def _http_address(listener: Listener) -> str:
 
 class Heartbeat:
     """Whether the kernel is healthy at each watchdog tick: it completed an op since the previous
-    tick, or it has nothing to do. A compute that hangs with requests live is neither."""
+    tick, or it has nothing to do. A compute that hangs with requests live is neither, and an
+    engine whose expert-parallel ranks failed is never healthy."""
 
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -280,7 +281,7 @@ class Heartbeat:
     def alive(self) -> bool:
         progress = self.engine.progress
         advanced, self.last = progress != self.last, progress
-        return advanced or not self.engine.busy
+        return self.engine.healthy and (advanced or not self.engine.busy)
 
 
 def _forced_exit(signum: int, cleanup: Callable[[], None]) -> None:

@@ -163,7 +163,7 @@ class HttpFront:
     async def health(self, request: Request) -> Response:
         reply = self.server.health(0)
         body = {"status": reply.status, "model": reply.model, "policy": reply.policy, "live": reply.live}
-        return JSONResponse(body, status_code=503 if self.server.draining else 200)
+        return JSONResponse(body, status_code=200 if reply.status == "ok" else 503)
 
     async def models(self, request: Request) -> Response:
         model = {

@@ -21,8 +21,8 @@ from tiny_families import torch_threads
 import qllm
 from qllm import protocol as p
 from qllm.errors import ExpertParallelError
-from qllm.parallel.group import check_reports
 from qllm.parallel.placement import Placement
+from qllm.parallel.ranks import check_reports
 from qllm.policies import DEFAULT_POLICY, load_policy
 
 LS_PROMPT = [5, 17, 42, 7]

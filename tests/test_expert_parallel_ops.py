@@ -14,7 +14,8 @@ from qllm.kernel.config import EngineConfig
 from qllm.kernel.runtime.ops import Op, OpKind, Partial
 from qllm.models import load_model
 from qllm.models.executor import expert_rows
-from qllm.parallel.group import ExpertGroup, rank_spec
+from qllm.parallel.group import ExpertGroup
+from qllm.parallel.ranks import rank_spec
 
 
 @pytest.fixture(scope="module")

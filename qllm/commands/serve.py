@@ -185,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
     configure(config.log.level, config.log.format)
     worker = worker_rank(config.engine)
     if worker is not None:  # a rank after the first under torchrun: serves rank 0's experts
-        from qllm.parallel.group import rank_spec
+        from qllm.parallel.ranks import rank_spec
         from qllm.parallel.worker import serve_rank
 
         rank, world = worker
@@ -199,7 +199,7 @@ def worker_rank(engine) -> tuple[int, int] | None:
     """``(rank, world size)`` when torchrun started this process as a rank other than 0 of an
     expert-parallel server (rank 0 serves); None otherwise. ValueError when the launch does not
     match ``expert_parallel``."""
-    from qllm.parallel.group import torchrun_env
+    from qllm.parallel.ranks import torchrun_env
 
     launched = torchrun_env()
     if launched is None or launched[0] == 0:

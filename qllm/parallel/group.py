@@ -19,7 +19,6 @@ import atexit
 import contextlib
 import datetime
 import os
-import socket
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -30,7 +29,15 @@ import torch.distributed as dist
 from qllm.errors import ExpertParallelError
 from qllm.logging import get_logger
 from qllm.parallel import wire
-from qllm.parallel.placement import Placement
+from qllm.parallel.ranks import (
+    RankSpec,
+    check_reports,
+    free_port,
+    init_ranks,
+    rank_report,
+    rank_spec,
+    torchrun_env,
+)
 from qllm.parallel.shard import expert_count, keep_experts
 
 if TYPE_CHECKING:
@@ -39,26 +46,8 @@ if TYPE_CHECKING:
 
 log = get_logger()
 
-START_TIMEOUT = 600.0
-"""Seconds the ranks have to start, load the model and meet (a large model loads slowly); the
-expert timeout bounds every call after that."""
-
 STOP_TIMEOUT = 5.0
 """Seconds a worker gets to acknowledge STOP and exit before it is killed."""
-
-
-@dataclass(frozen=True, slots=True)
-class RankSpec:
-    """What every rank needs to load its part of the model (picklable: a spawned worker gets it)."""
-
-    model: str
-    dtype: str
-    device: str
-    batch_invariant: bool
-    threads: int | None
-    placement: Placement
-    timeout: float
-    init_method: str  # tcp://host:port for spawned workers, env:// under torchrun
 
 
 @dataclass(slots=True, eq=False)
@@ -85,36 +74,6 @@ class Counters:
     moe_ops: int = 0  # MoE ops (or parts of stopped ones) that called a remote expert
     moe_rows: int = 0  # their rows
     per_rank_calls: dict[int, int] = field(default_factory=dict)
-
-
-def torchrun_env() -> tuple[int, int] | None:
-    """``(rank, world size)`` when started by torchrun (or any ``env://`` launcher), else None."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    return None
-
-
-def backend(device: str) -> str:
-    return "nccl" if torch.device(device).type == "cuda" else "gloo"
-
-
-def init_ranks(spec: RankSpec, rank: int, world: int) -> Any:
-    """Join the ranks: the data group (NCCL on GPU, gloo on CPU) is the default group; returns the
-    gloo control group."""
-    timeout = datetime.timedelta(seconds=max(spec.timeout, START_TIMEOUT))
-    kwargs: dict[str, Any] = {"backend": backend(spec.device), "timeout": timeout}
-    if spec.init_method != "env://":
-        kwargs.update(init_method=spec.init_method, rank=rank, world_size=world)
-    dist.init_process_group(**kwargs)
-    return (
-        dist.new_group(backend="gloo", timeout=timeout) if kwargs["backend"] != "gloo" else dist.group.WORLD
-    )
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class ExpertGroup:
@@ -325,20 +284,6 @@ class ExpertGroup:
             dist.destroy_process_group()
 
 
-def rank_spec(config: EngineConfig, model: str, device: str) -> RankSpec:
-    """What every rank of ``config``'s expert parallel loads and how."""
-    return RankSpec(
-        model=model,
-        dtype=config.dtype,
-        device=device,
-        batch_invariant=config.batch_invariant,
-        threads=config.threads or torch.get_num_threads(),  # the padding is calibrated per thread count
-        placement=Placement(config.expert_parallel, config.expert_placement),
-        timeout=config.expert_timeout,
-        init_method="env://",
-    )
-
-
 def start_experts(model: MoEModel, name: Any, config: EngineConfig) -> ExpertGroup:
     """Start expert parallel for ``model`` (loaded on rank 0 from ``name``) as ``config`` says,
     and route its remote experts through the group. The workers stop with the group, at the
@@ -352,42 +297,6 @@ def start_experts(model: MoEModel, name: Any, config: EngineConfig) -> ExpertGro
     model.remote = group
     atexit.register(group.close)
     return group
-
-
-def check_reports(reports: list[dict[str, Any]], batch_invariant: bool) -> None:
-    """ExpertParallelError when a rank failed to load, or (in exact mode) the ranks' batch-invariance
-    padding differs from rank 0's: the same rows would round differently on different ranks."""
-    for report in reports[1:]:
-        if report.get("error"):
-            raise ExpertParallelError(f"rank {report['rank']} failed to start: {report['error']}")
-    if batch_invariant:
-        mine = reports[0]
-        for report in reports[1:]:
-            if report["padding"] != mine["padding"]:
-                raise ExpertParallelError(
-                    "the ranks disagree on batch-invariance padding "
-                    f"(rank 0 {mine['padding']}, rank {report['rank']} {report['padding']}): "
-                    "exact mode is refused; run the ranks on identical machines and thread "
-                    "counts, or set batch_invariant = false"
-                )
-
-
-def rank_report(
-    model: MoEModel | None, rank: int, held: dict[str, int] | None, error: str | None
-) -> dict[str, Any]:
-    """What a rank tells the others at the handshake."""
-    if model is None or held is None:
-        return {"rank": rank, "error": error}
-    summary = model.invariance_summary()
-    return {
-        "rank": rank,
-        "error": error,
-        "padding": summary.get("padding"),
-        "verified": summary.get("verified"),
-        "threads": torch.get_num_threads(),
-        "expert_bytes": held["held"] + held["whole"],
-        "pid": os.getpid(),
-    }
 
 
 def _kill(processes: Any, wait: float = STOP_TIMEOUT) -> None:

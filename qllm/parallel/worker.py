@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from qllm.logging import get_logger
 from qllm.parallel import wire
-from qllm.parallel.group import RankSpec, init_ranks, rank_report
+from qllm.parallel.ranks import RankSpec, init_ranks, rank_report
 from qllm.parallel.shard import drop_all_but_experts, keep_experts
 
 log = get_logger()

@@ -36,6 +36,7 @@ COUNTS = {
         "evictions",
         "evicted_bytes",
     },
+    "expert_parallel": {"remote_calls", "bytes_exchanged", "remote_wait_s", "moe_ops_remote"},
     "server": {
         "connections_accepted",
         "connections_refused",
@@ -125,6 +126,7 @@ class StatsCollector(Collector):
             ("memory", "Tensor manager"),
             ("prefix", "Prefix cache"),
             ("kernel", "Kernel"),
+            ("expert_parallel", "Expert parallel"),
             ("server", "Server"),
         )
         for section, what in sections:
@@ -135,6 +137,21 @@ class StatsCollector(Collector):
                 if _number(value):
                     help_text = f"{what}: {key.replace('_', ' ')}."
                     yield _number_family(section, key, help_text, value)
+                elif section == "expert_parallel" and key == "healthy":
+                    yield GaugeMetricFamily(
+                        metric_name(section, key),
+                        "Expert parallel: 1 while every rank answers.",
+                        value=int(value),
+                    )
+                elif section == "expert_parallel" and key == "expert_bytes":
+                    family = GaugeMetricFamily(
+                        metric_name(section, key),
+                        "Expert parallel: routed-expert weight bytes by rank.",
+                        labels=["rank"],
+                    )
+                    for rank, n in enumerate(value):
+                        family.add_metric([str(rank)], n)
+                    yield family
                 elif section == "memory" and isinstance(value, Mapping):  # the KV block pool's counts
                     for sub, v in value.items():
                         if _number(v):

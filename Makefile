@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup run test lint clean peers
+.PHONY: setup run test lint clean peers gateway
 
 setup: $(VENV)/.installed
 
@@ -59,5 +59,20 @@ endif
 	$(PEERS)/bin/vllm --help > /dev/null
 	touch $@
 
+# The gateway that puts several `qllm serve` replicas behind one address (docs/scaling.md): smg, the
+# Shepherd Model Gateway, a Rust router shipped as a wheel. It runs from its own venv and needs no
+# torch; the tests find it at .venv-gateway/bin/smg (tests/test_gateway.py skips without it).
+SMG ?= smg==1.13.0
+GATEWAY := .venv-gateway
+
+gateway: $(GATEWAY)/.installed
+
+$(GATEWAY)/.installed:
+	test -x $(GATEWAY)/bin/python || $(PY) -m venv $(GATEWAY)
+	$(GATEWAY)/bin/pip install -q --upgrade pip
+	$(GATEWAY)/bin/pip install -q '$(SMG)'
+	$(GATEWAY)/bin/smg --version
+	touch $@
+
 clean:
-	rm -rf $(VENV) $(PEERS) build *.egg-info
+	rm -rf $(VENV) $(PEERS) $(GATEWAY) build *.egg-info

@@ -215,3 +215,23 @@ def test_torchrun_launch_serves_the_tokens_of_one_process(tmp_path):
 async def _generate(engine: qllm.Engine, prompt: str) -> list[int]:
     async with engine:
         return (await engine.generate(prompt, max_tokens=8, ignore_eos=True)).token_ids
+
+
+def test_bench_runs_each_policy_split_beside_one_process(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "qllm", "bench", "--model", "tiny", "--systems", "cohort", "--expert-parallel",
+           "2", "--rates", "20", "--requests", "4", "--isolated", "1", "--json", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    result = json.loads(out.read_text())
+    assert [s["name"] for s in result["systems"]] == ["cohort", "cohort@ep2"]
+    split = result["headline"]["expert_parallel"]["cohort@ep2"]
+    first, second = split["expert_bytes_by_rank"]
+    assert first == second > 0
+    assert split["throughput_vs_one_process"] > 0 and split["bytes_per_token"] > 0
+    assert set(split["ls_ttft_p99_over_isolated_by_rate"]) == {"1", "2"}
+    # Both systems completed every request, each with all its output tokens.
+    tokens = {c["system"]: [r[6] for r in c["records"]] for c in result["cells"]}
+    assert tokens["cohort"] == tokens["cohort@ep2"] and len(tokens["cohort"]) == 4 and all(tokens["cohort"])

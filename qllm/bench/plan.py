@@ -73,7 +73,37 @@ async def systems(args: argparse.Namespace) -> tuple[list[System], dict[str, Any
                     moe_granularity=args.moe_granularity,
                 )
             )
+    found += split_systems(args, found)
     return found, {"name": str(args.model), "family": model.family, "context": context}, model
+
+
+def split_systems(args: argparse.Namespace, found: list[System]) -> list[System]:
+    """With ``--expert-parallel N`` (N > 1): each qllm policy again with its experts split across
+    N ranks, named ``POLICY@epN``. The ranks share the machine's threads: each runs
+    ``threads // N`` (at least 1), where the one-process system runs them all."""
+    ranks = getattr(args, "expert_parallel", 1) or 1
+    if ranks <= 1:
+        return []
+    import torch
+
+    from qllm.bench.systems import EngineSystem
+
+    threads = max(1, torch.get_num_threads() // ranks)
+    split = []
+    for system in found:
+        if isinstance(system, EngineSystem):
+            variant = EngineSystem(
+                system.model,
+                system.policy,
+                max_batch=system.max_batch,
+                prefill_chunk=system.prefill_chunk,
+                moe_granularity=system.moe_granularity,
+                ranks=ranks,
+                threads=threads,
+            )
+            variant.model_name = str(args.model)
+            split.append(variant)
+    return split
 
 
 def system_names(spec: str | None, registered: dict[str, Any]) -> list[str]:

@@ -127,6 +127,47 @@ def system_figures(
     }
 
 
+def expert_parallel_figures(
+    systems: Sequence[dict], cells: Sequence[dict], rates: Sequence[float], isolated_p99: float | None
+) -> dict[str, Any] | None:
+    """Each ``POLICY@epN`` system against the same policy in one process: output tokens/s over
+    the one process's (``_by_rate``; the figure is the worst rate), LS TTFT p99 over the isolated
+    p99 (one process's isolated runs: the yardstick of both) for both, and the expert weight bytes
+    each rank held. None without such systems."""
+    split = [s for s in systems if (s.get("expert_parallel") or 1) > 1]
+    if not split:
+        return None
+    out = {}
+    for s in split:
+        name, one = s["name"], s["policy"]
+
+        def tokens(r: float, name: str = name, one: str = one) -> float | None:
+            return ratio(
+                _value(cells, name, r, "all", "tokens_per_s"), _value(cells, one, r, "all", "tokens_per_s")
+            )
+
+        def p99(system: str) -> list[float | None]:
+            return _over_rates(
+                rates, lambda r: ratio(_value(cells, system, r, "ls", "ttft_p99_s"), isolated_p99)
+            )
+
+        throughput = _over_rates(rates, tokens)
+        held = next(
+            (c["kernel"]["expert_parallel"] for c in cells if c["system"] == name and c.get("kernel")), {}
+        )
+        out[name] = {
+            "ranks": s["expert_parallel"],
+            "threads_per_rank": s.get("threads_per_rank"),
+            "expert_bytes_by_rank": held.get("expert_bytes"),
+            "throughput_vs_one_process": _agg(throughput, min),
+            "throughput_vs_one_process_by_rate": throughput,
+            "ls_ttft_p99_over_isolated_by_rate": {"1": p99(one), str(s["expert_parallel"]): p99(name)},
+            "remote_wait_per_moe_op_s": held.get("remote_wait_per_moe_op_s"),
+            "bytes_per_token": held.get("bytes_per_token"),
+        }
+    return out
+
+
 def vllm_figures(cells: Sequence[dict], ours: str, vllm: str, rates: Sequence[float]) -> dict[str, Any]:
     """``ours`` against ``vllm`` at each rate and at the worst rate, more is better for ours."""
 
@@ -243,6 +284,7 @@ def headline(
         "ls_ttft_slo_attainment": {n: f["ls_ttft_slo_attainment"] for n, f in by_system.items()},
         "by_policy": by_policy,
         "by_system": by_system,
+        "expert_parallel": expert_parallel_figures(systems, cells, rates, isolated_p99),
     }
 
 

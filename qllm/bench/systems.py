@@ -93,10 +93,18 @@ class EngineSystem:
         max_batch: int,
         prefill_chunk: int,
         moe_granularity: str = "layer",
+        ranks: int = 1,
+        threads: int | None = None,
     ):
+        """``ranks`` > 1: each replay's engine splits the experts across that many ranks at
+        ``threads`` torch threads each; every rank loads the model by its name (``model_name``,
+        which the caller sets: a preset or a directory)."""
         self.model = model
         self.policy = policy
-        self.name = policy
+        self.name = policy if ranks == 1 else f"{policy}@ep{ranks}"
+        self.ranks = ranks
+        self.threads = threads
+        self.model_name: str | None = None
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
         self.moe_granularity = moe_granularity
@@ -108,6 +116,8 @@ class EngineSystem:
             "kind": self.kind,
             "policy": self.policy,
             "moe_granularity": self.moe_granularity,
+            "expert_parallel": self.ranks,
+            "threads_per_rank": self.threads,
         }
 
     async def run(
@@ -118,16 +128,28 @@ class EngineSystem:
         timeout: float | None = None,
         on_done: OnDone = None,
     ) -> list[Record]:
+        import torch
+
         from qllm.engine import Engine
 
-        engine = Engine(
-            model=self.model,
-            policy=self.policy,
-            max_batch=self.max_batch,
-            prefill_chunk=self.prefill_chunk,
-            moe_granularity=self.moe_granularity,
-        )
+        threads = torch.get_num_threads()
+        split = {"expert_parallel": self.ranks, "threads": self.threads} if self.ranks > 1 else {}
+        try:
+            engine = Engine(
+                model=self.model_name if split else self.model,
+                policy=self.policy,
+                max_batch=self.max_batch,
+                prefill_chunk=self.prefill_chunk,
+                moe_granularity=self.moe_granularity,
+                **split,
+            )
+            return await self._replay(engine, items, slo_s, timeout, on_done)
+        finally:
+            torch.set_num_threads(threads)  # an expert-parallel engine set its own, process-wide
 
+    async def _replay(
+        self, engine: Any, items: Sequence[Item], slo_s: float | None, timeout: float | None, on_done: OnDone
+    ) -> list[Record]:
         async def submit(item: Item, t0: float):
             handle = engine.submit(
                 list(item.prompt),
@@ -140,8 +162,10 @@ class EngineSystem:
 
         async with engine:
             t0, results = await replay(items, time.monotonic, submit, lambda h: h.cancel(), timeout, on_done)
-            kernel = engine.stats()["kernel"]
+            stats = engine.stats()
+            kernel = stats["kernel"]
         self.last_stats = {
+            "expert_parallel": stats["expert_parallel"],
             "batches": kernel["batches"],
             "rows": kernel["rows"],
             "rows_per_batch": kernel["rows"] / kernel["batches"] if kernel["batches"] else None,

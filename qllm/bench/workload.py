@@ -100,6 +100,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="qllm systems: a MoE layer as one grouped op (layer, default) or one op per expert",
     )
     s.add_argument(
+        "--expert-parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="also run each qllm policy with its experts split across N ranks (POLICY@epN; each rank "
+        "gets the machine's threads / N), side by side with one process (default 1: not run)",
+    )
+    s.add_argument(
         "--slo-k", type=float, default=10.0, help="LS TTFT SLO in single-request decode steps (default 10)"
     )
     s.add_argument("--slo", type=float, help="LS TTFT SLO in seconds (overrides --slo-k)")
@@ -247,6 +255,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
             "ls_share": args.ls_share, "only_class": args.only_class, "seed": args.seed, "lengths": lengths.__dict__,
             "max_batch": args.max_batch, "prefill_chunk": args.prefill_chunk,
             "moe_granularity": args.moe_granularity, "timeout_s": args.timeout,
+            "expert_parallel": getattr(args, "expert_parallel", 1),
         },
         "slo": {"decode_step_s": decode_step, "k": None if args.slo is not None else args.slo_k, "ttft_s": slo,
                 "tpot_k": None if args.tpot_slo is not None else args.tpot_slo_k, "tpot_s": tpot_slo,

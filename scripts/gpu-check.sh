@@ -18,4 +18,6 @@ PY
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
 python3 -m pytest -q -p no:cacheprovider -o filterwarnings=default tests/test_tensor_manager.py tests/test_kv_blocks.py tests/test_smoke.py 2>&1 | tail -15
+# Expert parallel over NCCL (one GPU per rank: skipped, with its reason, on a one-GPU machine).
+python3 -m pytest -q -rs -p no:cacheprovider -o filterwarnings=default tests/test_expert_parallel.py -k nccl 2>&1 | tail -5
 python3 scripts/cuda_check.py "$@"

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from kernel_helpers import Recorder
 from serving import serve_process
 from tiny_families import torch_threads
@@ -103,6 +104,17 @@ async def test_two_ranks_give_the_tokens_of_one_process(model, placement):
     first, second = ep["expert_bytes"]
     assert first == second > 0  # each rank holds half of the routed experts' weights
     assert one_stats["expert_parallel"] == {"ranks": 1}
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+    reason="NCCL expert parallel needs two CUDA devices (one per rank); scripts/gpu-check.sh runs it",
+)
+async def test_two_ranks_on_nccl_give_the_tokens_of_one_process():
+    one, _ = await mixed("small-random", 1, device="cuda")
+    two, stats = await mixed("small-random", 2, device="cuda")
+    assert [r.token_ids for r in two] == [r.token_ids for r in one]
+    assert stats["expert_parallel"]["remote_calls"] > 0
 
 
 def worker_pid(engine: qllm.Engine) -> int:

@@ -49,9 +49,22 @@ def backend(device: str) -> str:
     return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
+def rank_device(spec: RankSpec, rank: int) -> str:
+    """The device ``rank`` computes on: rank 0's device on CPU; on GPU one device per rank of a
+    machine (``LOCAL_RANK`` under torchrun, else the rank), as NCCL requires."""
+    if torch.device(spec.device).type != "cuda":
+        return spec.device
+    if rank == 0 and "LOCAL_RANK" not in os.environ:
+        return spec.device
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    return f"cuda:{local % max(1, torch.cuda.device_count())}"
+
+
 def init_ranks(spec: RankSpec, rank: int, world: int) -> Any:
     """Join the ranks: the data group (NCCL on GPU, gloo on CPU) is the default group; returns the
     gloo control group."""
+    if torch.device(spec.device).type == "cuda":
+        torch.cuda.set_device(rank_device(spec, rank))
     timeout = datetime.timedelta(seconds=max(spec.timeout, START_TIMEOUT))
     kwargs: dict[str, Any] = {"backend": backend(spec.device), "timeout": timeout}
     if spec.init_method != "env://":

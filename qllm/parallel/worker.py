@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from qllm.logging import get_logger
 from qllm.parallel import wire
-from qllm.parallel.ranks import RankSpec, init_ranks, rank_report
+from qllm.parallel.ranks import RankSpec, init_ranks, rank_device, rank_report
 from qllm.parallel.shard import drop_all_but_experts, keep_experts
 
 log = get_logger()
@@ -50,11 +50,10 @@ def serve_rank(spec: RankSpec, rank: int, world: int) -> int:
     if spec.threads is not None:
         torch.set_num_threads(spec.threads)
     control = init_ranks(spec, rank, world)
+    device = rank_device(spec, rank)
     model = error = held = None
     try:
-        model = load_model(
-            spec.model, dtype=spec.dtype, device=spec.device, batch_invariant=spec.batch_invariant
-        )
+        model = load_model(spec.model, dtype=spec.dtype, device=device, batch_invariant=spec.batch_invariant)
         held = keep_experts(model, spec.placement, rank)
         drop_all_but_experts(model)
     except Exception as exc:  # reported to rank 0, which refuses to start
@@ -64,7 +63,7 @@ def serve_rank(spec: RankSpec, rank: int, world: int) -> int:
         return 1
     log.info("expert_parallel_worker_ready", rank=rank)
     try:
-        return _loop(model, control, spec.device)
+        return _loop(model, control, device)
     finally:
         with contextlib.suppress(Exception):
             dist.destroy_process_group()

@@ -133,3 +133,41 @@ def test_an_op_that_fails_leaves_nothing_in_flight(pair, monkeypatch):
     with torch_threads(1):
         assert same(split.run([moe_op(split, 0, x)])[0], alone.run([moe_op(alone, 0, x)])[0])
     assert group.healthy
+
+
+def test_a_pass_split_and_merged_inside_a_stopped_remote_op_keeps_its_remote_outputs(pair):
+    """A pass of three requests stops its MoE op after the first expert with replies collected;
+    it is split (one request leaves, as under preemption) and merged again; each part resumes
+    without asking a rank again for what it collected, and every request's logits equal its
+    one-process run."""
+    from qllm.kernel.runtime.passes import Pass
+
+    alone, split, group = pair
+    prompts = [torch.tensor([5, 17, 99, 3]), torch.tensor([8, 1]), torch.tensor([40, 41, 42])]
+    group.window = 8
+    with torch_threads(1):
+        expected = [
+            _logits(alone, Pass.start(alone, [(alone.new_cache(), p, True, None)]))[0] for p in prompts
+        ]
+        whole = Pass.start(split, [(split.new_cache(), p, True, i) for i, p in enumerate(prompts)])
+        whole.advance(split.run([whole.pending])[0])  # layer 0 attention
+        (partial,) = split.run([whole.pending], stop=lambda: True)
+        assert isinstance(partial, Partial) and partial.ready  # remote replies collected at the stop
+        whole.advance(partial)
+        before = group.counters.calls
+        first, rest = whole.split([1])
+        assert set(first.ready) == set(rest.ready) == set(partial.ready)
+        first.advance(split.run([first.pending])[0])  # the leaving request finishes the layer alone
+        rest.advance(split.run([rest.pending])[0])
+        # The window posted every remote expert of the layer before the stop: both parts finish
+        # the layer from what they hold, without a call.
+        assert group.counters.calls == before
+        merged = Pass.merge([rest, first])  # both at layer 1's attention
+        for segment, logits in zip(merged.segments, _logits(split, merged)):
+            assert torch.equal(logits, expected[segment.owner])
+
+
+def _logits(model, p) -> list[torch.Tensor]:
+    while not p.done:
+        p.advance(model.run([p.pending])[0])
+    return p.logits

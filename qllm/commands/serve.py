@@ -58,6 +58,25 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "1 avoids OpenMP contention on a busy small machine",
     )
     p.add_argument(
+        "--expert-parallel",
+        type=int,
+        metavar="N",
+        help="split the routed experts across N ranks: N-1 worker processes on this machine, or "
+        "the processes torchrun started (docs/scaling.md; default 1, one process)",
+    )
+    p.add_argument(
+        "--expert-placement",
+        choices=["contiguous", "round-robin"],
+        help="experts to ranks in contiguous runs (default) or expert e on rank e %% N",
+    )
+    p.add_argument(
+        "--expert-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="a rank that does not answer within this long fails its requests and makes the "
+        "server unhealthy (default 30)",
+    )
+    p.add_argument(
         "--slo",
         metavar="CLASS:FIGURE=SECONDS,...",
         help="per-class SLOs, e.g. 'ls:ttft=0.5,tpot=0.1;be:tpot=1' (TTFT: arrival to first token; "
@@ -96,25 +115,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         action="append",
         metavar="UID",
         help="only these uids may connect (repeatable)",
-    )
-    p.add_argument(
-        "--expert-parallel",
-        type=int,
-        metavar="N",
-        help="split the routed experts across N ranks: N-1 worker processes on this machine, or "
-        "the processes torchrun started (docs/scaling.md; default 1, one process)",
-    )
-    p.add_argument(
-        "--expert-placement",
-        choices=["contiguous", "round-robin"],
-        help="experts to ranks in contiguous runs (default) or expert e on rank e %% N",
-    )
-    p.add_argument(
-        "--expert-timeout",
-        type=float,
-        metavar="SECONDS",
-        help="a rank that does not answer within this long fails its requests and makes the "
-        "server unhealthy (default 30)",
     )
     p.add_argument(
         "--allow-gid",

@@ -129,3 +129,38 @@ def run(coro) -> object:
     """Run ``coro`` on a fresh uvloop event loop (for tests that cannot be async, e.g. hypothesis)."""
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(coro)
+
+
+async def mixed_load(
+    model: object,
+    policy: Policy,
+    be_prompts: Sequence[Sequence[int]],
+    ls_prompt: Sequence[int],
+    *,
+    arrivals: Sequence[int] = (40, 160, 300),
+    on_start: Callable[[object], None] | None = None,
+    **settings: object,
+) -> tuple[list, dict]:
+    """Long BE requests (10 tokens each), and LS requests (4 tokens) arriving right before the
+    batches numbered in ``arrivals``, so that every run schedules alike: the results in submission
+    order and the engine's stats. ``settings`` go to the engine; ``on_start`` sees it first."""
+    import qllm
+
+    recorder = Recorder(policy)
+    handles = []
+    async with qllm.Engine(model=model, policy=recorder, prefill_chunk=8, **settings) as engine:
+        if on_start is not None:
+            on_start(engine)
+
+        def submit_ls():
+            handles.append(engine.submit(list(ls_prompt), max_tokens=4, priority="ls", ignore_eos=True))
+
+        for at in arrivals:
+            recorder.at[at] = [submit_ls]
+        handles += [engine.submit(list(p), max_tokens=10, priority="be", ignore_eos=True) for p in be_prompts]
+        results = [await h.result() for h in handles]
+        while recorder.at:  # an LS request scheduled past the end still runs
+            recorder.fire_all()
+            results += [await h.result() for h in handles[len(results) :]]
+        stats = engine.stats()
+    return results, stats

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from kernel_helpers import Recorder
+from kernel_helpers import mixed_load
 from serving import serve_process
 from tiny_families import torch_threads
 
@@ -63,37 +63,31 @@ def test_a_loaded_model_cannot_be_split():
 async def mixed(model: str, ranks: int, **settings):
     """Two long BE requests and LS requests arriving at fixed decisions, under the default policy
     with a memory budget that forces offloads."""
-    recorder = Recorder(load_policy(DEFAULT_POLICY))
-    handles = []
-    async with qllm.Engine(
-        model=model,
-        policy=recorder,
+    return await mixed_load(
+        model,
+        load_policy(DEFAULT_POLICY),
+        BE_PROMPTS,
+        LS_PROMPT,
+        arrivals=(30, 120, 250),
         threads=1,
         expert_parallel=ranks,
         memory_budget=16 * 1024,
-        prefill_chunk=8,
         **settings,
-    ) as engine:
-
-        def submit_ls():
-            handles.append(engine.submit(LS_PROMPT, max_tokens=4, priority="ls", ignore_eos=True))
-
-        for at in (30, 120, 250):
-            recorder.at[at] = [submit_ls]
-        handles += [engine.submit(p, max_tokens=10, priority="be", ignore_eos=True) for p in BE_PROMPTS]
-        results = [await h.result() for h in handles]
-        while recorder.at:  # an LS request scheduled past the end still runs
-            recorder.fire_all()
-            results += [await h.result() for h in handles[len(results) :]]
-        stats = engine.stats()
-    return results, stats
+    )
 
 
-@pytest.mark.parametrize(("model", "placement"), [("tiny", "contiguous"), ("small-random", "round-robin")])
-async def test_two_ranks_give_the_tokens_of_one_process(model, placement):
+@pytest.mark.parametrize(
+    ("model", "placement", "moe"),
+    [
+        ("tiny", "contiguous", "layer"),
+        ("small-random", "round-robin", "layer"),
+        ("tiny", "round-robin", "expert"),
+    ],
+)
+async def test_two_ranks_give_the_tokens_of_one_process(model, placement, moe):
     with torch_threads(1):
-        one, one_stats = await mixed(model, 1)
-        two, stats = await mixed(model, 2, expert_placement=placement)
+        one, one_stats = await mixed(model, 1, moe_granularity=moe)
+        two, stats = await mixed(model, 2, expert_placement=placement, moe_granularity=moe)
     assert [r.token_ids for r in two] == [r.token_ids for r in one]
     assert len(two) == 5 and all(r.status == "length" for r in two)
     assert sum(r.preemptions for r in two) > 0  # LS preempted BE mid-layer
@@ -115,6 +109,38 @@ async def test_two_ranks_on_nccl_give_the_tokens_of_one_process():
     two, stats = await mixed("small-random", 2, device="cuda")
     assert [r.token_ids for r in two] == [r.token_ids for r in one]
     assert stats["expert_parallel"]["remote_calls"] > 0
+
+
+# Families with a shared expert, biases in the fused expert weights, routing weights on the expert
+# input, experts fused in 2-D weights (kept whole on every rank), latent attention, linear attention.
+SPLIT_FAMILIES = ["qwen2_moe", "gpt_oss", "llama4_text", "dbrx", "deepseek_v3", "qwen3_next"]
+
+
+@pytest.mark.parametrize("name", SPLIT_FAMILIES)
+async def test_a_saved_checkpoint_of_each_family_splits_without_changing_its_tokens(name, tmp_path):
+    import dataclasses
+
+    from tiny_families import CASES_BY_NAME
+
+    from qllm.models.presets import tiny_tokenizer
+
+    case = CASES_BY_NAME[name]
+    tokenizer = tiny_tokenizer()
+    hf = dataclasses.replace(case, config={**case.config, "vocab_size": len(tokenizer)}).build()
+    hf.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    prompts = [[5, 9, 14, 3], [7, 7, 2]]
+
+    async def tokens(ranks: int) -> tuple[list[list[int]], dict]:
+        async with qllm.Engine(model=str(tmp_path), threads=1, expert_parallel=ranks) as engine:
+            handles = [engine.submit(p, max_tokens=6, ignore_eos=True) for p in prompts]
+            return [(await h.result()).token_ids for h in handles], engine.stats()["expert_parallel"]
+
+    with torch_threads(1):
+        one, _ = await tokens(1)
+        two, stats = await tokens(2)
+    assert two == one
+    assert stats["remote_calls"] > 0
 
 
 def worker_pid(engine: qllm.Engine) -> int:

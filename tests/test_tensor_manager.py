@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_helpers import Recorder, greedy
+from kernel_helpers import greedy
+from kernel_helpers import mixed_load as helpers_mixed_load
 
-import qllm
 from qllm.kernel.runtime.cache import KVCache
 from qllm.kernel.tensors import TensorManager
 from qllm.kernel.view import MemoryView
@@ -176,24 +176,15 @@ def check_enforce(tm: TensorManager, log: list) -> None:
 
 async def mixed_load(model, budget: int | None):
     """Two long BE requests, LS requests arriving at fixed ops (so both runs schedule alike)."""
-    recorder = Recorder(load_policy("qllm"))
     log: list = []
-    handles = []
-    async with qllm.Engine(model=model, policy=recorder, memory_budget=budget, prefill_chunk=8) as engine:
+
+    def watch(engine) -> None:
         if budget is not None:
             check_enforce(engine._tensors, log)
 
-        def submit_ls():
-            handles.append(engine.submit(LS_PROMPT, max_tokens=4, priority="ls", ignore_eos=True))
-
-        for at in (40, 160, 300):
-            recorder.at[at] = [submit_ls]
-        handles += [engine.submit(p, max_tokens=10, priority="be", ignore_eos=True) for p in BE_PROMPTS]
-        results = [await h.result() for h in handles]
-        while recorder.at:  # an LS request scheduled past the end still runs
-            recorder.fire_all()
-            results += [await h.result() for h in handles[len(results) :]]
-        stats = engine.stats()
+    results, stats = await helpers_mixed_load(
+        model, load_policy("qllm"), BE_PROMPTS, LS_PROMPT, on_start=watch, memory_budget=budget
+    )
     return results, stats, log
 
 

@@ -20,7 +20,7 @@ import contextlib
 import datetime
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -61,7 +61,6 @@ class Ticket:
     works: list[Any]
     reply: torch.Tensor
     out: torch.Tensor
-    posted: float
     keep: tuple[torch.Tensor, ...] = ()  # the sent tensors, alive until the sends complete
 
 
@@ -107,7 +106,7 @@ class ExpertGroup:
         launched = torchrun_env()
         processes = None
         if launched is None:
-            spec = _replace(spec, init_method=f"tcp://127.0.0.1:{free_port()}")
+            spec = replace(spec, init_method=f"tcp://127.0.0.1:{free_port()}")
             import torch.multiprocessing as mp
 
             processes = mp.start_processes(
@@ -120,7 +119,7 @@ class ExpertGroup:
                     f"expert_parallel = {world}, but the launcher started rank {rank} of {size}: "
                     f"launch {world} processes and serve from rank 0"
                 )
-            spec = _replace(spec, init_method="env://")
+            spec = replace(spec, init_method="env://")
         try:
             control = init_ranks(spec, 0, world)
         except Exception as exc:
@@ -178,7 +177,7 @@ class ExpertGroup:
         c.calls += 1
         c.bytes_sent += x.numel() * x.element_size()
         c.per_rank_calls[rank] = c.per_rank_calls.get(rank, 0) + 1
-        return Ticket(rank, layer, expert, self._seq, works, reply, out, time.perf_counter(), (head, x))
+        return Ticket(rank, layer, expert, self._seq, works, reply, out, (head, x))
 
     def wait(self, ticket: Ticket) -> torch.Tensor:
         """The expert's output rows of a posted call (the raw output, as the family hook returns
@@ -309,9 +308,3 @@ def _kill(processes: Any, wait: float = STOP_TIMEOUT) -> None:
         if p.is_alive():
             p.kill()
             p.join(1.0)
-
-
-def _replace(spec: RankSpec, **changes: Any) -> RankSpec:
-    from dataclasses import replace
-
-    return replace(spec, **changes)

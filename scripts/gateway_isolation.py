@@ -1,21 +1,23 @@
 """LS TTFT through the smg gateway, alone and under a BE flood, with and without body priority.
 
-    QLLM_GATEWAY=.venv-gateway/bin/smg .venv/bin/python scripts/gateway_isolation.py [-n 15] [--flood 8]
+    QLLM_GATEWAY=.venv-gateway/bin/smg .venv/bin/python scripts/gateway_isolation.py [-n 15] [--out FILE]
     .venv/bin/python scripts/gateway_isolation.py --gateway http://127.0.0.1:8000   # a running gateway
 
 Without ``--gateway`` it starts ``--replicas`` ``qllm serve --model tiny`` processes (one thread
-each) and smg in front of them with ``--policy round_robin``, as in docs/scaling.md. It times the
-first token of ``-n`` short streaming probes sent one at a time: alone, then while ``--flood``
-streaming BE completions of ``--be-tokens`` tokens (``ignore_eos``, each sent again when it ends)
-keep the replicas busy. Each probe is sent twice per round: with body ``"priority": "ls"``, and
-with no priority (served as BE: the control). Prints JSON with the median TTFTs and the ratios
-flooded/alone for both; ``--out`` writes it to a file too.
+each, ``max_batch`` ``--max-batch``) and smg in front of them with ``--policy round_robin``, as in
+docs/scaling.md. It times the first token of ``-n`` short streaming probes sent one at a time:
+alone, then while ``--flood`` streaming BE completions of ``--be-tokens`` tokens (``ignore_eos``,
+each sent again when it ends) keep the replicas busy. By default the flood fills every replica's
+batch (8 streams, 4 on each of 2 replicas at ``max_batch`` 4). Each round sends one probe with body
+``"priority": "ls"`` and one with no priority (served as BE: the control). Prints JSON with the
+median TTFTs and the ratios flooded/alone for both; ``--out`` writes it to a file too.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import shutil
 import socket
@@ -51,7 +53,7 @@ def cluster(args: argparse.Namespace) -> Iterator[str]:
         raise SystemExit(
             f"no gateway at {args.gateway_bin}: run `make gateway`, set QLLM_GATEWAY or pass --gateway"
         )
-    engine = f"[engine]\nmax_batch = {args.max_batch}\n" if args.max_batch else ""
+    engine = f"[engine]\nmax_batch = {args.max_batch}\n" if args.max_batch else ""  # 0: qllm's default
     with ExitStack() as stack:
         workers = []
         for _ in range(args.replicas):
@@ -121,20 +123,26 @@ def ttft(client: httpx.Client, url: str, request: dict) -> float:
 
 
 class Flood:
-    """``args.flood`` threads, each keeping one streaming BE completion running until stopped."""
+    """``args.flood`` streaming BE completions, each sent again when it ends, until closed. They run
+    in a child process, so that reading them does not hold the probes' interpreter."""
 
     def __init__(self, args: argparse.Namespace, url: str) -> None:
-        self.stop = threading.Event()
-        self.tokens = [0] * args.flood
-        self.requests = [0] * args.flood
-        self.errors: list[str] = []
-        self.threads = [
-            threading.Thread(target=self._run, args=(args, url, n), daemon=True) for n in range(args.flood)
-        ]
-        for thread in self.threads:
-            thread.start()
+        ctx = multiprocessing.get_context("fork")
+        self.stop = ctx.Event()
+        self.tokens = ctx.Array("q", args.flood, lock=False)
+        self.requests = ctx.Array("q", args.flood, lock=False)
+        self.errors = ctx.Value("q", 0, lock=False)
+        self.process = ctx.Process(target=self._run, args=(args, url), daemon=True)
+        self.process.start()
 
-    def _run(self, args: argparse.Namespace, url: str, n: int) -> None:
+    def _run(self, args: argparse.Namespace, url: str) -> None:
+        threads = [threading.Thread(target=self._stream, args=(args, url, n)) for n in range(args.flood)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    def _stream(self, args: argparse.Namespace, url: str, n: int) -> None:
         with httpx.Client(timeout=600) as client:
             while not self.stop.is_set():
                 self.requests[n] += 1
@@ -147,21 +155,24 @@ class Flood:
                                 return  # closing the stream cancels the request
                             if line.startswith("data: {"):
                                 self.tokens[n] += 1
-                except httpx.HTTPError as exc:
-                    self.errors.append(repr(exc))
+                except httpx.HTTPError:
+                    self.errors.value += 1
                     time.sleep(0.5)
 
     def wait_started(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         while not all(self.tokens):
-            if time.monotonic() > deadline:
-                raise SystemExit(f"the flood did not start: tokens {self.tokens}, errors {self.errors[:3]}")
+            if time.monotonic() > deadline or not self.process.is_alive():
+                raise SystemExit(
+                    f"the flood did not start: tokens {list(self.tokens)}, errors {self.errors.value}"
+                )
             time.sleep(0.1)
 
     def close(self) -> None:
         self.stop.set()
-        for thread in self.threads:
-            thread.join(30)
+        self.process.join(60)
+        if self.process.is_alive():
+            self.process.kill()
 
 
 def probe_rounds(args: argparse.Namespace, url: str, label: str) -> dict[str, list[float]]:
@@ -199,14 +210,14 @@ def measure(args: argparse.Namespace, url: str) -> dict:
         "command": " ".join(["scripts/gateway_isolation.py", *sys.argv[1:]]),
         "model": args.model,
         "gateway": args.gateway or f"smg, {args.replicas} replicas, round_robin",
-        "max_batch": args.max_batch or "default",
+        "max_batch": None if args.gateway else args.max_batch or 32,
         "n": args.n,
         "flood": args.flood,
         "be_tokens": args.be_tokens,
         "probe_tokens": args.probe_tokens,
         "flood_tokens_during_probes": flood_tokens,
         "flood_requests": sum(flood.requests),
-        "flood_errors": len(flood.errors),
+        "flood_errors": flood.errors.value,
         "ttft_median_s": median,
         "ratio_flooded_over_alone": {cls: median[cls]["flooded"] / median[cls]["alone"] for cls in median},
         "ttft_s": {"alone": alone, "flooded": flooded},
@@ -220,7 +231,9 @@ def main() -> None:
         "--gateway-bin", default=os.environ.get("QLLM_GATEWAY") or str(ROOT / ".venv-gateway/bin/smg")
     )
     parser.add_argument("--replicas", type=int, default=2)
-    parser.add_argument("--max-batch", type=int, help="the replicas' max_batch (default: qllm's)")
+    parser.add_argument(
+        "--max-batch", type=int, default=4, help="the replicas' max_batch (0: qllm's default, 32)"
+    )
     parser.add_argument(
         "--model", default="tiny", help="the model name in the requests (replicas serve tiny)"
     )
@@ -228,7 +241,7 @@ def main() -> None:
         "-n", type=int, default=15, help="probes per class and phase (the median is reported)"
     )
     parser.add_argument("--flood", type=int, default=8, help="concurrent streaming BE completions")
-    parser.add_argument("--be-tokens", type=int, default=3000, help="max_tokens of each flood request")
+    parser.add_argument("--be-tokens", type=int, default=200, help="max_tokens of each flood request")
     parser.add_argument("--probe-tokens", type=int, default=4, help="max_tokens of each probe")
     parser.add_argument("--pause", type=float, default=0.05, help="seconds between probes")
     parser.add_argument("--out", type=Path, help="also write the JSON here")

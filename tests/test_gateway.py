@@ -1,7 +1,9 @@
 """Two ``qllm serve`` replicas behind smg, the gateway ``make gateway`` installs (docs/scaling.md):
 completions through it reach both replicas, and the priority and tenant a request carries in its
 body reach the replica that serves it. smg forwards only its own list of headers, not the
-``X-Qllm-*`` ones; the last test holds the docs to that.
+``X-Qllm-*`` ones; a test holds the docs to that. Through the gateway, each replica's policy
+still runs an LS request ahead of the BE flood it shares the replica with, and a client that
+disconnects from the gateway cancels its request on the replica.
 
 Skipped without the gateway: ``make gateway`` builds ``.venv-gateway/bin/smg``, or ``QLLM_GATEWAY``
 names an ``smg`` executable.
@@ -9,10 +11,12 @@ names an ``smg`` executable.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -210,3 +214,124 @@ def test_smg_does_not_forward_the_qllm_headers_so_clients_use_the_body_fields(cl
     assert sum(a.by_class.get("ls", 0) - b.by_class.get("ls", 0) for b, a in pairs) == 0  # served as BE
     assert sum(a.by_tenant.get("default", 0) - b.by_tenant.get("default", 0) for b, a in pairs) == 1
     assert all("team-h" not in a.by_tenant for _, a in pairs)
+
+
+BE_FLOOD = 8  # streaming BE completions, round robin: 4 on each replica
+BE_TOKENS = 3000  # each runs to length (ignore_eos): far longer than one short LS request
+LS_TOKENS = 4
+
+
+@dataclass
+class Sample:
+    """One replica's figures from /metrics that show the policy at work."""
+
+    live_be: float  # BE requests waiting, running or suspended
+    preemptions_be: float  # preemptions of finished BE requests
+    ls_done: float  # finished LS requests
+    be_done: float  # finished BE requests
+
+
+def sample(replica: str) -> Sample:
+    text = httpx.get(f"{replica}/metrics", timeout=10).text
+    live_be = preemptions_be = ls_done = be_done = 0.0
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            cls = s.labels.get("class")
+            if s.name == "qllm_live_requests" and cls == "be":
+                live_be += s.value
+            elif s.name == "qllm_preemptions_total" and cls == "be":
+                preemptions_be += s.value
+            elif s.name == "qllm_requests_total":
+                if cls == "ls":
+                    ls_done += s.value
+                elif cls == "be":
+                    be_done += s.value
+    return Sample(live_be, preemptions_be, ls_done, be_done)
+
+
+class BeStream:
+    """A long streaming BE completion through the gateway, read in a thread until told to stop."""
+
+    def __init__(self, gateway: str, n: int) -> None:
+        self.first_token = threading.Event()
+        self.finished = threading.Event()  # the stream ended (finish_reason or end of body)
+        self.stop = threading.Event()
+        self.tokens = 0
+        self.error: BaseException | None = None
+        body = {"model": "tiny", "prompt": f"Once upon a time {n}", "max_tokens": BE_TOKENS,
+                "ignore_eos": True, "stream": True}  # fmt: skip
+        self.thread = threading.Thread(target=self._run, args=(gateway, body), daemon=True)
+        self.thread.start()
+
+    def started(self) -> bool:
+        return self.first_token.is_set() or self.finished.is_set()
+
+    def _run(self, gateway: str, body: dict) -> None:
+        try:
+            with httpx.stream("POST", f"{gateway}/v1/completions", json=body, timeout=120) as reply:
+                reply.raise_for_status()
+                for line in reply.iter_lines():
+                    if self.stop.is_set():
+                        return  # leaving the block closes the connection: the request is cancelled
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    choice = json.loads(line[len("data: ") :])["choices"][0]
+                    if choice.get("text"):
+                        self.tokens += 1
+                        self.first_token.set()
+                    if choice.get("finish_reason"):
+                        break
+        except Exception as exc:  # reported by the test
+            self.error = exc
+        finally:
+            self.finished.set()
+
+
+def test_an_ls_request_through_the_gateway_overtakes_a_be_flood_on_its_replica(cluster):
+    """Body ``priority: "ls"`` through smg: the replica's policy runs the LS request ahead of the
+    BE requests it shares the replica with, which are still running when it finishes."""
+    before = [sample(r) for r in cluster.replicas]
+    flood = [BeStream(cluster.gateway, n) for n in range(BE_FLOOD)]
+    try:
+        for n, stream in enumerate(flood):
+            wait_for(stream.started, f"BE {n}'s first token", 120)
+            assert stream.error is None and not stream.finished.is_set(), (n, stream.error)
+
+        reply = httpx.post(
+            f"{cluster.gateway}/v1/completions",
+            json={
+                "model": "tiny",
+                "prompt": "Quick",
+                "max_tokens": LS_TOKENS,
+                "ignore_eos": True,
+                "priority": "ls",
+            },
+            timeout=120,
+        )
+        running = [not s.finished.is_set() for s in flood]  # right when the LS reply came back
+        during = [sample(r) for r in cluster.replicas]
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["usage"]["completion_tokens"] == LS_TOKENS
+        assert all(running), running  # every BE stream, on both replicas, was still going
+
+        served = [n for n, (b, d) in enumerate(zip(before, during)) if d.ls_done > b.ls_done]
+        assert len(served) == 1, (before, during)
+        replica = served[0]
+        assert during[replica].live_be > 0, during[replica]  # BE work was live beside it
+        assert during[replica].be_done == before[replica].be_done  # none of it had finished
+    finally:
+        for stream in flood:
+            stream.stop.set()
+        for stream in flood:
+            stream.thread.join(120)
+
+    # Closing the streams at the gateway cancels the BE requests on the replicas: they finish as
+    # aborted, and the preemptions the LS request caused then count on the replica that served it.
+    after: list[Sample] = []
+
+    def flood_done() -> bool:
+        after[:] = [sample(r) for r in cluster.replicas]
+        return sum(a.be_done - b.be_done for b, a in zip(before, after)) >= BE_FLOOD
+
+    wait_for(flood_done, "the BE flood to end on the replicas", timeout=120)
+    assert after[replica].preemptions_be > before[replica].preemptions_be, (before[replica], after[replica])

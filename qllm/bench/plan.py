@@ -100,6 +100,7 @@ def split_systems(args: argparse.Namespace, found: list[System]) -> list[System]
                 moe_granularity=system.moe_granularity,
                 ranks=ranks,
                 threads=threads,
+                window=getattr(args, "expert_window", 4),
             )
             variant.model_name = str(args.model)
             split.append(variant)

@@ -95,15 +95,14 @@ class EngineSystem:
         moe_granularity: str = "layer",
         ranks: int = 1,
         threads: int | None = None,
+        window: int = 4,
     ):
-        """``ranks`` > 1: each replay's engine splits the experts across that many ranks at
-        ``threads`` torch threads each; every rank loads the model by its name (``model_name``,
-        which the caller sets: a preset or a directory)."""
+        """``ranks`` > 1: each replay's engine splits the experts across that many ranks (``threads``
+        each, ``window`` calls ahead); every rank loads the model by ``model_name`` (caller-set)."""
         self.model = model
         self.policy = policy
         self.name = policy if ranks == 1 else f"{policy}@ep{ranks}"
-        self.ranks = ranks
-        self.threads = threads
+        self.ranks, self.threads, self.window = ranks, threads, window
         self.model_name: str | None = None
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
@@ -118,6 +117,7 @@ class EngineSystem:
             "moe_granularity": self.moe_granularity,
             "expert_parallel": self.ranks,
             "threads_per_rank": self.threads,
+            "expert_window": self.window if self.ranks > 1 else None,
         }
 
     async def run(
@@ -133,7 +133,8 @@ class EngineSystem:
         from qllm.engine import Engine
 
         threads = torch.get_num_threads()
-        split = {"expert_parallel": self.ranks, "threads": self.threads} if self.ranks > 1 else {}
+        split = {"expert_parallel": self.ranks, "threads": self.threads, "expert_window": self.window}
+        split = split if self.ranks > 1 else {}
         try:
             engine = Engine(
                 model=self.model_name if split else self.model,

@@ -108,6 +108,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "gets the machine's threads / N), side by side with one process (default 1: not run)",
     )
     s.add_argument(
+        "--expert-window",
+        type=int,
+        default=4,
+        metavar="N",
+        help="with --expert-parallel: remote expert calls a MoE op posts ahead (default 4)",
+    )
+    s.add_argument(
         "--slo-k", type=float, default=10.0, help="LS TTFT SLO in single-request decode steps (default 10)"
     )
     s.add_argument("--slo", type=float, help="LS TTFT SLO in seconds (overrides --slo-k)")
@@ -256,6 +263,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
             "max_batch": args.max_batch, "prefill_chunk": args.prefill_chunk,
             "moe_granularity": args.moe_granularity, "timeout_s": args.timeout,
             "expert_parallel": getattr(args, "expert_parallel", 1),
+            "expert_window": getattr(args, "expert_window", 4),
         },
         "slo": {"decode_step_s": decode_step, "k": None if args.slo is not None else args.slo_k, "ttft_s": slo,
                 "tpot_k": None if args.tpot_slo is not None else args.tpot_slo_k, "tpot_s": tpot_slo,

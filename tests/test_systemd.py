@@ -101,10 +101,11 @@ def test_watchdog_interval_is_half_of_watchdog_usec():
 
 
 class FakeEngine:
-    """Engine stand-in for the watchdog: progress and busy set by the test; ticks counted."""
+    """Engine stand-in for the watchdog: progress, busy and health set by the test; ticks counted."""
 
     def __init__(self):
         self.progress = 0
+        self.healthy = True
         self._busy = False
         self.ticks = 0
         self.ticked = asyncio.Event()
@@ -132,6 +133,8 @@ def test_heartbeat_is_alive_when_idle_or_progressing_not_when_stuck():
     assert not beat.alive()  # busy, no op completed since the last tick: hung
     engine.progress = 6
     assert beat.alive()
+    engine.healthy, engine._busy = False, False  # an expert-parallel rank failed
+    assert not beat.alive()  # idle, but it cannot compute: systemd should restart it
 
 
 async def test_watchdog_pings_only_while_the_kernel_moves():

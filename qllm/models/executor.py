@@ -187,6 +187,8 @@ class Executor:
 
     def _run_router(self, ops: list[Op]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         x, weights, indices, sizes = self._route(ops)
+        if self.remote is not None:  # the layer's experts follow as ops of their own
+            self.remote.count_op(x.shape[0])
         return list(zip(self._split(x, sizes), self._split(weights, sizes), self._split(indices, sizes)))
 
     def _run_expert(self, ops: list[Op]) -> list[torch.Tensor]:

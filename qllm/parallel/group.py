@@ -70,7 +70,7 @@ class Counters:
     bytes_sent: int = 0
     bytes_received: int = 0
     wait_s: float = 0.0  # rank 0 blocked waiting on remote replies
-    moe_ops: int = 0  # MoE ops (or parts of stopped ones) that called a remote expert
+    moe_ops: int = 0  # MoE layers computed with split experts (a stopped op's resumed parts not again)
     moe_rows: int = 0  # their rows
     per_rank_calls: dict[int, int] = field(default_factory=dict)
 
@@ -211,7 +211,7 @@ class ExpertGroup:
                 self.wait(ticket)
 
     def count_op(self, rows: int) -> None:
-        """A MoE op of ``rows`` rows called remote experts (for the per-op figures)."""
+        """A MoE layer of ``rows`` rows is computed with split experts (for the per-op figures)."""
         self.counters.moe_ops += 1
         self.counters.moe_rows += rows
 

@@ -4,11 +4,20 @@ the client (which looks there), so neither imports the other."""
 from __future__ import annotations
 
 import os
+import socket
 import stat
 from pathlib import Path
 
 SOCKET_NAME = "qllm.sock"
 HTTP_SOCKET_NAME = "qllm-http.sock"  # beside the native socket unless http_socket says otherwise
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on now (for a child server or a
+    rendezvous this process starts)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def default_socket_path(env: dict[str, str] | None = None, uid: int | None = None) -> Path:

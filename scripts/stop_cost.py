@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import json
 import random
-import socket
 import statistics
 import string
 import sys
@@ -31,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from serving import serve_process
 
 from qllm.client import AsyncClient
+from qllm.paths import free_port
 from qllm.spec import MAX_STOP_CHARS, MAX_STOPS
 
 
@@ -92,12 +92,6 @@ async def measure(front: Http | Native, args: argparse.Namespace) -> dict[str, f
         **{f"{name}_s": round(value, 4) for name, value in medians.items()},
         "max_stops_vs_no_stops": round(medians["beside_max_stops"] / medians["beside_no_stops"], 3),
     }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main() -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from qllm import protocol as p
 from qllm.errors import ExpertParallelError
 from qllm.parallel.placement import Placement
 from qllm.parallel.ranks import check_reports
+from qllm.paths import free_port
 from qllm.policies import DEFAULT_POLICY, load_policy
 
 LS_PROMPT = [5, 17, 42, 7]
@@ -207,12 +207,6 @@ def test_sigterm_stops_the_workers(tmp_path):
         proc.proc.send_signal(signal.SIGTERM)
         assert proc.proc.wait(30) == 0
     assert workers and not any(Path(f"/proc/{pid}").exists() for pid in workers)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_torchrun_launch_serves_the_tokens_of_one_process(tmp_path):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -29,6 +28,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from serving import serve_process
 
+from qllm.paths import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 GATEWAY = os.environ.get("QLLM_GATEWAY") or str(ROOT / ".venv-gateway" / "bin" / "smg")
 REPLICAS = 2
@@ -41,12 +42,6 @@ def gateway_binary() -> str:
     if found is None:
         pytest.skip(f"no gateway at {GATEWAY}: run `make gateway`, or set QLLM_GATEWAY to an smg executable")
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for(check: Callable[[], bool], what: str, timeout: float = 30) -> None:

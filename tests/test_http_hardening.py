@@ -15,6 +15,7 @@ import pytest
 from serving import running_server, serve_process
 from structlog.testing import capture_logs
 
+from qllm.paths import free_port
 from qllm.server.limits import TcpLimits
 
 OPENAI_KEYS = {"message", "type", "code", "param"}
@@ -518,15 +519,9 @@ async def test_malformed_http_gets_a_json_400(tmp_path, tiny, data):
     assert len(logs) <= 3 and all(e["log_level"] != "error" for e in logs)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 async def test_every_log_line_is_json_with_at_most_three_per_bad_request(tmp_path):
-    port = _free_port()
+    port = free_port()
     config = f"[server]\nhttp_listen = '127.0.0.1:{port}'\nhttp_body_timeout = 0.5\nhttp_header_timeout = 0.5"
     bad = [
         b"GARBAGE\r\n\r\n",

@@ -10,7 +10,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import weakref
@@ -41,13 +40,6 @@ class PeerFailed(QllmError, RuntimeError):
     """The peer server did not start, refused a request or died (the message carries its log tail)."""
 
     code = "peer_failed"
-
-
-def free_port() -> int:
-    """A TCP port on the loopback interface that nothing listens on now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PeerProcess:

@@ -81,7 +81,7 @@ def split_systems(args: argparse.Namespace, found: list[System]) -> list[System]
     """With ``--expert-parallel N`` (N > 1): each qllm policy again with its experts split across
     N ranks, named ``POLICY@epN``. The ranks share the machine's threads: each runs
     ``threads // N`` (at least 1), where the one-process system runs them all."""
-    ranks = getattr(args, "expert_parallel", 1) or 1
+    ranks = args.expert_parallel
     if ranks <= 1:
         return []
     import torch
@@ -100,7 +100,7 @@ def split_systems(args: argparse.Namespace, found: list[System]) -> list[System]
                 moe_granularity=system.moe_granularity,
                 ranks=ranks,
                 threads=threads,
-                window=getattr(args, "expert_window", 4),
+                window=args.expert_window,
             )
             variant.model_name = str(args.model)
             split.append(variant)

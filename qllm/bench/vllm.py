@@ -49,10 +49,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qllm.bench.peer_process import PeerFailed, PeerProcess, PeerUnavailable, free_port
+from qllm.bench.peer_process import PeerFailed, PeerProcess, PeerUnavailable
 from qllm.bench.stats import Record
 from qllm.bench.systems import OnDone, completion_record, replay
 from qllm.bench.trace import Item
+from qllm.paths import free_port
 
 if TYPE_CHECKING:
     import httpx

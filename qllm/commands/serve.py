@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 from qllm.kernel.config import parse_slo, parse_tenant
 
@@ -200,11 +199,13 @@ def worker_rank(engine) -> tuple[int, int] | None:
     """``(rank, world size)`` when torchrun started this process as a rank other than 0 of an
     expert-parallel server (rank 0 serves); None otherwise. ValueError when the launch does not
     match ``expert_parallel``."""
-    # The environment alone: torch is not imported before the server blocks its signals (a thread
-    # torch starts now would take a SIGTERM meant for the load).
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ or int(os.environ["RANK"]) == 0:
+    # qllm.parallel reads the environment without importing torch: a thread torch starts before
+    # the server blocks its signals would take a SIGTERM meant for the load.
+    from qllm.parallel import torchrun_env
+
+    launched = torchrun_env()
+    if launched is None or launched[0] == 0:
         return None
-    launched = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     _, world = launched
     if world != engine.expert_parallel:
         raise ValueError(

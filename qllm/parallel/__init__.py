@@ -12,5 +12,17 @@ rank ever waits on another in a cycle.
 - :mod:`qllm.parallel.group`: rank 0's side: start the ranks, post and wait for remote experts.
 - :mod:`qllm.parallel.worker`: a worker rank's loop.
 
-docs/scaling.md is the user's page.
+docs/scaling.md is the user's page. This module imports nothing: ``qllm serve`` asks
+:func:`torchrun_env` before torch is loaded.
 """
+
+from __future__ import annotations
+
+import os
+
+
+def torchrun_env() -> tuple[int, int] | None:
+    """``(rank, world size)`` when started by torchrun (or any ``env://`` launcher), else None."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return None

@@ -28,17 +28,10 @@ import torch.distributed as dist
 
 from qllm.errors import ExpertParallelError
 from qllm.logging import get_logger
-from qllm.parallel import wire
-from qllm.parallel.ranks import (
-    RankSpec,
-    check_reports,
-    free_port,
-    init_ranks,
-    rank_report,
-    rank_spec,
-    torchrun_env,
-)
+from qllm.parallel import torchrun_env, wire
+from qllm.parallel.ranks import RankSpec, check_reports, init_ranks, rank_report, rank_spec
 from qllm.parallel.shard import expert_count, keep_experts
+from qllm.paths import free_port
 
 if TYPE_CHECKING:
     from qllm.kernel.config import EngineConfig
@@ -88,7 +81,6 @@ class ExpertGroup:
         self.control = control
         self.processes = processes  # the spawned workers' context (None under torchrun)
         self.counts = [0 if b is None else expert_count(b) for b in model.moe_blocks]
-        self.device = model.device
         self.failed: str | None = None
         self.closed = False
         self.ranks: list[dict[str, Any]] = []

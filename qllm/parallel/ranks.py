@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -38,13 +37,6 @@ class RankSpec:
     init_method: str  # tcp://host:port for spawned workers, env:// under torchrun
 
 
-def torchrun_env() -> tuple[int, int] | None:
-    """``(rank, world size)`` when started by torchrun (or any ``env://`` launcher), else None."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    return None
-
-
 def backend(device: str) -> str:
     return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
@@ -73,12 +65,6 @@ def init_ranks(spec: RankSpec, rank: int, world: int) -> Any:
     return (
         dist.new_group(backend="gloo", timeout=timeout) if kwargs["backend"] != "gloo" else dist.group.WORLD
     )
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def rank_spec(config: EngineConfig, model: str, device: str) -> RankSpec:

@@ -112,16 +112,3 @@ def drop_all_but_experts(model: MoEModel) -> int:
 
 def _module_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
-
-
-def expert_bytes(model: MoEModel) -> int:
-    """Bytes of routed-expert weights ``model`` holds (held parts and unsplit expert weights)."""
-    total = 0
-    for block in model.moe_blocks:
-        if block is None:
-            continue
-        for value in vars(block.experts).values():
-            if isinstance(value, HeldExperts):
-                total += value.nbytes
-        total += _module_bytes(block.experts)
-    return total

@@ -20,7 +20,6 @@ HEADER = 8
 class Op(enum.IntEnum):
     STOP = 0  # the worker replies and exits
     EXPERT = 1  # compute expert ``expert`` of MoE layer ``layer`` on the payload's rows
-    PING = 2  # reply at once (the ranks are alive)
 
 
 class Status(enum.IntEnum):

@@ -77,11 +77,9 @@ def _loop(model: Any, control: Any, device: str) -> int:
         except Exception:  # rank 0 is gone
             return 0
         op, layer, expert, rows, cols, dtype, seq, _ = head.tolist()
-        if op == wire.Op.STOP or op == wire.Op.PING:
+        if op == wire.Op.STOP:
             dist.send(wire.header(wire.Status.OK, seq=seq), dst=0, group=control)
-            if op == wire.Op.STOP:
-                return 0
-            continue
+            return 0
         x = torch.empty((rows, cols), dtype=wire.DTYPES[dtype], device=device)
         try:
             dist.recv(x, src=0)

@@ -127,17 +127,22 @@ def packed(weight: torch.Tensor) -> torch.Tensor:
 
 
 def pack_all(module: torch.nn.Module) -> int:
-    """Pack every weight of ``module`` that :func:`linear` would pack: 2-D weights, and each
-    expert's slice of fused 3-D expert weights. Returns how many were packed."""
+    """Pack every weight of ``module`` that :func:`linear` would pack (see :func:`pack`). Returns
+    how many were packed."""
+    return sum(pack(weight) for weight in module.parameters())
+
+
+def pack(weight: torch.Tensor) -> int:
+    """Pack ``weight`` now if :func:`linear` would pack it: a 2-D weight, or each expert's slice
+    of a fused 3-D expert weight. Returns how many were packed (none with packing off)."""
     if not PACK:
         return 0
     count = 0
     with torch.no_grad():
-        for weight in module.parameters():
-            for view in [weight] if weight.dim() == 2 else list(weight) if weight.dim() == 3 else []:
-                if uses_onednn(view):
-                    packed(view)
-                    count += 1
+        for view in [weight] if weight.dim() == 2 else list(weight) if weight.dim() == 3 else []:
+            if uses_onednn(view):
+                packed(view)
+                count += 1
     return count
 
 

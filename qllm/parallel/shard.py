@@ -82,9 +82,7 @@ def keep_experts(model: MoEModel, placement: Placement, rank: int) -> dict[str, 
                 setattr(experts, name, part)
                 gemm.forget(weight)
                 held_bytes += part.nbytes
-                for i in range(len(held)):
-                    if gemm.uses_onednn(part.local[i]):
-                        gemm.packed(part.local[i])
+                gemm.pack(part.local)
             else:
                 whole_bytes += weight.numel() * weight.element_size()
         for module in experts.children():  # sub-modules of a fused block: not split by expert

@@ -23,11 +23,16 @@ def _structlog_config_restored():
 
     import structlog
 
-    saved = structlog.get_config()
+    saved, configured = structlog.get_config(), structlog.is_configured()
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     yield
-    structlog.configure(**saved)
+    # Unconfigured stays unconfigured: configuring structlog with its defaults would make qllm's
+    # library loggers print every event to stdout, where a later test reads a command's output.
+    if configured:
+        structlog.configure(**saved)
+    else:
+        structlog.reset_defaults()
     root.handlers[:], root.level = handlers, level
     logging.captureWarnings(False)
 

@@ -6,7 +6,14 @@ weights). Calls alternate between kernels so that a noisy machine slows all alik
 per kernel, the row counts at which a row's result equals its result alone (bit for bit): the
 padding the executor's probe would need. Prints JSON; milliseconds are medians per call.
 
+One weight called again and again stays in the CPU's caches, which a model's weights do not: a
+decode step streams every weight it reads from memory. ``--copies N`` calls N distinct copies of
+each weight in turn (per call, the time of all N over N), so that with N copies larger than the
+last-level cache each call streams its weight as a MoE layer's experts do; ``gb_per_s`` is the
+weight's bytes over the time of one call.
+
     .venv/bin/python scripts/gemm_bench.py --shapes 4096x1024 1024x2048 32000x1024 --rows 1 2 4 32
+    .venv/bin/python scripts/gemm_bench.py --shapes 2048x1024 --rows 1 2 4 8 --copies 24
 """
 
 from __future__ import annotations
@@ -49,29 +56,53 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", type=int, default=[1, 2, 4, 8, 32, 64])
     parser.add_argument("--calls", type=int, default=20, help="timed calls per kernel and row count")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--copies", type=int, default=1,
+                        help="distinct copies of each weight, called in turn (enough to exceed the caches: streamed)")  # fmt: skip
     args = parser.parse_args()
+    if args.copies < 1:
+        parser.error("--copies must be at least 1")
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     gen = torch.Generator().manual_seed(0)
-    result: dict[str, object] = {"threads": args.threads, "torch": torch.__version__, "shapes": {}}
+    result: dict[str, object] = {
+        "threads": args.threads, "torch": torch.__version__, "copies": args.copies, "shapes": {},
+    }  # fmt: skip
     for spec in args.shapes:
         out_features, in_features = (int(n) for n in spec.split("x"))
-        weight = torch.randn(out_features, in_features, generator=gen) / in_features**0.5
-        calls = kernels(weight)
+        weights = [
+            torch.randn(out_features, in_features, generator=gen) / in_features**0.5
+            for _ in range(args.copies)
+        ]
+        each = [kernels(w) for w in weights]
+        calls = each[0]
         x = torch.randn(max(args.rows), in_features, generator=gen)
         ms: dict[str, dict[int, list[float]]] = {name: {n: [] for n in args.rows} for name in calls}
-        for f in calls.values():
-            f(x[:2])  # warm up
+        for kernel_set in each:
+            for f in kernel_set.values():
+                f(x[:2])  # warm up (and pack every copy)
+
+        def in_turn(name: str, rows: torch.Tensor, each: list = each) -> None:
+            for kernel_set in each:
+                kernel_set[name](rows)
+
         for _ in range(3):  # alternate kernels
-            for name, f in calls.items():
+            for name in calls:
                 for n in args.rows:
-                    ms[name][n].append(median_ms(lambda f=f, rows=x[:n]: f(rows), max(1, args.calls // 3)))
+                    runs = max(1, args.calls // 3)
+                    ms[name][n].append(
+                        median_ms(lambda name=name, rows=x[:n]: in_turn(name, rows), runs) / args.copies
+                    )
         same_as_alone = {}
         for name, f in calls.items():
             alone = f(x[:1])[0]
             same_as_alone[name] = [n for n in args.rows if torch.equal(f(x[:n])[0], alone)]
+        best = {name: {n: min(v) for n, v in rows.items()} for name, rows in ms.items()}
+        size = weights[0].numel() * weights[0].element_size()
         result["shapes"][spec] = {
-            "ms": {name: {n: round(min(v), 3) for n, v in rows.items()} for name, rows in ms.items()},
+            "ms": {name: {n: round(t, 3) for n, t in rows.items()} for name, rows in best.items()},
+            "gb_per_s": {
+                name: {n: round(size / t / 1e6, 1) for n, t in rows.items()} for name, rows in best.items()
+            },
             "rows_where_row_equals_alone": same_as_alone,
         }
     print(json.dumps(result, indent=2))

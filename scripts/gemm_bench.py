@@ -1,8 +1,9 @@
 """Time of one matrix product per kernel the executor could use, on this machine, side by side.
 
-For each weight shape and row count: ``F.linear``, oneDNN on the weight as it is, and oneDNN on the
-weight packed in its own layout (what :func:`qllm.models.gemm.linear` runs for large float32
-weights). Calls alternate between kernels so that a noisy machine slows all alike. Also reports,
+For each weight shape and row count: ``F.linear``, oneDNN on the weight as it is, oneDNN on the
+weight packed in its own layout, and qllm's skinny kernel (:mod:`qllm.models.skinny`; what
+:func:`qllm.models.gemm.linear` runs for large float32 weights where it builds, packed oneDNN
+otherwise). Calls alternate between kernels so that a noisy machine slows all alike. Also reports,
 per kernel, the row counts at which a row's result equals its result alone (bit for bit): the
 padding the executor's probe would need. Prints JSON; milliseconds are medians per call.
 
@@ -27,7 +28,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from qllm.models import gemm
+from qllm.models import gemm, skinny
 
 
 def kernels(weight: torch.Tensor) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
@@ -37,6 +38,8 @@ def kernels(weight: torch.Tensor) -> dict[str, Callable[[torch.Tensor], torch.Te
     if gemm.PACK:
         packed = gemm.packed(weight)
         out["onednn_packed"] = lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    if skinny.available():
+        out["skinny"] = lambda x: skinny.linear(x, weight)
     return out
 
 

@@ -17,7 +17,7 @@ import torch
 
 from qllm.kernel.runtime.ops import Op, OpKind
 from qllm.logging import get_logger
-from qllm.models import gemm, invariance
+from qllm.models import gemm, invariance, skinny
 from qllm.models.executor import Executor
 from qllm.version import __version__ as qllm_version
 
@@ -77,6 +77,8 @@ class CalibratedExecutor(Executor):
             gemm.ONEDNN_MIN_WEIGHT,
             gemm.PACK,
             gemm.PACK_BATCH,
+            gemm.SKINNY and skinny.available(),
+            skinny.KERNEL_ID,
         ]
         for name, t in [*self.hf.named_parameters(), *self.hf.named_buffers()]:
             parts.append(f"{name}:{tuple(t.shape)}:{t.dtype}:{t.stride()}")

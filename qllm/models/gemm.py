@@ -21,8 +21,11 @@ weight, rows                1       2       4       32
 32000x1024 oneDNN, packed   9.6     9.9     12.2    25.7
 ==========================  ======  ======  ======  ======
 
-:func:`linear` therefore uses oneDNN with packed weights for large float32 weights on CPU and
-``F.linear`` otherwise (for small weights oneDNN's per-call overhead outweighs the gain). The
+Faster still at the few rows of decode is qllm's own skinny kernel (:mod:`qllm.models.skinny`),
+invariant by construction and with no packed copy. :func:`linear` therefore uses the skinny kernel
+for large float32 weights on CPU where it builds, oneDNN with packed weights where it does not
+(or with ``QLLM_SKINNY=0``), and ``F.linear`` otherwise (for small weights a call's overhead
+outweighs the gain). The
 choice depends only on the weight, never on the rows, so each weight always runs one kernel and
 invariance holds. The kernels round differently (about 1e-6 relative), well inside the
 executor's exactness bound. tests/test_gemm.py checks the invariance (at the probed padding) and
@@ -45,6 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
+from qllm.models import skinny
+
 ONEDNN_MIN_WEIGHT = 1 << 18
 """Weights with at least this many elements (1 MiB in float32) use oneDNN where it is available."""
 
@@ -62,6 +67,10 @@ ONEDNN = _onednn_linear_available()
 
 PACK_BATCH = 32
 """oneDNN's batch-size hint for the packed layout (a hint for speed; the probe decides invariance)."""
+
+SKINNY = os.environ.get("QLLM_SKINNY", "1") != "0"
+"""Whether :func:`linear` may use qllm's skinny kernel (:mod:`qllm.models.skinny`) for large float32
+weights; it does where the kernel builds on this machine, and oneDNN runs them otherwise."""
 
 PACK = (
     ONEDNN
@@ -170,6 +179,7 @@ def linear_cat(
     stamps = tuple(_stamp(w) for w in weights)
     fusable = (
         PACK
+        and not (SKINNY and skinny.available())
         and x.dim() == 2
         and not torch.is_grad_enabled()
         and None not in stamps
@@ -201,11 +211,10 @@ def _pack_cat(weights: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
     return fused
 
 
-def uses_onednn(weight: torch.Tensor) -> bool:
-    """Whether :func:`linear` computes with ``weight`` through oneDNN."""
+def _large_cpu_float(weight: torch.Tensor) -> bool:
+    """A contiguous float32 CPU matrix of at least :data:`ONEDNN_MIN_WEIGHT` elements, outside autograd."""
     return (
-        ONEDNN
-        and weight.numel() >= ONEDNN_MIN_WEIGHT
+        weight.numel() >= ONEDNN_MIN_WEIGHT
         and weight.dtype == torch.float32
         and weight.device.type == "cpu"
         and weight.dim() == 2
@@ -214,9 +223,22 @@ def uses_onednn(weight: torch.Tensor) -> bool:
     )
 
 
+def uses_skinny(weight: torch.Tensor) -> bool:
+    """Whether :func:`linear` computes with ``weight`` through qllm's skinny kernel."""
+    return SKINNY and _large_cpu_float(weight) and skinny.available()
+
+
+def uses_onednn(weight: torch.Tensor) -> bool:
+    """Whether :func:`linear` computes with ``weight`` through oneDNN."""
+    return ONEDNN and _large_cpu_float(weight) and not uses_skinny(weight)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight.T + bias`` for rows ``x`` ``[N, in]``, as ``F.linear``, with the kernel chosen by the weight."""
-    if x.dim() == 2 and x.dtype == weight.dtype and uses_onednn(weight):
-        w = packed(weight) if PACK else weight
-        return _onednn_linear(x, w, bias)
+    if x.dim() == 2 and x.dtype == weight.dtype:
+        if uses_skinny(weight):
+            return skinny.linear(x, weight, bias)
+        if uses_onednn(weight):
+            w = packed(weight) if PACK else weight
+            return _onednn_linear(x, w, bias)
     return F.linear(x, weight, bias)

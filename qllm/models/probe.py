@@ -31,7 +31,13 @@ PROBE_VERSION = 4
 MAX_PROBE_ROWS = 192
 """Row counts are probed up to this (or to twice the candidate multiple, if larger)."""
 
-_GEMMS = {"aten::mm", "aten::addmm", "aten::_addmm_activation", "mkldnn::_linear_pointwise"}
+_GEMMS = {
+    "aten::mm",
+    "aten::addmm",
+    "aten::_addmm_activation",
+    "mkldnn::_linear_pointwise",
+    "qllm::skinny_linear",
+}
 
 
 @dataclass

@@ -47,6 +47,7 @@ def test_large_float32_weights_use_onednn_and_small_ones_do_not(onednn_only):
     big, _ = make_weight(*SHAPES[0])
     with torch.no_grad():
         assert gemm.uses_onednn(big)
+        assert gemm.large_weight_kernel() == ("onednn_packed" if gemm.PACK else "onednn")
         assert not gemm.uses_onednn(torch.zeros(64, 64))
         assert not gemm.uses_onednn(big.to(torch.bfloat16))
     with torch.enable_grad():
@@ -202,6 +203,7 @@ def test_large_float32_weights_use_the_skinny_kernel_where_it_builds():
     big, _ = make_weight(*SHAPES[0])
     with torch.no_grad():
         assert gemm.uses_skinny(big) and not gemm.uses_onednn(big)
+        assert gemm.large_weight_kernel() == "skinny"
         assert not gemm.uses_skinny(torch.zeros(64, 64))
         assert not gemm.uses_skinny(big.to(torch.bfloat16))
         assert not gemm.uses_skinny(big.T)  # rows not contiguous: another kernel, always

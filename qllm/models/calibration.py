@@ -62,10 +62,12 @@ class CalibratedExecutor(Executor):
         return result
 
     def invariance_summary(self) -> dict[str, Any]:
-        """What batch invariance this executor verified, for stats and reports."""
+        """What batch invariance this executor verified, for stats and reports, with the kernel
+        that computes large float32 weights on this machine (``large_weight_gemm``)."""
+        kernel = {"large_weight_gemm": gemm.large_weight_kernel()}
         if self.invariance is None:
-            return {"enabled": False, "verified": False}
-        return self.invariance.summary()
+            return {"enabled": False, "verified": False} | kernel
+        return self.invariance.summary() | kernel
 
     def signature(self) -> str:
         """The adapter and every weight's name, shape, dtype and layout: what picks GEMM kernels."""

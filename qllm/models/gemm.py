@@ -233,6 +233,16 @@ def uses_onednn(weight: torch.Tensor) -> bool:
     return ONEDNN and _large_cpu_float(weight) and not uses_skinny(weight)
 
 
+def large_weight_kernel() -> str:
+    """The kernel that computes large float32 CPU weights here: ``skinny``, ``onednn_packed``,
+    ``onednn`` or ``F.linear``."""
+    if SKINNY and skinny.available():
+        return "skinny"
+    if ONEDNN:
+        return "onednn_packed" if PACK else "onednn"
+    return "F.linear"
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight.T + bias`` for rows ``x`` ``[N, in]``, as ``F.linear``, with the kernel chosen by the weight."""
     if x.dim() == 2 and x.dtype == weight.dtype:

@@ -207,5 +207,7 @@ def _register() -> None:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight.T + bias`` by the skinny kernel (:func:`available` must be true)."""
+    """``x @ weight.T + bias`` by the skinny kernel; RuntimeError where it is not :func:`available`."""
+    if _kernel() is None:
+        raise RuntimeError("qllm's skinny GEMM is not available on this machine")
     return torch.ops.qllm.skinny_linear(x, weight, bias, KERNEL_ID)

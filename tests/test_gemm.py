@@ -294,3 +294,24 @@ def test_the_kernel_is_built_once_per_machine_into_the_cache(tmp_path):
     stamp = built[0].stat().st_mtime_ns
     assert _gemm_choice({"XDG_CACHE_HOME": str(tmp_path)})[0] == "True"
     assert [p.stat().st_mtime_ns for p in (tmp_path / "qllm").glob("skinny-*.so")] == [stamp]
+
+
+def test_doctor_names_the_kernel_of_large_weights():
+    import json
+    import subprocess
+    import sys
+
+    def doctor(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "qllm", "doctor", "--model", "tiny", *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    report = json.loads(doctor("--json"))
+    assert report["batch_invariance"]["large_weight_gemm"] == gemm.large_weight_kernel()
+    expected = "qllm's skinny kernel" if gemm.large_weight_kernel() == "skinny" else "oneDNN"
+    assert f"GEMM:      large float32 weights on {expected}" in doctor()

@@ -6,6 +6,13 @@ import argparse
 import json
 
 
+LARGE_WEIGHT_KERNELS = {
+    "skinny": "qllm's skinny kernel (built for this CPU)",
+    "onednn_packed": "oneDNN, packed",
+    "onednn": "oneDNN",
+}
+
+
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "doctor",
@@ -56,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
         f"MKL {'yes' if where['mkl'] else 'no'}, oneDNN {'yes' if where['onednn'] else 'no'}"
     )
     print(f"model:     {args.model} ({model.family}, {args.dtype}, {args.device})")
+    kernel = report["batch_invariance"]["large_weight_gemm"]
+    print(f"GEMM:      large float32 weights on {LARGE_WEIGHT_KERNELS.get(kernel, kernel)}")
     if found is None:
         print("batch invariance: off")
         return 0

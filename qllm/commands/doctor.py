@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 
-
 LARGE_WEIGHT_KERNELS = {
     "skinny": "qllm's skinny kernel (built for this CPU)",
     "onednn_packed": "oneDNN, packed",

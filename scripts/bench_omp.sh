@@ -7,9 +7,10 @@
 #
 #   scripts/bench_omp.sh [OUT_DIR] [extra qllm bench kernel options]
 #
-# Writes OUT_DIR/omp-{passive,spin}-{idle,busy,memory}.json (default OUT_DIR docs/results) and
-# prints one summary line per run. passive: qllm's default (OMP_WAIT_POLICY=PASSIVE); spin: the setting
-# docs/engine.md gives for a dedicated machine (OMP_WAIT_POLICY=ACTIVE GOMP_SPINCOUNT=300000).
+# Writes OUT_DIR/omp-{passive,short,spin}-{idle,busy,memory}.json (default OUT_DIR docs/results)
+# and prints one summary line per run. passive: helpers sleep at once (OMP_WAIT_POLICY=PASSIVE);
+# short: they spin about 0.3 ms first (GOMP_SPINCOUNT=30000); spin: about 3 ms
+# (OMP_WAIT_POLICY=ACTIVE GOMP_SPINCOUNT=300000). SETTINGS="passive spin" runs a subset.
 set -euo pipefail
 out=${1:-docs/results}
 shift || true
@@ -17,6 +18,7 @@ qllm=${QLLM:-.venv/bin/qllm}
 mkdir -p "$out"
 declare -A settings=(
   [passive]="OMP_WAIT_POLICY=PASSIVE"
+  [short]="OMP_WAIT_POLICY=PASSIVE GOMP_SPINCOUNT=30000"
   [spin]="OMP_WAIT_POLICY=ACTIVE GOMP_SPINCOUNT=300000"
 )
 hog=
@@ -35,7 +37,7 @@ while True: b.copy_(a)' &
     hog=$!
     sleep 2
   fi
-  for name in passive spin; do
+  for name in ${SETTINGS:-passive short spin}; do
     file="$out/omp-$name-$load.json"
     env ${settings[$name]} "$qllm" bench kernel --model small-random \
       --skip policies,overhead,placement,kv --single-rounds 4 --rounds 1 "$@" > "$file"

@@ -12,6 +12,13 @@ SOCKET_NAME = "qllm.sock"
 HTTP_SOCKET_NAME = "qllm-http.sock"  # beside the native socket unless http_socket says otherwise
 
 
+def cache_dir() -> Path:
+    """qllm's cache directory: ``$XDG_CACHE_HOME/qllm`` (an absolute path, as the XDG spec wants;
+    a relative one is ignored), else ``~/.cache/qllm``."""
+    root = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(root) if os.path.isabs(root) else Path.home() / ".cache") / "qllm"
+
+
 def free_port() -> int:
     """A TCP port on the loopback interface that nothing listens on now (for a child server or a
     rendezvous this process starts)."""

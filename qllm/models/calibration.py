@@ -79,7 +79,7 @@ class CalibratedExecutor(Executor):
             gemm.ONEDNN_MIN_WEIGHT,
             gemm.PACK,
             gemm.PACK_BATCH,
-            gemm.SKINNY and skinny.available(),
+            gemm.large_weight_kernel(),
             skinny.KERNEL_ID,
         ]
         for name, t in [*self.hf.named_parameters(), *self.hf.named_buffers()]:

@@ -68,9 +68,10 @@ ONEDNN = _onednn_linear_available()
 PACK_BATCH = 32
 """oneDNN's batch-size hint for the packed layout (a hint for speed; the probe decides invariance)."""
 
-SKINNY = os.environ.get("QLLM_SKINNY", "1") != "0"
+SKINNY = True
 """Whether :func:`linear` may use qllm's skinny kernel (:mod:`qllm.models.skinny`) for large float32
-weights; it does where the kernel builds on this machine, and oneDNN runs them otherwise."""
+weights; it does where the kernel is available here (``QLLM_SKINNY`` and the CPU decide:
+:func:`qllm.models.skinny.wanted`), and oneDNN runs them otherwise."""
 
 PACK = (
     ONEDNN
@@ -179,7 +180,7 @@ def linear_cat(
     stamps = tuple(_stamp(w) for w in weights)
     fusable = (
         PACK
-        and not (SKINNY and skinny.available())
+        and not _skinny_on()
         and x.dim() == 2
         and not torch.is_grad_enabled()
         and None not in stamps
@@ -223,20 +224,25 @@ def _large_cpu_float(weight: torch.Tensor) -> bool:
     )
 
 
+def _skinny_on() -> bool:
+    """Whether large float32 weights run on the skinny kernel here."""
+    return SKINNY and skinny.available()
+
+
 def uses_skinny(weight: torch.Tensor) -> bool:
     """Whether :func:`linear` computes with ``weight`` through qllm's skinny kernel."""
-    return SKINNY and _large_cpu_float(weight) and skinny.available()
+    return _large_cpu_float(weight) and _skinny_on()
 
 
 def uses_onednn(weight: torch.Tensor) -> bool:
     """Whether :func:`linear` computes with ``weight`` through oneDNN."""
-    return ONEDNN and _large_cpu_float(weight) and not uses_skinny(weight)
+    return ONEDNN and _large_cpu_float(weight) and not _skinny_on()
 
 
 def large_weight_kernel() -> str:
     """The kernel that computes large float32 CPU weights here: ``skinny``, ``onednn_packed``,
     ``onednn`` or ``F.linear``."""
-    if SKINNY and skinny.available():
+    if _skinny_on():
         return "skinny"
     if ONEDNN:
         return "onednn_packed" if PACK else "onednn"
@@ -245,10 +251,9 @@ def large_weight_kernel() -> str:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight.T + bias`` for rows ``x`` ``[N, in]``, as ``F.linear``, with the kernel chosen by the weight."""
-    if x.dim() == 2 and x.dtype == weight.dtype:
-        if uses_skinny(weight):
+    if x.dim() == 2 and x.dtype == weight.dtype and _large_cpu_float(weight):
+        if _skinny_on():
             return skinny.linear(x, weight, bias)
-        if uses_onednn(weight):
-            w = packed(weight) if PACK else weight
-            return _onednn_linear(x, w, bias)
+        if ONEDNN:
+            return _onednn_linear(x, packed(weight) if PACK else weight, bias)
     return F.linear(x, weight, bias)

@@ -6,9 +6,9 @@ its blocking for many rows. :file:`skinny.c` computes each output as one dot pro
 weight's row as it is stored, two rows by six columns at a time, the columns split between
 threads. Every row runs the same arithmetic whatever the call's row count, offset and thread
 count, so it is batch-invariant without padding (the executor's probe still checks it on each
-machine). It needs no packed copy of the weight. Measured on the 2-core EPYC, streamed (``python
-scripts/gemm_bench.py --copies 16``), it reads the weights 1.2-2x faster than packed oneDNN at 1-8
-rows; from about 16 rows on it is the slower one (compute, not memory, bounds it there).
+machine). It needs no packed copy of the weight. Measured on the 2-core EPYC, streamed
+(docs/architecture.md, "The skinny kernel"), it reads the weights 1.3-1.8x faster than packed
+oneDNN at 1-8 rows, about as fast at 16, and 15-25% slower at 64, where compute bounds it.
 
 The C source is compiled on first use with the machine's C compiler (``$CC``, else ``cc``) for
 the machine's own CPU (``-march=native``) and kept in ``$XDG_CACHE_HOME/qllm/``, keyed by the
@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from qllm import paths
 from qllm.logging import get_logger
 
 log = get_logger()
@@ -50,11 +51,7 @@ KERNEL_ID = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdi
 keys a GEMM by its arguments, so a changed kernel is probed again."""
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "qllm"
-
-
+@functools.cache
 def _cpu_identity() -> str:
     """The CPU's model and instruction-set flags (what ``-march=native`` compiles for)."""
     try:
@@ -83,41 +80,34 @@ def _compiler_version(cc: str) -> str:
 
 def _build(cc: str) -> Path | None:
     """The compiled library, from the cache or built now; None if the compiler fails."""
-    source = SOURCE.read_bytes()
-    for flags in [(*FLAGS, *ARCH_FLAGS)]:
-        key = hashlib.sha256(
-            b"\0".join(
-                [
-                    source,
-                    cc.encode(),
-                    _compiler_version(cc).encode(),
-                    " ".join(flags).encode(),
-                    _cpu_identity().encode(),
-                    platform.machine().encode(),
-                ]
+    flags = (*FLAGS, *ARCH_FLAGS)
+    identity = [
+        SOURCE.read_bytes(),
+        cc,
+        _compiler_version(cc),
+        " ".join(flags),
+        _cpu_identity(),
+        platform.machine(),
+    ]
+    key = hashlib.sha256(b"\0".join(p if isinstance(p, bytes) else p.encode() for p in identity)).hexdigest()
+    target = paths.cache_dir() / f"skinny-{key[:24]}.so"
+    if target.exists():
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            out = Path(tmp) / target.name
+            done = subprocess.run(
+                [cc, *flags, str(SOURCE), "-o", str(out)], capture_output=True, text=True, timeout=120
             )
-        ).hexdigest()[:24]
-        target = _cache_dir() / f"skinny-{key}.so"
-        if target.exists():
-            return target
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-                out = Path(tmp) / target.name
-                done = subprocess.run(
-                    [cc, *flags, str(SOURCE), "-o", str(out)], capture_output=True, text=True, timeout=120
-                )
-                if done.returncode != 0:
-                    log.info(
-                        "skinny_build_failed", compiler=cc, flags=" ".join(flags), stderr=done.stderr[-400:]
-                    )
-                    continue
-                os.replace(out, target)  # atomic: a concurrent build leaves one whole file
-            return target
-        except (OSError, subprocess.SubprocessError) as exc:
-            log.info("skinny_build_failed", compiler=cc, error=str(exc))
-            return None
-    return None
+            if done.returncode != 0:
+                log.info("skinny_build_failed", compiler=cc, flags=" ".join(flags), stderr=done.stderr[-400:])
+                return None
+            os.replace(out, target)  # atomic: a concurrent build leaves one whole file
+        return target
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.info("skinny_build_failed", compiler=cc, error=str(exc))
+        return None
 
 
 def wanted() -> bool:

@@ -23,7 +23,6 @@ The conversion runs once and is cached as a Hugging Face directory under the use
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from typing import Any
 
 import torch
 
+from qllm import paths
 from qllm.models.checkpoint import load_directory
 from qllm.models.errors import ModelLoadError
 
@@ -67,9 +67,7 @@ CALIBRATION_TEXT = (
 
 def cache_dir() -> Path:
     """Where the converted preset lives: ``$XDG_CACHE_HOME/qllm/...`` or ``~/.cache/qllm/...``."""
-    root = os.environ.get("XDG_CACHE_HOME", "")
-    base = Path(root) if os.path.isabs(root) else Path.home() / ".cache"
-    return base / "qllm" / f"smollm2-moe-v{CACHE_VERSION}-e{NUM_EXPERTS}k{TOP_K}"
+    return paths.cache_dir() / f"smollm2-moe-v{CACHE_VERSION}-e{NUM_EXPERTS}k{TOP_K}"
 
 
 def load_smollm2_moe(dtype: torch.dtype) -> tuple[Any, Any]:

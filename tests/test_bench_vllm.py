@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from qllm.bench import vllm
-from qllm.bench.peer_process import PeerFailed, PeerProcess, PeerUnavailable
+from qllm.bench.peer_process import PeerFailed, PeerProcess, PeerUnavailable, group_cpu_s
 from qllm.bench.trace import FIRST_ID, Item
 
 
@@ -124,6 +124,54 @@ def test_a_server_left_unstopped_is_stopped_when_dropped(tmp_path):
     del process
     gc.collect()
     assert _pid_gone(pid)
+
+
+SPINS = """
+import pathlib, sys, time
+end = time.monotonic() + float(sys.argv[1])
+while time.monotonic() < end:
+    pass
+pathlib.Path(sys.argv[2]).write_text("done")
+time.sleep(600)
+"""
+
+
+async def test_quiesce_waits_until_the_servers_workers_stop_spinning(tmp_path):
+    done = tmp_path / "done"
+    # The spinning process is a child of the leader, as vLLM's engine workers are.
+    leader = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {SPINS!r}, '1.5', {str(done)!r}]); time.sleep(600)"
+    process = PeerProcess.start([sys.executable, "-c", leader], log=tmp_path / "log")
+    try:
+        await asyncio.sleep(0.5)  # the child is spinning by now
+        waited = await process.quiesce(limit=60)
+        assert done.exists()  # it returned only once the spinning stopped
+        assert waited < 60
+        assert await process.quiesce(limit=60) < 60  # quiet now: returns at once, within the window
+    finally:
+        await process.stop()
+
+
+async def test_quiesce_gives_up_after_its_limit(tmp_path):
+    process = PeerProcess.start(
+        [sys.executable, "-c", SPINS, "600", str(tmp_path / "never")], log=tmp_path / "log"
+    )
+    try:
+        await asyncio.sleep(0.3)
+        assert await process.quiesce(limit=1.0) >= 1.0
+        assert not (tmp_path / "never").exists()
+    finally:
+        await process.stop()
+
+
+def test_group_cpu_time_of_an_idle_server_and_of_a_busy_group(tmp_path):
+    process = PeerProcess.start([sys.executable, "-c", "import time; time.sleep(600)"], log=tmp_path / "log")
+    try:
+        ticks = os.sysconf("SC_CLK_TCK")
+        assert group_cpu_s(process.popen.pid, ticks) < 5.0  # a sleeping interpreter, started just now
+        assert group_cpu_s(os.getpgrp(), ticks) > 0  # this test process's own group has used CPU
+    finally:
+        process.popen.kill()
+        process.popen.wait()
 
 
 async def test_a_server_that_exits_before_it_is_ready_fails_with_its_log(tmp_path):

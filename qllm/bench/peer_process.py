@@ -28,6 +28,10 @@ GROUP_GRACE_S = 5.0
 """How long the rest of the group (engine and worker processes) may outlive its leader."""
 READY_POLL_S = 1.0
 LOG_TAIL_LINES = 25
+QUIET_SHARE = 0.05
+"""A peer is quiet when its processes use at most this share of one CPU (:meth:`PeerProcess.quiesce`)."""
+QUIET_WINDOW_S = 0.2
+QUIET_LIMIT_S = 10.0
 
 
 class PeerUnavailable(QllmError, ValueError):
@@ -113,6 +117,25 @@ class PeerProcess:
         except OSError:
             return ""
 
+    async def quiesce(self, limit: float = QUIET_LIMIT_S) -> float:
+        """Wait until the server's processes are quiet: at most :data:`QUIET_SHARE` of one CPU over
+        :data:`QUIET_WINDOW_S`, or ``limit`` s at most; returns the seconds waited.
+
+        A server may keep its threads spinning for a while after its last request (vLLM's workers
+        poll their queue for a second); the next system measured on a shared machine would pay
+        for it. Where ``/proc`` is missing nothing is measured and it returns at once."""
+        start = time.monotonic()
+        group = self.popen.pid  # start_new_session: the leader's pid is the group id
+        ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        used = group_cpu_s(group, ticks)
+        while used is not None and time.monotonic() - start < limit:
+            await asyncio.sleep(QUIET_WINDOW_S)
+            now = group_cpu_s(group, ticks)
+            if now is None or now - used <= QUIET_SHARE * QUIET_WINDOW_S:
+                break
+            used = now
+        return time.monotonic() - start
+
     async def stop(self) -> None:
         """SIGTERM, then after the grace period SIGKILL to its group; idempotent."""
         await asyncio.to_thread(self._stop)
@@ -134,6 +157,27 @@ def _terminate(popen: subprocess.Popen, workdir: Path | None, grace: float) -> N
     finally:
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def group_cpu_s(group: int, ticks: int) -> float | None:
+    """CPU seconds (user and system) used so far by the live processes of process group ``group``
+    (None without ``/proc``)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return None
+    total = 0
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            # Fields after the command name (which may hold spaces and parentheses): state, ppid,
+            # pgrp, ..., utime and stime are the 3rd and the 12th and 13th.
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # exited meanwhile
+        if int(fields[2]) == group:
+            total += int(fields[11]) + int(fields[12])
+    return total / ticks
 
 
 def _group_alive(group: int) -> bool:

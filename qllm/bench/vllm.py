@@ -168,6 +168,12 @@ class VllmSystem:
             raise group.exceptions[0] from None  # the server's failure, not the task group's wrapper
         return records
 
+    async def quiesce(self) -> float:
+        """Wait until the server's processes stop spinning after its last request (at most
+        seconds: qllm/bench/peer_process.py), so that the next system measured has the machine;
+        returns the seconds waited."""
+        return await self.process.quiesce()
+
     async def _one(self, item: Item, arrival: float, t0: float, box: dict[str, Any]) -> Record:
         import httpx
 

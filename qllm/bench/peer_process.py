@@ -159,6 +159,16 @@ def _terminate(popen: subprocess.Popen, workdir: Path | None, grace: float) -> N
             shutil.rmtree(workdir, ignore_errors=True)
 
 
+async def quiet_peers(systems: Sequence[object]) -> None:
+    """Let each peer server among ``systems`` (those with a ``quiesce`` method) go quiet before
+    the next measurement: a server that keeps its threads spinning after its last request (vLLM)
+    would slow whichever system runs next."""
+    for system in systems:
+        quiesce = getattr(system, "quiesce", None)
+        if quiesce is not None:
+            await quiesce()
+
+
 def group_cpu_s(group: int, ticks: int) -> float | None:
     """CPU seconds (user and system) used so far by the live processes of process group ``group``
     (None without ``/proc``)."""

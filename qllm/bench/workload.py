@@ -32,6 +32,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
+from qllm.bench.peer_process import quiet_peers
 from qllm.bench.plan import PEER, VLLM
 
 if TYPE_CHECKING:
@@ -231,7 +232,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
         for system in systems:  # first use of each code path and shape, not measured
             await system.run(warmup, timeout=args.timeout)
         probe = probes.yardstick_system(systems)
-        await _quiet(systems)
+        await quiet_peers(systems)
         decode_step = await probes.decode_step(probe)
         slo = args.slo if args.slo is not None else args.slo_k * decode_step
         tpot_slo = args.tpot_slo if args.tpot_slo is not None else args.tpot_slo_k * decode_step
@@ -239,7 +240,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
         # The same LS requests as the measured ones: the highest rate's workload holds every other
         # rate's (one seeded sequence, faster), also when --duration bounds it.
         alone = workload(max(rates))
-        await _quiet(systems)
+        await quiet_peers(systems)
         isolated = await probes.isolated(probe, alone, args.isolated, slo, args.timeout, args.isolated_tries)
         peer_idle = {}
         for peer in (s for s in systems if s.kind == "peer"):  # its own yardsticks, same requests
@@ -342,7 +343,7 @@ async def _measure(
     with _progress(sum(map(len, by_rate.values())) * len(systems), quiet=bool(args.json)) as bar:
         for i, (rate, items) in enumerate(by_rate.items()):
             for system in systems[i % len(systems) :] + systems[: i % len(systems)]:
-                await _quiet(systems)
+                await quiet_peers(systems)
                 started = time.perf_counter()
                 records = await system.run(items, slo_s=slo, timeout=args.timeout, on_done=bar)
                 cells.append({
@@ -351,15 +352,6 @@ async def _measure(
                     "kernel": getattr(system, "last_stats", None),
                 })  # fmt: skip
     return cells
-
-
-async def _quiet(systems: list[System]) -> None:
-    """Let each peer server go quiet before the next measurement: a server that keeps its
-    threads spinning after its last request (vLLM) would slow whichever system runs next."""
-    for system in systems:
-        quiesce = getattr(system, "quiesce", None)
-        if quiesce is not None:
-            await quiesce()
 
 
 class _progress:

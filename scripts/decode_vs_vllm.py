@@ -69,15 +69,13 @@ async def main(args: argparse.Namespace) -> dict:
         for size in args.batches:
             batch = items(size, args.prompt, args.tokens)
             times: dict[str, list[float]] = {"qllm": [], "vllm": []}
-            ops = None
             for r in range(args.rounds):
                 order = [("qllm", qllm), ("vllm", vllm)] if r % 2 == 0 else [("vllm", vllm), ("qllm", qllm)]
                 for name, system in order:
-                    if name == "qllm":
+                    if system is qllm:
                         await vllm.quiesce()
                     times[name].append(await tpot(system, batch, args.timeout))
-                    if name == "qllm":
-                        ops = qllm.last_stats["op_costs"] if qllm.last_stats else None
+            ops = qllm.last_stats["op_costs"] if qllm.last_stats else None  # its last round's
             q, v = statistics.median(times["qllm"]), statistics.median(times["vllm"])
             rows.append(
                 {

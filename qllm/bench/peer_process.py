@@ -126,11 +126,10 @@ class PeerProcess:
         for it. Where ``/proc`` is missing nothing is measured and it returns at once."""
         start = time.monotonic()
         group = self.popen.pid  # start_new_session: the leader's pid is the group id
-        ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-        used = group_cpu_s(group, ticks)
+        used = group_cpu_s(group)
         while used is not None and time.monotonic() - start < limit:
             await asyncio.sleep(QUIET_WINDOW_S)
-            now = group_cpu_s(group, ticks)
+            now = group_cpu_s(group)
             if now is None or now - used <= QUIET_SHARE * QUIET_WINDOW_S:
                 break
             used = now
@@ -169,12 +168,13 @@ async def quiet_peers(systems: Sequence[object]) -> None:
             await quiesce()
 
 
-def group_cpu_s(group: int, ticks: int) -> float | None:
+def group_cpu_s(group: int) -> float | None:
     """CPU seconds (user and system) used so far by the live processes of process group ``group``
     (None without ``/proc``)."""
     proc = Path("/proc")
     if not proc.is_dir():
         return None
+    ticks = os.sysconf("SC_CLK_TCK")  # /proc counts in clock ticks
     total = 0
     for entry in proc.iterdir():
         if not entry.name.isdigit():

@@ -245,6 +245,10 @@ def test_skinny_reads_rows_with_a_stride_and_refuses_what_it_cannot_compute():
     x = wide[:, 100:612]  # rows 700 floats apart
     with torch.no_grad():
         assert torch.equal(skinny.linear(x, weight, b), skinny.linear(x.contiguous(), weight, b))
+        # weight rows 700 floats apart (a slice of a wider weight), as many rows as the kernel blocks
+        spaced = torch.randn(600, 700, generator=torch.Generator().manual_seed(7))[:, 100:612]
+        for n in (1, 5, 6):
+            assert torch.equal(skinny.linear(x[:n], spaced, b), skinny.linear(x[:n], spaced.contiguous(), b))
         assert skinny.linear(x[:0], weight, b).shape == (0, 600)
         with pytest.raises(ValueError, match="do not fit"):
             skinny.linear(torch.randn(2, 511), weight, b)

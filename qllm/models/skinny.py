@@ -3,12 +3,13 @@
 A decode step multiplies one to a few dozen rows by each weight, so it is bound by how fast the
 weights stream from memory, and a general GEMM kernel (MKL, oneDNN) loses part of that speed to
 its blocking for many rows. :file:`skinny.c` computes each output as one dot product over the
-weight's row as it is stored, two rows by six columns at a time, the columns split between
-threads. Every row runs the same arithmetic whatever the call's row count, offset and thread
-count, so it is batch-invariant without padding (the executor's probe still checks it on each
-machine). It needs no packed copy of the weight. Measured on the 2-core EPYC, streamed
-(docs/architecture.md, "The skinny kernel"), it reads the weights 1.3-1.8x faster than packed
-oneDNN at 1-8 rows, about as fast at 16, and 15-25% slower at 64, where compute bounds it.
+weight's row as it is stored, up to four rows by six columns at a time, the columns split between
+threads, each thread prefetching its next block of weight rows while it computes the current one.
+Every row runs the same arithmetic whatever the call's row count, offset and thread count, so it
+is batch-invariant without padding (the executor's probe still checks it on each machine). It
+needs no packed copy of the weight. Measured on the 2-core EPYC, streamed (docs/architecture.md,
+"The skinny kernel"), it reads the weights 1.3-1.6x faster than packed oneDNN at 1-2 rows,
+1.03-1.14x at 4-16, and 3-6% slower at 64, where compute bounds it.
 
 The C source is compiled on first use with the machine's C compiler (``$CC``, else ``cc``) for
 the machine's own CPU (``-march=native``) and kept in ``$XDG_CACHE_HOME/qllm/``, keyed by the

@@ -7,8 +7,8 @@ pass, on the compute thread and returns a :class:`StepResult`. Requests that a p
 back as :class:`Resume` values, for the output processor to resume their programs.
 
 Two values cross to the compute thread. The op loop reads :attr:`Runner.interrupt_requested`,
-which the event loop raises when a message arrives (a bool's read and write are atomic), and stops
-at the next op or expert. The end of the last op, from which the next gap is measured, is passed
+which the event loop raises when a message arrives (a :class:`~qllm.kernel.runtime.ops.StopFlag`,
+which a grouped MoE op's C kernel reads too), and stops at the next op or expert. The end of the last op, from which the next gap is measured, is passed
 in and returned in the result: the worker writes nothing the event loop reads while it runs.
 """
 
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from qllm.kernel.runtime.ops import Partial
+from qllm.kernel.runtime.ops import Partial, StopFlag
 from qllm.kernel.runtime.passes import Pass
 
 if TYPE_CHECKING:
@@ -74,7 +74,7 @@ class Runner:
         self.compute = compute
         self.moe_granularity = moe_granularity
         self.in_flight: Sequence[Segment] = ()  # the segments of the pass computing now
-        self.interrupt_requested = False  # a message arrived: stop at the next op or expert
+        self._stop = StopFlag()  # a message arrived: stop at the next op or expert
         self._last_end: float | None = None  # perf_counter() at the end of the last op (None: idle since)
 
     def idle(self) -> None:
@@ -180,14 +180,20 @@ class Runner:
         self._last_end = result.last_end
         return result
 
-    def _interrupted(self) -> bool:
-        return self.interrupt_requested
+    @property
+    def interrupt_requested(self) -> bool:
+        """A message arrived: the running op stops at its next op or expert."""
+        return self._stop()
+
+    @interrupt_requested.setter
+    def interrupt_requested(self, value: bool) -> None:
+        self._stop.set(value)
 
     def _work(self, group: Pass, max_ops: int, last_end: float | None) -> StepResult:
         """The op loop, on the compute thread."""
         timings: list[OpTiming] = []
         gaps: list[float] = []
-        run, stop = self.model.run, self._interrupted
+        run, stop = self.model.run, self._stop
         op = group.pending
         try:
             while True:
@@ -199,7 +205,7 @@ class Runner:
                 whole = result.__class__ is not Partial and op.partial is None
                 timings.append(OpTiming(op.kind, op.layer, op.expert, op.rows, start, end - start, whole))
                 op = group.advance(result)
-                if op is None or len(timings) >= max_ops or self.interrupt_requested or group.through:
+                if op is None or len(timings) >= max_ops or stop() or group.through:
                     return StepResult(timings, gaps, last_end)
         except Exception as exc:
             return StepResult(timings, gaps, last_end, exc)

@@ -27,6 +27,7 @@ import torch
 from qllm.kernel.runtime.cache import BlockPool, KVCache
 from qllm.kernel.runtime.ops import MOE_GRANULARITIES, MoEGranularity, Op
 from qllm.kernel.runtime.passes import Pass
+from qllm.models import swiglu
 from qllm.models.calibration import CalibratedExecutor
 from qllm.models.gemm import linear, linear_cat
 
@@ -139,10 +140,22 @@ class MoEModel(CalibratedExecutor):
         return weights, indices
 
     def expert(self, block: torch.nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert ``e`` on rows ``x``, computed from the fused weights (no copy)."""
+        """Expert ``e`` on rows ``x``, computed from the fused weights (no copy): in one call of
+        qllm's SwiGLU kernel where it fits them (:meth:`swiglu_experts`)."""
         experts = block.experts
+        if self.swiglu_experts(block) is not None:
+            return swiglu.expert(x, experts.gate_up_proj[e], experts.down_proj[e])
         gate, up = linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
         return linear(experts.act_fn(gate) * up, experts.down_proj[e])
+
+    def swiglu_experts(self, block: torch.nn.Module) -> torch.nn.Module | None:
+        """The block's experts where this adapter computes them with qllm's SwiGLU kernels
+        (qllm/models/swiglu.py: the base :meth:`expert` hook, output-weighted, weights the kernels
+        fit), else None. A grouped MoE op then runs all its routed experts in one call."""
+        if type(self).expert is not MoEModel.expert or self.weighted_expert_input:
+            return None
+        experts = getattr(block, "experts", None)
+        return experts if experts is not None and swiglu.fits(experts) else None
 
     def dense_mlp(self, layer: torch.nn.Module) -> torch.nn.Module:
         """The MLP of a dense layer (one whose :meth:`moe_block` is None)."""

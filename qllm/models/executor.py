@@ -16,7 +16,7 @@ import torch
 
 from qllm.kernel.runtime.cache import append_all
 from qllm.kernel.runtime.ops import Op, OpKind, Partial, merge_ready
-from qllm.models import gemm, invariance
+from qllm.models import gemm, invariance, swiglu
 from qllm.models.attention import attend, small_attention
 
 
@@ -257,6 +257,13 @@ class Executor:
             sizes = [op.rows for op in ops]
             start = first.next_expert
         experts = expert_rows(indices.tolist(), start)
+        fused = self.swiglu_experts(block) if self.remote is None else None
+        if fused is not None:  # every routed expert in one call of qllm's SwiGLU kernel
+            done = swiglu.run_layer(fused, x, weights, experts, out, stop)
+            if done < len(experts):
+                parts = zip(*(self._split(t, sizes) for t in (x, weights, indices, out)))
+                return [Partial(*p, next_expert=experts[done][0], ready={}) for p in parts]
+            return self._moe_finish(ops, block, x, out, sizes)
         built: dict[int, tuple[Op, torch.Tensor | None]] = {}
 
         def calls(j: int) -> tuple[Op, torch.Tensor | None]:  # expert j's op, built when first needed
@@ -302,6 +309,13 @@ class Executor:
             if posted:
                 remote.drain([ticket for ticket, _, _ in posted.values()])
             raise
+        return self._moe_finish(ops, block, x, out, sizes)
+
+    def _moe_finish(
+        self, ops: list[Op], block: torch.nn.Module, x: torch.Tensor, out: torch.Tensor, sizes: list[int]
+    ) -> list[Any]:
+        """A grouped MoE op's results from its routed sum ``out``: the shared expert added, per op."""
+        layer = ops[0].layer
         shared = self._run_shared([Op(OpKind.SHARED, layer, x)])[0] if self.has_shared(block) else None
         outs = self._split(out, sizes)
         shareds = self._split(shared, sizes) if shared is not None else [None] * len(sizes)

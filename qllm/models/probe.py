@@ -37,6 +37,7 @@ _GEMMS = {
     "aten::_addmm_activation",
     "mkldnn::_linear_pointwise",
     "qllm::skinny_linear",
+    "qllm::swiglu_expert",
 }
 
 

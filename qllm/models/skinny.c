@@ -171,3 +171,210 @@ void qllm_skinny_linear(const float *x, long ldx, const float *w, long ldw, cons
         }
     }
 }
+
+/* ------------------------------------------------------------------------------------------------
+ * SwiGLU experts: y = (silu(x @ gate.T) * (x @ up.T)) @ down.T, gate and up the two halves of one
+ * fused [2 * inter, hidden] weight, down [hidden, inter]. Both products run on the blocks above,
+ * so every element is computed as by qllm_skinny_linear, and silu(g) = g / (1 + exp(-g)) uses
+ * qllm's own exp (below): an expert's rows get the same bits whatever rows share the call, and a
+ * whole MoE layer (qllm_moe_swiglu) gets each expert's rows the same bits as the expert alone
+ * (qllm_swiglu_expert) followed by the weighted sum in ascending expert order.
+ */
+#include <math.h>
+#include <sched.h>
+#include <stdint.h>
+#include <omp.h>
+
+/* exp(v) for the activation: 2^n * p(r), n = round(v / ln 2), r = v - n ln 2 (ln 2 in two parts),
+ * p a degree-6 polynomial; only rounded IEEE operations, so the result is the same scalar or
+ * vectorised. Relative error about 2e-7 over the clamped range. */
+static inline float qexp(float v) {
+    v = v > 88.0f ? 88.0f : (v < -87.0f ? -87.0f : v);
+    const float n = floorf(v * 1.44269504f + 0.5f);
+    const float r = (v - n * 0.693145752f) - n * 1.42860677e-6f;
+    float p = 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* A barrier for the threads of one parallel region that are all working: spin, then yield the
+ * core (the other thread may be waiting for it on a busy machine). */
+typedef struct {
+    volatile int count;
+    volatile int sense;
+} spin_barrier;
+
+static void barrier_wait(spin_barrier *b, int *local, int threads) {
+    if (threads == 1) return;
+    *local = !*local;
+    if (__atomic_add_fetch(&b->count, 1, __ATOMIC_ACQ_REL) == threads) {
+        __atomic_store_n(&b->count, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&b->sense, *local, __ATOMIC_RELEASE);
+        return;
+    }
+    for (long spins = 0; __atomic_load_n(&b->sense, __ATOMIC_ACQUIRE) != *local; spins++) {
+        if (spins > 4000) sched_yield();
+#if defined(__SSE2__)
+        else _mm_pause();
+#endif
+    }
+}
+
+/* Thread t's share [*lo, *hi) of n items split into `threads` contiguous parts. */
+static inline void share(long n, int t, int threads, long *lo, long *hi) {
+    *lo = n * t / threads;
+    *hi = n * (t + 1) / threads;
+}
+
+/* Rows [0, m) of a product with columns [n0, n0 + cols) of w, into y (ldy apart): the blocks of
+ * qllm_skinny_linear, prefetching `lines` lines per step from pf. */
+static const char *columns(const float *x, long ldx, long m, const float *w, long ldw, long n0, int cols,
+                           float *y, long ldy, long k, const char *pf, long lines) {
+    const float *wb = w + n0 * ldw;
+    for (long m0 = 0; m0 < m; m0 += ROWS) {
+        const int rows = m - m0 < ROWS ? (int)(m - m0) : ROWS;
+        const float *xb = x + m0 * ldx;
+        float *yb = y + m0 * ldy + n0;
+        if (cols < COLS)
+            edge_block(xb, ldx, wb, ldw, yb, ldy, NULL, k, rows, cols);
+#if ROWS == 4
+        else if (rows == 4)
+            pf = block_4(xb, ldx, wb, ldw, yb, ldy, NULL, k, pf, lines);
+        else if (rows == 3)
+            pf = block_3(xb, ldx, wb, ldw, yb, ldy, NULL, k, pf, lines);
+#endif
+        else if (rows == 2)
+            pf = block_2(xb, ldx, wb, ldw, yb, ldy, NULL, k, pf, lines);
+        else
+            pf = block_1(xb, ldx, wb, ldw, yb, ldy, NULL, k, pf, lines);
+    }
+    return pf;
+}
+
+static long lines_per_step(long m, long ld, long k) {
+    const long passes = (m + ROWS - 1) / ROWS, steps = k / LANES;
+    const long block_lines = (COLS * ld * (long)sizeof(float) + LINE - 1) / LINE;
+    return steps ? (block_lines + passes * steps - 1) / (passes * steps) : 0;
+}
+
+/* One expert on m contiguous rows x (ldx apart), thread t of `threads`: h = silu(gate) * up into
+ * h [m, inter] (this thread's share of the intermediate columns), then the barrier, then
+ * h @ down.T (this thread's share of the hidden columns): stored into out (ldo apart) where scale
+ * is NULL, else added as out[at[i]] += y[i] * scale[i]. */
+static void expert_part(const float *x, long ldx, long m, const float *gu, long ldgu, const float *down,
+                        long ldd, long hidden, long inter, float *h, float *out, long ldo, const long *at,
+                        const float *scale, spin_barrier *bar, int *sense, int t, int threads) {
+    float tmp[ROWS * 2 * COLS];
+    long lo, hi;
+    /* gate and up columns of one block of intermediate indices, then their activation */
+    const long pairs = (inter + COLS - 1) / COLS;
+    const long gu_lines = lines_per_step(m, ldgu, hidden);
+    share(pairs, t, threads, &lo, &hi);
+    for (long b = lo; b < hi; b++) {
+        const long j0 = b * COLS;
+        const int cols = inter - j0 < COLS ? (int)(inter - j0) : COLS;
+        const char *to_up = (const char *)(gu + (inter + j0) * ldgu);
+        const char *to_next = (const char *)(gu + (j0 + COLS) * ldgu);
+        const long up_lines = cols == COLS ? gu_lines : 0;
+        const long next_lines = b + 1 < hi && j0 + 2 * COLS <= inter ? gu_lines : 0;
+        for (long m0 = 0; m0 < m; m0 += ROWS) {
+            const long rows = m - m0 < ROWS ? m - m0 : ROWS;
+            const float *xb = x + m0 * ldx;
+            to_up = columns(xb, ldx, rows, gu, ldgu, j0, cols, tmp - j0, 2 * COLS, hidden, to_up, up_lines);
+            to_next = columns(xb, ldx, rows, gu, ldgu, inter + j0, cols, tmp + COLS - inter - j0, 2 * COLS,
+                              hidden, to_next, next_lines);
+            for (long i = 0; i < rows; i++)
+                for (int j = 0; j < cols; j++) {
+                    const float g = tmp[i * 2 * COLS + j], u = tmp[i * 2 * COLS + COLS + j];
+                    const float silu = g / (1.0f + qexp(-g));
+                    h[(m0 + i) * inter + j0 + j] = silu * u;
+                }
+        }
+    }
+    barrier_wait(bar, sense, threads);
+    /* down: this thread's hidden columns, all rows */
+    const long blocks = (hidden + COLS - 1) / COLS;
+    const long d_lines = lines_per_step(m, ldd, inter);
+    share(blocks, t, threads, &lo, &hi);
+    for (long b = lo; b < hi; b++) {
+        const long n0 = b * COLS;
+        const int cols = hidden - n0 < COLS ? (int)(hidden - n0) : COLS;
+        const char *pf = (const char *)(down + (n0 + COLS) * ldd);
+        const long lines = b + 1 < hi && n0 + 2 * COLS <= hidden ? d_lines : 0;
+        if (scale == NULL) {
+            columns(h, inter, m, down, ldd, n0, cols, out, ldo, inter, pf, lines);
+            continue;
+        }
+        for (long m0 = 0; m0 < m; m0 += ROWS) {
+            const long rows = m - m0 < ROWS ? m - m0 : ROWS;
+            pf = columns(h + m0 * inter, inter, rows, down, ldd, n0, cols, tmp - n0, COLS, inter, pf, lines);
+            for (long i = 0; i < rows; i++) {
+                float *o = out + at[m0 + i] * ldo + n0;
+                const float s = scale[m0 + i];
+                for (int j = 0; j < cols; j++) {
+                    const float v = tmp[i * COLS + j] * s;
+                    o[j] = o[j] + v;
+                }
+            }
+        }
+    }
+}
+
+/* One expert: out [m, hidden] (ldo apart) = the expert on rows x; h: scratch of m * inter floats. */
+void qllm_swiglu_expert(const float *x, long ldx, long m, const float *gu, long ldgu, const float *down,
+                        long ldd, long hidden, long inter, float *h, float *out, long ldo, int threads) {
+    spin_barrier bar = {0, 0};
+#pragma omp parallel num_threads(threads)
+    {
+        int sense = 0;
+        expert_part(x, ldx, m, gu, ldgu, down, ldd, hidden, inter, h, out, ldo, NULL, NULL, &bar, &sense,
+                    omp_get_thread_num(), omp_get_num_threads());
+    }
+}
+
+/* A MoE layer's routed experts, in the order given (ascending), from the first on: expert
+ * experts[j] takes rows at[offsets[j] .. offsets[j + 1]) of x with routing weights scale[...] and
+ * adds its weighted output to those rows of out (ldo apart). Expert e's fused gate/up weight is at
+ * gu + e * gu_stride (rows ldgu apart), its down weight at down + e * d_stride (rows ldd apart).
+ * xs: scratch of offsets[count] * hidden floats (the rows gathered), h: 2 * (the most rows of one
+ * expert) * inter floats. Between experts, where *stop is nonzero, it returns early: the return
+ * value is how many experts it computed. */
+long qllm_moe_swiglu(const float *x, long ldx, float *out, long ldo, const float *gu, long gu_stride, long ldgu,
+                     const float *down, long d_stride, long ldd, long hidden, long inter, const long *experts,
+                     const long *offsets, const long *at, const float *scale, long count, const int *stop,
+                     float *xs, float *h, long h_rows, int threads) {
+    spin_barrier bar = {0, 0};
+    long done = count;
+#pragma omp parallel num_threads(threads)
+    {
+        int sense = 0, halt = 0;
+        const int t = omp_get_thread_num(), n = omp_get_num_threads();
+        long lo, hi;
+        share(offsets[count], t, n, &lo, &hi);
+        for (long i = lo; i < hi; i++) memcpy(xs + i * hidden, x + at[i] * ldx, hidden * sizeof(float));
+        barrier_wait(&bar, &sense, n);
+        for (long j = 0; j < count && !halt; j++) {
+            const long e = experts[j], first = offsets[j], m = offsets[j + 1] - first;
+            float *hj = h + (j & 1) * h_rows * inter; /* two buffers: the next expert's gate/up may
+                                                          start while this one's down still reads */
+            expert_part(xs + first * hidden, hidden, m, gu + e * gu_stride, ldgu, down + e * d_stride, ldd,
+                        hidden, inter, hj, out, ldo, at + first, scale + first, &bar, &sense, t, n);
+            if (j + 1 < count && stop != NULL) {
+                /* one thread reads the flag; all take its answer after the barrier */
+                if (t == 0) __atomic_store_n(&done, __atomic_load_n(stop, __ATOMIC_RELAXED) ? j + 1 : count,
+                                             __ATOMIC_RELAXED);
+                barrier_wait(&bar, &sense, n);
+                halt = __atomic_load_n(&done, __ATOMIC_RELAXED) != count;
+            }
+        }
+    }
+    return done;
+}

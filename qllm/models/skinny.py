@@ -125,7 +125,9 @@ def wanted() -> bool:
 
 
 @functools.cache
-def _kernel() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels (this module's GEMM, and the SwiGLU experts of :mod:`qllm.models.swiglu`),
+    built on first use; None where the kernel is not wanted or does not build here."""
     if not wanted() or not torch.backends.openmp.is_available():
         return None
     cc = _compiler()
@@ -135,9 +137,21 @@ def _kernel() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
     if path is None:
         return None
     try:
-        fn = ctypes.CDLL(str(path)).qllm_skinny_linear
-    except (OSError, AttributeError) as exc:
+        return ctypes.CDLL(str(path))
+    except OSError as exc:
         log.info("skinny_load_failed", path=str(path), error=str(exc))
+        return None
+
+
+@functools.cache
+def _kernel() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    lib = library()
+    if lib is None:
+        return None
+    try:
+        fn = lib.qllm_skinny_linear
+    except AttributeError as exc:
+        log.info("skinny_load_failed", error=str(exc))
         return None
     long, ptr = ctypes.c_long, ctypes.c_void_p
     fn.argtypes = [ptr, long, ptr, long, ptr, ptr, long, long, long, long, ctypes.c_int]

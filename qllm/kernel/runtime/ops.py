@@ -8,6 +8,7 @@ each request gets the same result as when its op runs alone.
 
 from __future__ import annotations
 
+import ctypes
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -114,3 +115,21 @@ def merge_ready(parts: Sequence[dict[int, torch.Tensor] | None]) -> dict[int, to
         return {}
     common = set.intersection(*(set(p) for p in parts))
     return {e: torch.cat([p[e] for p in parts]) for e in sorted(common)}
+
+
+class StopFlag:
+    """Whether a running op should stop at its next expert: raised by the event loop when a message
+    arrives, read by the compute thread from Python (call it) or from C (the int at ``address``;
+    qllm/models/swiglu.py reads it between experts). An int's read and write are atomic."""
+
+    __slots__ = ("_cell", "address")
+
+    def __init__(self) -> None:
+        self._cell = ctypes.c_int(0)
+        self.address = ctypes.addressof(self._cell)
+
+    def __call__(self) -> bool:
+        return bool(self._cell.value)
+
+    def set(self, value: bool) -> None:
+        self._cell.value = int(value)

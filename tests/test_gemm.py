@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tiny_families import greedy, layer_major, run_alone, run_together, torch_threads
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from qllm.kernel.runtime.ops import OpKind
 from qllm.models import gemm, invariance, load_model, skinny
@@ -259,12 +260,35 @@ def test_skinny_reads_rows_with_a_stride_and_refuses_what_it_cannot_compute():
 
 
 @needs_skinny
-def test_projections_of_one_input_run_one_skinny_call_each():
-    (q, bq), (k, bk) = (make_weight(512, n) for n in (512, 640))
-    x = torch.randn(5, 512, generator=torch.Generator().manual_seed(7))
+@pytest.mark.parametrize("threads", THREADS)
+def test_projections_of_one_input_run_in_one_skinny_call_with_each_ones_bits(threads):
+    """One call, one parallel region, for a layer's query, key and value: each output the bits of
+    its own call, with and without biases, at any row count."""
+    (q, bq), (k, bk), (v, _) = (make_weight(512, n) for n in (512, 640, 517))
+    x = torch.randn(9, 512, generator=torch.Generator().manual_seed(7))
+    calls = []
+    with torch.no_grad(), torch_threads(threads), _GemmCalls(calls):
+        outs = gemm.linear_cat(x, (q, k, v), (bq, bk, None))
+    assert calls == ["qllm::skinny_linear_many"]
     with torch.no_grad():
-        outs = gemm.linear_cat(x, (q, k), (bq, bk))
-        assert torch.equal(outs[0], skinny.linear(x, q, bq)) and torch.equal(outs[1], skinny.linear(x, k, bk))
+        for out, w, b in zip(outs, (q, k, v), (bq, bk, None)):
+            assert torch.equal(out, skinny.linear(x, w, b))
+            assert torch.equal(gemm.linear_cat(x[3:4], (q, k, v), (bq, bk, None))[0], outs[0][3:4])
+        with pytest.raises(ValueError, match="do not fit"):
+            skinny.linear_many(x, [q, torch.randn(8, 511)], [None, None])
+
+
+class _GemmCalls(TorchDispatchMode):
+    """Records the names of qllm's kernel ops called."""
+
+    def __init__(self, calls: list[str]):
+        super().__init__()
+        self.calls = calls
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.name().startswith("qllm::"):
+            self.calls.append(func.name().partition(".")[0])
+        return func(*args, **(kwargs or {}))
 
 
 def _gemm_choice(env: dict[str, str]) -> list[str]:

@@ -39,7 +39,7 @@ class Executor:
         # this machine's GEMM kernels found batch-invariant, set by calibration; no padding
         # without batch invariance.
         self._padding: dict[OpKind, invariance.Padding] = {kind: invariance.NO_PADDING for kind in OpKind}
-        self._rotary_memo: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._rotary_memo: tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor] | None = None
         # Expert parallel: the group whose ranks hold some of the experts (qllm/parallel); None:
         # every expert is computed here.
         self.remote: Any = None
@@ -125,8 +125,8 @@ class Executor:
         n = sum(sizes)
         x = self.attn_norm(layer)(x)
         q, k, v = (t[:n] for t in self.qkv(attn, x))
-        if len(ops) == 1 and self._rotary_shared:
-            cos, sin = self._shared_rotary(v, ops[0].positions)
+        if self._rotary_shared:
+            cos, sin = self._shared_rotary(v, [op.positions for op in ops])
         elif len(ops) == 1 or not self._rotary_per_request:
             positions = ops[0].positions if len(ops) == 1 else torch.cat([op.positions for op in ops])
             cos, sin = self.rotary_embedding(ops[0].layer, v, positions)
@@ -165,14 +165,17 @@ class Executor:
         o = (outs[0] if len(outs) == 1 else torch.cat(outs)).reshape(n, -1)
         return self._split(self.attn_out(layer, pad_rows(o, *self._padding[OpKind.ATTENTION]), x), sizes)
 
-    def _shared_rotary(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # Keyed on the positions tensor itself, which one forward pass hands to all its layers
-        # (the memo keeps it alive, so its identity cannot be reused by another tensor).
+    def _shared_rotary(
+        self, x: torch.Tensor, positions: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # Keyed on the positions tensors themselves, which a pass hands to all its layers (the memo
+        # keeps them alive, so their identities cannot be reused by other tensors).
         memo = self._rotary_memo
-        if memo is not None and memo[0] is positions and memo[1].dtype == x.dtype:
-            return memo[1], memo[2]
-        cos, sin = self.rotary_embedding(0, x, positions)
-        self._rotary_memo = (positions, cos, sin)
+        same = memo is not None and len(memo[0]) == len(positions) and memo[1].dtype == x.dtype
+        if same and all(a is b for a, b in zip(memo[0], positions)):  # type: ignore[index]
+            return memo[1], memo[2]  # type: ignore[index]
+        cos, sin = self.rotary_embedding(0, x, positions[0] if len(positions) == 1 else torch.cat(positions))
+        self._rotary_memo = (tuple(positions), cos, sin)
         return cos, sin
 
     def _route(self, ops: list[Op]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:

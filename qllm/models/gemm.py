@@ -176,7 +176,9 @@ def linear_cat(
     One call reads the weights in one stream and pays one call's overhead; each output element is
     still its own dot product over ``x``'s row. The concatenation is packed once and cached while
     every weight is unchanged (the separate packed copies are dropped: they would only cost
-    memory). Elsewhere each weight runs on its own, exactly as :func:`linear`."""
+    memory). On the skinny kernel the weights run in one call as they are
+    (:func:`qllm.models.skinny.linear_many`). Elsewhere each weight runs on its own, exactly as
+    :func:`linear`."""
     stamps = tuple(_stamp(w) for w in weights)
     fusable = (
         PACK
@@ -195,6 +197,12 @@ def linear_cat(
             bias = None if biases[0] is None else torch.cat(biases)
             y = _onednn_linear(x, entry[1], bias)
             return list(y.split([w.shape[0] for w in weights], dim=-1))
+    if (
+        x.dim() == 2
+        and 1 < len(weights) <= skinny.MAX_MANY
+        and all(w.dtype == x.dtype and w.shape[1] == x.shape[1] and uses_skinny(w) for w in weights)
+    ):
+        return skinny.linear_many(x, list(weights), list(biases))
     return [linear(x, w, b) for w, b in zip(weights, biases)]
 
 

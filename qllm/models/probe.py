@@ -37,6 +37,7 @@ _GEMMS = {
     "aten::_addmm_activation",
     "mkldnn::_linear_pointwise",
     "qllm::skinny_linear",
+    "qllm::skinny_linear_many",
     "qllm::swiglu_expert",
 }
 
@@ -60,24 +61,33 @@ class Gemm:
         return self.func(*args, **self.kwargs)
 
     def flops_per_row(self) -> float:
-        w = [
-            a
+        """Two per weight element: every 2-D operand but the rows, lists of them included."""
+        weights = [
+            t
             for i, a in enumerate(self.args)
-            if isinstance(a, torch.Tensor) and i != self.row_arg and a.dim() == 2
+            if i != self.row_arg
+            for t in (a if isinstance(a, (list, tuple)) else [a])
+            if isinstance(t, torch.Tensor) and t.dim() == 2
         ]
-        return 2.0 * (w[0].numel() if w else self.rows_in.shape[1])
+        return 2.0 * (sum(w.numel() for w in weights) if weights else self.rows_in.shape[1])
 
     def signature(self) -> str:
         """What picks the kernel path: the op, and shape, dtype, layout and device of each operand."""
         parts = [str(self.func)]
         for i, a in enumerate(self.args):
             if isinstance(a, torch.Tensor):
-                shape = ("N", *a.shape[1:]) if i == self.row_arg else tuple(a.shape)
-                layout = a.stride() if a.layout is torch.strided else a.layout  # packed: no strides
-                parts.append(f"{shape}:{a.dtype}:{layout}:{a.device.type}")
+                parts.append(_describe(a, rows=i == self.row_arg))
+            elif isinstance(a, (list, tuple)):
+                parts.append("[" + ",".join("None" if t is None else _describe(t) for t in a) + "]")
             else:
                 parts.append(repr(a))
         return "|".join(parts)
+
+
+def _describe(a: torch.Tensor, rows: bool = False) -> str:
+    shape = ("N", *a.shape[1:]) if rows else tuple(a.shape)
+    layout = a.stride() if a.layout is torch.strided else a.layout  # packed: no strides
+    return f"{shape}:{a.dtype}:{layout}:{a.device.type}"
 
 
 class _Recorder(TorchDispatchMode):

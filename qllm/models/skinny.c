@@ -172,6 +172,52 @@ void qllm_skinny_linear(const float *x, long ldx, const float *w, long ldw, cons
     }
 }
 
+/* Several weights of one input (a layer's query, key and value projections) in one parallel
+ * region: weight i (n_cols[i] x k, rows ldw[i] apart, bias[i] or NULL) into y[i] (ldy[i] apart).
+ * Each output element is computed as by qllm_skinny_linear; the column blocks of all the weights
+ * are split between the threads as one range. */
+void qllm_skinny_linear_many(const float *x, long ldx, long m_rows, long k, int count, const float *const *w,
+                             const long *ldw, const float *const *bias, float *const *y, const long *ldy,
+                             const long *n_cols, int threads) {
+    long first[17]; /* weight i's blocks are [first[i], first[i + 1]) */
+    long lines[16];
+    if (count > 16) return;
+    first[0] = 0;
+    for (int i = 0; i < count; i++) {
+        first[i + 1] = first[i] + (n_cols[i] + COLS - 1) / COLS;
+        const long passes = (m_rows + ROWS - 1) / ROWS, steps = k / LANES;
+        const long block_lines = (COLS * ldw[i] * (long)sizeof(float) + LINE - 1) / LINE;
+        lines[i] = steps ? (block_lines + passes * steps - 1) / (passes * steps) : 0;
+    }
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (long g = 0; g < first[count]; g++) {
+        int i = 0;
+        while (g >= first[i + 1]) i++;
+        const long n0 = (g - first[i]) * COLS;
+        const int cols = n_cols[i] - n0 < COLS ? (int)(n_cols[i] - n0) : COLS;
+        const float *wb = w[i] + n0 * ldw[i], *bb = bias[i] ? bias[i] + n0 : NULL;
+        const long step = n0 + 2 * COLS <= n_cols[i] ? lines[i] : 0;
+        const char *pf = (const char *)(wb + COLS * ldw[i]);
+        for (long m0 = 0; m0 < m_rows; m0 += ROWS) {
+            const int rows = m_rows - m0 < ROWS ? (int)(m_rows - m0) : ROWS;
+            const float *xb = x + m0 * ldx;
+            float *yb = y[i] + m0 * ldy[i] + n0;
+            if (cols < COLS)
+                edge_block(xb, ldx, wb, ldw[i], yb, ldy[i], bb, k, rows, cols);
+#if ROWS == 4
+            else if (rows == 4)
+                pf = block_4(xb, ldx, wb, ldw[i], yb, ldy[i], bb, k, pf, step);
+            else if (rows == 3)
+                pf = block_3(xb, ldx, wb, ldw[i], yb, ldy[i], bb, k, pf, step);
+#endif
+            else if (rows == 2)
+                pf = block_2(xb, ldx, wb, ldw[i], yb, ldy[i], bb, k, pf, step);
+            else
+                pf = block_1(xb, ldx, wb, ldw[i], yb, ldy[i], bb, k, pf, step);
+        }
+    }
+}
+
 /* ------------------------------------------------------------------------------------------------
  * SwiGLU experts: y = (silu(x @ gate.T) * (x @ up.T)) @ down.T, gate and up the two halves of one
  * fused [2 * inter, hidden] weight, down [hidden, inter]. Both products run on the blocks above,

@@ -198,6 +198,54 @@ def _run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kerne
     return y
 
 
+MAX_MANY = 16
+"""The most weights :func:`linear_many` computes in one call."""
+
+
+@functools.cache
+def _many() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    lib = library()
+    fn = getattr(lib, "qllm_skinny_linear_many", None) if lib is not None else None
+    if fn is None:
+        return None
+    long, ptr = ctypes.c_long, ctypes.c_void_p
+    fn.argtypes = [ptr, long, long, long, ctypes.c_int, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
+    fn.restype = None
+    return fn
+
+
+def _run_many(
+    x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None], kernel: str
+) -> list[torch.Tensor]:
+    fn = _many()
+    if fn is None:
+        raise RuntimeError("qllm's skinny GEMM is not available on this machine")
+    if not 0 < len(weights) <= MAX_MANY or len(biases) != len(weights):
+        raise ValueError(f"skinny_linear_many takes 1 to {MAX_MANY} weights, each with a bias or None")
+    for w, b in zip(weights, biases):
+        if x.dtype != torch.float32 or w.dtype != torch.float32 or x.dim() != 2 or w.dim() != 2:
+            raise ValueError("skinny_linear_many takes 2-D float32 rows and weights")
+        if x.shape[1] != w.shape[1] or (b is not None and b.shape != (w.shape[0],)):
+            raise ValueError(f"skinny_linear_many: rows {tuple(x.shape)} do not fit weight {tuple(w.shape)}")
+        if w.stride(1) != 1:
+            raise ValueError("skinny_linear_many needs each weight row contiguous")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    biases = [None if b is None else b.to(torch.float32).contiguous() for b in biases]
+    rows, n = x.shape[0], len(weights)
+    ys = [torch.empty(rows, w.shape[0], dtype=torch.float32) for w in weights]
+    if rows:
+        pointers, longs = ctypes.c_void_p * n, ctypes.c_long * n
+        fn(
+            x.data_ptr(), x.stride(0), rows, x.shape[1], n,
+            pointers(*(w.data_ptr() for w in weights)), longs(*(w.stride(0) for w in weights)),
+            pointers(*(None if b is None else b.data_ptr() for b in biases)),
+            pointers(*(y.data_ptr() for y in ys)), longs(*(y.stride(0) for y in ys)),
+            longs(*(w.shape[0] for w in weights)), torch.get_num_threads(),
+        )  # fmt: skip
+    return ys
+
+
 _library: torch.library.Library | None = None
 
 
@@ -209,6 +257,10 @@ def _register() -> None:
     _library = torch.library.Library("qllm", "FRAGMENT")
     _library.define("skinny_linear(Tensor x, Tensor weight, Tensor? bias, str kernel) -> Tensor")
     _library.impl("skinny_linear", _run, "CPU")
+    _library.define(
+        "skinny_linear_many(Tensor x, Tensor[] weights, Tensor?[] biases, str kernel) -> Tensor[]"
+    )
+    _library.impl("skinny_linear_many", _run_many, "CPU")
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -216,3 +268,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if _kernel() is None:
         raise RuntimeError("qllm's skinny GEMM is not available on this machine")
     return torch.ops.qllm.skinny_linear(x, weight, bias, KERNEL_ID)
+
+
+def linear_many(
+    x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None]
+) -> list[torch.Tensor]:
+    """:func:`linear` of ``x`` with each of ``weights`` (at most :data:`MAX_MANY`), in one call:
+    one parallel region instead of one per weight, each output the same bits as :func:`linear`."""
+    if _kernel() is None or _many() is None:
+        raise RuntimeError("qllm's skinny GEMM is not available on this machine")
+    return torch.ops.qllm.skinny_linear_many(x, list(weights), list(biases), KERNEL_ID)

@@ -10,7 +10,12 @@ unstopped one does. A model whose experts run on the kernel still matches transf
 
 from __future__ import annotations
 
+import ctypes
+import os
+import platform
 import random
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -173,3 +178,68 @@ def test_a_moe_op_on_the_kernel_stopped_and_resumed_gives_the_unstopped_bits(on_
         flag.set(False)
         (resumed,) = executor.run([Op(OpKind.MOE, 1, x, expert=part.next_expert, partial=part)], flag)
     assert torch.equal(resumed[0], whole[0])
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86-64 instruction sets")
+def test_the_kernels_built_without_avx512_give_a_row_the_same_bits_in_any_batch(tmp_path):
+    """The build for CPUs with AVX2 but no AVX-512 (other lanes and blocks) is checked here too,
+    whatever this machine has: a row alone and in any batch, GEMM and expert alike."""
+    cc = shutil.which(os.environ.get("CC") or "cc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    lib_path = tmp_path / "skinny-avx2.so"
+    flags = [*skinny.FLAGS, "-march=x86-64-v3", str(skinny.SOURCE), "-o", str(lib_path)]
+    done = subprocess.run([cc, *flags], capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        pytest.skip(f"the compiler cannot build for x86-64-v3: {done.stderr[-200:]}")
+    lib = ctypes.CDLL(str(lib_path))
+    long, ptr = ctypes.c_long, ctypes.c_void_p
+    gemm_fn, expert_fn = lib.qllm_skinny_linear, lib.qllm_swiglu_expert
+    gemm_fn.argtypes = [ptr, long, ptr, long, ptr, ptr, long, long, long, long, ctypes.c_int]
+    expert_fn.argtypes = [ptr, long, long, ptr, long, ptr, long, long, long, ptr, ptr, long, ctypes.c_int]
+    small = Experts(hidden=203, inter=37, experts=1).requires_grad_(False)
+    gate_up, down = small.gate_up_proj[0].contiguous(), small.down_proj[0].contiguous()
+    rows = torch.randn(11, 203, generator=torch.Generator().manual_seed(4))
+
+    def linear(x: torch.Tensor) -> torch.Tensor:
+        y = torch.empty(x.shape[0], gate_up.shape[0])
+        gemm_fn(
+            x.data_ptr(),
+            203,
+            gate_up.data_ptr(),
+            203,
+            None,
+            y.data_ptr(),
+            y.shape[1],
+            x.shape[0],
+            y.shape[1],
+            203,
+            2,
+        )
+        return y
+
+    def expert(x: torch.Tensor) -> torch.Tensor:
+        y, h = torch.empty(x.shape[0], 203), torch.empty(x.shape[0], 37)
+        expert_fn(
+            x.data_ptr(),
+            203,
+            x.shape[0],
+            gate_up.data_ptr(),
+            203,
+            down.data_ptr(),
+            37,
+            203,
+            37,
+            h.data_ptr(),
+            y.data_ptr(),
+            203,
+            2,
+        )
+        return y
+
+    with torch.no_grad():
+        for f, expected in ((linear, F.linear(rows, gate_up)), (expert, reference(rows, small, 0))):
+            whole = f(rows)
+            assert torch.allclose(whole, expected, rtol=1e-5, atol=1e-5)
+            for start, stop in ((0, 1), (3, 4), (2, 9), (5, 11), (0, 7)):
+                assert torch.equal(f(rows[start:stop].contiguous()), whole[start:stop])

@@ -7,7 +7,7 @@
  * bias is added. Each multiply-add is one FMA where the CPU has it (an explicit intrinsic) and a
  * rounded product plus a rounded sum otherwise (the build turns the compiler's own contraction
  * off, which would fuse some and not others). Rows and columns are only blocked (up to ROWS rows
- * by six columns share the loads) and columns are split between threads, so a row's result does
+ * by COLS columns share the loads: 4 by 6 with AVX-512's 32 vector registers, else 3 by 4) and columns are split between threads, so a row's result does
  * not depend on its batch mates, on its place in the batch, or on the thread count.
  *
  * A thread's column blocks are consecutive, so while it computes one block it prefetches the
@@ -23,6 +23,7 @@
 #if defined(__AVX512F__)
 #define LANES 16
 #define ROWS 4 /* 24 accumulators, 6 weight vectors and a row vector fit the 32 vector registers */
+#define COLS 6
 typedef float vf __attribute__((vector_size(64)));
 
 static inline vf madd(vf acc, vf a, vf b) {
@@ -37,7 +38,8 @@ static inline float lanes_sum(vf a) {
 }
 #else
 #define LANES 8
-#define ROWS 2
+#define ROWS 3 /* 12 accumulators, 4 weight vectors and a row vector: about the 16 vector registers */
+#define COLS 4
 typedef float vf __attribute__((vector_size(32)));
 
 static inline vf madd(vf acc, vf a, vf b) {
@@ -55,7 +57,6 @@ static inline float lanes_sum(vf a) {
 }
 #endif
 
-#define COLS 6
 #define LINE 64 /* bytes per prefetched cache line */
 
 static inline vf load_vec(const float *p) {
@@ -110,10 +111,27 @@ static inline void store(vf acc[ROWS][COLS], int rows, int cols, float *y, long 
 
 FULL_BLOCK(1)
 FULL_BLOCK(2)
-#if ROWS == 4
 FULL_BLOCK(3)
+#if ROWS == 4
 FULL_BLOCK(4)
 #endif
+
+/* A full block of `rows` <= ROWS rows (see FULL_BLOCK). */
+static inline const char *full_block(int rows, const float *x, long ldx, const float *w, long ldw, float *y,
+                                     long ldy, const float *bias, long k, const char *pf, long lines) {
+    switch (rows) {
+#if ROWS == 4
+    case 4:
+        return block_4(x, ldx, w, ldw, y, ldy, bias, k, pf, lines);
+#endif
+    case 3:
+        return block_3(x, ldx, w, ldw, y, ldy, bias, k, pf, lines);
+    case 2:
+        return block_2(x, ldx, w, ldw, y, ldy, bias, k, pf, lines);
+    default:
+        return block_1(x, ldx, w, ldw, y, ldy, bias, k, pf, lines);
+    }
+}
 
 /* The last, narrower column block: rows [0, rows) by columns [0, cols), cols < COLS. */
 static void edge_block(const float *x, long ldx, const float *w, long ldw, float *y, long ldy,
@@ -158,16 +176,8 @@ void qllm_skinny_linear(const float *x, long ldx, const float *w, long ldw, cons
             float *yb = y + m0 * ldy + n0;
             if (cols < COLS)
                 edge_block(xb, ldx, wb, ldw, yb, ldy, bb, k, rows, cols);
-#if ROWS == 4
-            else if (rows == 4)
-                pf = block_4(xb, ldx, wb, ldw, yb, ldy, bb, k, pf, lines);
-            else if (rows == 3)
-                pf = block_3(xb, ldx, wb, ldw, yb, ldy, bb, k, pf, lines);
-#endif
-            else if (rows == 2)
-                pf = block_2(xb, ldx, wb, ldw, yb, ldy, bb, k, pf, lines);
             else
-                pf = block_1(xb, ldx, wb, ldw, yb, ldy, bb, k, pf, lines);
+                pf = full_block(rows, xb, ldx, wb, ldw, yb, ldy, bb, k, pf, lines);
         }
     }
 }
@@ -204,16 +214,8 @@ void qllm_skinny_linear_many(const float *x, long ldx, long m_rows, long k, int 
             float *yb = y[i] + m0 * ldy[i] + n0;
             if (cols < COLS)
                 edge_block(xb, ldx, wb, ldw[i], yb, ldy[i], bb, k, rows, cols);
-#if ROWS == 4
-            else if (rows == 4)
-                pf = block_4(xb, ldx, wb, ldw[i], yb, ldy[i], bb, k, pf, step);
-            else if (rows == 3)
-                pf = block_3(xb, ldx, wb, ldw[i], yb, ldy[i], bb, k, pf, step);
-#endif
-            else if (rows == 2)
-                pf = block_2(xb, ldx, wb, ldw[i], yb, ldy[i], bb, k, pf, step);
             else
-                pf = block_1(xb, ldx, wb, ldw[i], yb, ldy[i], bb, k, pf, step);
+                pf = full_block(rows, xb, ldx, wb, ldw[i], yb, ldy[i], bb, k, pf, step);
         }
     }
 }
@@ -253,6 +255,14 @@ static inline float qexp(float v) {
 
 /* A barrier for the threads of one parallel region that are all working: spin, then yield the
  * core (the other thread may be waiting for it on a busy machine). */
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
 typedef struct {
     volatile int count;
     volatile int sense;
@@ -267,10 +277,10 @@ static void barrier_wait(spin_barrier *b, int *local, int threads) {
         return;
     }
     for (long spins = 0; __atomic_load_n(&b->sense, __ATOMIC_ACQUIRE) != *local; spins++) {
-        if (spins > 4000) sched_yield();
-#if defined(__SSE2__)
-        else _mm_pause();
-#endif
+        if (spins > 4000)
+            sched_yield();
+        else
+            cpu_relax();
     }
 }
 
@@ -291,16 +301,8 @@ static const char *columns(const float *x, long ldx, long m, const float *w, lon
         float *yb = y + m0 * ldy + n0;
         if (cols < COLS)
             edge_block(xb, ldx, wb, ldw, yb, ldy, NULL, k, rows, cols);
-#if ROWS == 4
-        else if (rows == 4)
-            pf = block_4(xb, ldx, wb, ldw, yb, ldy, NULL, k, pf, lines);
-        else if (rows == 3)
-            pf = block_3(xb, ldx, wb, ldw, yb, ldy, NULL, k, pf, lines);
-#endif
-        else if (rows == 2)
-            pf = block_2(xb, ldx, wb, ldw, yb, ldy, NULL, k, pf, lines);
         else
-            pf = block_1(xb, ldx, wb, ldw, yb, ldy, NULL, k, pf, lines);
+            pf = full_block(rows, xb, ldx, wb, ldw, yb, ldy, NULL, k, pf, lines);
     }
     return pf;
 }

@@ -3,7 +3,7 @@
 A decode step multiplies one to a few dozen rows by each weight, so it is bound by how fast the
 weights stream from memory, and a general GEMM kernel (MKL, oneDNN) loses part of that speed to
 its blocking for many rows. :file:`skinny.c` computes each output as one dot product over the
-weight's row as it is stored, up to four rows by six columns at a time, the columns split between
+weight's row as it is stored, a few rows by a few columns at a time, the columns split between
 threads, each thread prefetching its next block of weight rows while it computes the current one.
 Every row runs the same arithmetic whatever the call's row count, offset and thread count, so it
 is batch-invariant without padding (the executor's probe still checks it on each machine). It

@@ -213,3 +213,16 @@ def test_an_ops_row_wise_work_besides_gemms_is_checked_too(tiny):
     assert found.verified and found.ops_checked > 0
     multiple, _ = found.padding["ROUTER"]
     assert multiple % 8 == 0
+
+
+def test_the_models_sigmoid_gives_an_element_the_same_bits_at_any_tensor_size():
+    """torch's sigmoid computes the last elements that do not fill a vector chunk on another
+    path; the routers' sigmoid (qllm.models.base.sigmoid) does not depend on the size."""
+    from qllm.models.base import sigmoid
+
+    x = torch.randn(300, generator=torch.Generator().manual_seed(0)) * 4
+    whole = sigmoid(x)
+    assert torch.allclose(whole, torch.sigmoid(x), rtol=0, atol=1e-6)
+    for n in range(1, 130):
+        assert torch.equal(sigmoid(x[:n].clone()), whole[:n]), n
+    assert torch.equal(sigmoid(x.view(3, 100)), whole.view(3, 100))

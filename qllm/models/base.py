@@ -34,6 +34,22 @@ from qllm.models.gemm import linear, linear_cat
 __all__ = ["MOE_GRANULARITIES", "MoEModel"]
 
 
+VECTOR_CHUNK = 64
+"""Elements a vectorised torch kernel takes at a time, or a multiple of it (32 with AVX-512)."""
+
+
+def sigmoid(x: torch.Tensor) -> torch.Tensor:
+    """``torch.sigmoid(x)`` with each element's bits independent of the tensor's size: torch runs
+    a different (scalar) code path on the last elements that do not fill a vector chunk, so an
+    element's sigmoid depends on how many rows share the call; here every element takes the
+    vector path (the input is padded to a multiple of :data:`VECTOR_CHUNK` elements)."""
+    flat = x.reshape(-1)
+    extra = -flat.numel() % VECTOR_CHUNK
+    if extra:
+        flat = torch.cat([flat, flat.new_zeros(extra)])
+    return torch.sigmoid(flat)[: x.numel()].view(x.shape)
+
+
 class MoEModel(CalibratedExecutor):
     """Executor for one loaded model. Subclass per family; override hooks, not the loop."""
 
@@ -75,6 +91,8 @@ class MoEModel(CalibratedExecutor):
         self._rotary_shared = not self._rotary_per_request and (
             type(self).rotary_embedding is MoEModel.rotary_embedding
         )
+        # Attention reads the cache as it is (decode steps then run in one C call: attention.py).
+        self._plain_kv = type(self).expand_kv is MoEModel.expand_kv
         # A family's output transforms, applied per request by a pass (None: the identity).
         self.routed_out_hook = None if type(self).routed_out is MoEModel.routed_out else self.routed_out
         self.mlp_out_hook = None if type(self).mlp_out is MoEModel.mlp_out else self.mlp_out

@@ -17,7 +17,7 @@ import torch
 from qllm.kernel.runtime.cache import append_all
 from qllm.kernel.runtime.ops import Op, OpKind, Partial, merge_ready
 from qllm.models import gemm, invariance, swiglu
-from qllm.models.attention import attend, small_attention
+from qllm.models.attention import attend_requests
 
 
 def pad_rows(x: torch.Tensor, multiple: int, minimum: int = 0) -> torch.Tensor:
@@ -139,7 +139,6 @@ class Executor:
             self.attention_chunk(attn),
             self.attention_sinks(attn),
         )
-        outs = []
         queries = [q] if len(ops) == 1 else q.split(sizes)
         filled = append_all(
             [op.cache for op in ops],
@@ -147,22 +146,8 @@ class Executor:
             k.transpose(0, 1).split(sizes, dim=1),
             v.transpose(0, 1).split(sizes, dim=1),
         )
-        threads = torch.get_num_threads()
-        current = threads
-        try:
-            for qi, (keys, values) in zip(queries, filled):
-                # The request's own size picks the thread count of all its work (expand_kv may
-                # run GEMMs), so it is computed the same way in any batch.
-                wanted = 1 if small_attention(qi, keys.shape[1]) else threads
-                if wanted != current:
-                    torch.set_num_threads(wanted)
-                    current = wanted
-                keys, values = self.expand_kv(attn, keys, values)
-                outs.append(attend(qi, keys, values, attn.scaling, window, chunk=chunk, sinks=sinks))
-        finally:
-            if current != threads:
-                torch.set_num_threads(threads)
-        o = (outs[0] if len(outs) == 1 else torch.cat(outs)).reshape(n, -1)
+        expand = None if self._plain_kv else lambda keys, values: self.expand_kv(attn, keys, values)
+        o = attend_requests(queries, filled, expand, attn.scaling, window, chunk, sinks)
         return self._split(self.attn_out(layer, pad_rows(o, *self._padding[OpKind.ATTENTION]), x), sizes)
 
     def _shared_rotary(

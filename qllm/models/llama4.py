@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from qllm.models.base import MoEModel
+from qllm.models.base import MoEModel, sigmoid
 
 
 class Llama4(MoEModel):
@@ -52,9 +52,11 @@ class Llama4(MoEModel):
         return q, k
 
     def route(self, block: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores, logits = block.router(x)
-        indices = torch.topk(logits, block.top_k, dim=1).indices
-        return scores.gather(1, indices), indices
+        # The router's scores are the sigmoid of its top logits, as transformers' Llama4Router
+        # computes them, with a sigmoid whose bits do not depend on the rows in the call.
+        logits = torch.nn.Linear.forward(block.router, x)
+        top, indices = torch.topk(logits, block.top_k, dim=1)
+        return sigmoid(top.float()).to(top.dtype), indices
 
     def expert(self, block: torch.nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
         experts = block.experts

@@ -61,15 +61,20 @@ class Gemm:
         return self.func(*args, **self.kwargs)
 
     def flops_per_row(self) -> float:
-        """Two per weight element: every 2-D operand but the rows, lists of them included."""
-        weights = [
-            t
-            for i, a in enumerate(self.args)
-            if i != self.row_arg
-            for t in (a if isinstance(a, (list, tuple)) else [a])
-            if isinstance(t, torch.Tensor) and t.dim() == 2
-        ]
-        return 2.0 * (sum(w.numel() for w in weights) if weights else self.rows_in.shape[1])
+        """Two per element of the first 2-D operand other than the rows (of every weight, where
+        that operand is a list of weights)."""
+        for i, a in enumerate(self.args):
+            if i == self.row_arg:
+                continue
+            if isinstance(a, torch.Tensor) and a.dim() == 2:
+                return 2.0 * a.numel()
+            if (
+                isinstance(a, (list, tuple))
+                and a
+                and all(isinstance(t, torch.Tensor) and t.dim() == 2 for t in a)
+            ):
+                return 2.0 * sum(t.numel() for t in a)
+        return 2.0 * self.rows_in.shape[1]
 
     def signature(self) -> str:
         """What picks the kernel path: the op, and shape, dtype, layout and device of each operand."""

@@ -426,3 +426,53 @@ long qllm_moe_swiglu(const float *x, long ldx, float *out, long ldo, const float
     }
     return done;
 }
+
+/* ------------------------------------------------------------------------------------------------
+ * Decode attention: `count` requests with one query row each, every (request, KV head) pair on
+ * its own, so a request's output does not depend on the others or on the thread count. For
+ * query head h (KV head h / group): scores s_t = (q . k_t) * scale, each dot product as the GEMM
+ * above computes one (LANES lanes over the head dimension in ascending order, a fixed tree);
+ * p_t = exp(s_t - max s), summed over t in ascending order; out = (sum_t p_t v_t) / sum_t p_t.
+ * Request r's keys are k[r] + head * k_head[r] + t * k_row[r] (floats), its values likewise, for
+ * t < len[r]. scratch: threads * (the longest len) floats.
+ */
+static inline float dot(const float *a, const float *b, long d) {
+    const long dv = d - d % LANES;
+    vf acc = {0};
+    for (long p = 0; p < dv; p += LANES) acc = madd(acc, load_vec(a + p), load_vec(b + p));
+    if (d > dv) acc = madd(acc, load_tail(a + dv, d - dv), load_tail(b + dv, d - dv));
+    return lanes_sum(acc);
+}
+
+void qllm_decode_attention(long count, const float *const *q, const float *const *k, const long *k_head,
+                           const long *k_row, const float *const *v, const long *v_head, const long *v_row,
+                           const long *len, long hkv, long group, long d, long dv, float scale,
+                           float *const *out, float *scratch, long longest, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (long pair = 0; pair < count * hkv; pair++) {
+        const long r = pair / hkv, head = pair % hkv, n = len[r];
+        float *s = scratch + (long)omp_get_thread_num() * longest;
+        const float *kh = k[r] + head * k_head[r], *vh = v[r] + head * v_head[r];
+        for (long g = 0; g < group; g++) {
+            const long qh = head * group + g;
+            const float *qv = q[r] + qh * d;
+            float top = -INFINITY;
+            for (long t = 0; t < n; t++) {
+                s[t] = dot(qv, kh + t * k_row[r], d) * scale;
+                top = s[t] > top ? s[t] : top;
+            }
+            float total = 0.0f;
+            for (long t = 0; t < n; t++) {
+                s[t] = qexp(s[t] - top);
+                total += s[t];
+            }
+            float *o = out[r] + qh * dv;
+            for (long j = 0; j < dv; j++) o[j] = 0.0f;
+            for (long t = 0; t < n; t++) {
+                const float p = s[t], *vt = vh + t * v_row[r];
+                for (long j = 0; j < dv; j++) o[j] = o[j] + p * vt[j];
+            }
+            for (long j = 0; j < dv; j++) o[j] = o[j] / total;
+        }
+    }
+}

@@ -5,7 +5,7 @@ experts, dense first layers and optional muP embedding scaling."""
 
 import torch
 
-from qllm.models.base import MoEModel
+from qllm.models.base import MoEModel, sigmoid
 
 
 class Afmoe(MoEModel):
@@ -24,7 +24,7 @@ class Afmoe(MoEModel):
 
     def attn_out(self, layer: torch.nn.Module, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         attn = layer.self_attn
-        return layer.post_attention_layernorm(attn.o_proj(o * torch.sigmoid(attn.gate_proj(x))))
+        return layer.post_attention_layernorm(attn.o_proj(o * sigmoid(attn.gate_proj(x))))
 
     def mlp_norm(self, layer: torch.nn.Module) -> torch.nn.Module:
         return layer.pre_mlp_layernorm

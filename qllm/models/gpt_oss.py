@@ -4,7 +4,7 @@ softmax-over-top-k router with a bias, and experts with biases whose SwiGLU is c
 
 import torch
 
-from qllm.models.base import MoEModel
+from qllm.models.base import MoEModel, sigmoid
 
 
 class GptOss(MoEModel):
@@ -26,5 +26,5 @@ class GptOss(MoEModel):
         gate_up = x @ experts.gate_up_proj[e] + experts.gate_up_proj_bias[e]
         gate = gate_up[..., ::2].clamp(max=experts.limit)
         up = gate_up[..., 1::2].clamp(min=-experts.limit, max=experts.limit)
-        glu = gate * torch.sigmoid(gate * experts.alpha)
+        glu = gate * sigmoid(gate * experts.alpha)
         return ((up + 1) * glu) @ experts.down_proj[e] + experts.down_proj_bias[e]

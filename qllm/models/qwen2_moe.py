@@ -1,9 +1,8 @@
 """Qwen2-MoE: routed experts plus an always-on shared expert scaled by a sigmoid gate."""
 
 import torch
-import torch.nn.functional as F
 
-from qllm.models.base import MoEModel
+from qllm.models.base import MoEModel, sigmoid
 
 
 class Qwen2Moe(MoEModel):
@@ -14,7 +13,7 @@ class Qwen2Moe(MoEModel):
         return True
 
     def shared(self, block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return F.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
+        return sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
 
     def sliding_window(self, attn: torch.nn.Module) -> int | None:
         # Only layers marked "sliding_attention" carry the attribute.

@@ -4,8 +4,8 @@ per-head q/k norm and partial rotary; a softmax top-k router and a shared expert
 sigmoid gate, as Qwen2-MoE."""
 
 import torch
-import torch.nn.functional as F
 
+from qllm.models.base import sigmoid
 from qllm.models.gemm import linear
 from qllm.models.linear_attention import HybridLinearAttention
 
@@ -33,10 +33,10 @@ class Qwen3Next(HybridLinearAttention):
         n = x.shape[0]
         # The gate is the second half of each head's q_proj output (recomputed from the normed input).
         _, gate = linear(x, attn.q_proj.weight).view(n, -1, 2 * self.head_dim).chunk(2, dim=-1)
-        return linear(o * torch.sigmoid(gate.reshape(n, -1)), attn.o_proj.weight)
+        return linear(o * sigmoid(gate.reshape(n, -1)), attn.o_proj.weight)
 
     def has_shared(self, block: torch.nn.Module) -> bool:
         return True
 
     def shared(self, block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return F.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
+        return sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)

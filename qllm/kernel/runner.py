@@ -8,8 +8,9 @@ back as :class:`Resume` values, for the output processor to resume their program
 
 Two values cross to the compute thread. The op loop reads :attr:`Runner.interrupt_requested`,
 which the event loop raises when a message arrives (a :class:`~qllm.kernel.runtime.ops.StopFlag`,
-which a grouped MoE op's C kernel reads too), and stops at the next op or expert. The end of the last op, from which the next gap is measured, is passed
-in and returned in the result: the worker writes nothing the event loop reads while it runs.
+which a grouped MoE op's C kernel reads too), and stops at the next op or expert. The end of the
+last op, from which the next gap is measured, is passed in and returned in the result: the worker
+writes nothing the event loop reads while it runs.
 """
 
 from __future__ import annotations

@@ -112,14 +112,10 @@ def attend_with_sinks(
 
 @functools.cache
 def _decode_kernel() -> Any:
-    lib = skinny.library()
-    fn = getattr(lib, "qllm_decode_attention", None) if lib is not None else None
-    if fn is not None:
-        long, ptr = ctypes.c_long, ctypes.c_void_p
-        fn.argtypes = [long, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, long, long, long, long]
-        fn.argtypes += [ctypes.c_float, ptr, ptr, long, ctypes.c_int]
-        fn.restype = None
-    return fn
+    long, ptr = ctypes.c_long, ctypes.c_void_p
+    arrays = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr]  # queries, keys, values (with strides), lengths
+    shapes = [long, long, long, long, ctypes.c_float]  # KV heads, group, D, Dv, scale
+    return skinny.c_function("qllm_decode_attention", [long, *arrays, *shapes, ptr, ptr, long, ctypes.c_int])
 
 
 def attend_requests(

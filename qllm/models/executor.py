@@ -249,8 +249,7 @@ class Executor:
         if fused is not None:  # every routed expert in one call of qllm's SwiGLU kernel
             done = swiglu.run_layer(fused, x, weights, experts, out, stop)
             if done < len(experts):
-                parts = zip(*(self._split(t, sizes) for t in (x, weights, indices, out)))
-                return [Partial(*p, next_expert=experts[done][0], ready={}) for p in parts]
+                return self._partials(sizes, x, weights, indices, out, next_expert=experts[done][0], ready={})
             return self._moe_finish(ops, block, x, out, sizes)
         built: dict[int, tuple[Op, torch.Tensor | None]] = {}
 
@@ -287,17 +286,26 @@ class Executor:
                             remote, posted.pop(k), calls(k)[1], experts[k][1], x
                         )
                     ready = {e: t for e, t in ready.items() if e > experts[j][0]}
-                    parts = zip(*(self._split(t, sizes) for t in (x, weights, indices, out)))
-                    splits = {e: self._split(t, sizes) for e, t in ready.items()}
-                    return [
-                        Partial(*p, next_expert=experts[j + 1][0], ready={e: t[i] for e, t in splits.items()})
-                        for i, p in enumerate(parts)
-                    ]
+                    return self._partials(
+                        sizes, x, weights, indices, out, next_expert=experts[j + 1][0], ready=ready
+                    )
         except BaseException:
             if posted:
                 remote.drain([ticket for ticket, _, _ in posted.values()])
             raise
         return self._moe_finish(ops, block, x, out, sizes)
+
+    def _partials(
+        self, sizes: list[int], *state: torch.Tensor, next_expert: int, ready: dict
+    ) -> list[Partial]:
+        """A stopped grouped MoE op's :class:`Partial` per op: its rows of the routing state (``x``,
+        weights, indices, partial sums) and of the remote outputs ``ready``, from ``next_expert`` on."""
+        parts = zip(*(self._split(t, sizes) for t in state))
+        splits = {e: self._split(t, sizes) for e, t in ready.items()}
+        return [
+            Partial(*p, next_expert=next_expert, ready={e: t[i] for e, t in splits.items()})
+            for i, p in enumerate(parts)
+        ]
 
     def _moe_finish(
         self, ops: list[Op], block: torch.nn.Module, x: torch.Tensor, out: torch.Tensor, sizes: list[int]

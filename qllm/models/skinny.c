@@ -14,7 +14,11 @@
  * next block's weight rows into L2, spread evenly over the block's k-steps: the weights stream
  * from memory while the rows already in cache are multiplied, instead of the two taking turns.
  */
+#include <math.h>
+#include <omp.h>
+#include <sched.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <string.h>
 #if defined(__AVX512F__) || (defined(__FMA__) && defined(__AVX__))
 #include <immintrin.h>
@@ -153,32 +157,44 @@ static void edge_block(const float *x, long ldx, const float *w, long ldw, float
     store(acc, rows, cols, y, ldy, bias);
 }
 
+/* Rows [0, m) of x times columns [n0, n0 + cols) of w (plus those of bias, or NULL) into the same
+ * columns of y (rows ldy apart), a full block or the narrower last one at a time, prefetching
+ * `lines` lines per k-step from pf; returns where the prefetch stopped. */
+static const char *columns(const float *x, long ldx, long m, const float *w, long ldw, long n0, int cols,
+                           const float *bias, float *y, long ldy, long k, const char *pf, long lines) {
+    const float *wb = w + n0 * ldw, *bb = bias ? bias + n0 : NULL;
+    for (long m0 = 0; m0 < m; m0 += ROWS) {
+        const int rows = m - m0 < ROWS ? (int)(m - m0) : ROWS;
+        const float *xb = x + m0 * ldx;
+        float *yb = y + m0 * ldy + n0;
+        if (cols < COLS)
+            edge_block(xb, ldx, wb, ldw, yb, ldy, bb, k, rows, cols);
+        else
+            pf = full_block(rows, xb, ldx, wb, ldw, yb, ldy, bb, k, pf, lines);
+    }
+    return pf;
+}
+
+/* Lines to prefetch per k-step so that the next block's COLS weight rows (ld floats apart) arrive
+ * over all the k-steps of m rows' passes over this one. */
+static long lines_per_step(long m, long ld, long k) {
+    const long passes = (m + ROWS - 1) / ROWS, steps = k / LANES;
+    const long block_lines = (COLS * ld * (long)sizeof(float) + LINE - 1) / LINE;
+    return steps ? (block_lines + passes * steps - 1) / (passes * steps) : 0;
+}
+
 /* y[m, n] = sum_k x[m, k] w[n, k] (+ bias[n]) for m < m_rows, n < n_cols; x, w and y rows are
  * ldx, ldw and ldy floats apart (each row contiguous). */
 void qllm_skinny_linear(const float *x, long ldx, const float *w, long ldw, const float *bias,
                         float *y, long ldy, long m_rows, long n_cols, long k, int threads) {
-    const long blocks = (n_cols + COLS - 1) / COLS;
-    const long passes = (m_rows + ROWS - 1) / ROWS, steps = k / LANES;
-    /* The next block's rows span COLS * ldw floats; prefetched over all the k-steps of this one. */
-    const long block_lines = (COLS * ldw * (long)sizeof(float) + LINE - 1) / LINE;
-    const long per_step = steps ? (block_lines + passes * steps - 1) / (passes * steps) : 0;
+    const long blocks = (n_cols + COLS - 1) / COLS, per_step = lines_per_step(m_rows, ldw, k);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (long b = 0; b < blocks; b++) {
         const long n0 = b * COLS;
         const int cols = n_cols - n0 < COLS ? (int)(n_cols - n0) : COLS;
-        const float *wb = w + n0 * ldw, *bb = bias ? bias + n0 : NULL;
         /* Prefetch only within w: the next block must be a full one. */
         const long lines = n0 + 2 * COLS <= n_cols ? per_step : 0;
-        const char *pf = (const char *)(wb + COLS * ldw);
-        for (long m0 = 0; m0 < m_rows; m0 += ROWS) {
-            const int rows = m_rows - m0 < ROWS ? (int)(m_rows - m0) : ROWS;
-            const float *xb = x + m0 * ldx;
-            float *yb = y + m0 * ldy + n0;
-            if (cols < COLS)
-                edge_block(xb, ldx, wb, ldw, yb, ldy, bb, k, rows, cols);
-            else
-                pf = full_block(rows, xb, ldx, wb, ldw, yb, ldy, bb, k, pf, lines);
-        }
+        columns(x, ldx, m_rows, w, ldw, n0, cols, bias, y, ldy, k, (const char *)(w + (n0 + COLS) * ldw), lines);
     }
 }
 
@@ -195,9 +211,7 @@ void qllm_skinny_linear_many(const float *x, long ldx, long m_rows, long k, int 
     first[0] = 0;
     for (int i = 0; i < count; i++) {
         first[i + 1] = first[i] + (n_cols[i] + COLS - 1) / COLS;
-        const long passes = (m_rows + ROWS - 1) / ROWS, steps = k / LANES;
-        const long block_lines = (COLS * ldw[i] * (long)sizeof(float) + LINE - 1) / LINE;
-        lines[i] = steps ? (block_lines + passes * steps - 1) / (passes * steps) : 0;
+        lines[i] = lines_per_step(m_rows, ldw[i], k);
     }
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (long g = 0; g < first[count]; g++) {
@@ -205,18 +219,9 @@ void qllm_skinny_linear_many(const float *x, long ldx, long m_rows, long k, int 
         while (g >= first[i + 1]) i++;
         const long n0 = (g - first[i]) * COLS;
         const int cols = n_cols[i] - n0 < COLS ? (int)(n_cols[i] - n0) : COLS;
-        const float *wb = w[i] + n0 * ldw[i], *bb = bias[i] ? bias[i] + n0 : NULL;
         const long step = n0 + 2 * COLS <= n_cols[i] ? lines[i] : 0;
-        const char *pf = (const char *)(wb + COLS * ldw[i]);
-        for (long m0 = 0; m0 < m_rows; m0 += ROWS) {
-            const int rows = m_rows - m0 < ROWS ? (int)(m_rows - m0) : ROWS;
-            const float *xb = x + m0 * ldx;
-            float *yb = y[i] + m0 * ldy[i] + n0;
-            if (cols < COLS)
-                edge_block(xb, ldx, wb, ldw[i], yb, ldy[i], bb, k, rows, cols);
-            else
-                pf = full_block(rows, xb, ldx, wb, ldw[i], yb, ldy[i], bb, k, pf, step);
-        }
+        columns(x, ldx, m_rows, w[i], ldw[i], n0, cols, bias[i], y[i], ldy[i], k,
+                (const char *)(w[i] + (n0 + COLS) * ldw[i]), step);
     }
 }
 
@@ -228,10 +233,6 @@ void qllm_skinny_linear_many(const float *x, long ldx, long m_rows, long k, int 
  * whole MoE layer (qllm_moe_swiglu) gets each expert's rows the same bits as the expert alone
  * (qllm_swiglu_expert) followed by the weighted sum in ascending expert order.
  */
-#include <math.h>
-#include <sched.h>
-#include <stdint.h>
-#include <omp.h>
 
 /* exp(v) for the activation: 2^n * p(r), n = round(v / ln 2), r = v - n ln 2 (ln 2 in two parts),
  * p a degree-6 polynomial; only rounded IEEE operations, so the result is the same scalar or
@@ -290,29 +291,6 @@ static inline void share(long n, int t, int threads, long *lo, long *hi) {
     *hi = n * (t + 1) / threads;
 }
 
-/* Rows [0, m) of a product with columns [n0, n0 + cols) of w, into y (ldy apart): the blocks of
- * qllm_skinny_linear, prefetching `lines` lines per step from pf. */
-static const char *columns(const float *x, long ldx, long m, const float *w, long ldw, long n0, int cols,
-                           float *y, long ldy, long k, const char *pf, long lines) {
-    const float *wb = w + n0 * ldw;
-    for (long m0 = 0; m0 < m; m0 += ROWS) {
-        const int rows = m - m0 < ROWS ? (int)(m - m0) : ROWS;
-        const float *xb = x + m0 * ldx;
-        float *yb = y + m0 * ldy + n0;
-        if (cols < COLS)
-            edge_block(xb, ldx, wb, ldw, yb, ldy, NULL, k, rows, cols);
-        else
-            pf = full_block(rows, xb, ldx, wb, ldw, yb, ldy, NULL, k, pf, lines);
-    }
-    return pf;
-}
-
-static long lines_per_step(long m, long ld, long k) {
-    const long passes = (m + ROWS - 1) / ROWS, steps = k / LANES;
-    const long block_lines = (COLS * ld * (long)sizeof(float) + LINE - 1) / LINE;
-    return steps ? (block_lines + passes * steps - 1) / (passes * steps) : 0;
-}
-
 /* One expert on m contiguous rows x (ldx apart), thread t of `threads`: h = silu(gate) * up into
  * h [m, inter] (this thread's share of the intermediate columns), then the barrier, then
  * h @ down.T (this thread's share of the hidden columns): stored into out (ldo apart) where scale
@@ -336,8 +314,8 @@ static void expert_part(const float *x, long ldx, long m, const float *gu, long 
         for (long m0 = 0; m0 < m; m0 += ROWS) {
             const long rows = m - m0 < ROWS ? m - m0 : ROWS;
             const float *xb = x + m0 * ldx;
-            to_up = columns(xb, ldx, rows, gu, ldgu, j0, cols, tmp - j0, 2 * COLS, hidden, to_up, up_lines);
-            to_next = columns(xb, ldx, rows, gu, ldgu, inter + j0, cols, tmp + COLS - inter - j0, 2 * COLS,
+            to_up = columns(xb, ldx, rows, gu, ldgu, j0, cols, NULL, tmp - j0, 2 * COLS, hidden, to_up, up_lines);
+            to_next = columns(xb, ldx, rows, gu, ldgu, inter + j0, cols, NULL, tmp + COLS - inter - j0, 2 * COLS,
                               hidden, to_next, next_lines);
             for (long i = 0; i < rows; i++)
                 for (int j = 0; j < cols; j++) {
@@ -358,12 +336,12 @@ static void expert_part(const float *x, long ldx, long m, const float *gu, long 
         const char *pf = (const char *)(down + (n0 + COLS) * ldd);
         const long lines = b + 1 < hi && n0 + 2 * COLS <= hidden ? d_lines : 0;
         if (scale == NULL) {
-            columns(h, inter, m, down, ldd, n0, cols, out, ldo, inter, pf, lines);
+            columns(h, inter, m, down, ldd, n0, cols, NULL, out, ldo, inter, pf, lines);
             continue;
         }
         for (long m0 = 0; m0 < m; m0 += ROWS) {
             const long rows = m - m0 < ROWS ? m - m0 : ROWS;
-            pf = columns(h + m0 * inter, inter, rows, down, ldd, n0, cols, tmp - n0, COLS, inter, pf, lines);
+            pf = columns(h + m0 * inter, inter, rows, down, ldd, n0, cols, NULL, tmp - n0, COLS, inter, pf, lines);
             for (long i = 0; i < rows; i++) {
                 float *o = out + at[m0 + i] * ldo + n0;
                 const float s = scale[m0 + i];

@@ -30,7 +30,9 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -143,20 +145,48 @@ def library() -> ctypes.CDLL | None:
         return None
 
 
-@functools.cache
-def _kernel() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+def c_function(name: str, argtypes: list[Any], restype: Any = None) -> Any:
+    """Function ``name`` of the compiled :func:`library`, with its argument and result types set;
+    None where the library is not built here or lacks it. (Call it under a cache: each call sets
+    the types again.)"""
     lib = library()
     if lib is None:
         return None
-    try:
-        fn = lib.qllm_skinny_linear
-    except AttributeError as exc:
-        log.info("skinny_load_failed", error=str(exc))
+    fn = getattr(lib, name, None)
+    if fn is None:
+        log.info("skinny_load_failed", function=name)
         return None
+    fn.argtypes = argtypes
+    fn.restype = restype
+    return fn
+
+
+_library: torch.library.Library | None = None
+_defined: set[str] = set()
+
+
+def define_op(schema: str, impl: Callable[..., Any]) -> None:
+    """Define the CPU torch op ``torch.ops.qllm.NAME`` of ``schema`` (``"NAME(args) -> result"``),
+    once per process, in qllm's one op library: the kernels here and in qllm/models/swiglu.py."""
+    global _library
+    name = schema.partition("(")[0]
+    if name in _defined:
+        return
+    if _library is None:
+        _library = torch.library.Library("qllm", "FRAGMENT")
+    _library.define(schema)
+    _library.impl(name, impl, "CPU")
+    _defined.add(name)
+
+
+@functools.cache
+def _kernel() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
     long, ptr = ctypes.c_long, ctypes.c_void_p
-    fn.argtypes = [ptr, long, ptr, long, ptr, ptr, long, long, long, long, ctypes.c_int]
-    fn.restype = None
-    _register()
+    fn = c_function(
+        "qllm_skinny_linear", [ptr, long, ptr, long, ptr, ptr, long, long, long, long, ctypes.c_int]
+    )
+    if fn is not None:
+        define_op("skinny_linear(Tensor x, Tensor weight, Tensor? bias, str kernel) -> Tensor", _run)
     return fn
 
 
@@ -169,14 +199,9 @@ def _run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kerne
     fn = _kernel()
     if fn is None:
         raise RuntimeError("qllm's skinny GEMM is not available on this machine")
-    if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.dim() != 2 or weight.dim() != 2:
-        raise ValueError("skinny_linear takes 2-D float32 rows and weight")
-    if x.shape[1] != weight.shape[1] or (bias is not None and bias.shape != (weight.shape[0],)):
-        raise ValueError(f"skinny_linear: rows {tuple(x.shape)} do not fit weight {tuple(weight.shape)}")
+    _check("skinny_linear", x, weight, bias)
     if x.stride(1) != 1:
         x = x.contiguous()
-    if weight.stride(1) != 1:
-        raise ValueError("skinny_linear needs each weight row contiguous")
     if bias is not None:
         bias = bias.to(torch.float32).contiguous()
     rows, (cols, k) = x.shape[0], weight.shape
@@ -204,14 +229,28 @@ MAX_MANY = 16
 
 @functools.cache
 def _many() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
-    lib = library()
-    fn = getattr(lib, "qllm_skinny_linear_many", None) if lib is not None else None
-    if fn is None:
-        return None
     long, ptr = ctypes.c_long, ctypes.c_void_p
-    fn.argtypes = [ptr, long, long, long, ctypes.c_int, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
-    fn.restype = None
+    fn = c_function(
+        "qllm_skinny_linear_many",
+        [ptr, long, long, long, ctypes.c_int, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int],
+    )
+    if fn is not None:
+        define_op(
+            "skinny_linear_many(Tensor x, Tensor[] weights, Tensor?[] biases, str kernel) -> Tensor[]",
+            _run_many,
+        )
     return fn
+
+
+def _check(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """What the kernel computes: 2-D float32 rows and weight, each weight row contiguous, a bias
+    of the weight's output size."""
+    if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.dim() != 2 or weight.dim() != 2:
+        raise ValueError(f"{op} takes 2-D float32 rows and weights")
+    if x.shape[1] != weight.shape[1] or (bias is not None and bias.shape != (weight.shape[0],)):
+        raise ValueError(f"{op}: rows {tuple(x.shape)} do not fit weight {tuple(weight.shape)}")
+    if weight.stride(1) != 1:
+        raise ValueError(f"{op} needs each weight row contiguous")
 
 
 def _run_many(
@@ -223,12 +262,7 @@ def _run_many(
     if not 0 < len(weights) <= MAX_MANY or len(biases) != len(weights):
         raise ValueError(f"skinny_linear_many takes 1 to {MAX_MANY} weights, each with a bias or None")
     for w, b in zip(weights, biases):
-        if x.dtype != torch.float32 or w.dtype != torch.float32 or x.dim() != 2 or w.dim() != 2:
-            raise ValueError("skinny_linear_many takes 2-D float32 rows and weights")
-        if x.shape[1] != w.shape[1] or (b is not None and b.shape != (w.shape[0],)):
-            raise ValueError(f"skinny_linear_many: rows {tuple(x.shape)} do not fit weight {tuple(w.shape)}")
-        if w.stride(1) != 1:
-            raise ValueError("skinny_linear_many needs each weight row contiguous")
+        _check("skinny_linear_many", x, w, b)
     if x.stride(1) != 1:
         x = x.contiguous()
     biases = [None if b is None else b.to(torch.float32).contiguous() for b in biases]
@@ -244,23 +278,6 @@ def _run_many(
             longs(*(w.shape[0] for w in weights)), torch.get_num_threads(),
         )  # fmt: skip
     return ys
-
-
-_library: torch.library.Library | None = None
-
-
-def _register() -> None:
-    """Define ``torch.ops.qllm.skinny_linear`` (CPU), once per process."""
-    global _library
-    if _library is not None:
-        return
-    _library = torch.library.Library("qllm", "FRAGMENT")
-    _library.define("skinny_linear(Tensor x, Tensor weight, Tensor? bias, str kernel) -> Tensor")
-    _library.impl("skinny_linear", _run, "CPU")
-    _library.define(
-        "skinny_linear_many(Tensor x, Tensor[] weights, Tensor?[] biases, str kernel) -> Tensor[]"
-    )
-    _library.impl("skinny_linear_many", _run_many, "CPU")
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

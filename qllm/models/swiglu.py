@@ -37,20 +37,19 @@ SILU_NAMES = ("SiLU", "SiLUActivation")
 
 @functools.cache
 def _functions() -> tuple[Any, Any] | None:
-    lib = skinny.library()
-    if lib is None:
-        return None
-    try:
-        one, layer = lib.qllm_swiglu_expert, lib.qllm_moe_swiglu
-    except AttributeError:
-        return None
     long, ptr, c_int = ctypes.c_long, ctypes.c_void_p, ctypes.c_int
-    one.argtypes = [ptr, long, long, ptr, long, ptr, long, long, long, ptr, ptr, long, c_int]
-    one.restype = None
-    layer.argtypes = [ptr, long, ptr, long, ptr, long, long, ptr, long, long, long, long]
-    layer.argtypes += [ptr, ptr, ptr, ptr, long, ptr, ptr, ptr, long, c_int]
-    layer.restype = long
-    _register()
+    one = skinny.c_function(
+        "qllm_swiglu_expert", [ptr, long, long, ptr, long, ptr, long, long, long, ptr, ptr, long, c_int]
+    )
+    weights = [ptr, long, long, ptr, long, long, long, long]  # gate/up, down, hidden, inter
+    plan = [ptr, ptr, ptr, ptr, long, ptr]  # experts, offsets, rows, scales, count, stop
+    layer = skinny.c_function(
+        "qllm_moe_swiglu", [ptr, long, ptr, long, *weights, *plan, ptr, ptr, long, c_int], long
+    )
+    if one is None or layer is None:
+        return None
+    # the invariance probe traces it as a GEMM of its rows
+    skinny.define_op("swiglu_expert(Tensor x, Tensor gate_up, Tensor down, str kernel) -> Tensor", _expert_op)
     return one, layer
 
 
@@ -90,20 +89,6 @@ def _expert_op(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, kerne
             down.stride(0), hidden, inter, h.data_ptr(), y.data_ptr(), hidden, torch.get_num_threads(),
         )  # fmt: skip
     return y
-
-
-_library: torch.library.Library | None = None
-
-
-def _register() -> None:
-    """Define ``torch.ops.qllm.swiglu_expert`` (CPU), once per process: the invariance probe traces
-    it as a GEMM of its rows."""
-    global _library
-    if _library is not None:
-        return
-    _library = torch.library.Library("qllm", "FRAGMENT")
-    _library.define("swiglu_expert(Tensor x, Tensor gate_up, Tensor down, str kernel) -> Tensor")
-    _library.impl("swiglu_expert", _expert_op, "CPU")
 
 
 def expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
